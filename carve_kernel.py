@@ -1,0 +1,189 @@
+"""
+CARVE / GDN-2 gated delta-rule kernels: chunk-parallel (training, prefill) and per-token (decode).
+
+Public API (tensors in the [B, T, H, D] layout of flash-linear-attention):
+
+    o, state = chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
+                           output_final_state=False, scale=None, chunk_size=64)
+    o, state = recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
+                               output_final_state=False, scale=None, chunk_size=64)
+
+    q, k     [B, T, H, K]  L2-normalised here, inside the kernel
+    v        [B, T, H, V]
+    g        [B, T, H, K]  fp32 log-decay (<= 0), alpha = exp(g)
+    b_logit  [B, T, H, K]  erase-gate logits; b = sigmoid(b_logit + Delta_c(t))
+    w        [B, T, H, V]  GDN-2 write gate in [0, 1], or [B, T, H] CARVE's scalar beta
+    content  None (GDN-2) or (D [H, r, V], U [H, K, r]) (CARVE): Delta_c = U D m_{c-1}
+
+`state` is a `CarveState`: everything needed to continue a sequence exactly (SPEC section 3), so
+that chunk_carve over T1 tokens followed by chunk_carve or recurrent_carve over T2 more equals one
+call over T1 + T2 tokens, whatever T1 is.
+
+The backend is chosen in one place, `backend_for`. Today only the torch implementation exists;
+the Triton kernels land behind the same two functions.
+"""
+import os
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+L2_NORM_EPS = 1e-6
+
+
+class CarveState(NamedTuple):
+    S: torch.Tensor      # [B, H, K, V] fp32 recurrent state
+    o_sum: torch.Tensor  # [B, H, V] fp32 sum of o over the tokens seen so far in the current chunk
+    delta: torch.Tensor  # [B, H, K] fp32 erase-gate shift Delta for the current chunk (0 for GDN-2)
+    offset: int          # absolute position of the next token; chunk c(t) = t // chunk_size
+
+
+def zero_state(batch_size, n_head, k_dim, v_dim, device):
+    f32 = dict(dtype=torch.float32, device=device)
+    return CarveState(torch.zeros(batch_size, n_head, k_dim, v_dim, **f32),
+                      torch.zeros(batch_size, n_head, v_dim, **f32),
+                      torch.zeros(batch_size, n_head, k_dim, **f32), 0)
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """The single kernel-dispatch point. CARVE_BACKEND=torch|triton overrides the default."""
+    choice = os.environ.get("CARVE_BACKEND", "torch")
+    if choice not in ("torch", "triton"):
+        raise ValueError(f"CARVE_BACKEND must be 'torch' or 'triton', got {choice!r}")
+    if choice == "triton":
+        raise NotImplementedError("CARVE_BACKEND=triton: the Triton kernels are not in this version "
+                                  "of carve_kernel.py yet; unset CARVE_BACKEND to use the torch path")
+    return choice
+
+
+def _check_inputs(q, k, v, g, b_logit, w, content, initial_state):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    for name, x, shape in (("k", k, (B, T, H, K)), ("v", v, (B, T, H, V)), ("g", g, (B, T, H, K)),
+                           ("b_logit", b_logit, (B, T, H, K))):
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape} (q is {tuple(q.shape)})")
+    if tuple(w.shape) not in ((B, T, H, V), (B, T, H)):
+        raise ValueError(f"w has shape {tuple(w.shape)}, expected {(B, T, H, V)} (GDN-2) or {(B, T, H)} (CARVE)")
+    if content is not None:
+        D, U = content
+        if D.shape[0] != H or D.shape[2] != V or tuple(U.shape) != (H, K, D.shape[1]):
+            raise ValueError(f"content (D, U) must be shaped [H, r, V], [H, K, r] = [{H}, r, {V}], [{H}, {K}, r]; "
+                             f"got {tuple(D.shape)}, {tuple(U.shape)}")
+    if initial_state is not None and tuple(initial_state.S.shape) != (B, H, K, V):
+        raise ValueError(f"initial_state.S has shape {tuple(initial_state.S.shape)}, expected {(B, H, K, V)}")
+
+
+def _prepare(q, k, v, g, b_logit, w, content, initial_state, scale):
+    """Common set-up of both torch paths: fp32 [B, H, T, D] views, the write term u, the state."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    _check_inputs(q, k, v, g, b_logit, w, content, initial_state)
+    scale = K ** -0.5 if scale is None else scale
+    to_bh = lambda x: x.float().transpose(1, 2)  # noqa: E731  [B, T, H, D] -> [B, H, T, D]
+    q = F.normalize(to_bh(q), dim=-1, eps=L2_NORM_EPS)
+    k = F.normalize(to_bh(k), dim=-1, eps=L2_NORM_EPS)
+    u = to_bh(v) * (to_bh(w) if w.dim() == 4 else w.float().transpose(1, 2)[..., None])
+    state = initial_state if initial_state is not None else zero_state(B, H, K, V, q.device)
+    return q, k, u, to_bh(g), to_bh(b_logit), scale, state
+
+
+def _next_delta(content, o_sum, chunk_size):
+    """Delta for the next chunk from the finished chunk's output sum.
+
+    Stop-gradient read of m (SPEC section 1): m is treated as a constant, so gradients reach D and U
+    but never flow through m into earlier states; that keeps the backward chunk-parallel."""
+    D, U = content
+    m = o_sum / chunk_size  # o_sum was accumulated from detached outputs
+    return torch.einsum("hkr,hrv,bhv->bhk", U.float(), D.float(), m)
+
+
+def recurrent_carve_torch(q, k, v, g, b_logit, w, content=None, initial_state=None,
+                          output_final_state=False, scale=None, chunk_size=64):
+    """Per-token fp32 recurrence, written straight from SPEC sections 1 and 3. It is the decode path
+    of the torch backend and the reference every other path is tested against."""
+    q, k, u, g, b_logit, scale, state = _prepare(q, k, v, g, b_logit, w, content, initial_state, scale)
+    S, o_sum, delta, offset = state
+    outs = []
+    for t in range(q.shape[2]):
+        b = torch.sigmoid(b_logit[:, :, t] + delta)                                  # [B, H, K]
+        S = S * g[:, :, t].exp()[..., None]                                          # Diag(alpha) S
+        v_new = u[:, :, t] - torch.einsum("bhkv,bhk->bhv", S, b * k[:, :, t])
+        S = S + k[:, :, t, :, None] * v_new[:, :, None, :]
+        o = torch.einsum("bhkv,bhk->bhv", S, q[:, :, t]) * scale
+        outs.append(o)
+        o_sum = o_sum + o.detach()  # m is a stop-gradient read (see _next_delta)
+        if (offset + t + 1) % chunk_size == 0:                                       # chunk finished
+            if content is not None:
+                delta = _next_delta(content, o_sum, chunk_size)
+            o_sum = torch.zeros_like(o_sum)
+    o = torch.stack(outs, dim=1).to(v.dtype)                                         # [B, T, H, V]
+    final = CarveState(S, o_sum, delta, offset + q.shape[2]) if output_final_state else None
+    return o, final
+
+
+def _chunk_step(q, k, u, g, b_logit, S0, delta, scale):
+    """One chunk of the WY form (SPEC section 2), all chunk positions at once.
+
+    q, k, g, b_logit: [B, H, C, K]; u: [B, H, C, V]; S0: [B, H, K, V]; delta: [B, H, K].
+    Decay ratios exp(G_r - G_s) are formed pairwise as exp of a difference that is <= 0 where it is
+    used, so a fast-decaying channel never overflows the way gamma^-1 alone would."""
+    C = q.shape[2]
+    b = torch.sigmoid(b_logit + delta[:, :, None, :])
+    G = g.cumsum(dim=2)                                                              # G_r, fp32
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    diff = (G[:, :, :, None, :] - G[:, :, None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
+    decay = diff.exp()                                                               # [B, H, C(r), C(s), K]
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    T = torch.einsum("bhrk,bhsk,bhrsk->bhrs", b * k, k, decay) * strict              # T_rs, s < r
+    M = torch.einsum("bhrk,bhsk,bhrsk->bhrs", q, k, decay)                           # M_rs, s <= r
+    gamma = G.exp()
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    # A = (I + T)^-1 is never formed: one unit-lower-triangular solve gives Y and U together
+    YU = torch.linalg.solve_triangular(eye + T, torch.cat([gamma * b * k, u], dim=-1),
+                                       upper=False, unitriangular=True)
+    Y, U = YU.split([k.shape[-1], u.shape[-1]], dim=-1)
+    R = U - Y @ S0                                                                   # v_new of every token
+    o = ((gamma * q) @ S0 + M @ R) * scale
+    decay_to_end = (G[:, :, -1:, :] - G).exp()                                       # gamma_C / gamma_r
+    S = gamma[:, :, -1, :, None] * S0 + (decay_to_end * k).transpose(-1, -2) @ R
+    return o, S
+
+
+def chunk_carve_torch(q, k, v, g, b_logit, w, content=None, initial_state=None,
+                      output_final_state=False, scale=None, chunk_size=64):
+    """Chunked WY form in torch, vectorised over batch, heads and chunk positions; the Python loop
+    runs over chunks only, because CARVE's gates in chunk c depend on the output of chunk c-1.
+    Chunks are cut at absolute positions (multiples of chunk_size counted from the sequence start),
+    so a sequence resumed from a state at any offset sees the same chunks as one unbroken call."""
+    q, k, u, g, b_logit, scale, state = _prepare(q, k, v, g, b_logit, w, content, initial_state, scale)
+    S, o_sum, delta, offset = state
+    T = q.shape[2]
+    outs, start = [], 0
+    while start < T:
+        end = min(T, start + chunk_size - (offset + start) % chunk_size)
+        o, S = _chunk_step(q[:, :, start:end], k[:, :, start:end], u[:, :, start:end],
+                           g[:, :, start:end], b_logit[:, :, start:end], S, delta, scale)
+        outs.append(o)
+        o_sum = o_sum + o.detach().sum(dim=2)  # m is a stop-gradient read (see _next_delta)
+        if (offset + end) % chunk_size == 0:
+            if content is not None:
+                delta = _next_delta(content, o_sum, chunk_size)
+            o_sum = torch.zeros_like(o_sum)
+        start = end
+    o = torch.cat(outs, dim=2).transpose(1, 2).to(v.dtype)
+    final = CarveState(S, o_sum, delta, offset + T) if output_final_state else None
+    return o, final
+
+
+def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
+                output_final_state=False, scale=None, chunk_size=64) -> Tuple[torch.Tensor, Optional[CarveState]]:
+    backend_for(q)
+    return chunk_carve_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale, chunk_size)
+
+
+def recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
+                    output_final_state=False, scale=None, chunk_size=64) -> Tuple[torch.Tensor, Optional[CarveState]]:
+    backend_for(q)
+    return recurrent_carve_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
+                                 chunk_size)

@@ -1,0 +1,321 @@
+"""
+The CARVE and GDN-2 language models (SPEC sections 1, 3, 4), in one file.
+
+    embedding -> n_layer x [x += Mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))] -> RMSNorm -> head
+
+The mixer of each layer comes from `ModelConfig.mixer`, a comma-separated pattern repeated over the
+layers: "carve" (all CARVE), "gdn2", "attn" (a Transformer), or e.g. "carve,attn" (a hybrid).
+
+Generation: `model.init_cache(batch_size)` gives an empty per-layer cache; `model(idx, cache=cache)`
+runs any number of tokens on top of it (the chunk kernel for a prompt, the per-token kernel for a
+single token) and updates it in place, so a recurrent layer costs O(1) per generated token.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from carve_kernel import CarveState, chunk_carve, recurrent_carve, zero_state
+
+MIXERS = ("carve", "gdn2", "attn")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    n_layer: int = 18
+    d_model: int = 2304
+    n_head: int = 16
+    head_k_dim: int = 128
+    head_v_dim: int = 128
+    mlp_hidden: int = 6208
+    mixer: str = "carve"          # comma-separated pattern repeated over the layers
+    conv_size: int = 4            # depthwise causal short convolution on q, k, v
+    chunk_size: int = 64          # C: CARVE's content gate changes once per chunk of C tokens
+    content_rank: int = 16        # r of CARVE's content projection U_h D_h
+    a_log_min: float = -5.0       # floor on A_log before exp (SPEC section 5: a vanishing decay overflows)
+    attn_window: int = 0          # sliding window of the attn mixer in tokens; 0 = full causal
+    rope_theta: float = 10000.0
+    gate_act: str = "silu"        # output gate activation: silu (the paper's) or sigmoid
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        bad = [m for m in self.mixer_pattern() if m not in MIXERS]
+        if bad:
+            raise ValueError(f"mixer={self.mixer!r}: unknown mixer {bad[0]!r}; choose from {MIXERS}, "
+                             f"comma-separated, e.g. 'carve' or 'gdn2,attn'")
+        if self.gate_act not in ("silu", "sigmoid"):
+            raise ValueError(f"gate_act={self.gate_act!r}: expected 'silu' or 'sigmoid'")
+
+    def mixer_pattern(self):
+        return [m.strip() for m in self.mixer.split(",")]
+
+    def layer_mixers(self):
+        pattern = self.mixer_pattern()
+        return [pattern[i % len(pattern)] for i in range(self.n_layer)]
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in d.items() if key in names})
+
+
+def init_linear(layer):
+    nn.init.xavier_uniform_(layer.weight, gain=2 ** -2.5)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def causal_conv(x, weight, cache=None):
+    """Depthwise causal conv + SiLU over [B, T, C]. `cache` holds the last W-1 inputs of the
+    sequence so far ([B, C, W-1]); the new one is returned for the next call."""
+    width = weight.shape[-1]
+    x = x.transpose(1, 2)
+    history = cache if cache is not None else x.new_zeros(x.shape[0], x.shape[1], width - 1)
+    x = torch.cat([history.to(x.dtype), x], dim=-1)
+    y = F.conv1d(x, weight.to(x.dtype), groups=x.shape[1])
+    return F.silu(y).transpose(1, 2), x[..., -(width - 1):]
+
+
+class DeltaMixer(nn.Module):
+    """The gated delta-rule token mixer: CARVE (kind='carve') or its baseline GDN-2 (kind='gdn2').
+
+    Parameters shared by both have the same names, so a GDN-2 model's weights load into CARVE."""
+
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.kind, self.cfg = kind, cfg
+        H, K, V, d = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, cfg.d_model
+        self.q_proj = nn.Linear(d, H * K, bias=False)
+        self.k_proj = nn.Linear(d, H * K, bias=False)
+        self.v_proj = nn.Linear(d, H * V, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(2 * H * K + H * V, 1, cfg.conv_size))
+        # channel-wise decay g = -exp(A_log) * softplus(W_f x + dt_bias), W_f low rank d -> K -> H*K
+        self.f_proj = nn.Sequential(nn.Linear(d, K, bias=False), nn.Linear(K, H * K, bias=False))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H * K))
+        self.b_proj = nn.Linear(d, H * K, bias=False)                  # erase gate logits
+        if kind == "gdn2":
+            self.w_proj = nn.Linear(d, H * V, bias=False)              # write gate, value axis
+        else:
+            self.beta_proj = nn.Linear(d, H, bias=False)               # scalar write strength per head
+            self.content_down = nn.Parameter(torch.empty(H, cfg.content_rank, V))   # D_h: V -> r
+            self.content_up = nn.Parameter(torch.empty(H, K, cfg.content_rank))     # U_h: r -> K
+        self.g_proj = nn.Sequential(nn.Linear(d, V, bias=False), nn.Linear(V, H * V, bias=True))
+        self.o_norm_weight = nn.Parameter(torch.ones(V))
+        self.o_proj = nn.Linear(H * V, d, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        H, K = self.cfg.n_head, self.cfg.head_k_dim
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                init_linear(m)
+        nn.init.kaiming_uniform_(self.conv_weight, a=math.sqrt(5))  # nn.Conv1d's default
+        self.A_log.copy_(torch.empty(H).uniform_(1, 16).log())
+        dt = torch.empty(H * K).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))         # inverse softplus
+        # zero write-gate projection: sigmoid(0) = 0.5 in both models, and U = 0 makes Delta = 0,
+        # so a fresh CARVE computes exactly GDN-2 (SPEC section 1)
+        if self.kind == "gdn2":
+            nn.init.zeros_(self.w_proj.weight)
+        else:
+            nn.init.zeros_(self.beta_proj.weight)
+            for h in range(H):
+                nn.init.xavier_uniform_(self.content_down[h], gain=2 ** -2.5)
+            nn.init.zeros_(self.content_up)
+        nn.init.ones_(self.o_norm_weight)
+
+    def forward(self, x, cache=None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, K, V = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv, conv_cache = causal_conv(qkv, self.conv_weight, cache["conv"] if cache else None)
+        q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
+        q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
+        decay_rate = self.A_log.float().clamp(min=cfg.a_log_min).exp()[:, None]
+        g = -decay_rate * F.softplus(self.f_proj(x).float().view(B, T, H, K) + self.dt_bias.float().view(H, K))
+        b_logit = self.b_proj(x).view(B, T, H, K)
+        if self.kind == "gdn2":
+            w, content = torch.sigmoid(self.w_proj(x)).view(B, T, H, V), None
+        else:
+            w, content = torch.sigmoid(self.beta_proj(x)), (self.content_down, self.content_up)
+        kernel = recurrent_carve if (cache is not None and T == 1) else chunk_carve
+        o, state = kernel(q, k, v, g, b_logit, w, content, initial_state=cache["state"] if cache else None,
+                          output_final_state=cache is not None, chunk_size=cfg.chunk_size)
+        if cache is not None:
+            cache["conv"], cache["state"] = conv_cache, state
+        o = F.rms_norm(o.float(), (V,), self.o_norm_weight.float(), cfg.norm_eps).to(x.dtype)
+        gate = self.g_proj(x).view(B, T, H, V)
+        o = o * (F.silu(gate) if cfg.gate_act == "silu" else torch.sigmoid(gate))
+        return self.o_proj(o.reshape(B, T, H * V))
+
+    def empty_cache(self, batch_size, device):
+        cfg = self.cfg
+        channels = self.conv_weight.shape[0]
+        return {"conv": torch.zeros(batch_size, channels, cfg.conv_size - 1, device=device),
+                "state": zero_state(batch_size, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, device)}
+
+
+def rope(x, offset, theta):
+    """Rotary position embedding on [B, T, H, D] for absolute positions offset .. offset+T-1."""
+    T, D = x.shape[1], x.shape[-1]
+    inv_freq = theta ** -(torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    angles = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal softmax attention with RoPE (optionally a sliding window): the Transformer baseline
+    and the attention layers of a hybrid."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, D, d = cfg.n_head, cfg.head_k_dim, cfg.d_model
+        self.q_proj = nn.Linear(d, H * D, bias=False)
+        self.k_proj = nn.Linear(d, H * D, bias=False)
+        self.v_proj = nn.Linear(d, H * D, bias=False)
+        self.o_proj = nn.Linear(H * D, d, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            init_linear(m)
+
+    def forward(self, x, cache=None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, D = cfg.n_head, cfg.head_k_dim
+        offset = cache["offset"] if cache else 0
+        q = rope(self.q_proj(x).view(B, T, H, D), offset, cfg.rope_theta).transpose(1, 2)
+        k = rope(self.k_proj(x).view(B, T, H, D), offset, cfg.rope_theta).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
+        if cache is not None:
+            k = torch.cat([cache["k"].to(k.dtype), k], dim=2)
+            v = torch.cat([cache["v"].to(v.dtype), v], dim=2)
+            # a sliding window needs only the last window-1 keys for the next query
+            drop = 0 if cfg.attn_window == 0 else max(0, k.shape[2] - (cfg.attn_window - 1))
+            cache["k"], cache["v"] = k[:, :, drop:], v[:, :, drop:]
+            cache["offset"] = offset + T
+        S = k.shape[2]  # keys visible: the cached ones, then these T
+        if cfg.attn_window == 0 and S == T:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            query_pos = torch.arange(S - T, S, device=x.device)[:, None]
+            key_pos = torch.arange(S, device=x.device)[None, :]
+            allowed = key_pos <= query_pos
+            if cfg.attn_window > 0:
+                allowed &= key_pos > query_pos - cfg.attn_window
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+
+    def empty_cache(self, batch_size, device):
+        H, D = self.cfg.n_head, self.cfg.head_k_dim
+        return {"k": torch.zeros(batch_size, H, 0, D, device=device),
+                "v": torch.zeros(batch_size, H, 0, D, device=device), "offset": 0}
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mixer: str):
+        super().__init__()
+        self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = Attention(cfg) if mixer == "attn" else DeltaMixer(cfg, mixer)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cache=None):
+        x = x + self.mixer(self.mixer_norm(x), cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, m) for m in cfg.layer_mixers())
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        for block in self.blocks:
+            block.mixer.reset_parameters()
+            for m in block.mlp.modules():
+                if isinstance(m, nn.Linear):
+                    init_linear(m)
+            block.mixer_norm.reset_parameters()
+            block.mlp_norm.reset_parameters()
+        self.norm.reset_parameters()
+        init_linear(self.head)
+        nn.init.normal_(self.embed.weight, std=0.02)  # after the head: a tied head keeps N(0, 0.02)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx [B, T] token ids. Training: returns (logits, mean cross-entropy over targets != -1).
+        With a cache (generation): returns the logits of the last position only and updates the cache."""
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache[i] if cache is not None else None)
+        x = self.norm(x)
+        if cache is not None:
+            return self.head(x[:, -1:]), None
+        logits = self.head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def init_cache(self, batch_size, device=None):
+        device = device or self.embed.weight.device
+        return [block.mixer.empty_cache(batch_size, device) for block in self.blocks]
+
+    def num_params(self, non_embedding=True):
+        """Parameters in the blocks (the paper's non-embedding count) or everything."""
+        if non_embedding:
+            return sum(p.numel() for p in self.blocks.parameters())
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def optim_groups(self, weight_decay):
+        """Weight decay on matrices only: norms, biases, A_log and dt_bias (all 1-D) are not decayed."""
+        params = {id(p): p for p in self.parameters() if p.requires_grad}.values()
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs (forward + backward = 3x forward) per token, counting the matmuls of every
+        Linear layer *and* the token mixing itself, so MFU is honest for recurrent layers."""
+        cfg = self.cfg
+        C, K, V, H = cfg.chunk_size, cfg.head_k_dim, cfg.head_v_dim, cfg.n_head
+        linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        forward = 2 * linear
+        for mixer in cfg.layer_mixers():
+            if mixer == "attn":
+                context = seq_len if cfg.attn_window == 0 else min(seq_len, cfg.attn_window)
+                forward += 2 * 2 * H * K * context / 2  # QK^T and PV over half the context on average
+            else:
+                # per head and token of the chunk form (SPEC section 2): T and M rows (2*C/2*K each),
+                # the triangular solve for Y and U (C/2*(K+V)*2), M R (C/2*V*2), and three K x V
+                # state products (Y S0, (gamma Q) S0, K^T R)
+                forward += H * (2 * C * K + C * (K + V) + C * V + 6 * K * V)
+        return 3 * forward
