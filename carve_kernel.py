@@ -122,21 +122,43 @@ def recurrent_carve_torch(q, k, v, g, b_logit, w, content=None, initial_state=No
     return o, final
 
 
+def _decayed_products(x, k, G, strict, sub=16):
+    """P_rs = sum_c x_rc k_sc exp(G_rc - G_sc) for s <= r (s < r if strict), 0 above: [B, H, C, C].
+
+    exp(G_r - G_s) <= 1 wherever it is used, but gamma^-1 = exp(-G_s) alone overflows fp32 for a
+    fast-decaying channel. So the chunk is cut into sub-chunks of `sub` tokens: inside one, the ratio
+    is formed pairwise; between sub-chunk i and an earlier j it is split into three factors that are
+    each <= 1, exp(G_r - G_first(i)) exp(G_first(i) - G_last(j)) exp(G_last(j) - G_s), which turns the
+    off-diagonal blocks into matrix products."""
+    B, H, C, K = x.shape
+    n = -(-C // sub)
+    pad = n * sub - C
+    if pad:  # zero vectors with no further decay; their rows and columns are cut off at the end
+        x, k = F.pad(x, (0, 0, 0, pad)), F.pad(k, (0, 0, 0, pad))
+        G = torch.cat([G, G[:, :, -1:].expand(B, H, pad, K)], dim=2)
+    xb, kb, Gb = (t.reshape(B, H, n, sub, K) for t in (x, k, G))
+    inside = torch.ones(sub, sub, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
+    diff = (Gb[..., :, None, :] - Gb[..., None, :, :]).masked_fill(~inside[:, :, None], float("-inf"))
+    diag = (xb[..., :, None, :] * kb[..., None, :, :] * diff.exp()).sum(-1)            # [B, H, n, s, s]
+    G_first, G_last = Gb[..., 0, :], Gb[..., -1, :]                                     # [B, H, n, K]
+    left = xb * (Gb - G_first[..., None, :]).exp()
+    right = kb * (G_last[..., None, :] - Gb).exp()
+    earlier = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)              # j < i
+    between = (G_first[:, :, :, None] - G_last[:, :, None]).masked_fill(~earlier[:, :, None], float("-inf")).exp()
+    blocks = (left[:, :, :, None] * between[..., None, :]) @ right[:, :, None].transpose(-1, -2)  # [B,H,n,n,s,s]
+    blocks = blocks + torch.eye(n, dtype=x.dtype, device=x.device)[:, :, None, None] * diag[:, :, :, None]
+    return blocks.transpose(3, 4).reshape(B, H, n * sub, n * sub)[:, :, :C, :C]
+
+
 def _chunk_step(q, k, u, g, b_logit, S0, delta, scale):
     """One chunk of the WY form (SPEC section 2), all chunk positions at once.
 
-    q, k, g, b_logit: [B, H, C, K]; u: [B, H, C, V]; S0: [B, H, K, V]; delta: [B, H, K].
-    Decay ratios exp(G_r - G_s) are formed pairwise as exp of a difference that is <= 0 where it is
-    used, so a fast-decaying channel never overflows the way gamma^-1 alone would."""
+    q, k, g, b_logit: [B, H, C, K]; u: [B, H, C, V]; S0: [B, H, K, V]; delta: [B, H, K]."""
     C = q.shape[2]
     b = torch.sigmoid(b_logit + delta[:, :, None, :])
     G = g.cumsum(dim=2)                                                              # G_r, fp32
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    diff = (G[:, :, :, None, :] - G[:, :, None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
-    decay = diff.exp()                                                               # [B, H, C(r), C(s), K]
-    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
-    T = torch.einsum("bhrk,bhsk,bhrsk->bhrs", b * k, k, decay) * strict              # T_rs, s < r
-    M = torch.einsum("bhrk,bhsk,bhrsk->bhrs", q, k, decay)                           # M_rs, s <= r
+    T = _decayed_products(b * k, k, G, strict=True)                                  # T_rs, s < r
+    M = _decayed_products(q, k, G, strict=False)                                     # M_rs, s <= r
     gamma = G.exp()
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     # A = (I + T)^-1 is never formed: one unit-lower-triangular solve gives Y and U together

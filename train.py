@@ -1,0 +1,433 @@
+"""
+Train a CARVE / GDN-2 / Transformer / hybrid language model.
+
+    python train.py configs/carve_shakespeare.py                      # one process (CPU or one GPU)
+    python train.py carve_shakespeare --max_steps=500 --lr=1e-3       # bare config name, overrides
+    torchrun --standalone --nproc_per_node=8 train.py configs/carve_1b3.py
+
+A config file is plain Python that assigns some of the keys in DEFAULTS below; `--key=value`
+arguments after it override them (values are Python literals; anything else is a string).
+The global batch is `batch_tokens`; gradient accumulation is derived from the world size, so one
+process and N processes train on the same batches and give the same loss curve.
+A run is resumable exactly: `--init_from=resume` continues from out_dir/ckpt.pt.
+"""
+import ast
+import difflib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import LM, ModelConfig
+
+DEFAULTS = dict(
+    # I/O
+    out_dir="out/carve_shakespeare",
+    data_dir="data/shakespeare_byte",   # train.bin, val.bin, meta.json written by prepare_data.py
+    init_from="scratch",                # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    tokenizer="",                       # if set, must match the data's tokenizer (a guard, not a choice)
+    # model: every ModelConfig field (vocab_size 0 = take it from the data's meta.json)
+    **{**{f.name: f.default for f in fields(ModelConfig)}, "vocab_size": 0},
+    # batch: batch_tokens is the global batch; accumulation = batch_tokens / (micro_batch_size * seq_len * world)
+    seq_len=256,
+    micro_batch_size=16,
+    batch_tokens=4096,
+    # optimiser: AdamW, linear warm-up then cosine from lr to min_lr over lr_decay_steps
+    max_steps=1000,
+    lr_decay_steps=0,                   # 0 = max_steps; set it to extend a run without changing its schedule
+    warmup_steps=100,
+    lr=1e-3,
+    min_lr=1e-4,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,
+    # evaluation, logging, checkpoints (a checkpoint is written at every evaluation and at the end)
+    eval_interval=250,
+    eval_tokens=65536,                  # validation tokens per evaluation (a fixed set of windows)
+    log_interval=10,
+    # system
+    seed=1337,
+    device="auto",                      # 'auto' = cuda if available, else cpu
+    dtype="auto",                       # 'auto' = bfloat16 autocast on cuda, float32 on cpu
+    compile=False,
+    peak_tflops=0.0,                    # for MFU; 0 = look it up from the GPU name, unknown -> no MFU
+    # wandb (off by default; WANDB_MODE=offline works without a network)
+    wandb_log=False,
+    wandb_project="carve",
+    wandb_run_name="",
+)
+MODEL_KEYS = [f.name for f in fields(ModelConfig)]
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+def resolve_config_path(arg):
+    """A path, or a bare name such as carve_1b3 that lives in configs/."""
+    candidates = [arg, os.path.join(CONFIG_DIR, arg), os.path.join(CONFIG_DIR, arg + ".py")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
+    stem = os.path.splitext(os.path.basename(arg))[0]
+    close = difflib.get_close_matches(stem, known, n=1, cutoff=0.0)
+    hint = f" Did you mean configs/{close[0]}.py?" if close else ""
+    raise SystemExit(f"error: config file {arg!r} not found.{hint} Available: {', '.join(known)}")
+
+
+def check_key(key, source):
+    if key not in DEFAULTS:
+        close = difflib.get_close_matches(key, DEFAULTS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SystemExit(f"error: unknown config key {key!r} in {source}{hint}")
+
+
+def check_type(key, value, source):
+    expected = type(DEFAULTS[key])
+    if expected is float and type(value) is int:
+        return float(value)
+    if type(value) is not expected:
+        raise SystemExit(f"error: config key {key!r} in {source} must be {expected.__name__}, "
+                         f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_config(argv):
+    config = dict(DEFAULTS)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise SystemExit(f"error: expected --key=value, got {arg!r}")
+            check_key(key, "the command line")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare string such as --mixer=carve
+            if isinstance(DEFAULTS[key], str) and not isinstance(value, str):
+                value = text  # --tokenizer=gpt2 style values that happen to parse as literals
+            config[key] = check_type(key, value, "the command line")
+        else:
+            path = resolve_config_path(arg)
+            namespace = {"__file__": os.path.abspath(path)}
+            exec(compile(open(path).read(), path, "exec"), namespace)
+            for key, value in namespace.items():
+                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+                    continue
+                check_key(key, path)
+                config[key] = check_type(key, value, path)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+class TokenData:
+    """Flat token files from prepare_data.py. Training sequence i of the run (counted over the
+    whole run, so it is the data position) is read from a window chosen by a per-epoch affine
+    permutation of the file's windows: every window once per epoch, no state to save but i."""
+
+    def __init__(self, data_dir, seq_len, seed):
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise SystemExit(f"error: {meta_path} not found (data_dir={data_dir!r}). "
+                             f"Prepare data first, e.g.: python prepare_data.py")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.seq_len, self.seed = seq_len, seed
+        self.splits = {}
+        for split in ("train", "val"):
+            path = os.path.join(data_dir, f"{split}.bin")
+            if not os.path.isfile(path):
+                raise SystemExit(f"error: {path} not found; re-run prepare_data.py for {data_dir!r}")
+            dtype = np.dtype(self.meta["dtype"])
+            if os.path.getsize(path) % dtype.itemsize:
+                raise SystemExit(f"error: {path} is not a whole number of {dtype} tokens "
+                                 f"(meta.json says dtype {self.meta['dtype']!r}); re-run prepare_data.py")
+            tokens = np.memmap(path, dtype=dtype, mode="r")
+            if len(tokens) < 2 * seq_len + 2:
+                raise SystemExit(f"error: {path} holds {len(tokens)} tokens, too few for seq_len={seq_len}")
+            self.splits[split] = tokens
+        self.n_windows = (len(self.splits["train"]) - 1) // seq_len - 1
+
+    def _window(self, tokens, start):
+        chunk = torch.from_numpy(tokens[start:start + self.seq_len + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+    def train_window_start(self, i):
+        epoch, j = divmod(i, self.n_windows)
+        rng = np.random.default_rng([self.seed, epoch])
+        while True:  # a multiplier coprime to n_windows makes j -> a*j+b mod n a permutation
+            a = int(rng.integers(1, max(2, self.n_windows)))
+            if math.gcd(a, self.n_windows) == 1:
+                break
+        b, shift = int(rng.integers(0, self.n_windows)), int(rng.integers(0, self.seq_len))
+        return ((a * j + b) % self.n_windows) * self.seq_len + shift
+
+    def train_batch(self, first, count):
+        """Training sequences first .. first+count-1 as (x, y) [count, seq_len] int64."""
+        pairs = [self._window(self.splits["train"], self.train_window_start(i)) for i in range(first, first + count)]
+        return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+
+    def val_windows(self, n):
+        """n fixed, evenly spaced validation windows (the same at every evaluation)."""
+        tokens = self.splits["val"]
+        n = min(n, (len(tokens) - 1) // self.seq_len)
+        starts = np.linspace(0, len(tokens) - self.seq_len - 1, n).astype(np.int64)
+        return [self._window(tokens, int(s)) for s in starts]
+
+
+def check_data_matches(config, data, resumed_model_config=None):
+    meta = data.meta
+    if config["tokenizer"] and config["tokenizer"] != meta["tokenizer"]:
+        raise SystemExit(f"error: tokenizer={config['tokenizer']!r} but {config['data_dir']}/meta.json says the data "
+                         f"was tokenised with {meta['tokenizer']!r}; re-run prepare_data.py --tokenizer "
+                         f"{config['tokenizer']} or change data_dir")
+    if config["vocab_size"] == 0:
+        config["vocab_size"] = meta["vocab_size"]
+    if config["vocab_size"] < meta["vocab_size"]:
+        raise SystemExit(f"error: vocab_size={config['vocab_size']} is smaller than the data's vocabulary "
+                         f"({meta['vocab_size']}, tokenizer {meta['tokenizer']!r} in {config['data_dir']}/meta.json)")
+    if resumed_model_config and resumed_model_config.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
+        raise SystemExit(f"error: the checkpoint was trained on tokenizer {resumed_model_config['tokenizer']!r}, "
+                         f"but {config['data_dir']} holds {meta['tokenizer']!r} tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+def atomic_save(obj, path, as_json=False):
+    tmp = path + ".tmp"
+    if as_json:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+def save_checkpoint(config, model, optimizer, step, data_position, wandb_run_id, last_eval, tokenizer):
+    out_dir = config["out_dir"]
+    model_config = {k: config[k] for k in MODEL_KEYS}
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "data_position": data_position, "config": config, "model_config": model_config,
+                 "rng": {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                 "wandb_run_id": wandb_run_id}, os.path.join(out_dir, "ckpt.pt"))
+    atomic_save({"model_config": model_config, "tokenizer": tokenizer, "data_dir": config["data_dir"],
+                 "step": step, "tokens_seen": step * config["batch_tokens"], "data_position": data_position,
+                 "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
+                 "num_params": model.num_params(), "torch_version": torch.__version__,
+                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                os.path.join(out_dir, "meta.json"), as_json=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+def lr_at(step, config):
+    decay_steps = config["lr_decay_steps"] or config["max_steps"]
+    if step < config["warmup_steps"]:
+        return config["lr"] * (step + 1) / config["warmup_steps"]
+    progress = min(1.0, (step - config["warmup_steps"]) / max(1, decay_steps - config["warmup_steps"]))
+    return config["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (config["lr"] - config["min_lr"])
+
+
+def peak_flops(config, device):
+    if config["peak_tflops"]:
+        return config["peak_tflops"] * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in (("H100", 989), ("H200", 989), ("H800", 989), ("A100", 312)):
+            if key in name:
+                return tflops * 1e12  # dense bf16 tensor-core peak from the data sheet
+    return None
+
+
+@torch.no_grad()
+def evaluate(model, data, config, rank, world, device, autocast):
+    """Mean validation loss (nats/token) over a fixed window set, summed over ranks, and bits/byte."""
+    model.eval()
+    windows = data.val_windows(max(1, config["eval_tokens"] // config["seq_len"]))[rank::world]
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, token count
+    for i in range(0, len(windows), config["micro_batch_size"]):
+        x = torch.stack([w[0] for w in windows[i:i + config["micro_batch_size"]]]).to(device)
+        y = torch.stack([w[1] for w in windows[i:i + config["micro_batch_size"]]]).to(device)
+        with autocast:
+            _, loss = model(x, y)
+        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    val_loss = (total[0] / total[1]).item()
+    val_meta = data.meta["val"]
+    bpb = val_loss / math.log(2) * val_meta["tokens"] / val_meta["bytes"]
+    return {"val_loss": val_loss, "val_bpb": bpb}
+
+
+def main(argv):
+    config = load_config(argv)
+    ddp = "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if config["device"] == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+
+    tokens_per_micro = config["micro_batch_size"] * config["seq_len"]
+    if config["batch_tokens"] % (tokens_per_micro * world):
+        raise SystemExit(f"error: batch_tokens={config['batch_tokens']} must be a multiple of micro_batch_size * "
+                         f"seq_len * world_size = {config['micro_batch_size']} * {config['seq_len']} * {world}")
+    accum = config["batch_tokens"] // (tokens_per_micro * world)
+    if config["init_from"] not in ("scratch", "resume"):
+        raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {config['init_from']!r}")
+    ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
+    checkpoint = None
+    if config["init_from"] == "resume":
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"error: --init_from=resume but {ckpt_path} does not exist")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # CPU first: no GPU OOM
+    elif os.path.exists(ckpt_path):
+        raise SystemExit(f"error: {ckpt_path} already exists; pass --init_from=resume to continue that run, "
+                         f"or choose another --out_dir (nothing was overwritten)")
+
+    data = TokenData(config["data_dir"], config["seq_len"], config["seed"])
+    check_data_matches(config, data, checkpoint and checkpoint["config"])
+    if checkpoint is not None:
+        changed = {k: (checkpoint["model_config"][k], config[k]) for k in MODEL_KEYS
+                   if checkpoint["model_config"][k] != config[k]}
+        if changed:
+            raise SystemExit(f"error: model config differs from the checkpoint in {ckpt_path}: "
+                             + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items()))
+    config["tokenizer"] = data.meta["tokenizer"]
+
+    torch.manual_seed(config["seed"])
+    model = LM(ModelConfig(**{k: config[k] for k in MODEL_KEYS})).to(device)
+    optimizer = torch.optim.AdamW(model.optim_groups(config["weight_decay"]), lr=config["lr"],
+                                  betas=(config["beta1"], config["beta2"]), fused=device.type == "cuda")
+    step, data_position, wandb_run_id = 0, 0, None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, data_position, wandb_run_id = checkpoint["step"], checkpoint["data_position"], checkpoint["wandb_run_id"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        del checkpoint
+    raw_model = model
+    if config["compile"]:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    use_bf16 = config["dtype"] == "bfloat16" or (config["dtype"] == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    os.makedirs(config["out_dir"], exist_ok=True)
+    if master and config["wandb_log"]:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: wandb_log=True but wandb is not installed: pip install wandb")
+        run = wandb.init(project=config["wandb_project"], name=config["wandb_run_name"] or None,
+                         id=wandb_run_id, resume="allow", config=config)
+        wandb_run_id = run.id
+    flops_per_token = raw_model.flops_per_token(config["seq_len"])
+    peak = peak_flops(config, device)
+    log(f"model: {raw_model.num_params():,} parameters in the blocks ({config['mixer']}), "
+        f"{raw_model.num_params(False):,} in all | device {device} | world {world} | grad accumulation {accum} | "
+        f"{'resuming at step ' + str(step) if step else 'from scratch'}")
+
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        nonlocal stop_requested
+        stop_requested = True  # finish the step in flight, checkpoint, exit: nothing is lost
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    last_eval = {}
+    log_path = os.path.join(config["out_dir"], "log.jsonl")
+    t_last, tokens_since = time.time(), 0
+    seqs_per_micro = config["micro_batch_size"]
+    while step < config["max_steps"]:
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            # the step's sequences data_position .. +batch_tokens/seq_len are dealt out micro-major, rank-minor
+            first = data_position + (micro * world + rank) * seqs_per_micro
+            x, y = data.train_batch(first, seqs_per_micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
+            with sync:  # no_sync must cover the forward too, or DDP syncs anyway
+                with autocast:
+                    _, loss = model(x, y)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        data_position += config["batch_tokens"] // config["seq_len"]
+        tokens_since += config["batch_tokens"]
+
+        if ddp:  # every rank must agree to stop at the same step
+            flag = torch.tensor([float(stop_requested)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop_requested = bool(flag.item())
+        if step % config["log_interval"] == 0 or step == config["max_steps"] or stop_requested:
+            if ddp:
+                dist.all_reduce(loss_sum)  # gloo has no AVG
+            train_loss = loss_sum.item() / (accum * world)
+            elapsed = time.time() - t_last
+            tokens_per_s = tokens_since / elapsed
+            mfu = flops_per_token * tokens_per_s / (peak * world) if peak else None
+            log(f"step {step}/{config['max_steps']} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm "
+                f"{grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | mfu {f'{mfu:.1%}' if mfu else '-'}")
+            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                      "tokens_per_s": tokens_per_s, "mfu": mfu}
+            if master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if config["wandb_log"]:
+                    wandb.log(record, step=step)
+            t_last, tokens_since = time.time(), 0
+        if step % config["eval_interval"] == 0 or step == config["max_steps"] or stop_requested:
+            last_eval = evaluate(model, data, config, rank, world, device, autocast)
+            log(f"step {step} | val loss {last_eval['val_loss']:.4f} | val bpb {last_eval['val_bpb']:.4f}")
+            if master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, **last_eval}) + "\n")
+                if config["wandb_log"]:
+                    wandb.log(last_eval, step=step)
+                save_checkpoint(config, raw_model, optimizer, step, data_position, wandb_run_id, last_eval,
+                                data.meta["tokenizer"])
+            t_last = time.time()  # evaluation time is not training throughput
+        if stop_requested:
+            log(f"stopped at step {step}; checkpoint in {ckpt_path}; continue with --init_from=resume")
+            break
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
