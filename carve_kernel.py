@@ -70,8 +70,13 @@ def _check_inputs(q, k, v, g, b_logit, w, content, initial_state):
         if D.shape[0] != H or D.shape[2] != V or tuple(U.shape) != (H, K, D.shape[1]):
             raise ValueError(f"content (D, U) must be shaped [H, r, V], [H, K, r] = [{H}, r, {V}], [{H}, {K}, r]; "
                              f"got {tuple(D.shape)}, {tuple(U.shape)}")
-    if initial_state is not None and tuple(initial_state.S.shape) != (B, H, K, V):
-        raise ValueError(f"initial_state.S has shape {tuple(initial_state.S.shape)}, expected {(B, H, K, V)}")
+    if T == 0:
+        raise ValueError("the sequences are empty (T = 0): give at least one token")
+    if initial_state is not None:
+        for name, shape in (("S", (B, H, K, V)), ("o_sum", (B, H, V)), ("delta", (B, H, K))):
+            got = tuple(getattr(initial_state, name).shape)
+            if got != shape:
+                raise ValueError(f"initial_state.{name} has shape {got}, expected {shape}")
 
 
 def _prepare(q, k, v, g, b_logit, w, content, initial_state, scale):
@@ -85,6 +90,7 @@ def _prepare(q, k, v, g, b_logit, w, content, initial_state, scale):
     k = F.normalize(to_bh(k), dim=-1, eps=L2_NORM_EPS)
     u = to_bh(v) * (to_bh(w) if w.dim() == 4 else w.float().transpose(1, 2)[..., None])
     state = initial_state if initial_state is not None else zero_state(B, H, K, V, q.device)
+    state = state._replace(o_sum=state.o_sum.detach())  # m is a stop-gradient read (see _next_delta)
     return q, k, u, to_bh(g), to_bh(b_logit), scale, state
 
 

@@ -311,8 +311,10 @@ class LM(nn.Module):
         forward = 2 * linear
         for mixer in cfg.layer_mixers():
             if mixer == "attn":
-                context = seq_len if cfg.attn_window == 0 else min(seq_len, cfg.attn_window)
-                forward += 2 * 2 * H * K * context / 2  # QK^T and PV over half the context on average
+                # QK^T and PV over the keys a query sees, averaged over the positions of a sequence
+                W = cfg.attn_window or seq_len
+                context = (W * (W + 1) / 2 + (seq_len - W) * W) / seq_len if seq_len > W else (seq_len + 1) / 2
+                forward += 2 * 2 * H * K * context
             else:
                 # per head and token of the chunk form (SPEC section 2): T and M rows (2*C/2*K each),
                 # the triangular solve for Y and U (C/2*(K+V)*2), M R (C/2*V*2), and three K x V

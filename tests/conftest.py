@@ -12,6 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# The tests use tiny tensors: one intra-op thread is as fast, and with the default (one per core) a
+# busy machine makes OpenMP's spinning threads 10-50x slower (measured on 2 cores with 2 busy processes).
+torch.set_num_threads(1)
+
 _OBSERVED = defaultdict(float)  # check name -> largest relative error seen
 
 

@@ -1,0 +1,436 @@
+"""Parity tests of carve_kernel against an independent float64 per-token recurrence (SPEC sections 1-3).
+
+`recurrent_carve_torch` is also the decode path, so it is tested here, not trusted: the gold
+standard is `reference` below, written in the matrix form of SPEC section 1,
+
+    S_t = (I - k_t (b_t * k_t)^T) Diag(alpha_t) S_{t-1} + k_t (w_t * v_t)^T,   o_t = S_t^T q_t * scale,
+
+in float64, with an explicit K x K erase matrix. Both torch paths (chunk_carve, recurrent_carve) are
+compared with it on the output, every field of the final state, and every input gradient.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from carve_kernel import CarveState, chunk_carve, recurrent_carve
+from conftest import assert_rel, record, rel_err
+
+KERNELS = {"chunk": chunk_carve, "recurrent": recurrent_carve}
+
+# fp32 tolerances, ~10-100x above the largest relative errors observed on CPU (torch 2.13):
+# outputs and states <= 3.2e-7, gradients <= 7e-7 (`CARVE_ERR_REPORT=1` prints them).
+TOL_FWD = 1e-5
+TOL_GRAD = 2e-5
+# bf16 inputs: the output and the gradients of bf16 inputs are rounded to bf16 (2^-9 = 2e-3 relative
+# per element; observed <= 2e-3 overall); fp32 states and fp32-input gradients keep the fp32 tolerances.
+TOL_BF16 = 1e-2
+
+
+# ----------------------------------------------------------------------------- the reference
+
+def l2norm(x, eps=1e-6):
+    """x / max(||x||, eps): F.normalize's convention, which carve_kernel uses (eps = 1e-6)."""
+    return x / torch.sqrt(torch.clamp((x * x).sum(-1, keepdim=True), min=eps * eps))
+
+
+def reference(q, k, v, g, b_logit, w, content=None, S0=None, o_sum0=None, delta0=None, offset=0,
+              chunk_size=64, scale=None, detach_m=True):
+    """Naive per-token recurrence from SPEC section 1, in whatever dtype it is given (float64 in
+    the tests). Returns o [B, T, H, V] and (S, o_sum, delta, offset) after the last token."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    q, k = l2norm(q), l2norm(k)
+    zeros = lambda *s: torch.zeros(*s, dtype=q.dtype)  # noqa: E731
+    S = zeros(B, H, K, V) if S0 is None else S0
+    o_sum = zeros(B, H, V) if o_sum0 is None else o_sum0
+    delta = zeros(B, H, K) if delta0 is None else delta0
+    eye = torch.eye(K, dtype=q.dtype)
+    outs = []
+    for t in range(T):
+        kt, qt = k[:, t], q[:, t]                                                  # [B, H, K]
+        wv = w[:, t] * v[:, t] if w.dim() == 4 else w[:, t, :, None] * v[:, t]    # [B, H, V]
+        b = torch.sigmoid(b_logit[:, t] + delta)                                  # [B, H, K]
+        erase = eye - kt[..., :, None] * (b * kt)[..., None, :]                   # I - k (b*k)^T
+        S = erase @ (torch.exp(g[:, t])[..., None] * S) + kt[..., :, None] * wv[..., None, :]
+        o = (S.transpose(-1, -2) @ qt[..., None])[..., 0] * scale                 # S^T q * scale
+        outs.append(o)
+        o_sum = o_sum + (o.detach() if detach_m else o)
+        if (offset + t + 1) % chunk_size == 0:          # absolute chunk c finished: m_c, Delta_{c+1}
+            if content is not None:
+                D, U = content
+                m = o_sum / chunk_size
+                delta = torch.einsum("hkr,hrv,bhv->bhk", U, D, m)                 # U_h D_h m_c
+            o_sum = torch.zeros_like(o_sum)
+    return torch.stack(outs, dim=1), (S, o_sum, delta, offset + T)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def make_inputs(B, T, H, K, V, mode, rank=4, seed=0, content_scale=2.0):
+    """Random fp32 inputs with realistic ranges: g = logsigmoid(..) in about [-4, 0), gates in (0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    x = dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V),
+             g=F.logsigmoid(1.5 * r(B, T, H, K) + 2.5), b_logit=r(B, T, H, K))
+    if mode == "carve":
+        x["w"] = torch.sigmoid(r(B, T, H))
+        x["D"] = content_scale * r(H, rank, V)
+        x["U"] = content_scale * r(H, K, rank)
+    else:
+        x["w"] = torch.sigmoid(r(B, T, H, V))
+    return x
+
+
+def make_state(B, H, K, V, mode, chunk_size, seed=1, prefix=None):
+    """A consistent initial state: the reference run over a random prefix whose length is NOT a
+    multiple of chunk_size (so offset, o_sum and, for CARVE, delta are all non-zero)."""
+    prefix = chunk_size + 5 if prefix is None else prefix
+    x = make_inputs(B, prefix, H, K, V, mode, seed=seed)
+    content = (x["D"], x["U"]) if mode == "carve" else None
+    _, (S, o_sum, delta, offset) = reference(x["q"], x["k"], x["v"], x["g"], x["b_logit"], x["w"],
+                                             content, chunk_size=chunk_size)
+    assert offset % chunk_size != 0 and o_sum.abs().sum() > 0
+    assert mode != "carve" or delta.abs().sum() > 0
+    # the content projection of the prefix must be the one the test uses: return it with the state
+    return CarveState(S.float(), o_sum.float(), delta.float(), offset), content
+
+
+def run_kernel(kernel, x, state, chunk_size, dtype=torch.float32):
+    """Leaves of `dtype` (g stays fp32, as documented), the kernel's output and final state."""
+    leaves = {n: t.detach().to(torch.float32 if n in ("g", "D", "U") else dtype).requires_grad_()
+              for n, t in x.items()}
+    if state is not None:
+        state = state._replace(S=state.S.detach().clone().requires_grad_())
+    content = (leaves["D"], leaves["U"]) if "D" in leaves else None
+    o, final = kernel(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["b_logit"], leaves["w"],
+                      content, initial_state=state, output_final_state=True, chunk_size=chunk_size)
+    return leaves, state, o, final
+
+
+def run_reference(leaves, state, chunk_size, detach_m=True):
+    """The float64 reference on exactly the kernel's (possibly bf16-rounded) inputs."""
+    ref = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    content = (ref["D"], ref["U"]) if "D" in ref else None
+    kw = {}
+    if state is not None:
+        ref["S0"] = state.S.detach().double().requires_grad_()
+        kw = dict(S0=ref["S0"], o_sum0=state.o_sum.double(), delta0=state.delta.double(), offset=state.offset)
+    o, final = reference(ref["q"], ref["k"], ref["v"], ref["g"], ref["b_logit"], ref["w"], content,
+                         chunk_size=chunk_size, detach_m=detach_m, **kw)
+    return ref, o, final
+
+
+def cotangents(o, S, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(o.shape, generator=gen), torch.randn(S.shape, generator=gen)
+
+
+def loss_of(o, S, do, dS):
+    """<o, do> + <S, dS>: a random cotangent on the output and on the final state at once."""
+    dt = torch.float64 if S.dtype == torch.float64 else torch.float32
+    return (o.to(dt) * do.to(dt)).sum() + (S * dS.to(S.dtype)).sum()
+
+
+def grads(leaves, state, ref_leaves):
+    """(name, kernel grad, reference grad) for every input, initial_state.S included."""
+    out = [(n, leaves[n].grad, ref_leaves[n].grad) for n in leaves]
+    if state is not None:
+        out.append(("initial_state.S", state.S.grad, ref_leaves["S0"].grad))
+    return out
+
+
+# (B, H, T, K, V, chunk_size)
+SHAPES = [
+    pytest.param(1, 1, 32, 16, 24, 16, id="T=2C"),
+    pytest.param(2, 2, 37, 16, 24, 16, id="T=2C+5"),
+    pytest.param(2, 1, 5, 16, 24, 16, id="T<C"),
+    pytest.param(1, 2, 29, 16, 24, 8, id="C8-T=3C+5"),
+    pytest.param(2, 2, 24, 32, 8, 8, id="C8-T=3C-K>V"),
+    # chunks longer than 16 tokens: the chunk path may split a chunk into sub-chunks internally
+    pytest.param(1, 2, 61, 16, 24, 32, id="C32-T=2C-3"),
+    pytest.param(2, 1, 50, 16, 24, 24, id="C24-T=2C+2"),
+]
+
+
+# ----------------------------------------------------------------------------- parity, fp32
+
+@pytest.mark.parametrize("kernel", ["chunk", "recurrent"])
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "init-state"])
+@pytest.mark.parametrize("B,H,T,K,V,C", SHAPES)
+def test_parity_fp32(kernel, mode, with_state, B, H, T, K, V, C):
+    x = make_inputs(B, T, H, K, V, mode)
+    state = None
+    if with_state:
+        state, prefix_content = make_state(B, H, K, V, mode, C)
+        if mode == "carve":  # the state came from this content projection; keep the test consistent
+            x["D"], x["U"] = prefix_content
+    leaves, state, o, final = run_kernel(KERNELS[kernel], x, state, C)
+    ref, o_ref, final_ref = run_reference(leaves, state, C)
+
+    assert o.dtype == torch.float32 and o.shape == (B, T, H, V)
+    tag = f"{kernel} fp32"
+    assert_rel(o, o_ref, TOL_FWD, f"{tag} o")
+    assert_rel(final.S, final_ref[0], TOL_FWD, f"{tag} final S")
+    assert final.S.dtype == final.o_sum.dtype == final.delta.dtype == torch.float32
+    if (final_ref[1] != 0).any():
+        assert_rel(final.o_sum, final_ref[1], TOL_FWD, f"{tag} final o_sum")
+    else:  # the sequence ended on a chunk boundary: o_sum must be exactly reset
+        assert torch.equal(final.o_sum, torch.zeros_like(final.o_sum))
+    if (final_ref[2] != 0).any():
+        assert_rel(final.delta, final_ref[2], TOL_FWD, f"{tag} final delta")
+    else:
+        assert torch.equal(final.delta, torch.zeros_like(final.delta))
+    assert final.offset == final_ref[3] == (state.offset if state else 0) + T
+
+    do, dS = cotangents(o, final.S)
+    loss_of(o, final.S, do, dS).backward()
+    loss_of(o_ref, final_ref[0], do.double(), dS.double()).backward()
+    for name, got, want in grads(leaves, state, ref):
+        if want is None:  # not used at all (D, U when no chunk finishes): nor by the kernel
+            assert got is None or not got.any(), f"{name}: gradient where the reference has none"
+            continue
+        assert got is not None, f"no gradient reached {name}"
+        assert_rel(got, want, TOL_GRAD, f"{tag} grad {name}")
+
+
+def test_content_path_is_exercised():
+    """Guard against vacuous CARVE parity: with the test's U, D the content gate changes the output
+    of every chunk after the first by a lot, so an error in Delta could not hide under the tolerance."""
+    B, H, T, K, V, C = 2, 2, 37, 16, 24, 16
+    x = make_inputs(B, T, H, K, V, "carve")
+    o, _ = chunk_carve(x["q"], x["k"], x["v"], x["g"], x["b_logit"], x["w"], (x["D"], x["U"]), chunk_size=C)
+    o0, _ = chunk_carve(x["q"], x["k"], x["v"], x["g"], x["b_logit"], x["w"], (x["D"], 0 * x["U"]), chunk_size=C)
+    assert torch.equal(o[:, :C], o0[:, :C])         # chunk 0 has m_{-1} = 0: Delta_0 = 0
+    diff = rel_err(o[:, C:], o0[:, C:])
+    record("content path changes o (rel)", diff)
+    assert diff > 1e-2
+
+
+@pytest.mark.parametrize("kernel", ["chunk", "recurrent"])
+def test_explicit_scale_and_no_final_state(kernel):
+    B, H, T, K, V, C = 1, 2, 19, 16, 24, 8
+    x = make_inputs(B, T, H, K, V, "carve", seed=9)
+    args = [x[n] for n in ("q", "k", "v", "g", "b_logit", "w")]
+    o, final = KERNELS[kernel](*args, (x["D"], x["U"]), scale=0.3, chunk_size=C)
+    assert final is None
+    o_ref, _ = reference(*[a.double() for a in args], (x["D"].double(), x["U"].double()), chunk_size=C, scale=0.3)
+    assert_rel(o, o_ref, TOL_FWD, f"{kernel} fp32 o (scale=0.3)")
+    assert rel_err(o, o_ref * K ** 0.5 / 0.3) > 0.1  # the default scale K^-1/2 would not pass
+
+
+# ----------------------------------------------------------------------------- parity, bf16 inputs
+
+@pytest.mark.parametrize("kernel", ["chunk", "recurrent"])
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("B,H,T,K,V,C", [SHAPES[1], SHAPES[3]])
+def test_parity_bf16(kernel, mode, B, H, T, K, V, C):
+    """bf16 q, k, v, b_logit, w (g fp32): the kernel upcasts and runs in fp32, so the reference is fed
+    the same bf16-rounded values; only the bf16 output and bf16 gradients carry rounding error.
+    The final state never goes through bf16 and keeps the fp32 tolerance."""
+    x = make_inputs(B, T, H, K, V, mode)
+    state, prefix_content = make_state(B, H, K, V, mode, C)
+    if mode == "carve":
+        x["D"], x["U"] = prefix_content
+    leaves, state, o, final = run_kernel(KERNELS[kernel], x, state, C, dtype=torch.bfloat16)
+    ref, o_ref, final_ref = run_reference(leaves, state, C)
+    assert o.dtype == torch.bfloat16 and final.S.dtype == torch.float32
+    tag = f"{kernel} bf16"
+    assert_rel(o, o_ref, TOL_BF16, f"{tag} o")
+    assert_rel(final.S, final_ref[0], TOL_FWD, f"{tag} final S (fp32)")
+    assert_rel(final.o_sum, final_ref[1], TOL_FWD, f"{tag} final o_sum (fp32)")
+    if mode == "carve":
+        assert_rel(final.delta, final_ref[2], TOL_FWD, f"{tag} final delta (fp32)")
+    do, dS = cotangents(o, final.S)
+    do = do.bfloat16().float()  # the same cotangent for both
+    loss_of(o.float(), final.S, do, dS).backward()
+    loss_of(o_ref, final_ref[0], do.double(), dS.double()).backward()
+    for name, got, want in grads(leaves, state, ref):
+        assert got.dtype == leaves.get(name, state.S).dtype
+        assert_rel(got, want, TOL_BF16, f"{tag} grad {name}")
+
+
+# ----------------------------------------------------------------------------- continuation
+
+@pytest.mark.parametrize("second", ["chunk", "recurrent"])
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("T1", [1, 7, 8, 9, 16, 20, 39])
+def test_continuation(second, mode, T1):
+    """chunk_carve over T1 tokens, then `second` over the rest from the returned state, equals one
+    chunk_carve call over all T tokens (C = 8, T = 40: splits before, on and after chunk boundaries)."""
+    B, H, T, K, V, C = 2, 2, 40, 16, 24, 8
+    x = make_inputs(B, T, H, K, V, mode, seed=3)
+    content = (x["D"], x["U"]) if mode == "carve" else None
+    args = lambda sl: [x[n][:, sl] for n in ("q", "k", "v", "g", "b_logit", "w")]  # noqa: E731
+    o_full, s_full = chunk_carve(*args(slice(None)), content, output_final_state=True, chunk_size=C)
+    o1, s1 = chunk_carve(*args(slice(0, T1)), content, output_final_state=True, chunk_size=C)
+    assert s1.offset == T1
+    o2, s2 = KERNELS[second](*args(slice(T1, T)), content, initial_state=s1, output_final_state=True,
+                             chunk_size=C)
+    tag = f"continuation chunk+{second}"
+    assert_rel(torch.cat([o1, o2], dim=1), o_full, TOL_FWD, f"{tag} o")
+    assert_rel(s2.S, s_full.S, TOL_FWD, f"{tag} S")
+    assert s2.offset == s_full.offset == T
+    assert torch.equal(s2.o_sum, torch.zeros_like(s2.o_sum))  # T = 40 ends on a chunk boundary
+    if mode == "carve":
+        assert_rel(s2.delta, s_full.delta, TOL_FWD, f"{tag} delta")
+    # and both against the gold standard
+    ref = {n: t.double() for n, t in x.items()}
+    o_ref, _ = reference(ref["q"], ref["k"], ref["v"], ref["g"], ref["b_logit"], ref["w"],
+                         (ref["D"], ref["U"]) if mode == "carve" else None, chunk_size=C)
+    assert_rel(torch.cat([o1, o2], dim=1), o_ref, TOL_FWD, f"{tag} o vs reference")
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+def test_continuation_many_pieces(mode):
+    """Pieces of 3, 1, 9, 1, 1, 13, 5 tokens (C = 8), alternating chunk and recurrent calls, partial
+    chunks at both ends of most pieces: the final state and all outputs equal one call."""
+    B, H, K, V, C = 1, 2, 16, 24, 8
+    pieces = [3, 1, 9, 1, 1, 13, 5]
+    T = sum(pieces)
+    x = make_inputs(B, T, H, K, V, mode, seed=4)
+    content = (x["D"], x["U"]) if mode == "carve" else None
+    names = ("q", "k", "v", "g", "b_logit", "w")
+    o_full, s_full = chunk_carve(*[x[n] for n in names], content, output_final_state=True, chunk_size=C)
+    outs, state, start = [], None, 0
+    for i, n in enumerate(pieces):
+        kernel = chunk_carve if i % 2 == 0 else recurrent_carve
+        o, state = kernel(*[x[m][:, start:start + n] for m in names], content, initial_state=state,
+                          output_final_state=True, chunk_size=C)
+        outs.append(o)
+        start += n
+    assert_rel(torch.cat(outs, dim=1), o_full, TOL_FWD, "continuation pieces o")
+    assert_rel(state.S, s_full.S, TOL_FWD, "continuation pieces S")
+    assert_rel(state.o_sum, s_full.o_sum, TOL_FWD, "continuation pieces o_sum")
+    if mode == "carve":
+        assert_rel(state.delta, s_full.delta, TOL_FWD, "continuation pieces delta")
+    assert state.offset == T
+
+
+# ----------------------------------------------------------------------------- realistic gates
+
+def model_style_gates(B, T, H, K, seed, fast_channels=0, fast_value=-20.0):
+    """g = -exp(A_log) * softplus(f + dt_bias) as the model computes it (A_log ~ log U(1, 16), dt_bias
+    the inverse softplus of a log-uniform dt in [1e-3, 1e-1]); the first `fast_channels` key
+    channels of every head are set to `fast_value` per token (a decay of e^-20 per step)."""
+    gen = torch.Generator().manual_seed(seed)
+    A_log = torch.empty(H).uniform_(1, 16, generator=gen).log()
+    dt = torch.empty(H * K).uniform_(math.log(1e-3), math.log(1e-1), generator=gen).exp()
+    dt_bias = (dt + torch.log(-torch.expm1(-dt))).view(H, K)
+    f = torch.randn(B, T, H, K, generator=gen)
+    g = -A_log.exp()[:, None] * F.softplus(f + dt_bias)
+    g[..., :fast_channels] = fast_value
+    return g
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("gates", ["fast-decay", "near-zero"])
+@pytest.mark.parametrize("C", [16, 64])
+def test_gates_realistic(mode, gates, C):
+    """Fast-decaying channels (g = -20 per token, so G falls to -20*C inside a chunk and gamma^-1
+    would overflow fp32 after ~4 tokens) must give finite outputs and gradients that still match the
+    reference; so must g ~ 0 (no decay: the state only grows through writes)."""
+    B, H, T, K, V = 1, 2, 2 * C + 3, 16, 24
+    x = make_inputs(B, T, H, K, V, mode, seed=5)
+    if gates == "fast-decay":
+        x["g"] = model_style_gates(B, T, H, K, seed=6, fast_channels=5)
+        assert x["g"].min() <= -20 and x["g"].max() > -0.1
+    else:
+        x["g"] = -1e-4 * torch.rand(B, T, H, K, generator=torch.Generator().manual_seed(6))
+    for kernel in ("chunk", "recurrent"):
+        leaves, state, o, final = run_kernel(KERNELS[kernel], x, None, C)
+        ref, o_ref, final_ref = run_reference(leaves, state, C)
+        tag = f"gates {gates} {kernel}"
+        assert_rel(o, o_ref, TOL_FWD, f"{tag} o")
+        assert_rel(final.S, final_ref[0], TOL_FWD, f"{tag} final S")
+        do, dS = cotangents(o, final.S)
+        loss_of(o, final.S, do, dS).backward()
+        loss_of(o_ref, final_ref[0], do.double(), dS.double()).backward()
+        for name, got, want in grads(leaves, state, ref):
+            assert_rel(got, want, TOL_GRAD, f"{tag} grad {name}")
+
+
+# ----------------------------------------------------------------------------- L2 norm convention
+
+@pytest.mark.parametrize("kernel", ["chunk", "recurrent"])
+def test_l2norm_eps_convention(kernel):
+    """q and k are normalised as x / max(||x||, 1e-6) (F.normalize, eps 1e-6): tokens whose q or k has
+    norm ~1e-4 (normalised to unit length), ~1e-8 (divided by eps instead), or exactly 0."""
+    B, H, T, K, V, C = 1, 2, 20, 16, 24, 8
+    x = make_inputs(B, T, H, K, V, "carve", seed=8)
+    for name, t_scale in (("q", {3: 1e-4, 5: 1e-8, 11: 0.0}), ("k", {2: 1e-4, 6: 1e-8, 12: 0.0, 13: 1e-8})):
+        for t, s in t_scale.items():
+            x[name][:, t] *= s
+    leaves, _, o, final = run_kernel(KERNELS[kernel], x, None, C)
+    ref, o_ref, final_ref = run_reference(leaves, None, C)
+    assert_rel(o, o_ref, TOL_FWD, f"l2norm {kernel} o")
+    assert_rel(final.S, final_ref[0], TOL_FWD, f"l2norm {kernel} final S")
+    do, dS = cotangents(o, final.S)
+    loss_of(o, final.S, do, dS).backward()
+    loss_of(o_ref, final_ref[0], do.double(), dS.double()).backward()
+    for name, got, want in grads(leaves, None, ref):
+        assert_rel(got, want, TOL_GRAD, f"l2norm {kernel} grad {name}")
+
+
+# ----------------------------------------------------------------------------- stop-gradient on m
+
+@pytest.mark.parametrize("kernel", ["chunk", "recurrent"])
+def test_stop_gradient_through_m(kernel):
+    """m is a stop-gradient read (SPEC section 1): the kernel's gradients equal the reference with m
+    detached, and differ clearly from the reference where gradients flow through m."""
+    B, H, T, K, V, C = 1, 2, 24, 16, 24, 8
+    x = make_inputs(B, T, H, K, V, "carve", seed=7, content_scale=1.5)
+    leaves, _, o, final = run_kernel(KERNELS[kernel], x, None, C)
+    do, dS = cotangents(o, final.S)
+    loss_of(o, final.S, do, dS).backward()
+    ref_grads = {}
+    for detach_m in (True, False):
+        ref, o_ref, final_ref = run_reference(leaves, None, C, detach_m=detach_m)
+        loss_of(o_ref, final_ref[0], do.double(), dS.double()).backward()
+        ref_grads[detach_m] = ref
+    names = [n for n in leaves if n not in ("D", "U")]  # D, U get gradients either way
+    got = torch.cat([leaves[n].grad.flatten() for n in names])
+    detached = torch.cat([ref_grads[True][n].grad.flatten() for n in names])
+    attached = torch.cat([ref_grads[False][n].grad.flatten() for n in names])
+    assert_rel(got, detached, TOL_GRAD, f"stop-grad {kernel} grads vs detached-m reference")
+    gap = rel_err(attached, detached)
+    record("stop-grad: attached vs detached reference grads", gap)
+    assert gap > 1e-2, "the two references barely differ: the test would not see a gradient through m"
+    assert rel_err(got, attached) > 1e-2
+
+
+# ----------------------------------------------------------------------------- input validation
+
+def _valid(B=2, T=5, H=2, K=4, V=6, r=3):
+    return dict(q=torch.randn(B, T, H, K), k=torch.randn(B, T, H, K), v=torch.randn(B, T, H, V),
+                g=-torch.rand(B, T, H, K), b_logit=torch.randn(B, T, H, K), w=torch.rand(B, T, H),
+                content=(torch.randn(H, r, V), torch.randn(H, K, r)),
+                initial_state=CarveState(torch.zeros(B, H, K, V), torch.zeros(B, H, V), torch.zeros(B, H, K), 3))
+
+
+BAD = [
+    ("k", lambda a: a.update(k=torch.randn(2, 5, 2, 5)), r"\bk\b"),
+    ("v-T", lambda a: a.update(v=torch.randn(2, 4, 2, 6)), r"\bv\b"),
+    ("g", lambda a: a.update(g=-torch.rand(2, 5, 2, 6)), r"\bg\b"),
+    ("b_logit", lambda a: a.update(b_logit=torch.randn(2, 5, 1, 4)), "b_logit"),
+    ("w-4d", lambda a: a.update(w=torch.rand(2, 5, 2, 4)), r"\bw\b"),
+    ("w-2d", lambda a: a.update(w=torch.rand(2, 5)), r"\bw\b"),
+    ("content-D", lambda a: a.update(content=(torch.randn(2, 3, 4), torch.randn(2, 4, 3))), "content"),
+    ("content-U", lambda a: a.update(content=(torch.randn(2, 3, 6), torch.randn(2, 6, 3))), "content"),
+    ("initial_state.S", lambda a: a.update(initial_state=a["initial_state"]._replace(S=torch.zeros(2, 2, 6, 4))),
+     r"initial_state\.S"),
+]
+
+
+@pytest.mark.parametrize("kernel", ["chunk", "recurrent"])
+@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
+def test_input_validation(kernel, bad):
+    args = _valid()
+    KERNELS[kernel](**args, chunk_size=4)  # the valid set runs
+    _, mutate, pattern = bad
+    mutate(args)
+    with pytest.raises(ValueError, match=pattern):
+        KERNELS[kernel](**args, chunk_size=4)

@@ -1,0 +1,217 @@
+"""Model-level tests (SPEC sections 1, 3, 4): parameter count, CARVE = GDN-2 at initialisation,
+prefill + decode = one forward, optimiser groups, FLOP count, config validation, finite gradients."""
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import assert_rel, record, rel_err
+from model import LM, ModelConfig
+
+# fp32 logits of the tiny models below: chunk vs per-token paths and prefill splits agree to
+# ~1e-7 relative; 1e-5 is ~50x above that and far below what any state or cache bug produces.
+TOL_LOGITS = 1e-5
+
+
+def tiny(mixer="carve", **kw):
+    cfg = dict(vocab_size=61, n_layer=2, d_model=32, n_head=2, head_k_dim=8, head_v_dim=12, mlp_hidden=48,
+               chunk_size=8, content_rank=4, mixer=mixer)
+    cfg.update(kw)
+    return ModelConfig(**cfg)
+
+
+@torch.no_grad()
+def perturb(model, seed=0):
+    """Give the zero-initialised parameters (CARVE's U and beta, GDN-2's write gate, the output-gate
+    bias) random values, so the content gate, the write gate and Delta are all exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith(("content_up", "beta_proj.weight", "w_proj.weight", "g_proj.1.bias")):
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if "content_up" in name else 0.3))
+    return model
+
+
+def tokens(B, T, vocab, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- parameter count
+
+def test_param_count_1b3():
+    with torch.device("meta"):
+        gdn2 = LM(ModelConfig(mixer="gdn2"))
+        carve = LM(ModelConfig(mixer="carve"))
+    cfg = gdn2.cfg
+    assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, cfg.mlp_hidden) == \
+        (18, 2304, 16, 128, 128, 6208)
+    assert gdn2.num_params() == 1_302_638_112  # SPEC section 4
+    d, H, K, V, r = cfg.d_model, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, cfg.content_rank
+    per_layer = d * H * V - H * (d + r * (V + K))  # CARVE drops W_w, adds w_h, D_h, U_h
+    assert gdn2.num_params() - carve.num_params() == cfg.n_layer * per_layer == 18 * 4_616_192
+    layer = lambda m: sum(p.numel() for p in m.blocks[0].mixer.parameters())  # noqa: E731
+    assert layer(gdn2) - layer(carve) == per_layer
+    # the embedding and the untied head come on top of the non-embedding count
+    assert gdn2.num_params(non_embedding=False) == gdn2.num_params() + 2 * cfg.vocab_size * d + d
+
+
+# ----------------------------------------------------------------------------- identity at init
+
+@pytest.mark.parametrize("pattern", [("gdn2", "carve"), ("gdn2,attn", "carve,attn")], ids=["pure", "hybrid"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_identity_at_init(pattern, autocast):
+    """Fresh GDN-2 weights copied into a fresh CARVE model give bit-identical logits (SPEC section 1),
+    over several chunks (so Delta = U D m is computed, and is exactly 0 because U = 0)."""
+    torch.manual_seed(0)
+    gdn2 = LM(tiny(pattern[0]))
+    torch.manual_seed(1)
+    carve = LM(tiny(pattern[1]))
+    missing, unexpected = carve.load_state_dict(gdn2.state_dict(), strict=False)
+    recurrent = [i for i, m in enumerate(carve.cfg.layer_mixers()) if m == "carve"]
+    assert sorted(missing) == sorted(f"blocks.{i}.mixer.{n}" for i in recurrent
+                                     for n in ("beta_proj.weight", "content_down", "content_up"))
+    assert sorted(unexpected) == sorted(f"blocks.{i}.mixer.w_proj.weight" for i in recurrent)
+    idx = tokens(2, 4 * carve.cfg.chunk_size + 3, carve.cfg.vocab_size)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits_gdn2 = gdn2(idx)[0]
+        logits_carve = carve(idx)[0]
+        assert torch.isfinite(logits_carve).all()
+        assert torch.equal(logits_carve, logits_gdn2)
+        # control: a non-zero content projection must change the logits after the first chunk
+        with torch.no_grad():
+            for i in recurrent:
+                carve.blocks[i].mixer.content_up.normal_(0, 20.0, generator=torch.Generator().manual_seed(i))
+        logits_u = carve(idx)[0]
+    C = carve.cfg.chunk_size
+    assert torch.equal(logits_u[:, :C], logits_gdn2[:, :C])  # chunk 0 reads m_{-1} = 0
+    assert not torch.equal(logits_u, logits_gdn2)
+    gap = rel_err(logits_u[:, C:], logits_gdn2[:, C:].float())
+    record("identity control: U != 0 changes logits (rel)", gap)
+    assert gap > 1e-4
+
+
+# ----------------------------------------------------------------------------- prefill + decode
+
+DECODE_CONFIGS = [
+    pytest.param("carve", 0, id="carve"),
+    pytest.param("gdn2", 0, id="gdn2"),
+    pytest.param("attn", 0, id="attn"),
+    pytest.param("attn", 5, id="attn-window5"),
+    pytest.param("carve,attn", 0, id="carve,attn"),
+    pytest.param("carve,attn", 5, id="carve,attn-window5"),
+    pytest.param("gdn2,attn", 5, id="gdn2,attn-window5"),
+]
+
+
+@pytest.mark.parametrize("mixer,window", DECODE_CONFIGS)
+@pytest.mark.parametrize("T1", [1, 7, 8, 9, 17])
+def test_prefill_then_decode(mixer, window, T1):
+    """model(idx[:, :T1], cache) then one token at a time equals model(idx)[0][:, T1-1:] (SPEC section 3);
+    C = 8, T = 21: splits before, on and after chunk boundaries, and T1 = 1."""
+    torch.manual_seed(0)
+    model = perturb(LM(tiny(mixer, attn_window=window))).eval()
+    B, T = 2, 21
+    idx = tokens(B, T, model.cfg.vocab_size, seed=T1)
+    with torch.no_grad():
+        full = model(idx)[0][:, T1 - 1:]
+        cache = model.init_cache(B)
+        steps = [model(idx[:, :T1], cache=cache)[0]]
+        for t in range(T1, T):
+            steps.append(model(idx[:, t:t + 1], cache=cache)[0])
+    assert_rel(torch.cat(steps, dim=1), full, TOL_LOGITS, f"prefill+decode logits ({mixer}, w={window})")
+
+
+@pytest.mark.parametrize("mixer,window", DECODE_CONFIGS)
+@pytest.mark.parametrize("pieces", [(5, 6), (9, 3, 7), (1, 15), (8, 8)], ids=str)
+def test_prefill_in_pieces(mixer, window, pieces):
+    """A prompt fed as several multi-token pieces on top of the cache (then decoded token by token)
+    gives the same logits as one forward over the whole sequence."""
+    torch.manual_seed(0)
+    model = perturb(LM(tiny(mixer, attn_window=window))).eval()
+    B, T = 2, 21
+    idx = tokens(B, T, model.cfg.vocab_size, seed=sum(pieces))
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = model.init_cache(B)
+        got, want, start = [], [], 0
+        for n in pieces:
+            got.append(model(idx[:, start:start + n], cache=cache)[0])
+            start += n
+            want.append(full[:, start - 1:start])
+        for t in range(start, T):
+            got.append(model(idx[:, t:t + 1], cache=cache)[0])
+            want.append(full[:, t:t + 1])
+    assert_rel(torch.cat(got, dim=1), torch.cat(want, dim=1), TOL_LOGITS,
+               f"prefill in pieces logits ({mixer}, w={window})")
+
+
+# ----------------------------------------------------------------------------- optimiser groups
+
+@pytest.mark.parametrize("mixer,tie", [("carve", False), ("gdn2", False), ("carve,attn", True)])
+def test_optim_groups(mixer, tie):
+    model = LM(tiny(mixer, tie_embeddings=tie))
+    decay_group, no_decay_group = model.optim_groups(0.1)
+    assert decay_group["weight_decay"] == 0.1 and no_decay_group["weight_decay"] == 0.0
+    decay = [id(p) for p in decay_group["params"]]
+    no_decay = [id(p) for p in no_decay_group["params"]]
+    all_params = {id(p): name for name, p in model.named_parameters()}  # tied weights once
+    assert len(decay) == len(set(decay)) and len(no_decay) == len(set(no_decay))
+    assert not set(decay) & set(no_decay)
+    assert sorted(decay + no_decay) == sorted(all_params)  # every parameter exactly once
+    names_no_decay = {all_params[i] for i in no_decay}
+    for name, p in model.named_parameters():
+        if name.endswith(("A_log", "dt_bias", "bias", "o_norm_weight")):
+            assert name in names_no_decay, f"{name} is weight-decayed"
+    for module_name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            assert id(m.weight) in decay, f"{module_name}.weight is not weight-decayed"
+        if isinstance(m, (nn.RMSNorm, nn.LayerNorm)):
+            assert id(m.weight) in no_decay, f"{module_name}.weight is weight-decayed"
+    assert any(n.endswith("A_log") for n in names_no_decay) and any(n.endswith(".bias") for n in names_no_decay)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def test_flops_per_token():
+    attn = LM(tiny("attn"))
+    attn_w = LM(tiny("attn", attn_window=64))
+    carve = LM(tiny("carve"))
+    gdn2 = LM(tiny("gdn2"))
+    for m in (attn, attn_w, carve, gdn2):
+        assert m.flops_per_token(128) > 0
+        # at least the 6 N of the Linear layers (forward + backward)
+        assert m.flops_per_token(128) >= 6 * sum(x.weight.numel() for x in m.modules() if isinstance(x, nn.Linear))
+    assert attn.flops_per_token(256) > attn.flops_per_token(128) > attn.flops_per_token(64)
+    assert attn_w.flops_per_token(64) > attn_w.flops_per_token(32)
+    linear = 6 * sum(x.weight.numel() for x in attn_w.modules() if isinstance(x, nn.Linear))
+    cfg = attn_w.cfg
+    for L in (32, 64, 128, 4096):  # QK^T and PV (2 x 2 FLOPs per key and channel), x3 for fwd + bwd
+        mean_context = sum(min(t + 1, cfg.attn_window) for t in range(L)) / L  # keys seen by query t
+        expected = linear + 3 * 4 * cfg.n_head * cfg.head_k_dim * mean_context * cfg.n_layer
+        assert attn_w.flops_per_token(L) == pytest.approx(expected, rel=1e-12)
+    assert carve.flops_per_token(4096) == carve.flops_per_token(128)
+    assert gdn2.flops_per_token(4096) == gdn2.flops_per_token(128)
+
+
+# ----------------------------------------------------------------------------- config validation
+
+@pytest.mark.parametrize("mixer,bad", [("mamba", "mamba"), ("carve,gdn3", "gdn3"), ("attention", "attention")])
+def test_config_rejects_unknown_mixer(mixer, bad):
+    with pytest.raises(ValueError, match=repr(bad)):
+        ModelConfig(mixer=mixer)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("mixer", ["carve", "gdn2", "attn", "carve,attn"])
+def test_gradients_finite(mixer):
+    torch.manual_seed(0)
+    model = perturb(LM(tiny(mixer, attn_window=6 if "attn" in mixer else 0)))
+    idx = tokens(2, 27, model.cfg.vocab_size)
+    targets = tokens(2, 27, model.cfg.vocab_size, seed=1)
+    targets[0, :3] = -1  # ignored positions
+    _, loss = model(idx, targets)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"no gradient for {name}"
+        assert torch.isfinite(p.grad).all(), f"non-finite gradient for {name}"
+        assert p.grad.abs().sum() > 0, f"zero gradient for {name}"

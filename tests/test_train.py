@@ -1,0 +1,184 @@
+"""train.py end to end on CPU: DDP equivalence, exact resume, interruption, config and data errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+from model import LM, ModelConfig
+
+TINY = ["--n_layer=2", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_v_dim=16", "--mlp_hidden=64",
+        "--chunk_size=16", "--content_rank=4", "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=384",
+        "--warmup_steps=2", "--lr=3e-3", "--eval_tokens=480", "--log_interval=1", "--eval_interval=4"]
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory):
+    """The embedded default corpus, byte-tokenised, exactly as the README's first command makes it."""
+    out = tmp_path_factory.mktemp("data") / "shakespeare_byte"
+    subprocess.run([sys.executable, "prepare_data.py", "--out_dir", str(out)], cwd=ROOT, check=True,
+                   capture_output=True)
+    return str(out)
+
+
+def run_in_process(args):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise-repeatable CPU arithmetic between runs
+    try:
+        train.main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in train_log(out_dir) if "loss" in r}
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)["model"]
+
+
+def test_resume_is_exact(shakespeare, tmp_path):
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--lr_decay_steps=8"]
+    run_in_process([*common, f"--out_dir={full}", "--max_steps=8"])
+    run_in_process([*common, f"--out_dir={split}", "--max_steps=4"])
+    run_in_process([*common, f"--out_dir={split}", "--max_steps=8", "--init_from=resume"])
+    assert sorted(losses(full)) == list(range(1, 9))
+    assert losses(split) == losses(full)  # the same floats, not merely close
+    a, b = weights(full), weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = torch.load(os.path.join(split, "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["data_position"] == 8 * 384 // 48
+    meta = json.load(open(os.path.join(split, "meta.json")))
+    assert meta["tokenizer"] == "byte" and meta["step"] == 8 and meta["val_bpb"] > 0
+
+
+def test_content_projections_move_on_real_data(shakespeare, tmp_path):
+    out = str(tmp_path / "run")
+    run_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=6"])
+    trained = weights(out)
+    torch.manual_seed(1337)  # train.py's default seed: this is the model the run started from
+    fresh = LM(ModelConfig.from_dict(json.load(open(os.path.join(out, "meta.json")))["model_config"]))
+    for name, start in fresh.state_dict().items():
+        if "content_up" in name:  # zero at init (CARVE == GDN-2); learning must move it off zero
+            assert start.abs().max() == 0 and trained[name].abs().max() > 1e-4, name
+        if "content_down" in name:
+            assert (trained[name] - start).abs().max() > 1e-4, name
+    assert json.load(open(os.path.join(out, "meta.json")))["val_loss"] < math.log(256)  # beats uniform bytes
+
+
+def torchrun(nproc, args, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_ddp_two_processes_match_one_with_double_accumulation(shakespeare, tmp_path):
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--max_steps=5", "--eval_interval=5"]
+    one = subprocess.run([sys.executable, "train.py", *common, f"--out_dir={tmp_path / 'one'}"], cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    assert "grad accumulation 2" in one.stdout
+    two = torchrun(2, [*common, f"--out_dir={tmp_path / 'two'}"])
+    assert two.returncode == 0, two.stderr
+    assert "world 2 | grad accumulation 1" in two.stdout
+    l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5]
+    for step in l1:  # same batches, same model; only the summation order of gradients differs
+        assert abs(l1[step] - l2[step]) <= 1e-5 * abs(l1[step]), (step, l1[step], l2[step])
+    v1 = [r for r in train_log(tmp_path / "one") if "val_loss" in r][-1]
+    v2 = [r for r in train_log(tmp_path / "two") if "val_loss" in r][-1]
+    assert abs(v1["val_loss"] - v2["val_loss"]) <= 1e-5 * v1["val_loss"]
+    assert l1[5] < l1[1] - 0.1  # it is learning, so equal curves are not two flat lines
+
+
+def test_interrupted_run_checkpoints_and_resumes_exactly(shakespeare, tmp_path):
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--max_steps=40", "--eval_interval=100"]
+    reference = str(tmp_path / "reference")
+    run_in_process([*common, f"--out_dir={reference}"])
+    interrupted = str(tmp_path / "interrupted")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", *common, f"--out_dir={interrupted}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_path = os.path.join(interrupted, "log.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(log_path) and len(open(log_path).readlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "stopped at step" in stdout
+    stopped_at = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)["step"]
+    assert 3 <= stopped_at < 40
+    run_in_process([*common, f"--out_dir={interrupted}", "--init_from=resume"])
+    a, b = weights(reference), weights(interrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = losses(interrupted)
+    assert all(resumed[s] == losses(reference)[s] for s in range(stopped_at + 1, 41))
+
+
+def expect_error(args, *fragments):
+    with pytest.raises(SystemExit) as info:
+        train.main(args)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_config_errors(shakespeare, tmp_path):
+    out = f"--out_dir={tmp_path / 'out'}"
+    expect_error(["carve_shakespeare", "--n_layers=3", out], "unknown config key 'n_layers'", "n_layer")
+    expect_error(["carve_shakespeare", "--max_steps=ten", out], "'max_steps'", "must be int")
+    expect_error(["carve_shakespeare", "--lr=fast", out], "'lr'", "must be float")
+    expect_error(["carve_shakespeare", "max_steps=3", out], "config file 'max_steps=3' not found")
+    expect_error(["config/carve_1b3.py", out], "not found", "configs/carve_1b3.py")
+    expect_error(["carve_1b", out], "configs/carve_1b3.py")
+    bad_config = tmp_path / "bad.py"
+    bad_config.write_text("learning_rate = 1e-3\n")
+    expect_error([str(bad_config), out], "unknown config key 'learning_rate'", str(bad_config))
+    expect_error(["carve_shakespeare", f"--data_dir={shakespeare}", "--batch_tokens=1000", out],
+                 "batch_tokens=1000", "micro_batch_size")
+    expect_error(["carve_shakespeare", f"--data_dir={shakespeare}", "--init_from=resume", out], "does not exist")
+
+
+def test_data_errors(shakespeare, tmp_path):
+    out = f"--out_dir={tmp_path / 'out'}"
+    expect_error(["carve_shakespeare", f"--data_dir={tmp_path / 'nowhere'}", out], "meta.json not found",
+                 "prepare_data.py")
+    expect_error(["carve_shakespeare", f"--data_dir={shakespeare}", "--tokenizer=gpt2", out],
+                 "tokenizer='gpt2'", "'byte'")
+    expect_error(["carve_shakespeare", f"--data_dir={shakespeare}", "--vocab_size=128", out],
+                 "vocab_size=128", "256")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "meta.json").write_text(open(os.path.join(shakespeare, "meta.json")).read())
+    (broken / "val.bin").write_bytes(open(os.path.join(shakespeare, "val.bin"), "rb").read())
+    expect_error(["carve_shakespeare", f"--data_dir={broken}", out], "train.bin not found")
+    (broken / "train.bin").write_bytes(b"\x00" * 1001)
+    expect_error(["carve_shakespeare", f"--data_dir={broken}", out], "not a whole number", "uint16")
+
+
+def test_existing_checkpoint_is_never_overwritten(shakespeare, tmp_path):
+    out = str(tmp_path / "run")
+    run_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=1"])
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    expect_error(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}"],
+                 "already exists", "--init_from=resume")
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    expect_error(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--n_layer=3",
+                  "--init_from=resume"], "n_layer: checkpoint 2 vs now 3")
