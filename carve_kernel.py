@@ -207,11 +207,14 @@ def chunk_carve_torch(q, k, v, g, b_logit, w, content=None, initial_state=None,
 def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
                 output_final_state=False, scale=None, chunk_size=64) -> Tuple[torch.Tensor, Optional[CarveState]]:
     backend_for(q)
-    return chunk_carve_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale, chunk_size)
+    with torch.autocast(q.device.type, enabled=False):  # fp32 inside, whatever autocast the caller runs
+        return chunk_carve_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
+                                 chunk_size)
 
 
 def recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
                     output_final_state=False, scale=None, chunk_size=64) -> Tuple[torch.Tensor, Optional[CarveState]]:
     backend_for(q)
-    return recurrent_carve_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
-                                 chunk_size)
+    with torch.autocast(q.device.type, enabled=False):
+        return recurrent_carve_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
+                                     chunk_size)

@@ -17,12 +17,12 @@ content_rank = 8
 seq_len = 128
 micro_batch_size = 16
 batch_tokens = 2048
-max_steps = 1500
-warmup_steps = 50
+max_steps = 600
+warmup_steps = 30
 lr = 3e-3
 min_lr = 3e-4
 weight_decay = 0.1
 
-eval_interval = 250
+eval_interval = 200
 eval_tokens = 32768
 log_interval = 25

@@ -434,3 +434,16 @@ def test_input_validation(kernel, bad):
     mutate(args)
     with pytest.raises(ValueError, match=pattern):
         KERNELS[kernel](**args, chunk_size=4)
+
+
+@pytest.mark.parametrize("kernel", ["chunk", "recurrent"])
+def test_caller_autocast_does_not_lower_the_recurrence_precision(kernel):
+    """Under a caller's bf16 autocast (train.py on GPU) the recurrence must still run in fp32: autocast
+    would otherwise turn the state products into bf16 matmuls (relative error ~1e-2)."""
+    x = make_inputs(2, 40, 2, 16, 24, "carve")
+    args = (x["q"], x["k"], x["v"], x["g"], x["b_logit"], x["w"], (x["D"], x["U"]))
+    plain, _ = KERNELS[kernel](*args, chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = KERNELS[kernel](*args, chunk_size=16)
+    assert mixed.dtype == torch.float32
+    assert_rel(mixed, plain, 1e-6, "autocast-invariance")
