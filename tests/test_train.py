@@ -182,3 +182,11 @@ def test_existing_checkpoint_is_never_overwritten(shakespeare, tmp_path):
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
     expect_error(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--n_layer=3",
                   "--init_from=resume"], "n_layer: checkpoint 2 vs now 3")
+
+
+def test_wandb_is_optional(shakespeare, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: the import fails
+    expect_error(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={tmp_path / 'w'}",
+                  "--max_steps=1", "--wandb_log=True"], "wandb_log=True", "pip install wandb")
+    run_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={tmp_path / 'off'}",
+                    "--max_steps=1"])  # off by default: never imported
