@@ -19,14 +19,22 @@ Public API (tensors in the [B, T, H, D] layout of flash-linear-attention):
 that chunk_carve over T1 tokens followed by chunk_carve or recurrent_carve over T2 more equals one
 call over T1 + T2 tokens, whatever T1 is.
 
-The backend is chosen in one place, `backend_for`. Today only the torch implementation exists;
-the Triton kernels land behind the same two functions.
+The backend is chosen in one place, `backend_for`: Triton for CUDA tensors, torch otherwise, and
+CARVE_BACKEND=torch|triton overrides. Today the Triton backend has the decode kernel
+(`recurrent_carve_triton`, inference only); `chunk_carve` runs the torch path on every backend until
+the Triton chunk kernels land behind it.
 """
 import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+try:  # Triton is optional: without it every call runs the torch path
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
 
 L2_NORM_EPS = 1e-6
 
@@ -46,13 +54,23 @@ def zero_state(batch_size, n_head, k_dim, v_dim, device):
 
 
 def backend_for(x: torch.Tensor) -> str:
-    """The single kernel-dispatch point. CARVE_BACKEND=torch|triton overrides the default."""
-    choice = os.environ.get("CARVE_BACKEND", "torch")
+    """The single kernel-dispatch point: 'triton' for CUDA tensors, 'torch' otherwise (and wherever
+    triton is not installed). CARVE_BACKEND=torch|triton overrides; 'triton' with CPU tensors runs
+    the kernels in the Triton interpreter, which TRITON_INTERPRET=1 must select before carve_kernel
+    (and triton) are imported."""
+    choice = os.environ.get("CARVE_BACKEND", "")
+    if choice == "":
+        return "triton" if x.is_cuda and triton is not None else "torch"
     if choice not in ("torch", "triton"):
         raise ValueError(f"CARVE_BACKEND must be 'torch' or 'triton', got {choice!r}")
     if choice == "triton":
-        raise NotImplementedError("CARVE_BACKEND=triton: the Triton kernels are not in this version "
-                                  "of carve_kernel.py yet; unset CARVE_BACKEND to use the torch path")
+        if triton is None:
+            raise RuntimeError("CARVE_BACKEND=triton, but triton cannot be imported: install triton "
+                               "or unset CARVE_BACKEND to use the torch path")
+        if not x.is_cuda and type(_recurrent_fwd_kernel).__name__ != "InterpretedFunction":
+            raise RuntimeError("CARVE_BACKEND=triton with CPU tensors needs the Triton interpreter: set "
+                               "TRITON_INTERPRET=1 before importing triton and carve_kernel (or use CUDA "
+                               "tensors, or CARVE_BACKEND=torch)")
     return choice
 
 
@@ -204,6 +222,153 @@ def chunk_carve_torch(q, k, v, g, b_logit, w, content=None, initial_state=None,
     return o, final
 
 
+# ============================================================================ Triton: decode kernel
+# The per-token recurrence of recurrent_carve_torch as one Triton kernel (SPEC sections 1, 3), for
+# decode: inference only, no backward. Each program owns a [K, BV] tile of one head's fp32 state and
+# keeps it in registers over the tokens of a segment, so the state is read and written once per
+# segment. A segment never crosses an absolute chunk boundary: the content update between chunks
+# (Delta = U D m) is a tiny einsum the launcher does in torch, exactly like the torch path.
+
+if triton is not None:
+    @triton.jit
+    def _recurrent_fwd_kernel(q, k, v, g, b_logit, w, o, S_in, S_out, o_sum_in, o_sum_out, delta,
+                              sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sg_b, sg_t, sbl_b, sbl_t, sw_b, sw_t,
+                              t_start, n_tokens, T, H, scale,
+                              K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                              VALUE_GATE: tl.constexpr, USE_INITIAL: tl.constexpr):
+        """Tokens t_start .. t_start + n_tokens - 1 of every sequence, all inside one chunk.
+
+        Inputs are [B, T, H, D] with the (H, D) part packed (strides H: D, D: 1) and any batch and
+        time strides (s*_b, s*_t), so the q, k, v views of a fused projection need no copy. w is
+        [B, T, H, V] (VALUE_GATE, GDN-2) or [B, T, H] (CARVE's beta). o is [B, T, H, V] contiguous;
+        S [B, H, K, V], o_sum [B, H, V], delta [B, H, K] contiguous fp32. Program pid handles value
+        columns i_v*BV .. i_v*BV + BV - 1 of head i_bh; K <= BK and V may be any size (masked)."""
+        NV: tl.constexpr = (V + BV - 1) // BV
+        pid = tl.program_id(0)
+        i_v = pid % NV
+        i_bh = (pid // NV).to(tl.int64)  # int64 offsets: B*H*K*V and B*T*H*D may pass 2^31
+        i_b, i_h = i_bh // H, i_bh % H
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_k, m_v = o_k < K, o_v < V
+        p_S = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+        m_S = m_k[:, None] & m_v[None, :]
+        if USE_INITIAL:
+            S = tl.load(S_in + p_S, mask=m_S, other=0.0)                       # [BK, BV] fp32
+            o_acc = tl.load(o_sum_in + i_bh * V + o_v, mask=m_v, other=0.0)    # [BV] fp32
+        else:
+            S = tl.zeros([BK, BV], dtype=tl.float32)
+            o_acc = tl.zeros([BV], dtype=tl.float32)
+        d = tl.load(delta + i_bh * K + o_k, mask=m_k, other=0.0)              # Delta of this chunk
+        for i in range(n_tokens):
+            t = t_start + i
+            q_t = tl.load(q + i_b * sq_b + t * sq_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            k_t = tl.load(k + i_b * sk_b + t * sk_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            g_t = tl.load(g + i_b * sg_b + t * sg_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            bl_t = tl.load(b_logit + i_b * sbl_b + t * sbl_t + i_h * K + o_k, mask=m_k, other=0.0)
+            v_t = tl.load(v + i_b * sv_b + t * sv_t + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+            if VALUE_GATE:  # GDN-2: w_t * v_t
+                w_t = tl.load(w + i_b * sw_b + t * sw_t + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+            else:           # CARVE: beta_t v_t
+                w_t = tl.load(w + i_b * sw_b + t * sw_t + i_h).to(tl.float32)
+            # L2 norm as F.normalize(eps=1e-6): x / max(||x||, 1e-6); padded channels are 0
+            q_t = q_t / tl.maximum(tl.sqrt(tl.sum(q_t * q_t, axis=0)), 1e-6)
+            k_t = k_t / tl.maximum(tl.sqrt(tl.sum(k_t * k_t, axis=0)), 1e-6)
+            b_t = tl.sigmoid(bl_t.to(tl.float32) + d)
+            S = S * tl.exp(g_t)[:, None]                                       # Diag(alpha) S
+            v_new = w_t * v_t - tl.sum(S * (b_t * k_t)[:, None], axis=0)       # u - S^T (b * k)
+            S = S + k_t[:, None] * v_new[None, :]                              # + k v_new^T
+            o_t = tl.sum(S * q_t[:, None], axis=0) * scale                     # S^T q * scale
+            tl.store(o + ((i_b * T + t) * H + i_h) * V + o_v, o_t.to(o.dtype.element_ty), mask=m_v)
+            o_acc += o_t  # fp32 running sum of this chunk's outputs (the content signal m)
+        tl.store(S_out + p_S, S, mask=m_S)
+        tl.store(o_sum_out + i_bh * V + o_v, o_acc, mask=m_v)
+
+
+def _decode_config(batch_heads, k_dim, v_dim):
+    """(BK, BV, num_warps) of _recurrent_fwd_kernel. The step is memory-bound: each program reads
+    and writes a BK x BV fp32 state tile once per segment and does ~6 flops per element per token.
+    Measured on one H200 (H = 16, K = V = 128, fp32 state, device time of a decode step from a CUDA
+    graph; copy bandwidth 4.27 TB/s): BV = 32 with one warp (128 state elements a thread, all in
+    registers) is the fastest of BV 8..64 x 1..8 warps at B = 256 (138 us, 3.9 TB/s) and B = 32
+    (21 us); at B = 1 every config takes 2.6-3.4 us (launch latency). More than ~128 elements a
+    thread spills (BV = 64 with one warp: 6x slower), hence the warps for wider tiles."""
+    BK = max(16, 1 << (k_dim - 1).bit_length())
+    BV = min(32, max(16, 1 << (v_dim - 1).bit_length()))
+    num_warps = max(1, min(8, BK * BV // 4096))
+    return BK, BV, num_warps
+
+
+def _needs_grad(q, k, v, g, b_logit, w, content, initial_state):
+    """Whether autograd would record this call: grad mode on and any tensor input requiring grad."""
+    tensors = [q, k, v, g, b_logit, w, *(content or ()), *(initial_state[:3] if initial_state else ())]
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _packed_bt(x):
+    """x [B, T, H, D] or [B, T, H] as the kernel reads it: the (H, D) part packed, any B and T
+    strides (a view of a fused projection qualifies without a copy)."""
+    packed = x.stride(-1) == 1 and (x.dim() == 3 or x.stride(2) == x.shape[-1])
+    return x if packed else x.contiguous()
+
+
+def recurrent_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
+                           output_final_state=False, scale=None, chunk_size=64):
+    """recurrent_carve_torch's semantics with the Triton kernel: same inputs, o in v.dtype, the same
+    CarveState. Inference only (the decode path): it has no backward, so it refuses inputs that
+    need a gradient; `recurrent_carve` sends those to the torch path.
+
+    The tokens are cut into segments at absolute chunk boundaries (chunk c(t) = (offset + t) //
+    chunk_size), one launch per segment. After a segment that finishes a chunk: m = o_sum / C,
+    Delta = U D m (CARVE), o_sum = 0, in torch. A decode step (T = 1) is one launch, plus that
+    einsum once every chunk_size tokens. No host synchronisation."""
+    if triton is None:
+        raise RuntimeError("recurrent_carve_triton needs triton, which cannot be imported")
+    _check_inputs(q, k, v, g, b_logit, w, content, initial_state)
+    if _needs_grad(q, k, v, g, b_logit, w, content, initial_state):
+        raise RuntimeError("recurrent_carve_triton is inference only (no backward): call it under "
+                           "torch.no_grad(), or use recurrent_carve, which takes the torch path when "
+                           "a gradient is needed")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else float(scale)
+    dev, f32 = q.device, torch.float32
+    q, k, v, g, b_logit, w = (_packed_bt(x) for x in (q, k, v, g, b_logit, w))
+    o = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
+    S = torch.empty(B, H, K, V, dtype=f32, device=dev)  # the kernel writes every element
+    o_sum = torch.empty(B, H, V, dtype=f32, device=dev)
+    if initial_state is not None:
+        S_in = initial_state.S.to(f32).contiguous()
+        o_sum_in = initial_state.o_sum.to(f32).contiguous()
+        delta = initial_state.delta.to(f32).contiguous()
+        offset = initial_state.offset
+    else:
+        S_in, o_sum_in, offset = S, o_sum, 0
+        delta = torch.zeros(B, H, K, dtype=f32, device=dev)
+    use_initial = initial_state is not None
+    BK, BV, num_warps = _decode_config(B * H, K, V)
+    grid = (-(-V // BV) * B * H,)
+    strides = [s for x in (q, k, v, g, b_logit, w) for s in x.stride()[:2]]
+    start = 0
+    while start < T:
+        end = min(T, start + chunk_size - (offset + start) % chunk_size)
+        _recurrent_fwd_kernel[grid](q, k, v, g, b_logit, w, o, S_in, S, o_sum_in, o_sum, delta,
+                                    *strides, start, end - start, T, H, scale,
+                                    K=K, V=V, BK=BK, BV=BV, VALUE_GATE=w.dim() == 4,
+                                    USE_INITIAL=use_initial, num_warps=num_warps)
+        # from here on the kernel continues from (and overwrites in place) its own output
+        S_in, o_sum_in, use_initial = S, o_sum, True
+        if (offset + end) % chunk_size == 0:  # chunk finished: the content update, in torch
+            if content is not None:
+                with torch.no_grad(), torch.autocast(dev.type, enabled=False):  # fp32 under any autocast
+                    delta = _next_delta(content, o_sum, chunk_size).contiguous()
+            o_sum.zero_()
+        start = end
+    final = CarveState(S, o_sum, delta, offset + T) if output_final_state else None
+    return o, final
+# ============================================================================ end of Triton decode
+
+
 def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
                 output_final_state=False, scale=None, chunk_size=64) -> Tuple[torch.Tensor, Optional[CarveState]]:
     backend_for(q)
@@ -214,7 +379,10 @@ def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
 
 def recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
                     output_final_state=False, scale=None, chunk_size=64) -> Tuple[torch.Tensor, Optional[CarveState]]:
-    backend_for(q)
+    if backend_for(q) == "triton" and not _needs_grad(q, k, v, g, b_logit, w, content, initial_state):
+        # the Triton decode kernel has no backward: a call that needs a gradient runs in torch
+        return recurrent_carve_triton(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
+                                      chunk_size)
     with torch.autocast(q.device.type, enabled=False):
         return recurrent_carve_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
                                      chunk_size)

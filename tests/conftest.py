@@ -8,6 +8,11 @@ from collections import defaultdict
 
 import torch
 
+# Without a GPU the Triton kernels run on CPU tensors in the Triton interpreter, which has to be
+# selected before triton (or carve_kernel, which imports it) is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

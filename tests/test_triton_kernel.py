@@ -1,0 +1,365 @@
+"""The Triton decode kernel (`recurrent_carve_triton`) against the float64 reference of
+test_kernel.py, the backend dispatch rules of `backend_for` / `recurrent_carve`, and the model's
+prefill + Triton decode against one forward.
+
+Without a GPU the kernel runs on CPU tensors in the Triton interpreter (conftest.py sets
+TRITON_INTERPRET=1 before triton is imported), so the shapes are small. With a GPU the same tests
+run the compiled kernel on CUDA tensors.
+"""
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+import carve_kernel
+from carve_kernel import CarveState, backend_for, chunk_carve, chunk_carve_torch, recurrent_carve, \
+    recurrent_carve_torch, recurrent_carve_triton
+from conftest import assert_rel
+from model import LM
+from test_kernel import TOL_BF16, TOL_FWD, make_inputs, make_state, reference, run_reference
+from test_model import TOL_LOGITS, perturb, tiny, tokens
+
+
+
+def _require_triton():
+    assert carve_kernel.triton is not None, ("triton is not installed: these tests run the real kernels "
+                                             "(in its interpreter on a CPU); pip install triton==3.9.0")
+
+
+needs_triton = pytest.mark.usefixtures("triton_installed")
+
+
+@pytest.fixture
+def triton_installed():
+    _require_triton()
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("q", "k", "v", "g", "b_logit", "w")
+
+
+def on_device(x, state, dtype):
+    """The kernel's arguments on DEVICE: q, k, v, b_logit, w in `dtype`, g fp32 (as documented)."""
+    args = [x[n].to(DEVICE, torch.float32 if n == "g" else dtype) for n in NAMES]
+    content = (x["D"].to(DEVICE), x["U"].to(DEVICE)) if "D" in x else None
+    if state is not None:
+        state = CarveState(state.S.to(DEVICE), state.o_sum.to(DEVICE), state.delta.to(DEVICE), state.offset)
+    return args, content, state
+
+
+def check_against_reference(o, final, args, content, state, C, dtype, tag):
+    """o and every CarveState field against the float64 reference run on the same (rounded) inputs."""
+    leaves = {n: a.detach().cpu() for n, a in zip(NAMES, args)}
+    if content is not None:
+        leaves["D"], leaves["U"] = (c.cpu() for c in content)
+    cpu_state = None if state is None else CarveState(*(t.cpu() for t in state[:3]), state.offset)
+    _, o_ref, (S_ref, o_sum_ref, delta_ref, offset_ref) = run_reference(leaves, cpu_state, C)
+    o, final = o.cpu(), CarveState(*(t.cpu() for t in final[:3]), final.offset)
+    B, T, H, _ = args[0].shape
+    assert o.dtype == dtype and tuple(o.shape) == (B, T, H, args[2].shape[-1])
+    assert final.S.dtype == final.o_sum.dtype == final.delta.dtype == torch.float32
+    assert_rel(o, o_ref, TOL_FWD if dtype == torch.float32 else TOL_BF16, f"{tag} o")
+    assert_rel(final.S, S_ref, TOL_FWD, f"{tag} final S")
+    for name, got, want in (("o_sum", final.o_sum, o_sum_ref), ("delta", final.delta, delta_ref)):
+        if (want != 0).any():
+            assert_rel(got, want, TOL_FWD, f"{tag} final {name}")
+        else:  # ended on a chunk boundary (o_sum), or GDN-2 / no chunk finished yet (delta): exactly 0
+            assert torch.equal(got, torch.zeros_like(want, dtype=torch.float32)), f"{tag} {name} not 0"
+    assert final.offset == offset_ref == (state.offset if state is not None else 0) + T
+
+
+# ----------------------------------------------------------------------------- parity with the reference
+
+# (B, H, T, K, V, C, prefix): prefix = length of the sequence before this call (None: zero state);
+# make_state runs the reference over it, so o_sum, and for CARVE delta, are non-zero.
+CASES = [
+    pytest.param(2, 2, 1, 16, 32, 8, None, id="T1-zero-state"),
+    pytest.param(2, 2, 1, 16, 32, 8, 13, id="T1-offset13"),
+    pytest.param(2, 2, 1, 32, 16, 8, 15, id="T1-offset15-finishes-chunk-K>V"),
+    pytest.param(2, 2, 32, 16, 32, 8, None, id="T32-zero-state-4-chunks"),
+    pytest.param(2, 2, 27, 16, 32, 8, 13, id="T27-offset13-ends-on-boundary"),
+    pytest.param(1, 2, 37, 32, 16, 16, 21, id="T37-offset21-C16-K>V"),
+    pytest.param(1, 2, 13, 16, 24, 8, 13, id="T13-offset13-V24-masked"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("B,H,T,K,V,C,prefix", CASES)
+def test_parity(mode, dtype, B, H, T, K, V, C, prefix):
+    x = make_inputs(B, T, H, K, V, mode)
+    state = None
+    if prefix is not None:
+        state, prefix_content = make_state(B, H, K, V, mode, C, prefix=prefix)
+        if mode == "carve":  # the state came from this content projection
+            x["D"], x["U"] = prefix_content
+    args, content, state = on_device(x, state, dtype)
+    o, final = recurrent_carve_triton(*args, content, initial_state=state, output_final_state=True, chunk_size=C)
+    check_against_reference(o, final, args, content, state, C, dtype, f"triton {mode} {str(dtype)[6:]}")
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+def test_decode_steps_equal_one_sequence(mode):
+    """T = 2C + 3 single-token calls, each continuing from the last one's state (the decode loop,
+    through two content updates), equal the reference over the whole sequence."""
+    B, H, K, V, C = 2, 2, 16, 32, 8
+    T = 2 * C + 3
+    x = make_inputs(B, T, H, K, V, mode, seed=11)
+    args, content, _ = on_device(x, None, torch.float32)
+    outs, state = [], None
+    for t in range(T):
+        o, state = recurrent_carve_triton(*[a[:, t:t + 1] for a in args], content, initial_state=state,
+                                          output_final_state=True, chunk_size=C)
+        outs.append(o)
+    check_against_reference(torch.cat(outs, dim=1), state, args, content, None, C, torch.float32,
+                            f"triton {mode} decode steps")
+
+
+def narrow_tiles(monkeypatch, BV):
+    """Force value blocks of BV columns, so that V spans several programs (the default tile covers
+    the small V of these tests in one)."""
+    default = carve_kernel._decode_config
+    monkeypatch.setattr(carve_kernel, "_decode_config", lambda bh, k, v: (default(bh, k, v)[0], BV, 1))
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+def test_parity_narrow_tiles(monkeypatch, mode):
+    """V = 24 in value blocks of 8: three programs per head, over four chunk boundaries."""
+    B, H, T, K, V, C = 2, 2, 29, 32, 24, 8
+    narrow_tiles(monkeypatch, 8)
+    x = make_inputs(B, T, H, K, V, mode, seed=16)
+    state, prefix_content = make_state(B, H, K, V, mode, C, prefix=13)
+    if mode == "carve":
+        x["D"], x["U"] = prefix_content
+    args, content, state = on_device(x, state, torch.float32)
+    o, final = recurrent_carve_triton(*args, content, initial_state=state, output_final_state=True, chunk_size=C)
+    check_against_reference(o, final, args, content, state, C, torch.float32, f"triton {mode} BV=8")
+
+
+@needs_triton
+def test_l2norm_eps_convention():
+    """q and k are normalised in the kernel as x / max(||x||, 1e-6) (F.normalize, eps 1e-6): tokens
+    whose q or k has norm ~1e-4 (normalised to unit length), ~1e-8 (divided by eps), or exactly 0."""
+    B, H, T, K, V, C = 1, 2, 14, 16, 16, 8
+    x = make_inputs(B, T, H, K, V, "carve", seed=8)
+    for name, t_scale in (("q", {3: 1e-4, 5: 1e-8, 11: 0.0}), ("k", {2: 1e-4, 6: 1e-8, 12: 0.0, 13: 1e-8})):
+        for t, s in t_scale.items():
+            x[name][:, t] *= s
+    args, content, _ = on_device(x, None, torch.float32)
+    o, final = recurrent_carve_triton(*args, content, output_final_state=True, chunk_size=C)
+    check_against_reference(o, final, args, content, None, C, torch.float32, "triton l2norm")
+
+
+@needs_triton
+def test_every_output_element_is_written(monkeypatch):
+    """The launcher allocates o and the state with torch.empty; filled with NaN here, any element the
+    kernel misses (a segment, a value block, the half-masked last block of V = 24 in blocks of 16)
+    would show up as NaN."""
+    B, H, T, K, V, C = 1, 2, 13, 16, 24, 8
+    narrow_tiles(monkeypatch, 16)
+    x = make_inputs(B, T, H, K, V, "carve", seed=12)
+    state, (x["D"], x["U"]) = make_state(B, H, K, V, "carve", C, prefix=13)
+    args, content, state = on_device(x, state, torch.float32)
+    real_empty, poisoned = torch.empty, []
+
+    def empty_nan(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        if t.is_floating_point():
+            poisoned.append(t.fill_(float("nan")))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty_nan)
+    try:
+        o, final = recurrent_carve_triton(*args, content, initial_state=state, output_final_state=True,
+                                          chunk_size=C)
+    finally:
+        monkeypatch.setattr(torch, "empty", real_empty)
+    assert any(p is o for p in poisoned) and any(p is final.S for p in poisoned)
+    assert any(p is final.o_sum for p in poisoned)
+    for t in (o, final.S, final.o_sum, final.delta):
+        assert torch.isfinite(t).all()
+    check_against_reference(o, final, args, content, state, C, torch.float32, "triton poisoned")
+
+
+@needs_triton
+def test_strided_inputs():
+    """q, k, v as views of one fused projection (as model.py passes them: batch and time strides
+    but packed heads) run without a copy; a [B, H, T, D] tensor transposed to [B, T, H, D] is not
+    packed and is copied. Both give exactly the result of contiguous inputs."""
+    B, H, T, K, V, C = 2, 2, 11, 16, 32, 8
+    x = make_inputs(B, T, H, K, V, "gdn2", seed=13)
+    args, _, _ = on_device(x, None, torch.float32)
+    want, want_state = recurrent_carve_triton(*args, output_final_state=True, chunk_size=C)
+    q, k, v, g, b_logit, w = args
+    fused = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)        # [B, T, H*(2K+V)]
+    fq, fk, fv = fused.split([H * K, H * K, H * V], dim=-1)
+    fq, fk, fv = fq.view(B, T, H, K), fk.view(B, T, H, K), fv.view(B, T, H, V)
+    assert not fq.is_contiguous() and carve_kernel._packed_bt(fq) is fq
+    bhtd = b_logit.transpose(1, 2).contiguous().transpose(1, 2)                   # heads not packed
+    assert carve_kernel._packed_bt(bhtd) is not bhtd
+    got, got_state = recurrent_carve_triton(fq, fk, fv, g, bhtd, w, output_final_state=True, chunk_size=C)
+    assert torch.equal(got, want) and torch.equal(got_state.S, want_state.S)
+
+
+@needs_triton
+def test_explicit_scale_and_no_final_state():
+    B, H, T, K, V, C = 1, 2, 9, 16, 16, 8
+    x = make_inputs(B, T, H, K, V, "carve", seed=9)
+    args, content, _ = on_device(x, None, torch.float32)
+    o, final = recurrent_carve_triton(*args, content, scale=0.3, chunk_size=C)
+    assert final is None
+    o_ref, _ = reference(*[x[n].double() for n in NAMES], (x["D"].double(), x["U"].double()),
+                         chunk_size=C, scale=0.3)
+    assert_rel(o.cpu(), o_ref, TOL_FWD, "triton o (scale=0.3)")
+
+
+@needs_triton
+def test_refuses_inputs_that_need_a_gradient():
+    x = make_inputs(1, 3, 2, 16, 16, "gdn2")
+    args, _, _ = on_device(x, None, torch.float32)
+    args[2].requires_grad_()
+    with pytest.raises(RuntimeError, match="inference only"):
+        recurrent_carve_triton(*args)
+    with torch.no_grad():
+        recurrent_carve_triton(*args)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+@needs_triton
+def test_backend_default_and_override(monkeypatch):
+    cpu, cuda = torch.zeros(1), types.SimpleNamespace(is_cuda=True)  # backend_for reads x.is_cuda only
+    monkeypatch.delenv("CARVE_BACKEND", raising=False)
+    assert backend_for(cpu) == "torch" and backend_for(cuda) == "triton"
+    monkeypatch.setenv("CARVE_BACKEND", "torch")
+    assert backend_for(cpu) == "torch" and backend_for(cuda) == "torch"
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    assert backend_for(cuda) == "triton"
+    interpreted = type(carve_kernel._recurrent_fwd_kernel).__name__ == "InterpretedFunction"
+    if interpreted:
+        assert backend_for(cpu) == "triton"
+    # CPU tensors without the interpreter: a clear error (simulated by a kernel that is not interpreted)
+    monkeypatch.setattr(carve_kernel, "_recurrent_fwd_kernel", lambda: None)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backend_for(cpu)
+    monkeypatch.setenv("CARVE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="CARVE_BACKEND"):
+        backend_for(cpu)
+
+
+def test_backend_without_triton(monkeypatch):
+    monkeypatch.setattr(carve_kernel, "triton", None)
+    cpu, cuda = torch.zeros(1), types.SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv("CARVE_BACKEND", raising=False)
+    assert backend_for(cpu) == "torch" and backend_for(cuda) == "torch"
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="triton cannot be imported"):
+        backend_for(cuda)
+
+
+def test_module_imports_without_triton(monkeypatch):
+    """carve_kernel loads, and its torch path runs, where `import triton` fails."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    monkeypatch.delenv("CARVE_BACKEND", raising=False)
+    spec = importlib.util.spec_from_file_location("carve_kernel_without_triton", carve_kernel.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.triton is None and not hasattr(module, "_recurrent_fwd_kernel")
+    x = make_inputs(1, 3, 2, 16, 16, "gdn2")
+    o, _ = module.recurrent_carve(*[x[n] for n in NAMES])
+    assert torch.equal(o, recurrent_carve_torch(*[x[n] for n in NAMES])[0])
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of the two recurrent implementations behind recurrent_carve."""
+    counts = {"torch": 0, "triton": 0}
+    for name, fn in (("torch", recurrent_carve_torch), ("triton", recurrent_carve_triton)):
+        def counted(*a, _fn=fn, _name=name, **kw):
+            counts[_name] += 1
+            return _fn(*a, **kw)
+        monkeypatch.setattr(carve_kernel, f"recurrent_carve_{name}", counted)
+    return counts
+
+
+@needs_triton
+def test_recurrent_dispatch(monkeypatch, calls):
+    """CARVE_BACKEND=triton sends recurrent_carve to the Triton kernel unless a gradient is needed
+    (grad mode on and any input, the content projection or the initial state requiring grad);
+    chunk_carve stays on the torch path and gives the torch result."""
+    B, H, T, K, V, C = 1, 2, 3, 16, 16, 8
+    x = make_inputs(B, T, H, K, V, "carve", seed=14)
+    state, (x["D"], x["U"]) = make_state(B, H, K, V, "carve", C, prefix=13)
+    args, content, state = on_device(x, state, torch.float32)
+
+    def route(args=args, content=content, state=state, grad=True):
+        before = dict(calls)
+        with torch.set_grad_enabled(grad):
+            o, _ = recurrent_carve(*args, content, initial_state=state, chunk_size=C)
+        used = [n for n in calls if calls[n] > before[n]]
+        assert len(used) == 1
+        return used[0]
+
+    monkeypatch.setenv("CARVE_BACKEND", "torch")
+    assert route() == "torch"
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    assert route() == "triton"
+    needs = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    assert route(args=[needs(args[0])] + args[1:]) == "torch"
+    assert route(args=[needs(args[0])] + args[1:], grad=False) == "triton"
+    assert route(content=(content[0], needs(content[1]))) == "torch"
+    assert route(state=state._replace(S=needs(state.S))) == "torch"
+    # a gradient through the Triton backend is the torch path's gradient
+    q = needs(args[0])
+    o, _ = recurrent_carve(q, *args[1:], content, initial_state=state, chunk_size=C)
+    o.sum().backward()
+    q_ref = needs(args[0])
+    recurrent_carve_torch(q_ref, *args[1:], content, initial_state=state, chunk_size=C)[0].sum().backward()
+    assert torch.equal(q.grad, q_ref.grad)
+    o, _ = chunk_carve(*args, content, initial_state=state, chunk_size=C)
+    assert torch.equal(o, chunk_carve_torch(*args, content, initial_state=state, chunk_size=C)[0])
+    assert calls == {"torch": 5, "triton": 2}
+
+
+@needs_triton
+def test_caller_autocast(monkeypatch):
+    """Under a caller's bf16 autocast the content update (an einsum in the launcher) stays fp32."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    x = make_inputs(2, 19, 2, 16, 16, "carve", seed=15)
+    args, content, _ = on_device(x, None, torch.float32)
+    plain, _ = recurrent_carve(*args, content, chunk_size=8)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        mixed, _ = recurrent_carve(*args, content, chunk_size=8)
+    assert mixed.dtype == torch.float32
+    assert_rel(mixed, plain, 1e-6, "triton autocast-invariance")
+
+
+# ----------------------------------------------------------------------------- model
+
+@needs_triton
+@pytest.mark.parametrize("mixer,dims", [("carve", (16, 32)), ("gdn2", (16, 32)), ("carve,attn", (8, 12))],
+                         ids=["carve", "gdn2", "carve,attn-K8-V12"])
+def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims):
+    """With CARVE_BACKEND=triton, prefill (chunk_carve, torch path) and then one token at a time
+    (recurrent_carve -> Triton kernel) equals one forward over the whole sequence (SPEC section 3):
+    C = 8, T = 21, prefill 6 tokens, so the decode steps cross two chunk boundaries."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the conv of a GPU run in fp32
+    torch.manual_seed(0)
+    model = perturb(LM(tiny(mixer, head_k_dim=dims[0], head_v_dim=dims[1]))).eval().to(DEVICE)
+    B, T, T1 = 2, 21, 6
+    idx = tokens(B, T, model.cfg.vocab_size, seed=3).to(DEVICE)
+    with torch.no_grad():
+        full = model(idx)[0][:, T1 - 1:]
+        cache = model.init_cache(B)
+        steps = [model(idx[:, :T1], cache=cache)[0]]
+        for t in range(T1, T):
+            steps.append(model(idx[:, t:t + 1], cache=cache)[0])
+    recurrent_layers = sum(m != "attn" for m in model.cfg.layer_mixers())
+    assert calls == {"torch": 0, "triton": (T - T1) * recurrent_layers}
+    assert_rel(torch.cat(steps, dim=1), full, TOL_LOGITS, f"triton prefill+decode logits ({mixer})")
