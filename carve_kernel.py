@@ -4,7 +4,7 @@ CARVE / GDN-2 gated delta-rule kernels: chunk-parallel (training, prefill) and p
 Public API (tensors in the [B, T, H, D] layout of flash-linear-attention):
 
     o, state = chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
-                           output_final_state=False, scale=None, chunk_size=64)
+                           output_final_state=False, scale=None, chunk_size=64, cu_seqlens=None)
     o, state = recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
                                output_final_state=False, scale=None, chunk_size=64)
 
@@ -14,6 +14,7 @@ Public API (tensors in the [B, T, H, D] layout of flash-linear-attention):
     b_logit  [B, T, H, K]  erase-gate logits; b = sigmoid(b_logit + Delta_c(t))
     w        [B, T, H, V]  GDN-2 write gate in [0, 1], or [B, T, H] CARVE's scalar beta
     content  None (GDN-2) or (D [H, r, V], U [H, K, r]) (CARVE): Delta_c = U D m_{c-1}
+    cu_seqlens  (chunk_carve) None, or [N + 1] offsets of N sequences packed into one row [1, total]
 
 `state` is a `CarveState`: everything needed to continue a sequence exactly (SPEC section 3), so
 that chunk_carve over T1 tokens followed by chunk_carve or recurrent_carve over T2 more equals one
@@ -44,6 +45,7 @@ class CarveState(NamedTuple):
     o_sum: torch.Tensor  # [B, H, V] fp32 sum of o over the tokens seen so far in the current chunk
     delta: torch.Tensor  # [B, H, K] fp32 erase-gate shift Delta for the current chunk (0 for GDN-2)
     offset: int          # absolute position of the next token; chunk c(t) = t // chunk_size
+    #                      (a tuple of them, one per sequence, for packed sequences: cu_seqlens)
 
 
 def zero_state(batch_size, n_head, k_dim, v_dim, device):
@@ -369,10 +371,52 @@ def recurrent_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=N
 # ============================================================================ end of Triton decode
 
 
-def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
-                output_final_state=False, scale=None, chunk_size=64) -> Tuple[torch.Tensor, Optional[CarveState]]:
+def _packed_sequences(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale, chunk_size,
+                      cu_seqlens):
+    """Packed sequences (flash-attention's cu_seqlens): the inputs are [1, total, H, D] holding N
+    sequences back to back, sequence i at cu_seqlens[i] : cu_seqlens[i+1]. Each starts from its own
+    state (row i of initial_state, else zeros) and counts chunks from its own start, so no state,
+    content mean or chunk boundary reaches from one sequence into the next. The final state has a
+    row per sequence and, as its offset, a tuple of the per-sequence positions."""
+    bounds = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
+    total = q.shape[1]
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the inputs hold the sequences back to back in one row: batch size "
+                         f"must be 1, got {q.shape[0]}")
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the total length {total}, got {bounds}")
+    n = len(bounds) - 1
+    if initial_state is not None and initial_state.S.shape[0] != n:
+        raise ValueError(f"initial_state has {initial_state.S.shape[0]} rows for {n} packed sequences")
+    outs, finals = [], []
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        state = None
+        if initial_state is not None:
+            offset = initial_state.offset
+            state = CarveState(initial_state.S[i:i + 1], initial_state.o_sum[i:i + 1], initial_state.delta[i:i + 1],
+                               offset[i] if isinstance(offset, (tuple, list)) else offset)
+        if end == start:  # an empty sequence: no output, its state passes through unchanged
+            finals.append(state or zero_state(1, q.shape[2], q.shape[3], v.shape[3], q.device))
+            continue
+        piece = lambda x: x[:, start:end]  # noqa: E731
+        o, final = chunk_carve_torch(piece(q), piece(k), piece(v), piece(g), piece(b_logit), piece(w), content,
+                                     state, True, scale, chunk_size)
+        outs.append(o)
+        finals.append(final)
+    o = torch.cat(outs, dim=1) if outs else v.new_zeros(v.shape)
+    if not output_final_state:
+        return o, None
+    return o, CarveState(torch.cat([f.S for f in finals]), torch.cat([f.o_sum for f in finals]),
+                         torch.cat([f.delta for f in finals]), tuple(f.offset for f in finals))
+
+
+def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None, output_final_state=False, scale=None,
+                chunk_size=64, cu_seqlens=None) -> Tuple[torch.Tensor, Optional[CarveState]]:
     backend_for(q)
     with torch.autocast(q.device.type, enabled=False):  # fp32 inside, whatever autocast the caller runs
+        if cu_seqlens is not None:
+            return _packed_sequences(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
+                                     chunk_size, cu_seqlens)
         return chunk_carve_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
                                  chunk_size)
 

@@ -39,6 +39,8 @@ class ModelConfig:
     attn_window: int = 0          # sliding window of the attn mixer in tokens; 0 = full causal
     rope_theta: float = 10000.0
     gate_act: str = "silu"        # output gate activation: silu (the paper's) or sigmoid
+    doc_start_token: int = -1     # a token that starts a document (prepare_data.py's eot): nothing before
+    #                               it is seen from it on (state, conv, attention); -1 = no resets
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
 
@@ -69,15 +71,37 @@ def init_linear(layer):
         nn.init.zeros_(layer.bias)
 
 
-def causal_conv(x, weight, cache=None):
+def causal_conv(x, weight, cache=None, doc_start=None):
     """Depthwise causal conv + SiLU over [B, T, C]. `cache` holds the last W-1 inputs of the
-    sequence so far ([B, C, W-1]); the new one is returned for the next call."""
+    sequence so far ([B, C, W-1]); the new one is returned for the next call. `doc_start` [T]: the
+    position where each position's document starts; taps before it read zeros."""
     width = weight.shape[-1]
     x = x.transpose(1, 2)
     history = cache if cache is not None else x.new_zeros(x.shape[0], x.shape[1], width - 1)
     x = torch.cat([history.to(x.dtype), x], dim=-1)
-    y = F.conv1d(x, weight.to(x.dtype), groups=x.shape[1])
+    if doc_start is None:
+        y = F.conv1d(x, weight.to(x.dtype), groups=x.shape[1])
+    else:
+        T = doc_start.shape[0]
+        tap_pos = torch.arange(T, device=x.device)[:, None] - (width - 1) + torch.arange(width, device=x.device)
+        windows = x.unfold(-1, width, 1) * (tap_pos >= doc_start[:, None]).to(x.dtype)       # [B, C, T, W]
+        y = (windows * weight.to(x.dtype)[:, None, 0, :]).sum(-1)
     return F.silu(y).transpose(1, 2), x[..., -(width - 1):]
+
+
+def packed_documents(doc_id):
+    """From per-token document numbers [B, T] to the packed view of all B*T tokens as one row:
+    (cu_seqlens [N + 1] of the N documents, doc_start [B*T] where each token's document starts).
+    A row's first token always starts a document."""
+    B, T = doc_id.shape
+    new = torch.ones_like(doc_id, dtype=torch.bool)
+    new[:, 1:] = doc_id[:, 1:] != doc_id[:, :-1]
+    new = new.flatten()
+    positions = torch.arange(B * T, device=doc_id.device)
+    starts = positions[new]
+    cu_seqlens = torch.cat([starts, starts.new_tensor([B * T])])
+    doc_start = torch.cummax(torch.where(new, positions, 0), dim=0).values
+    return cu_seqlens, doc_start
 
 
 class DeltaMixer(nn.Module):
@@ -129,12 +153,18 @@ class DeltaMixer(nn.Module):
             nn.init.zeros_(self.content_up)
         nn.init.ones_(self.o_norm_weight)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, doc_id=None):
         cfg = self.cfg
+        batch_shape = x.shape
+        packed = {}
+        if doc_id is not None:  # documents packed in the rows: run all tokens as one row, cut per document
+            cu_seqlens, doc_start = packed_documents(doc_id)
+            x, packed = x.reshape(1, -1, x.shape[-1]), {"cu_seqlens": cu_seqlens}
         B, T, _ = x.shape
         H, K, V = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv, conv_cache = causal_conv(qkv, self.conv_weight, cache["conv"] if cache else None)
+        qkv, conv_cache = causal_conv(qkv, self.conv_weight, cache["conv"] if cache else None,
+                                      doc_start if doc_id is not None else None)
         q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
         q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
         decay_rate = self.A_log.float().clamp(min=cfg.a_log_min).exp()[:, None]
@@ -146,13 +176,13 @@ class DeltaMixer(nn.Module):
             w, content = torch.sigmoid(self.beta_proj(x)), (self.content_down, self.content_up)
         kernel = recurrent_carve if (cache is not None and T == 1) else chunk_carve
         o, state = kernel(q, k, v, g, b_logit, w, content, initial_state=cache["state"] if cache else None,
-                          output_final_state=cache is not None, chunk_size=cfg.chunk_size)
+                          output_final_state=cache is not None, chunk_size=cfg.chunk_size, **packed)
         if cache is not None:
             cache["conv"], cache["state"] = conv_cache, state
         o = F.rms_norm(o.float(), (V,), self.o_norm_weight.float(), cfg.norm_eps).to(x.dtype)
         gate = self.g_proj(x).view(B, T, H, V)
         o = o * (F.silu(gate) if cfg.gate_act == "silu" else torch.sigmoid(gate))
-        return self.o_proj(o.reshape(B, T, H * V))
+        return self.o_proj(o.reshape(B, T, H * V)).view(batch_shape)
 
     def empty_cache(self, batch_size, device):
         cfg = self.cfg
@@ -189,7 +219,7 @@ class Attention(nn.Module):
         for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             init_linear(m)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, doc_id=None):
         cfg = self.cfg
         B, T, _ = x.shape
         H, D = cfg.n_head, cfg.head_k_dim
@@ -205,7 +235,13 @@ class Attention(nn.Module):
             cache["k"], cache["v"] = k[:, :, drop:], v[:, :, drop:]
             cache["offset"] = offset + T
         S = k.shape[2]  # keys visible: the cached ones, then these T
-        if cfg.attn_window == 0 and S == T:
+        if doc_id is not None:  # cache is None here: S == T
+            query_pos = torch.arange(T, device=x.device)
+            allowed = (query_pos[None, :] <= query_pos[:, None]) & (doc_id[:, None, :, None] == doc_id[:, None, None, :])
+            if cfg.attn_window > 0:
+                allowed &= query_pos[None, :] > query_pos[:, None] - cfg.attn_window
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        elif cfg.attn_window == 0 and S == T:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             query_pos = torch.arange(S - T, S, device=x.device)[:, None]
@@ -241,9 +277,13 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cache=None):
-        x = x + self.mixer(self.mixer_norm(x), cache)
+    def forward(self, x, cache=None, doc_id=None):
+        x = x + self.mixer(self.mixer_norm(x), cache, doc_id)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def _cache_offset(layer_cache):
+    return layer_cache["offset"] if "offset" in layer_cache else layer_cache["state"].offset
 
 
 class LM(nn.Module):
@@ -272,11 +312,21 @@ class LM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)  # after the head: a tied head keeps N(0, 0.02)
 
     def forward(self, idx, targets=None, cache=None):
-        """idx [B, T] token ids. Training: returns (logits, mean cross-entropy over targets != -1).
+        """idx [B, T] token ids. Training: returns (logits, mean cross-entropy over targets != -1);
+        with cfg.doc_start_token set, each row may hold several documents that never see each other.
         With a cache (generation): returns the logits of the last position only and updates the cache."""
+        doc_id = None
+        if self.cfg.doc_start_token >= 0:
+            starts = idx == self.cfg.doc_start_token
+            if cache is not None:
+                if starts[:, 1:].any() or (starts[:, 0].any() and self.blocks and _cache_offset(cache[0]) > 0):
+                    raise ValueError(f"generation with a cache runs one document: token {self.cfg.doc_start_token} "
+                                     f"(doc_start_token) may only come first")
+            elif starts[:, 1:].any():
+                doc_id = starts.cumsum(dim=1)
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache[i] if cache is not None else None)
+            x = block(x, cache[i] if cache is not None else None, doc_id)
         x = self.norm(x)
         if cache is not None:
             return self.head(x[:, -1:]), None

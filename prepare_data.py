@@ -213,7 +213,14 @@ def encode_document(text):
 
 def encoded_documents(tokenizer_name, documents, workers):
     documents = iter(documents)
-    with multiprocessing.Pool(workers, initializer=start_worker, initargs=(tokenizer_name,)) as pool:
+    if workers <= 1:
+        start_worker(tokenizer_name)
+        yield from map(encode_document, documents)
+        return
+    # spawn, not fork: a child forked from a process with running threads (torch's, a test runner's)
+    # can deadlock on a lock some thread held at the fork (seen once in this repo's test suite)
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=start_worker, initargs=(tokenizer_name,))
+    with pool:
         while batch := list(itertools.islice(documents, 64 * workers)):
             yield from pool.imap(encode_document, batch, chunksize=4)
 

@@ -35,8 +35,10 @@ DEFAULTS = dict(
     data_dir="data/shakespeare_byte",   # train.bin, val.bin, meta.json written by prepare_data.py
     init_from="scratch",                # 'scratch' or 'resume' (from out_dir/ckpt.pt)
     tokenizer="",                       # if set, must match the data's tokenizer (a guard, not a choice)
-    # model: every ModelConfig field (vocab_size 0 = take it from the data's meta.json)
-    **{**{f.name: f.default for f in fields(ModelConfig)}, "vocab_size": 0},
+    # model: every ModelConfig field (vocab_size 0 = take it from the data's meta.json; doc_start_token
+    # is set from the data by reset_at_eot)
+    **{**{f.name: f.default for f in fields(ModelConfig) if f.name != "doc_start_token"}, "vocab_size": 0},
+    reset_at_eot=False,                 # documents packed in a sequence (each starts with eot) don't see each other
     # batch: batch_tokens is the global batch; accumulation = batch_tokens / (micro_batch_size * seq_len * world)
     seq_len=256,
     micro_batch_size=16,
@@ -67,6 +69,7 @@ DEFAULTS = dict(
     wandb_run_name="",
 )
 MODEL_KEYS = [f.name for f in fields(ModelConfig)]
+DERIVED_KEYS = ("doc_start_token",)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -87,6 +90,8 @@ def resolve_config_path(arg):
 
 
 def check_key(key, source):
+    if key in DERIVED_KEYS:
+        raise SystemExit(f"error: {key!r} in {source} is set from the data; use reset_at_eot=True")
     if key not in DEFAULTS:
         close = difflib.get_close_matches(key, DEFAULTS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -199,6 +204,12 @@ def check_data_matches(config, data, resumed_model_config=None):
     if config["vocab_size"] < meta["vocab_size"]:
         raise SystemExit(f"error: vocab_size={config['vocab_size']} is smaller than the data's vocabulary "
                          f"({meta['vocab_size']}, tokenizer {meta['tokenizer']!r} in {config['data_dir']}/meta.json)")
+    config["doc_start_token"] = -1
+    if config["reset_at_eot"]:
+        if meta.get("eot") is None:
+            raise SystemExit(f"error: reset_at_eot=True, but the data in {config['data_dir']} has no eot token "
+                             f"(tokenizer {meta['tokenizer']!r}); documents cannot be told apart")
+        config["doc_start_token"] = meta["eot"]
     if resumed_model_config and resumed_model_config.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
         raise SystemExit(f"error: the checkpoint was trained on tokenizer {resumed_model_config['tokenizer']!r}, "
                          f"but {config['data_dir']} holds {meta['tokenizer']!r} tokens")
