@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from carve_kernel import CarveState, chunk_carve, recurrent_carve, zero_state
 
@@ -168,7 +169,7 @@ class DeltaMixer(nn.Module):
         q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
         q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
         decay_rate = self.A_log.float().clamp(min=cfg.a_log_min).exp()[:, None]
-        g = -decay_rate * F.softplus(self.f_proj(x).float().view(B, T, H, K) + self.dt_bias.float().view(H, K))
+        g = -decay_rate * F.softplus(self.f_proj(x).float().reshape(B, T, H, K) + self.dt_bias.float().view(H, K))
         b_logit = self.b_proj(x).view(B, T, H, K)
         if self.kind == "gdn2":
             w, content = torch.sigmoid(self.w_proj(x)).view(B, T, H, V), None
@@ -296,6 +297,7 @@ class LM(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.activation_checkpointing = False  # train.py's switch: recompute each block in the backward
         self.reset_parameters()
 
     @torch.no_grad()
@@ -326,7 +328,10 @@ class LM(nn.Module):
                 doc_id = starts.cumsum(dim=1)
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache[i] if cache is not None else None, doc_id)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, None, doc_id, use_reentrant=False)
+            else:
+                x = block(x, cache[i] if cache is not None else None, doc_id)
         x = self.norm(x)
         if cache is not None:
             return self.head(x[:, -1:]), None

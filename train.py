@@ -62,6 +62,7 @@ DEFAULTS = dict(
     device="auto",                      # 'auto' = cuda if available, else cpu
     dtype="auto",                       # 'auto' = bfloat16 autocast on cuda, float32 on cpu
     compile=False,
+    activation_checkpointing=False,     # recompute each block in the backward: less memory, ~1/3 more compute
     peak_tflops=0.0,                    # for MFU; 0 = look it up from the GPU name, unknown -> no MFU
     # wandb (off by default; WANDB_MODE=offline works without a network)
     wandb_log=False,
@@ -332,6 +333,7 @@ def main(argv):
 
     torch.manual_seed(config["seed"])
     model = LM(ModelConfig(**{k: config[k] for k in MODEL_KEYS})).to(device)
+    model.activation_checkpointing = config["activation_checkpointing"]
     optimizer = torch.optim.AdamW(model.optim_groups(config["weight_decay"]), lr=config["lr"],
                                   betas=(config["beta1"], config["beta2"]), fused=device.type == "cuda")
     step, data_position, wandb_run_id = 0, 0, None

@@ -190,3 +190,10 @@ def test_wandb_is_optional(shakespeare, tmp_path, monkeypatch):
                   "--max_steps=1", "--wandb_log=True"], "wandb_log=True", "pip install wandb")
     run_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={tmp_path / 'off'}",
                     "--max_steps=1"])  # off by default: never imported
+
+
+def test_activation_checkpointing_trains_the_same(shakespeare, tmp_path):
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--max_steps=3"]
+    run_in_process([*common, f"--out_dir={tmp_path / 'plain'}"])
+    run_in_process([*common, f"--out_dir={tmp_path / 'ckpt'}", "--activation_checkpointing=True"])
+    assert losses(tmp_path / "plain") == losses(tmp_path / "ckpt")
