@@ -439,6 +439,7 @@ def main(argv):
             log(f"stopped at step {step}; checkpoint in {ckpt_path}; continue with --init_from=resume")
             break
     if ddp:
+        dist.barrier()  # rank 0 may still be writing the checkpoint: leave the group together
         dist.destroy_process_group()
 
 
