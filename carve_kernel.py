@@ -22,8 +22,9 @@ call over T1 + T2 tokens, whatever T1 is.
 
 The backend is chosen in one place, `backend_for`: Triton for CUDA tensors, torch otherwise, and
 CARVE_BACKEND=torch|triton overrides. Today the Triton backend has the decode kernel
-(`recurrent_carve_triton`, inference only); `chunk_carve` runs the torch path on every backend until
-the Triton chunk kernels land behind it.
+(`recurrent_carve_triton`, inference only, registered as the custom op carve::recurrent_triton so
+torch.compile traces through it); `chunk_carve` runs the torch path on every backend until the
+Triton chunk kernels land behind it.
 """
 import os
 from typing import NamedTuple, Optional, Tuple
@@ -368,6 +369,28 @@ def recurrent_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=N
         start = end
     final = CarveState(S, o_sum, delta, offset + T) if output_final_state else None
     return o, final
+
+
+if triton is not None:
+    # The decode step as a torch.library custom op: torch.compile (e.g. a compiled generation loop,
+    # or mode="reduce-overhead" for CUDA graphs) sees one opaque node instead of a Triton launch it
+    # cannot trace, so the graph does not break.
+    @torch.library.custom_op("carve::recurrent_triton", mutates_args=())
+    def _recurrent_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                             b_logit: torch.Tensor, w: torch.Tensor, S: torch.Tensor, o_sum: torch.Tensor,
+                             delta: torch.Tensor, D: Optional[torch.Tensor], U: Optional[torch.Tensor], offset: int,
+                             scale: float, chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor]:
+        content = (D, U) if D is not None else None
+        o, final = recurrent_carve_triton(q, k, v, g, b_logit, w, content, CarveState(S, o_sum, delta, offset),
+                                          True, scale, chunk_size)
+        return o, final.S, final.o_sum, final.delta.clone()  # a custom op may not return an input
+
+    @_recurrent_triton_op.register_fake
+    def _(q, k, v, g, b_logit, w, S, o_sum, delta, D, U, offset, scale, chunk_size):
+        f32 = torch.float32
+        return (v.new_empty(*q.shape[:3], v.shape[-1]), S.new_empty(S.shape, dtype=f32),
+                o_sum.new_empty(o_sum.shape, dtype=f32), delta.new_empty(delta.shape, dtype=f32))
 # ============================================================================ end of Triton decode
 
 
@@ -425,8 +448,14 @@ def recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
                     output_final_state=False, scale=None, chunk_size=64) -> Tuple[torch.Tensor, Optional[CarveState]]:
     if backend_for(q) == "triton" and not _needs_grad(q, k, v, g, b_logit, w, content, initial_state):
         # the Triton decode kernel has no backward: a call that needs a gradient runs in torch
-        return recurrent_carve_triton(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
-                                      chunk_size)
+        _check_inputs(q, k, v, g, b_logit, w, content, initial_state)
+        B, T, H, K = q.shape
+        state = initial_state if initial_state is not None else zero_state(B, H, K, v.shape[-1], q.device)
+        D, U = content if content is not None else (None, None)
+        o, S, o_sum, delta = torch.ops.carve.recurrent_triton(
+            q, k, v, g, b_logit, w, state.S, state.o_sum, state.delta, D, U, state.offset,
+            K ** -0.5 if scale is None else float(scale), chunk_size)
+        return o, (CarveState(S, o_sum, delta, state.offset + T) if output_final_state else None)
     with torch.autocast(q.device.type, enabled=False):
         return recurrent_carve_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
                                      chunk_size)

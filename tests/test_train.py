@@ -82,7 +82,7 @@ def test_content_projections_move_on_real_data(shakespeare, tmp_path):
 
 def torchrun(nproc, args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--tee=3",
            "train.py", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -94,7 +94,7 @@ def test_ddp_two_processes_match_one_with_double_accumulation(shakespeare, tmp_p
     assert one.returncode == 0, one.stderr
     assert "grad accumulation 2" in one.stdout
     two = torchrun(2, [*common, f"--out_dir={tmp_path / 'two'}"])
-    assert two.returncode == 0, two.stderr
+    assert two.returncode == 0, two.stdout + two.stderr
     assert "world 2 | grad accumulation 1" in two.stdout
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5]

@@ -363,3 +363,28 @@ def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims):
     recurrent_layers = sum(m != "attn" for m in model.cfg.layer_mixers())
     assert calls == {"torch": 0, "triton": (T - T1) * recurrent_layers}
     assert_rel(torch.cat(steps, dim=1), full, TOL_LOGITS, f"triton prefill+decode logits ({mixer})")
+
+
+@needs_triton
+def test_decode_op_compiles_without_graph_breaks(monkeypatch):
+    """The decode step is the custom op carve::recurrent_triton: torch.compile with fullgraph=True
+    traces a step through it (a raw Triton launch would break the graph) and computes the same values;
+    opcheck validates the op's schema and fake (meta) implementation."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    x = make_inputs(2, 1, 2, 16, 32, "carve")
+    state, (x["D"], x["U"]) = make_state(2, 2, 16, 32, "carve", chunk_size=8, prefix=15)  # token 16 ends a chunk
+    args, content, state = on_device(x, state, torch.float32)
+
+    def step(*tensors):
+        o, final = recurrent_carve(*tensors, content, state, True, None, 8)
+        return o, final.S, final.o_sum, final.delta
+
+    with torch.no_grad():
+        eager = step(*args)
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+    assert not torch.equal(eager[3], state.delta)  # the chunk-end content update happened inside the op
+    D, U = content
+    torch.library.opcheck(torch.ops.carve.recurrent_triton.default,
+                          (*args, state.S, state.o_sum, state.delta, D, U, state.offset, 0.25, 8))
