@@ -101,6 +101,16 @@ DECODE_CONFIGS = [
 ]
 
 
+@torch.no_grad()
+def prefill_then_decode(model, idx, T1):
+    """(logits of one forward from position T1-1 on, the same logits from a prefill of T1 tokens
+    followed by one cached step per token)."""
+    cache = model.init_cache(idx.shape[0])
+    steps = [model(idx[:, :T1], cache=cache)[0]]
+    steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(T1, idx.shape[1])]
+    return model(idx)[0][:, T1 - 1:], torch.cat(steps, dim=1)
+
+
 @pytest.mark.parametrize("mixer,window", DECODE_CONFIGS)
 @pytest.mark.parametrize("T1", [1, 7, 8, 9, 17])
 def test_prefill_then_decode(mixer, window, T1):
@@ -110,13 +120,8 @@ def test_prefill_then_decode(mixer, window, T1):
     model = perturb(LM(tiny(mixer, attn_window=window))).eval()
     B, T = 2, 21
     idx = tokens(B, T, model.cfg.vocab_size, seed=T1)
-    with torch.no_grad():
-        full = model(idx)[0][:, T1 - 1:]
-        cache = model.init_cache(B)
-        steps = [model(idx[:, :T1], cache=cache)[0]]
-        for t in range(T1, T):
-            steps.append(model(idx[:, t:t + 1], cache=cache)[0])
-    assert_rel(torch.cat(steps, dim=1), full, TOL_LOGITS, f"prefill+decode logits ({mixer}, w={window})")
+    full, stepped = prefill_then_decode(model, idx, T1)
+    assert_rel(stepped, full, TOL_LOGITS, f"prefill+decode logits ({mixer}, w={window})")
 
 
 @pytest.mark.parametrize("mixer,window", DECODE_CONFIGS)

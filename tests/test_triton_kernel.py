@@ -19,7 +19,7 @@ from carve_kernel import CarveState, backend_for, chunk_carve, chunk_carve_torch
 from conftest import assert_rel
 from model import LM
 from test_kernel import TOL_BF16, TOL_FWD, make_inputs, make_state, reference, run_reference
-from test_model import TOL_LOGITS, perturb, tiny, tokens
+from test_model import TOL_LOGITS, perturb, prefill_then_decode, tiny, tokens
 
 
 
@@ -354,15 +354,10 @@ def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims):
     model = perturb(LM(tiny(mixer, head_k_dim=dims[0], head_v_dim=dims[1]))).eval().to(DEVICE)
     B, T, T1 = 2, 21, 6
     idx = tokens(B, T, model.cfg.vocab_size, seed=3).to(DEVICE)
-    with torch.no_grad():
-        full = model(idx)[0][:, T1 - 1:]
-        cache = model.init_cache(B)
-        steps = [model(idx[:, :T1], cache=cache)[0]]
-        for t in range(T1, T):
-            steps.append(model(idx[:, t:t + 1], cache=cache)[0])
+    full, stepped = prefill_then_decode(model, idx, T1)
     recurrent_layers = sum(m != "attn" for m in model.cfg.layer_mixers())
     assert calls == {"torch": 0, "triton": (T - T1) * recurrent_layers}
-    assert_rel(torch.cat(steps, dim=1), full, TOL_LOGITS, f"triton prefill+decode logits ({mixer})")
+    assert_rel(stepped, full, TOL_LOGITS, f"triton prefill+decode logits ({mixer})")
 
 
 @needs_triton
