@@ -177,6 +177,16 @@ def _decayed_products(x, k, G, strict, sub=16):
     return blocks.transpose(3, 4).reshape(B, H, n * sub, n * sub)[:, :, :C, :C]
 
 
+def _chunk_segments(offset, T, chunk_size):
+    """Cut tokens 0 .. T-1 of a sequence that resumes at absolute position `offset` into pieces that
+    each lie inside one absolute chunk: yields (start, end, whether the piece finishes its chunk)."""
+    start = 0
+    while start < T:
+        end = min(T, start + chunk_size - (offset + start) % chunk_size)
+        yield start, end, (offset + end) % chunk_size == 0
+        start = end
+
+
 def _chunk_step(q, k, u, g, b_logit, S0, delta, scale):
     """One chunk of the WY form (SPEC section 2), all chunk positions at once.
 
@@ -208,18 +218,16 @@ def chunk_carve_torch(q, k, v, g, b_logit, w, content=None, initial_state=None,
     q, k, u, g, b_logit, scale, state = _prepare(q, k, v, g, b_logit, w, content, initial_state, scale)
     S, o_sum, delta, offset = state
     T = q.shape[2]
-    outs, start = [], 0
-    while start < T:
-        end = min(T, start + chunk_size - (offset + start) % chunk_size)
+    outs = []
+    for start, end, finishes_chunk in _chunk_segments(offset, T, chunk_size):
         o, S = _chunk_step(q[:, :, start:end], k[:, :, start:end], u[:, :, start:end],
                            g[:, :, start:end], b_logit[:, :, start:end], S, delta, scale)
         outs.append(o)
         o_sum = o_sum + o.detach().sum(dim=2)  # m is a stop-gradient read (see _next_delta)
-        if (offset + end) % chunk_size == 0:
+        if finishes_chunk:
             if content is not None:
                 delta = _next_delta(content, o_sum, chunk_size)
             o_sum = torch.zeros_like(o_sum)
-        start = end
     o = torch.cat(outs, dim=2).transpose(1, 2).to(v.dtype)
     final = CarveState(S, o_sum, delta, offset + T) if output_final_state else None
     return o, final
@@ -352,21 +360,18 @@ def recurrent_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=N
     BK, BV, num_warps = _decode_config(B * H, K, V)
     grid = (-(-V // BV) * B * H,)
     strides = [s for x in (q, k, v, g, b_logit, w) for s in x.stride()[:2]]
-    start = 0
-    while start < T:
-        end = min(T, start + chunk_size - (offset + start) % chunk_size)
+    for start, end, finishes_chunk in _chunk_segments(offset, T, chunk_size):
         _recurrent_fwd_kernel[grid](q, k, v, g, b_logit, w, o, S_in, S, o_sum_in, o_sum, delta,
                                     *strides, start, end - start, T, H, scale,
                                     K=K, V=V, BK=BK, BV=BV, VALUE_GATE=w.dim() == 4,
                                     USE_INITIAL=use_initial, num_warps=num_warps)
         # from here on the kernel continues from (and overwrites in place) its own output
         S_in, o_sum_in, use_initial = S, o_sum, True
-        if (offset + end) % chunk_size == 0:  # chunk finished: the content update, in torch
+        if finishes_chunk:  # the content update, in torch
             if content is not None:
                 with torch.no_grad(), torch.autocast(dev.type, enabled=False):  # fp32 under any autocast
                     delta = _next_delta(content, o_sum, chunk_size).contiguous()
             o_sum.zero_()
-        start = end
     final = CarveState(S, o_sum, delta, offset + T) if output_final_state else None
     return o, final
 
