@@ -142,6 +142,19 @@ def grads(leaves, state, ref_leaves):
     return out
 
 
+def check_zero_state_parity(kernel, x, chunk_size, tag):
+    """From a zero state: the output, the final S and every input gradient against the reference."""
+    leaves, _, o, final = run_kernel(kernel, x, None, chunk_size)
+    ref, o_ref, final_ref = run_reference(leaves, None, chunk_size)
+    assert_rel(o, o_ref, TOL_FWD, f"{tag} o")
+    assert_rel(final.S, final_ref[0], TOL_FWD, f"{tag} final S")
+    do, dS = cotangents(o, final.S)
+    loss_of(o, final.S, do, dS).backward()
+    loss_of(o_ref, final_ref[0], do.double(), dS.double()).backward()
+    for name, got, want in grads(leaves, None, ref):
+        assert_rel(got, want, TOL_GRAD, f"{tag} grad {name}")
+
+
 # (B, H, T, K, V, chunk_size)
 SHAPES = [
     pytest.param(1, 1, 32, 16, 24, 16, id="T=2C"),
@@ -341,16 +354,7 @@ def test_gates_realistic(mode, gates, C):
     else:
         x["g"] = -1e-4 * torch.rand(B, T, H, K, generator=torch.Generator().manual_seed(6))
     for kernel in ("chunk", "recurrent"):
-        leaves, state, o, final = run_kernel(KERNELS[kernel], x, None, C)
-        ref, o_ref, final_ref = run_reference(leaves, state, C)
-        tag = f"gates {gates} {kernel}"
-        assert_rel(o, o_ref, TOL_FWD, f"{tag} o")
-        assert_rel(final.S, final_ref[0], TOL_FWD, f"{tag} final S")
-        do, dS = cotangents(o, final.S)
-        loss_of(o, final.S, do, dS).backward()
-        loss_of(o_ref, final_ref[0], do.double(), dS.double()).backward()
-        for name, got, want in grads(leaves, state, ref):
-            assert_rel(got, want, TOL_GRAD, f"{tag} grad {name}")
+        check_zero_state_parity(KERNELS[kernel], x, C, f"gates {gates} {kernel}")
 
 
 # ----------------------------------------------------------------------------- L2 norm convention
@@ -364,15 +368,7 @@ def test_l2norm_eps_convention(kernel):
     for name, t_scale in (("q", {3: 1e-4, 5: 1e-8, 11: 0.0}), ("k", {2: 1e-4, 6: 1e-8, 12: 0.0, 13: 1e-8})):
         for t, s in t_scale.items():
             x[name][:, t] *= s
-    leaves, _, o, final = run_kernel(KERNELS[kernel], x, None, C)
-    ref, o_ref, final_ref = run_reference(leaves, None, C)
-    assert_rel(o, o_ref, TOL_FWD, f"l2norm {kernel} o")
-    assert_rel(final.S, final_ref[0], TOL_FWD, f"l2norm {kernel} final S")
-    do, dS = cotangents(o, final.S)
-    loss_of(o, final.S, do, dS).backward()
-    loss_of(o_ref, final_ref[0], do.double(), dS.double()).backward()
-    for name, got, want in grads(leaves, None, ref):
-        assert_rel(got, want, TOL_GRAD, f"l2norm {kernel} grad {name}")
+    check_zero_state_parity(KERNELS[kernel], x, C, f"l2norm {kernel}")
 
 
 # ----------------------------------------------------------------------------- stop-gradient on m
