@@ -378,6 +378,14 @@ def main(argv):
 
     last_eval = {}
     log_path = os.path.join(config["out_dir"], "log.jsonl")
+
+    def publish(metrics):
+        """On the master rank: one line of out_dir/log.jsonl for this step, and wandb if it is on."""
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if config["wandb_log"]:
+                wandb.log(metrics, step=step)
     t_last, tokens_since = time.time(), 0
     seqs_per_micro = config["micro_batch_size"]
     while step < config["max_steps"]:
@@ -416,22 +424,14 @@ def main(argv):
             mfu = flops_per_token * tokens_per_s / (peak * world) if peak else None
             log(f"step {step}/{config['max_steps']} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm "
                 f"{grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | mfu {f'{mfu:.1%}' if mfu else '-'}")
-            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                      "tokens_per_s": tokens_per_s, "mfu": mfu}
-            if master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if config["wandb_log"]:
-                    wandb.log(record, step=step)
+            publish({"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                     "tokens_per_s": tokens_per_s, "mfu": mfu})
             t_last, tokens_since = time.time(), 0
         if step % config["eval_interval"] == 0 or step == config["max_steps"] or stop_requested:
             last_eval = evaluate(model, data, config, rank, world, device, autocast)
             log(f"step {step} | val loss {last_eval['val_loss']:.4f} | val bpb {last_eval['val_bpb']:.4f}")
+            publish(last_eval)
             if master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, **last_eval}) + "\n")
-                if config["wandb_log"]:
-                    wandb.log(last_eval, step=step)
                 save_checkpoint(config, raw_model, optimizer, step, data_position, wandb_run_id, last_eval,
                                 data.meta["tokenizer"])
             t_last = time.time()  # evaluation time is not training throughput
