@@ -21,13 +21,16 @@ that chunk_carve over T1 tokens followed by chunk_carve or recurrent_carve over 
 call over T1 + T2 tokens, whatever T1 is.
 
 The backend is chosen in one place, `backend_for`: Triton for CUDA tensors, torch otherwise, and
-CARVE_BACKEND=torch|triton overrides. Today the Triton backend has the decode kernel
-(`recurrent_carve_triton`, inference only, registered as the custom op carve::recurrent_triton so
-torch.compile traces through it); `chunk_carve` runs the torch path on every backend until the
-Triton chunk kernels land behind it.
+CARVE_BACKEND=torch|triton overrides. The Triton backend has the chunk kernels (`chunk_carve_triton`,
+forward and backward, the custom op carve::chunk_fwd with its autograd registered; K, V powers of two
+up to 128 and chunk_size a multiple of 16, other shapes take the torch path) and the decode kernel
+(`recurrent_carve_triton`, inference only, the custom op carve::recurrent_triton).
+
+Every path floors g at GATE_FLOOR = -5 per token (see below). The torch functions are the fallback
+and, with recurrent_carve_torch, the readable statement of what the kernels compute.
 """
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,11 @@ except ImportError:
     triton = tl = None
 
 L2_NORM_EPS = 1e-6
+# Every path floors the log-decay at GATE_FLOOR per token (alpha >= e^-5 = 0.0067, which already
+# forgets almost everything in one step; the gradient below the floor is zero). SPEC section 5 asks for
+# a bounded gate; this bound is what lets the Triton chunk kernels form exp(G_r - G_s) inside a
+# 16-token block as a product of two factors within exp(+-40), i.e. as tensor-core matrix products.
+GATE_FLOOR = -5.0
 
 
 class CarveState(NamedTuple):
@@ -70,14 +78,20 @@ def backend_for(x: torch.Tensor) -> str:
         if triton is None:
             raise RuntimeError("CARVE_BACKEND=triton, but triton cannot be imported: install triton "
                                "or unset CARVE_BACKEND to use the torch path")
-        if not x.is_cuda and type(_recurrent_fwd_kernel).__name__ != "InterpretedFunction":
+        if not x.is_cuda and not _interpreted():
             raise RuntimeError("CARVE_BACKEND=triton with CPU tensors needs the Triton interpreter: set "
                                "TRITON_INTERPRET=1 before importing triton and carve_kernel (or use CUDA "
                                "tensors, or CARVE_BACKEND=torch)")
     return choice
 
 
-def _check_inputs(q, k, v, g, b_logit, w, content, initial_state):
+def _interpreted():
+    """Whether the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_recurrent_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _check_inputs(q, k, v, g, b_logit, w, content, initial_state, state_rows=None):
+    """state_rows: rows of initial_state (B, or the number of packed sequences)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     for name, x, shape in (("k", k, (B, T, H, K)), ("v", v, (B, T, H, V)), ("g", g, (B, T, H, K)),
@@ -94,7 +108,8 @@ def _check_inputs(q, k, v, g, b_logit, w, content, initial_state):
     if T == 0:
         raise ValueError("the sequences are empty (T = 0): give at least one token")
     if initial_state is not None:
-        for name, shape in (("S", (B, H, K, V)), ("o_sum", (B, H, V)), ("delta", (B, H, K))):
+        N = B if state_rows is None else state_rows
+        for name, shape in (("S", (N, H, K, V)), ("o_sum", (N, H, V)), ("delta", (N, H, K))):
             got = tuple(getattr(initial_state, name).shape)
             if got != shape:
                 raise ValueError(f"initial_state.{name} has shape {got}, expected {shape}")
@@ -112,7 +127,7 @@ def _prepare(q, k, v, g, b_logit, w, content, initial_state, scale):
     u = to_bh(v) * (to_bh(w) if w.dim() == 4 else w.float().transpose(1, 2)[..., None])
     state = initial_state if initial_state is not None else zero_state(B, H, K, V, q.device)
     state = state._replace(o_sum=state.o_sum.detach())  # m is a stop-gradient read (see _next_delta)
-    return q, k, u, to_bh(g), to_bh(b_logit), scale, state
+    return q, k, u, to_bh(g).clamp(min=GATE_FLOOR), to_bh(b_logit), scale, state
 
 
 def _next_delta(content, o_sum, chunk_size):
@@ -276,6 +291,7 @@ if triton is not None:
             q_t = tl.load(q + i_b * sq_b + t * sq_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
             k_t = tl.load(k + i_b * sk_b + t * sk_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
             g_t = tl.load(g + i_b * sg_b + t * sg_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            g_t = tl.maximum(g_t, -5.0)                                        # GATE_FLOOR
             bl_t = tl.load(b_logit + i_b * sbl_b + t * sbl_t + i_h * K + o_k, mask=m_k, other=0.0)
             v_t = tl.load(v + i_b * sv_b + t * sv_t + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
             if VALUE_GATE:  # GDN-2: w_t * v_t
@@ -399,6 +415,515 @@ if triton is not None:
 # ============================================================================ end of Triton decode
 
 
+# ============================================================================ Triton: chunk kernels
+# Training and prefill (SPEC section 2). One program walks one sequence and head through blocks of
+# BT = 16 tokens: the WY form with 16-token blocks in place of C-token chunks, while Delta = U D m is
+# still updated at absolute multiples of chunk_size C (a multiple of 16), so it is the same function.
+# The small blocks make the decay factors safe: with g >= GATE_FLOOR, exp(G_r - G_s) inside a block
+# splits through the block's middle into two factors within exp(+-40), so T and M are plain matrix
+# products (tensor cores for bf16 inputs; fp32 inputs use exact fp32 products).
+# The forward keeps the whole [K, V] fp32 state in registers (CARVE's Delta needs every value column)
+# and stores what the backward needs: the state at each chunk start (in the input dtype, as
+# flash-linear-attention does), v_new (R) of every token, and Delta and m of every chunk, so the
+# backward never repeats the walk. The backward walks the chunks in reverse, one program per
+# (sequence, head, block of value columns), rebuilding the block states of a chunk from its stored
+# start state and carrying dS, the gradient of the state, from block to block.
+# Dot operands are in the input dtype with fp32 accumulation; the 16 x 16 inverse is exact fp32.
+
+CHUNK_BT = 16  # rows of a block
+
+if triton is not None:
+    @triton.jit
+    def _block_inputs(q, k, g, b_logit, tok, valid, i_h, sq, sk, sg, sb, delta, K: tl.constexpr):
+        """Rows `tok` (masked by `valid`) of head i_h: L2-normalised q and k with their norms, the floored
+        log-decay, its in-block cumsum and total, and the erase gate b = sigmoid(b_logit + delta)."""
+        o_k = tl.arange(0, K)
+        m = valid[:, None]
+        q_raw = tl.load(q + tok[:, None] * sq + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        k_raw = tl.load(k + tok[:, None] * sk + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        g_raw = tl.load(g + tok[:, None] * sg + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        b_l = tl.load(b_logit + tok[:, None] * sb + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        q_norm = tl.maximum(tl.sqrt(tl.sum(q_raw * q_raw, axis=1)), 1e-6)   # F.normalize(eps=1e-6)
+        k_norm = tl.maximum(tl.sqrt(tl.sum(k_raw * k_raw, axis=1)), 1e-6)
+        qn = q_raw / q_norm[:, None]
+        kn = k_raw / k_norm[:, None]
+        gf = tl.maximum(g_raw, -5.0)                                            # GATE_FLOOR
+        Gc = tl.cumsum(gf, axis=0)                                              # G_r inside the block
+        GL = tl.sum(gf, axis=0)                                                 # G of the block's last row
+        b = tl.sigmoid(b_l + delta[None, :])
+        return qn, kn, q_norm, k_norm, g_raw, Gc, GL, b
+
+
+    @triton.jit
+    def _block_solve(qn, kn, Gc, GL, b, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+        """T, M and A = (I + T)^-1 of one block. exp(G_r - G_s) = exp(G_r - G_L/2) exp(G_L/2 - G_s): both
+        factors lie in [exp(G_L / 2), exp(-G_L / 2)], i.e. within exp(+-40) for g >= -5."""
+        half = GL * 0.5
+        e_pos = tl.exp(Gc - half[None, :])
+        e_neg = tl.exp(half[None, :] - Gc)
+        Pq = qn * e_pos
+        Pk = kn * e_neg
+        Pb = b * kn * e_pos
+        r = tl.arange(0, BT)[:, None]
+        s = tl.arange(0, BT)[None, :]
+        Tm = tl.dot(Pb.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC)
+        Tm = tl.where(r > s, Tm, 0.0)
+        Mm = tl.dot(Pq.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC)
+        Mm = tl.where(r >= s, Mm, 0.0)
+        # (I + T)^-1 = (I - T)(I + T^2)(I + T^4)(I + T^8): T is strictly lower triangular, so T^16 = 0
+        eye = tl.where(r == s, 1.0, 0.0)
+        N1 = -Tm
+        N2 = tl.dot(N1, N1, input_precision="ieee")
+        A = tl.dot(eye + N1, eye + N2, input_precision="ieee")
+        N4 = tl.dot(N2, N2, input_precision="ieee")
+        A = tl.dot(A, eye + N4, input_precision="ieee")
+        N8 = tl.dot(N4, N4, input_precision="ieee")
+        A = tl.dot(A, eye + N8, input_precision="ieee")
+        return Tm, Mm, A, Pq, Pk, Pb, e_pos, e_neg
+
+
+    @triton.jit
+    def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o_sum_out, delta_out,
+                          h_store, delta_store, m_store, r_store, seqs,
+                          sq, sk, sv, sg, sb, sw, H, scale,
+                          K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, RANK: tl.constexpr,
+                          VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr, USE_INITIAL: tl.constexpr,
+                          DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+        """One program per (sequence, head). seqs [N, 5] int64: first token (flat index into the B*T
+        rows), length, absolute offset, first stored chunk, number of chunks."""
+        i_nh = tl.program_id(0).to(tl.int64)
+        i_n, i_h = i_nh // H, i_nh % H
+        bos = tl.load(seqs + i_n * 5)
+        length = tl.load(seqs + i_n * 5 + 1)
+        offset = tl.load(seqs + i_n * 5 + 2)
+        chunk0 = tl.load(seqs + i_n * 5 + 3)
+        o_k = tl.arange(0, K)
+        o_v = tl.arange(0, V)
+        o_t = tl.arange(0, BT)
+        p_S = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+        if USE_INITIAL:
+            S = tl.load(S_in + p_S)
+            o_acc = tl.load(o_sum_in + i_nh * V + o_v)
+        else:
+            S = tl.zeros([K, V], dtype=tl.float32)
+            o_acc = tl.zeros([V], dtype=tl.float32)
+        delta = tl.load(delta_in + i_nh * K + o_k)
+        blk_first = offset // BT
+        blk_end = tl.where(length > 0, (offset + length - 1) // BT + 1, blk_first)
+        for a in range(blk_first, blk_end):
+            pos = a * BT + o_t                                 # absolute positions of the block's rows
+            t = pos - offset
+            valid = (t >= 0) & (t < length)
+            tok = bos + t
+            j = (a * BT) // C - offset // C                    # chunk of this block, counted in this call
+            if ((a * BT) % C == 0) | (a == blk_first):         # a chunk starts: keep what the backward needs
+                p_h = ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+                tl.store(h_store + p_h, S.to(h_store.dtype.element_ty))
+                tl.store(delta_store + ((chunk0 + j) * H + i_h) * K + o_k, delta)
+            qn, kn, q_norm, k_norm, g_raw, Gc, GL, b = _block_inputs(q, k, g, b_logit, tok, valid, i_h,
+                                                                     sq, sk, sg, sb, delta, K)
+            Tm, Mm, A, Pq, Pk, Pb, e_pos, e_neg = _block_solve(qn, kn, Gc, GL, b, DT, PREC, BT)
+            gamma = tl.exp(Gc)
+            v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            if VALUE_GATE:
+                w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=valid[:, None], other=0.0)
+                Z = w_t.to(tl.float32) * v_t
+            else:
+                Z = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None] * v_t
+            Y = tl.dot(A.to(DT), (gamma * b * kn).to(DT), input_precision=PREC)
+            S_dt = S.to(DT)
+            R = tl.dot(A.to(DT), Z.to(DT), input_precision=PREC) - tl.dot(Y.to(DT), S_dt, input_precision=PREC)
+            R_dt = R.to(DT)
+            tl.store(r_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], R_dt.to(r_store.dtype.element_ty),
+                 mask=valid[:, None])
+            O = (tl.dot((gamma * qn).to(DT), S_dt, input_precision=PREC)
+                 + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
+            tl.store(o + tok[:, None] * (H * V) + i_h * V + o_v[None, :], O.to(o.dtype.element_ty), mask=valid[:, None])
+            k_end = tl.exp(GL[None, :] - Gc) * kn
+            S = tl.dot(tl.trans(k_end.to(DT)), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
+            o_acc += tl.sum(O, axis=0)                     # masked rows are exact zeros
+            if (((a + 1) * BT) % C == 0) & ((a + 1) * BT <= offset + length):   # a chunk is complete
+                m = o_acc / C          # stop-gradient read of m (SPEC section 1): the backward treats it as data
+                if HAS_CONTENT:
+                    tl.store(m_store + ((chunk0 + j) * H + i_h) * V + o_v, m)
+                    o_r = tl.arange(0, RANK)
+                    Dm = tl.load(D + i_h * RANK * V + o_r[:, None] * V + o_v[None, :]).to(tl.float32)
+                    Dm = tl.sum(Dm * m[None, :], axis=1)                                     # D m  [RANK]
+                    Um = tl.load(U + i_h * K * RANK + o_k[:, None] * RANK + o_r[None, :]).to(tl.float32)
+                    delta = tl.sum(Um * Dm[None, :], axis=1)                                 # U D m [K]
+                o_acc = tl.zeros([V], dtype=tl.float32)
+        tl.store(S_out + p_S, S)
+        tl.store(o_sum_out + i_nh * V + o_v, o_acc)
+        tl.store(delta_out + i_nh * K + o_k, delta)
+
+
+    @triton.jit
+    def _accumulate(ptr, x, mask, ATOMIC: tl.constexpr):
+        """Partial sums over value blocks: with two blocks, two fp32 atomic adds onto zeros give the same
+        bits in either order, so the result stays deterministic."""
+        if ATOMIC:
+            tl.atomic_add(ptr, x, mask=mask)
+        else:
+            tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _chunk_bwd_kernel(q, k, v, g, b_logit, w, do, r_store, h_store, delta_store, dS_end, scratch,
+                          dq, dk, dv, dg, db_logit, dw, d_delta, dS0, seqs,
+                          sq, sk, sv, sg, sb, sw, H, scale,
+                          K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                          VALUE_GATE: tl.constexpr, USE_DS_END: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                          BT: tl.constexpr):
+        """One program per (sequence, head, block of BV value columns), walking the chunks backwards. For
+        each chunk it rebuilds the state at every block start from the stored chunk-start state and the
+        stored v_new (one [K, BT] x [BT, BV] product a block, kept in `scratch`), then runs the blocks'
+        backward in reverse carrying dS, the gradient of the state at the block's end."""
+        NV: tl.constexpr = V // BV
+        ATOMIC: tl.constexpr = NV > 1
+        pid = tl.program_id(0).to(tl.int64)
+        i_v = pid % NV
+        i_nh = pid // NV
+        i_n, i_h = i_nh // H, i_nh % H
+        bos = tl.load(seqs + i_n * 5)
+        length = tl.load(seqs + i_n * 5 + 1)
+        offset = tl.load(seqs + i_n * 5 + 2)
+        chunk0 = tl.load(seqs + i_n * 5 + 3)
+        n_chunks = tl.load(seqs + i_n * 5 + 4)
+        o_k = tl.arange(0, K)
+        o_v = i_v * BV + tl.arange(0, BV)
+        o_t = tl.arange(0, BT)
+        r_i = o_t[:, None]
+        s_i = o_t[None, :]
+        p_S = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+        p_scratch = scratch + pid * (C // BT) * K * BV + o_k[:, None] * BV + tl.arange(0, BV)[None, :]
+        if USE_DS_END:
+            dS = tl.load(dS_end + p_S)
+        else:
+            dS = tl.zeros([K, BV], dtype=tl.float32)
+        blk_first = offset // BT
+        blk_last = (offset + length - 1) // BT
+        for jj in range(0, n_chunks):
+            j = n_chunks - 1 - jj
+            a0 = tl.maximum(((offset // C) + j) * (C // BT), blk_first)      # first and last block of chunk j
+            a1 = tl.minimum(((offset // C) + j + 1) * (C // BT) - 1, blk_last)
+            delta = tl.load(delta_store + ((chunk0 + j) * H + i_h) * K + o_k)
+            # rebuild the state at every block start of the chunk
+            S = tl.load(h_store + ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]).to(tl.float32)
+            tl.debug_barrier()   # the previous chunk's reads of scratch are done before it is overwritten
+            for a in range(a0, a1 + 1):
+                tl.store(p_scratch + (a - a0) * K * BV, S)
+                t = a * BT + o_t - offset
+                valid = (t >= 0) & (t < length)
+                tok = bos + t
+                g_t = tl.load(g + tok[:, None] * sg + i_h * K + o_k[None, :], mask=valid[:, None], other=0.0)
+                gf = tl.maximum(g_t.to(tl.float32), -5.0)
+                Gc = tl.cumsum(gf, axis=0)
+                GL = tl.sum(gf, axis=0)
+                k_raw = tl.load(k + tok[:, None] * sk + i_h * K + o_k[None, :], mask=valid[:, None], other=0.0)
+                k_raw = k_raw.to(tl.float32)
+                kn = k_raw / tl.maximum(tl.sqrt(tl.sum(k_raw * k_raw, axis=1)), 1e-6)[:, None]
+                R = tl.load(r_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], mask=valid[:, None], other=0.0)
+                k_end = tl.exp(GL[None, :] - Gc) * kn
+                S = tl.dot(tl.trans(k_end.to(DT)), R.to(DT), acc=S * tl.exp(GL)[:, None], input_precision=PREC)
+            tl.debug_barrier()   # every block state is in scratch before any is read back
+            dd = tl.zeros([K], dtype=tl.float32)
+            for aa in range(a0, a1 + 1):
+                a = a1 + a0 - aa
+                S = tl.load(p_scratch + (a - a0) * K * BV)
+                t = a * BT + o_t - offset
+                valid = (t >= 0) & (t < length)
+                tok = bos + t
+                mrow = valid[:, None]
+                qn, kn, q_norm, k_norm, g_raw, Gc, GL, b = _block_inputs(q, k, g, b_logit, tok, valid, i_h,
+                                                                         sq, sk, sg, sb, delta, K)
+                Tm, Mm, A, Pq, Pk, Pb, e_pos, e_neg = _block_solve(qn, kn, Gc, GL, b, DT, PREC, BT)
+                gamma = tl.exp(Gc)
+                gammaL = tl.exp(GL)
+                decay_end = tl.exp(GL[None, :] - Gc)
+                k_end = decay_end * kn
+                X = gamma * b * kn
+                gq = gamma * qn
+                v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=mrow, other=0.0).to(tl.float32)
+                if VALUE_GATE:
+                    w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=mrow, other=0.0).to(tl.float32)
+                else:
+                    w_t = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None]
+                Z = w_t * v_t
+                dO = tl.load(do + tok[:, None] * (H * V) + i_h * V + o_v[None, :], mask=mrow, other=0.0).to(DT)
+                R = tl.load(r_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], mask=mrow, other=0.0)
+                Y = tl.dot(A.to(DT), X.to(DT), input_precision=PREC)
+                S_dt = S.to(DT)
+                dS_dt = dS.to(DT)
+                # O = (gq S + M R) scale,  S_end = gammaL S + k_end^T R,  R = A Z - Y S
+                dR = tl.dot(tl.trans(Mm.to(DT)), dO, input_precision=PREC) * scale \
+                    + tl.dot(k_end.to(DT), dS_dt, input_precision=PREC)
+                dR_dt = dR.to(DT)
+                d_gq = tl.dot(dO, tl.trans(S_dt), input_precision=PREC) * scale
+                dM = tl.dot(dO, tl.trans(R.to(DT)), input_precision=PREC) * scale
+                dM = tl.where(r_i >= s_i, dM, 0.0)
+                d_kend = tl.dot(R.to(DT), tl.trans(dS_dt), input_precision=PREC)
+                d_gammaL = tl.sum(S * dS, axis=1)
+                dY = -tl.dot(dR_dt, tl.trans(S_dt), input_precision=PREC)
+                dA = tl.dot(dY.to(DT), tl.trans(X.to(DT)), input_precision=PREC) \
+                    + tl.dot(dR_dt, tl.trans(Z.to(DT)), input_precision=PREC)
+                At = tl.trans(A)
+                dX = tl.dot(At.to(DT), dY.to(DT), input_precision=PREC)
+                dZ = tl.dot(At.to(DT), dR_dt, input_precision=PREC)
+                dT = -tl.dot(tl.dot(At, dA, input_precision="ieee"), At, input_precision="ieee")
+                dT = tl.where(r_i > s_i, dT, 0.0)
+                dPb = tl.dot(dT.to(DT), Pk.to(DT), input_precision=PREC)
+                dPq = tl.dot(dM.to(DT), Pk.to(DT), input_precision=PREC)
+                dPk = tl.dot(tl.trans(dT.to(DT)), Pb.to(DT), input_precision=PREC) \
+                    + tl.dot(tl.trans(dM.to(DT)), Pq.to(DT), input_precision=PREC)
+                # the state gradient at the block's start, for the block before
+                dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
+                dS = tl.dot(tl.trans((-Y).to(DT)), dR_dt, acc=dS, input_precision=PREC)
+                # to the kernel's inputs
+                dqn = dPq * e_pos + d_gq * gamma
+                dkn = dPk * e_neg + dPb * b * e_pos + dX * gamma * b + d_kend * decay_end
+                db = dPb * kn * e_pos + dX * gamma * kn
+                dGc = Pq * dPq - Pk * dPk + Pb * dPb + X * dX + gq * d_gq - k_end * d_kend
+                dGL = tl.sum(k_end * d_kend, axis=0) + gammaL * d_gammaL
+                dgv = tl.sum(dGc, axis=0)[None, :] - tl.cumsum(dGc, axis=0) + dGc + dGL[None, :]
+                dgv = tl.where(g_raw < -5.0, 0.0, dgv)                       # the floor's gradient
+                dq_raw = tl.where(q_norm[:, None] > 1e-6,
+                                  (dqn - qn * tl.sum(qn * dqn, axis=1)[:, None]) / q_norm[:, None], dqn / 1e-6)
+                dk_raw = tl.where(k_norm[:, None] > 1e-6,
+                                  (dkn - kn * tl.sum(kn * dkn, axis=1)[:, None]) / k_norm[:, None], dkn / 1e-6)
+                dbl = db * b * (1.0 - b)
+                dd += tl.sum(tl.where(mrow, dbl, 0.0), axis=0)
+                p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+                _accumulate(dq + p_k, dq_raw, mrow, ATOMIC)
+                _accumulate(dk + p_k, dk_raw, mrow, ATOMIC)
+                _accumulate(dg + p_k, dgv, mrow, ATOMIC)
+                _accumulate(db_logit + p_k, dbl, mrow, ATOMIC)
+                p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
+                tl.store(dv + p_v, (dZ * w_t).to(dv.dtype.element_ty), mask=mrow)
+                if VALUE_GATE:
+                    tl.store(dw + p_v, (dZ * v_t).to(dw.dtype.element_ty), mask=mrow)
+                else:
+                    _accumulate(dw + tok * H + i_h, tl.sum(dZ * v_t, axis=1), valid, ATOMIC)
+            _accumulate(d_delta + ((chunk0 + j) * H + i_h) * K + o_k, dd, o_k < K, ATOMIC)
+        tl.store(dS0 + p_S, dS)
+
+
+
+
+def chunk_triton_supports(k_dim, v_dim, chunk_size):
+    """Shapes the chunk kernels take: K and V powers of two in 16..128, chunk_size a multiple of 16.
+    Anything else runs the torch path."""
+    return k_dim in (16, 32, 64, 128) and v_dim in (16, 32, 64, 128) and chunk_size % CHUNK_BT == 0
+
+
+def _sequence_table(B, T, offset, cu_seqlens, chunk_size):
+    """Per sequence: [first token (a row of the flattened B*T tokens), length, absolute offset, first
+    stored chunk, number of chunks], flattened to one list of ints (a custom-op argument)."""
+    bounds = [n * T for n in range(B + 1)] if cu_seqlens is None else list(cu_seqlens)
+    offsets = list(offset) if isinstance(offset, (tuple, list)) else [offset] * (len(bounds) - 1)
+    table, total = [], 0
+    for start, end, off in zip(bounds, bounds[1:], offsets):
+        n_chunks = (off + end - start - 1) // chunk_size - off // chunk_size + 1 if end > start else 0
+        table += [start, end - start, off, total, n_chunks]
+        total += n_chunks
+    return table
+
+
+def _token_rows(x):
+    """x [B, T, H, D] (or [B, T, H]) as the chunk kernels read it: token rows at one stride, the
+    (H, D) part packed; a view of a fused projection qualifies without a copy."""
+    packed = x.stride(-1) == 1 and (x.dim() == 3 or x.stride(2) == x.shape[-1])
+    if not packed or (x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1)):
+        x = x.contiguous()
+    return x
+
+
+def _dot_operands(dtype):
+    """(DT, PREC) of the chunk kernels: dot operands in the input dtype, exact fp32 products for fp32
+    inputs. Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands (it keeps bf16 as
+    uint16), so interpreted kernels use fp32 operands; the bf16 loads, stores and stored state and
+    v_new are still bf16, and the compiled bf16 products are checked on a GPU."""
+    if dtype == torch.float32 or _interpreted():
+        return tl.float32, "ieee"
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "tf32"
+
+
+def _stored_chunks(table):
+    return sum(table[4::5])
+
+
+if triton is not None:
+    @torch.library.custom_op("carve::chunk_fwd", mutates_args=())
+    def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b_logit: torch.Tensor,
+                      w: torch.Tensor, D: Optional[torch.Tensor], U: Optional[torch.Tensor],
+                      S0: Optional[torch.Tensor], o_sum0: Optional[torch.Tensor], delta0: Optional[torch.Tensor],
+                      table: List[int], scale: float, chunk_size: int) -> List[torch.Tensor]:
+        """o, then the final S, o_sum, delta (a row per sequence), then what the backward keeps: the
+        state at each chunk start, Delta and m of each chunk, and v_new of every token."""
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        N, n_chunks = len(table) // 5, _stored_chunks(table)
+        dev, f32 = q.device, torch.float32
+        q, k, v, g, b_logit, w = (_token_rows(x) for x in (q, k, v, g, b_logit, w))
+        o = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
+        S, o_sum, delta = (torch.empty(N, H, *d, dtype=f32, device=dev) for d in ((K, V), (V,), (K,)))
+        h_store = torch.empty(n_chunks, H, K, V, dtype=q.dtype, device=dev)
+        delta_store = torch.empty(n_chunks, H, K, dtype=f32, device=dev)
+        m_store = torch.zeros(n_chunks, H, V, dtype=f32, device=dev)   # stays 0 for unfinished chunks
+        r_store = torch.empty(B, T, H, V, dtype=q.dtype, device=dev)
+        use_initial = S0 is not None
+        if use_initial:
+            S0, o_sum0 = S0.float().contiguous(), o_sum0.float().contiguous()
+        delta0 = delta0.float().contiguous() if delta0 is not None else torch.zeros(N, H, K, dtype=f32, device=dev)
+        has_content = D is not None
+        dot_dtype, precision = _dot_operands(q.dtype)
+        _chunk_fwd_kernel[(N * H,)](
+            q, k, v, g, b_logit, w, D if has_content else delta0, U if has_content else delta0, o,
+            S0 if use_initial else S, o_sum0 if use_initial else o_sum, delta0, S, o_sum, delta,
+            h_store, delta_store, m_store, r_store, torch.tensor(table, dtype=torch.int64, device=dev),
+            q.stride(1), k.stride(1), v.stride(1), g.stride(1), b_logit.stride(1), w.stride(1), H, scale,
+            K=K, V=V, C=chunk_size, RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4,
+            HAS_CONTENT=has_content, USE_INITIAL=use_initial, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
+            num_warps=8)
+        return [o, S, o_sum, delta, h_store, delta_store, m_store, r_store]
+
+    @_chunk_fwd_op.register_fake
+    def _(q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        N, n_chunks = len(table) // 5, _stored_chunks(table)
+        f32 = torch.float32
+        return [v.new_empty(B, T, H, V), q.new_empty(N, H, K, V, dtype=f32), q.new_empty(N, H, V, dtype=f32),
+                q.new_empty(N, H, K, dtype=f32), q.new_empty(n_chunks, H, K, V), q.new_empty(n_chunks, H, K, dtype=f32),
+                q.new_empty(n_chunks, H, V, dtype=f32), q.new_empty(B, T, H, V)]
+
+    @torch.library.custom_op("carve::chunk_bwd", mutates_args=())
+    def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b_logit: torch.Tensor,
+                      w: torch.Tensor, do: torch.Tensor, dS_end: Optional[torch.Tensor], h_store: torch.Tensor,
+                      delta_store: torch.Tensor, r_store: torch.Tensor, table: List[int], scale: float,
+                      chunk_size: int) -> List[torch.Tensor]:
+        """dq, dk, dv, dg, db_logit, dw (fp32 where summed over value blocks), dDelta of each chunk,
+        and the gradient of each sequence's initial state."""
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        N = len(table) // 5
+        dev, f32 = q.device, torch.float32
+        q, k, v, g, b_logit, w, do = (_token_rows(x) for x in (q, k, v, g, b_logit, w, do))
+        BV = min(V, 64)
+        grid = N * H * (V // BV)
+        zeros = lambda *s: torch.zeros(*s, dtype=f32, device=dev)  # noqa: E731  (atomic sums start at 0)
+        dq, dk, dg, db_logit = (zeros(B, T, H, K) for _ in range(4))
+        dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
+        dw = torch.empty(B, T, H, V, dtype=w.dtype, device=dev) if w.dim() == 4 else zeros(B, T, H)
+        d_delta = zeros(delta_store.shape[0], H, K)
+        dS0 = torch.empty(N, H, K, V, dtype=f32, device=dev)
+        dot_dtype, precision = _dot_operands(q.dtype)
+        _chunk_bwd_kernel[(grid,)](
+            q, k, v, g, b_logit, w, do, r_store, h_store, delta_store,
+            dS_end.float().contiguous() if dS_end is not None else dS0,
+            torch.empty(grid, chunk_size // CHUNK_BT, K, BV, dtype=f32, device=dev),  # block states
+            dq, dk, dv, dg, db_logit, dw, d_delta, dS0, torch.tensor(table, dtype=torch.int64, device=dev),
+            q.stride(1), k.stride(1), v.stride(1), g.stride(1), b_logit.stride(1), w.stride(1), H, scale,
+            K=K, V=V, BV=BV, C=chunk_size, VALUE_GATE=w.dim() == 4, USE_DS_END=dS_end is not None,
+            DT=dot_dtype, PREC=precision, BT=CHUNK_BT, num_warps=8)
+        return [dq, dk, dv, dg, db_logit, dw, d_delta, dS0]
+
+    @_chunk_bwd_op.register_fake
+    def _(q, k, v, g, b_logit, w, do, dS_end, h_store, delta_store, r_store, table, scale, chunk_size):
+        B, T, H, K = q.shape
+        N, f32 = len(table) // 5, torch.float32
+        summed = lambda *s: q.new_empty(*s, dtype=f32)  # noqa: E731
+        return [summed(B, T, H, K), summed(B, T, H, K), torch.empty_like(v), summed(B, T, H, K), summed(B, T, H, K),
+                torch.empty_like(w) if w.dim() == 4 else summed(B, T, H), summed(delta_store.shape[0], H, K),
+                summed(N, H, K, v.shape[-1])]
+
+    def _chunk_setup_context(ctx, inputs, output):
+        q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size = inputs
+        h_store, delta_store, m_store, r_store = output[4:]
+        ctx.save_for_backward(q, k, v, g, b_logit, w, D, U, h_store, delta_store, m_store, r_store)
+        ctx.table, ctx.scale, ctx.chunk_size = table, scale, chunk_size
+        ctx.has_S0, ctx.has_delta0 = S0 is not None, delta0 is not None
+
+    def _chunk_backward(ctx, grads):
+        do, dS, _, d_delta_final = grads[:4]   # o_sum is a stop-gradient read: its gradient is dropped
+        q, k, v, g, b_logit, w, D, U, h_store, delta_store, m_store, r_store = ctx.saved_tensors
+        if do is None:  # only the final state was used
+            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
+        dq, dk, dv, dg, db_logit, dw, d_delta, dS0 = torch.ops.carve.chunk_bwd(
+            q, k, v, g, b_logit, w, do, dS, h_store, delta_store, r_store, ctx.table, ctx.scale, ctx.chunk_size)
+        dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, m_store, D, U, ctx.table, ctx.chunk_size, q)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), db_logit.to(b_logit.dtype), dw.to(w.dtype),
+                dD, dU, dS0 if ctx.has_S0 else None, None, d_delta0 if ctx.has_delta0 else None, None, None, None)
+
+    torch.library.register_autograd("carve::chunk_fwd", _chunk_backward, setup_context=_chunk_setup_context)
+
+
+def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size, like):
+    """From dDelta of each chunk (summed over its rows by the backward kernel) to the gradients of D,
+    U and the initial delta. Chunk i's Delta is the initial delta for a sequence's first chunk and
+    U D m_{i-1} after it; the final delta is U D m of the last chunk if that chunk is complete, else
+    the last chunk's Delta. m is data here (stop-gradient, SPEC section 1)."""
+    rows = [table[i:i + 5] for i in range(0, len(table), 5)]
+    dev, H, K = like.device, like.shape[2], like.shape[3]
+    final = d_delta_final if d_delta_final is not None else torch.zeros(len(rows), H, K, device=dev)
+    index = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+    chunk_seq = index([n for n, r in enumerate(rows) for _ in range(r[4])])
+    last = index([r[3] + r[4] - 1 for r in rows if r[4] > 0])
+    first = index([r[3] for r in rows if r[4] > 0])
+    done = torch.tensor([(r[1] + r[2]) % chunk_size == 0 for r in rows if r[4] > 0], device=dev)[:, None, None]
+    final_of_last = final[chunk_seq[last]]
+    d_delta[last] += torch.where(done, 0.0, final_of_last)
+    if D is None:  # GDN-2: every chunk uses the state's delta unchanged
+        passes = torch.tensor([r[4] == 0 or (r[1] + r[2]) % chunk_size == 0 for r in rows], device=dev)
+        return None, None, torch.where(passes[:, None, None], final, 0.0).index_add_(0, chunk_seq, d_delta)
+    d_delta0 = final.clone()
+    d_delta0[chunk_seq[first]] = d_delta[first]
+    d_next = torch.cat([d_delta[1:], torch.zeros_like(d_delta[:1])])   # gradient of U D m of chunk i
+    d_next[last] = torch.where(done, final_of_last, 0.0)
+    dU = torch.einsum("ihk,hrv,ihv->hkr", d_next, D.float(), m_store).to(U.dtype)
+    dD = torch.einsum("hkr,ihk,ihv->hrv", U.float(), d_next, m_store).to(D.dtype)
+    return dD, dU, d_delta0
+
+
+def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None, output_final_state=False,
+                       scale=None, chunk_size=64, cu_seqlens=None):
+    """chunk_carve_torch's semantics (and _packed_sequences' for cu_seqlens) with the Triton chunk
+    kernels, forward and backward (through the custom op carve::chunk_fwd and its registered
+    autograd, so torch.compile keeps one graph)."""
+    if triton is None:
+        raise RuntimeError("chunk_carve_triton needs triton, which cannot be imported")
+    bounds = None if cu_seqlens is None else _sequence_bounds(q, cu_seqlens, initial_state)
+    _check_inputs(q, k, v, g, b_logit, w, content, initial_state, None if bounds is None else len(bounds) - 1)
+    B, T, H, K = q.shape
+    if not chunk_triton_supports(K, v.shape[-1], chunk_size):
+        raise ValueError(f"the Triton chunk kernels take K, V in 16..128 (powers of two) and chunk_size a "
+                         f"multiple of 16; got K={K}, V={v.shape[-1]}, chunk_size={chunk_size}")
+    offset = initial_state.offset if initial_state is not None else 0
+    table = _sequence_table(B, T, offset, bounds, chunk_size)
+    D, U = content if content is not None else (None, None)
+    S0, o_sum0, delta0 = initial_state[:3] if initial_state is not None else (None, None, None)
+    o, S, o_sum, delta = torch.ops.carve.chunk_fwd(q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table,
+                                                   K ** -0.5 if scale is None else float(scale), chunk_size)[:4]
+    if not output_final_state:
+        return o, None
+    offsets = tuple(table[2 + i] + table[1 + i] for i in range(0, len(table), 5))
+    return o, CarveState(S, o_sum.detach(), delta, offsets if cu_seqlens is not None else offset + T)
+# ============================================================================ end of Triton chunk
+
+
+def _sequence_bounds(q, cu_seqlens, initial_state):
+    """cu_seqlens as a checked list of ints."""
+    bounds = [int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
+    total = q.shape[1]
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the inputs hold the sequences back to back in one row: batch size "
+                         f"must be 1, got {q.shape[0]}")
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the total length {total}, got {bounds}")
+    if initial_state is not None and initial_state.S.shape[0] != len(bounds) - 1:
+        raise ValueError(f"initial_state has {initial_state.S.shape[0]} rows for {len(bounds) - 1} packed sequences")
+    return bounds
+
+
 def _packed_sequences(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale, chunk_size,
                       cu_seqlens):
     """Packed sequences (flash-attention's cu_seqlens): the inputs are [1, total, H, D] holding N
@@ -406,16 +931,7 @@ def _packed_sequences(q, k, v, g, b_logit, w, content, initial_state, output_fin
     state (row i of initial_state, else zeros) and counts chunks from its own start, so no state,
     content mean or chunk boundary reaches from one sequence into the next. The final state has a
     row per sequence and, as its offset, a tuple of the per-sequence positions."""
-    bounds = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
-    total = q.shape[1]
-    if q.shape[0] != 1:
-        raise ValueError(f"with cu_seqlens the inputs hold the sequences back to back in one row: batch size "
-                         f"must be 1, got {q.shape[0]}")
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to the total length {total}, got {bounds}")
-    n = len(bounds) - 1
-    if initial_state is not None and initial_state.S.shape[0] != n:
-        raise ValueError(f"initial_state has {initial_state.S.shape[0]} rows for {n} packed sequences")
+    bounds = _sequence_bounds(q, cu_seqlens, initial_state)
     outs, finals = [], []
     for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
         state = None
@@ -440,8 +956,11 @@ def _packed_sequences(q, k, v, g, b_logit, w, content, initial_state, output_fin
 
 def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None, output_final_state=False, scale=None,
                 chunk_size=64, cu_seqlens=None) -> Tuple[torch.Tensor, Optional[CarveState]]:
-    backend_for(q)
+    triton_path = backend_for(q) == "triton" and chunk_triton_supports(q.shape[-1], v.shape[-1], chunk_size)
     with torch.autocast(q.device.type, enabled=False):  # fp32 inside, whatever autocast the caller runs
+        if triton_path:
+            return chunk_carve_triton(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
+                                      chunk_size, cu_seqlens)
         if cu_seqlens is not None:
             return _packed_sequences(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
                                      chunk_size, cu_seqlens)

@@ -6,6 +6,7 @@ import os
 import sys
 from collections import defaultdict
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run on CPU tensors in the Triton interpreter, which has to be
@@ -53,3 +54,12 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("-", "largest relative error observed per check")
     for what in sorted(_OBSERVED):
         terminalreporter.write_line(f"{_OBSERVED[what]:10.3e}  {what}")
+
+
+@pytest.fixture
+def triton_installed():
+    """The Triton tests run the real kernels (in Triton's interpreter on a CPU); without triton they
+    fail rather than skip."""
+    import carve_kernel
+    assert carve_kernel.triton is not None, ("triton is not installed: these tests run the real kernels "
+                                             "(in its interpreter on a CPU); pip install triton==3.9.0")

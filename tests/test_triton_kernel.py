@@ -23,17 +23,7 @@ from test_model import TOL_LOGITS, perturb, prefill_then_decode, tiny, tokens
 
 
 
-def _require_triton():
-    assert carve_kernel.triton is not None, ("triton is not installed: these tests run the real kernels "
-                                             "(in its interpreter on a CPU); pip install triton==3.9.0")
-
-
-needs_triton = pytest.mark.usefixtures("triton_installed")
-
-
-@pytest.fixture
-def triton_installed():
-    _require_triton()
+needs_triton = pytest.mark.usefixtures("triton_installed")  # the fixture is in conftest.py
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("q", "k", "v", "g", "b_logit", "w")
@@ -291,7 +281,7 @@ def calls(monkeypatch):
 def test_recurrent_dispatch(monkeypatch, calls):
     """CARVE_BACKEND=triton sends recurrent_carve to the Triton kernel unless a gradient is needed
     (grad mode on and any input, the content projection or the initial state requiring grad);
-    chunk_carve stays on the torch path and gives the torch result."""
+    chunk_carve with chunk_size 8 (the Triton chunk kernels need a multiple of 16) stays on the torch path."""
     B, H, T, K, V, C = 1, 2, 3, 16, 16, 8
     x = make_inputs(B, T, H, K, V, "carve", seed=14)
     state, (x["D"], x["U"]) = make_state(B, H, K, V, "carve", C, prefix=13)
@@ -345,7 +335,7 @@ def test_caller_autocast(monkeypatch):
 @pytest.mark.parametrize("mixer,dims", [("carve", (16, 32)), ("gdn2", (16, 32)), ("carve,attn", (8, 12))],
                          ids=["carve", "gdn2", "carve,attn-K8-V12"])
 def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims):
-    """With CARVE_BACKEND=triton, prefill (chunk_carve, torch path) and then one token at a time
+    """With CARVE_BACKEND=triton, prefill (chunk_carve: torch path for C = 8) and then one token at a time
     (recurrent_carve -> Triton kernel) equals one forward over the whole sequence (SPEC section 3):
     C = 8, T = 21, prefill 6 tokens, so the decode steps cross two chunk boundaries."""
     monkeypatch.setenv("CARVE_BACKEND", "triton")

@@ -1,0 +1,294 @@
+"""The Triton chunk kernels (`chunk_carve_triton`: carve::chunk_fwd and its registered backward)
+against the float64 per-token reference of test_kernel.py: outputs, every field of the final state
+and every gradient (inputs, content projection, initial S and delta), fp32 and bf16, with and without
+an initial state at an offset, packed sequences (cu_seqlens), continuation, gates below the floor,
+poisoned outputs, torch.compile, and the model on the Triton path.
+
+Without a GPU the kernels run on CPU tensors in the Triton interpreter (conftest.py), so the shapes
+are small; with a GPU the same tests run the compiled kernels."""
+import pytest
+import torch
+
+import carve_kernel
+from carve_kernel import CarveState, chunk_carve, chunk_carve_torch, chunk_carve_triton, recurrent_carve
+from conftest import assert_rel
+from model import LM
+from test_kernel import TOL_BF16, TOL_FWD, TOL_GRAD, make_inputs, make_state, model_style_gates, reference
+from test_model import perturb, tiny, tokens
+from test_triton_kernel import DEVICE, NAMES, needs_triton
+
+pytestmark = needs_triton
+
+
+def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, offsets=None):
+    """The Triton chunk kernel on `dtype` leaves (g, D, U fp32) and the float64 reference on the same
+    rounded values, each with a random cotangent on o, the final S and the final delta. Returns
+    (kernel output, final state, reference output, reference final states, gradient pairs)."""
+    leaves = {n: t.detach().to(DEVICE, torch.float32 if n in ("g", "D", "U") else dtype).requires_grad_()
+              for n, t in x.items()}
+    content = (leaves["D"], leaves["U"]) if "D" in leaves else None
+    if state is not None:
+        state = CarveState(state.S.to(DEVICE).requires_grad_(), state.o_sum.to(DEVICE),
+                           state.delta.to(DEVICE).requires_grad_(), state.offset)
+    o, final = chunk_carve_triton(*(leaves[n] for n in NAMES), content, state, True, None, C, cu_seqlens)
+    # the reference, one sequence at a time
+    ref = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
+    ref_content = (ref["D"], ref["U"]) if content is not None else None
+    bounds = [0, o.shape[1]] if cu_seqlens is None else list(cu_seqlens)
+    rows = o.shape[0] if cu_seqlens is None else len(bounds) - 1
+    S0 = state.S.detach().cpu().double().requires_grad_() if state is not None else None
+    delta0 = state.delta.detach().cpu().double().requires_grad_() if state is not None else None
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        sl = slice(None) if cu_seqlens is None else slice(i, i + 1)
+        kw = {}
+        if state is not None:
+            off = state.offset[i] if isinstance(state.offset, tuple) else state.offset
+            kw = dict(S0=S0[sl], o_sum0=state.o_sum[sl].cpu().double(), delta0=delta0[sl], offset=off)
+        if a == b:  # an empty sequence: its state passes through
+            finals.append((kw["S0"], kw["o_sum0"], kw["delta0"]))
+            continue
+        o_i, fin = reference(*(ref[n][:, a:b] for n in NAMES), ref_content, chunk_size=C, **kw)
+        outs.append(o_i)
+        finals.append(fin[:3])
+    o_ref = torch.cat(outs, dim=1)
+    S_ref, o_sum_ref, delta_ref = (torch.cat([f[j] for f in finals]) for j in range(3))
+    assert o_ref.shape == o.shape and S_ref.shape[0] == rows
+    gen = torch.Generator().manual_seed(2)
+    do, dS, dd = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (o_ref, S_ref, delta_ref))
+    if dtype != torch.float32:
+        do = do.to(dtype).double()  # the same cotangent for both
+    loss = lambda o_, S_, d_: (o_.double() * do.to(o_.device)).sum() + (S_.double() * dS.to(S_.device)).sum() \
+        + (d_.double() * dd.to(d_.device)).sum()  # noqa: E731
+    loss(o, final.S, final.delta).backward()
+    loss(o_ref, S_ref, delta_ref).backward()
+    pairs = [(n, leaves[n].grad, ref[n].grad) for n in leaves]
+    if state is not None:
+        pairs += [("initial S", state.S.grad, S0.grad), ("initial delta", state.delta.grad, delta0.grad)]
+    return o, final, o_ref, (S_ref, o_sum_ref, delta_ref), pairs
+
+
+def check(x, state, C, dtype=torch.float32, tag="", **kw):
+    o, final, o_ref, (S_ref, o_sum_ref, delta_ref), pairs = run_both(x, state, C, dtype, **kw)
+    tol_fwd, tol_grad = (TOL_FWD, TOL_GRAD) if dtype == torch.float32 else (TOL_BF16, TOL_BF16)
+    assert o.dtype == dtype and final.S.dtype == final.o_sum.dtype == final.delta.dtype == torch.float32
+    assert_rel(o.cpu(), o_ref, tol_fwd, f"{tag} o")
+    # bf16 dot operands touch the state too: the final state has the bf16 tolerance for bf16 inputs
+    assert_rel(final.S.cpu(), S_ref, tol_fwd, f"{tag} final S")
+    for name, got, want in (("o_sum", final.o_sum, o_sum_ref), ("delta", final.delta, delta_ref)):
+        if (want != 0).any():
+            assert_rel(got.cpu(), want, tol_fwd, f"{tag} final {name}")
+        else:  # ended on a chunk boundary (o_sum) or no content update yet (delta): exactly 0
+            assert not got.any(), f"{tag} final {name} should be exactly 0"
+    for name, got, want in pairs:
+        if want is None or not want.any():  # D, U when no chunk finishes: no gradient at all
+            assert got is None or not got.any(), f"{tag}: gradient for {name} where the reference has none"
+            continue
+        assert got is not None, f"{tag}: no gradient reached {name}"
+        assert_rel(got.cpu(), want, tol_grad, f"{tag} grad {name}")
+    return o, final
+
+
+# (B, H, T, K, V, chunk_size): T not a multiple of 16 or of C, K != V, C of one to four blocks
+SHAPES = [
+    pytest.param(1, 1, 32, 16, 32, 16, id="T=2C"),
+    pytest.param(2, 2, 37, 16, 32, 16, id="T=2C+5"),
+    pytest.param(2, 1, 5, 16, 16, 16, id="T<16"),
+    pytest.param(1, 2, 61, 32, 16, 32, id="C32-T=2C-3-K>V"),
+    pytest.param(1, 1, 70, 16, 128, 64, id="C64-V128-two-value-blocks"),
+]
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "init-state"])
+@pytest.mark.parametrize("B,H,T,K,V,C", SHAPES)
+def test_parity_fp32(mode, with_state, B, H, T, K, V, C):
+    """make_state's prefix is C + 5 tokens, so the call starts 5 tokens into a chunk (and inside a
+    16-token block): the first block is partly masked, o_sum and delta carry over."""
+    x = make_inputs(B, T, H, K, V, mode)
+    state = None
+    if with_state:
+        state, prefix_content = make_state(B, H, K, V, mode, C)
+        if mode == "carve":
+            x["D"], x["U"] = prefix_content
+    _, final = check(x, state, C, tag=f"triton chunk {mode} fp32")
+    assert final.offset == (state.offset if state else 0) + T
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+def test_parity_bf16(mode):
+    """bf16 q, k, v, b_logit, w: the kernels use them as bf16 dot operands (fp32 accumulation), so
+    outputs, states and gradients all carry bf16 rounding, like flash-linear-attention's."""
+    B, H, T, K, V, C = 2, 2, 45, 32, 32, 16
+    x = make_inputs(B, T, H, K, V, mode, seed=1)
+    state, prefix_content = make_state(B, H, K, V, mode, C)
+    if mode == "carve":
+        x["D"], x["U"] = prefix_content
+    check(x, state, C, torch.bfloat16, tag=f"triton chunk {mode} bf16")
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+def test_cu_seqlens(mode):
+    """Packed sequences of 21, 0, 16, 1 and 33 tokens, each from its own state at its own offset
+    (a tuple): every sequence equals the reference run on it alone, gradients included."""
+    bounds = [0, 21, 21, 37, 38, 71]
+    N, T, H, K, V, C = len(bounds) - 1, bounds[-1], 2, 16, 16, 16
+    x = make_inputs(1, T, H, K, V, mode, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    offsets = (0, 3, 7, 16, 30)
+    state = CarveState(torch.randn(N, H, K, V, generator=gen), torch.randn(N, H, V, generator=gen),
+                       torch.randn(N, H, K, generator=gen), offsets)
+    _, final = check(x, state, C, tag=f"triton chunk {mode} cu_seqlens", cu_seqlens=bounds)
+    assert final.offset == tuple(off + b - a for off, a, b in zip(offsets, bounds, bounds[1:]))
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("T1", [7, 16, 20, 32])
+def test_continuation(mode, T1):
+    """Triton chunk over T1 tokens, then Triton chunk and (separately) the Triton decode kernel over
+    the rest, equal one call over all 40 (C = 16: splits inside, on and after chunk boundaries)."""
+    B, H, T, K, V, C = 1, 2, 40, 16, 32, 16
+    x = make_inputs(B, T, H, K, V, mode, seed=3)
+    content = (x["D"], x["U"]) if mode == "carve" else None
+    args = lambda sl: [x[n][:, sl].to(DEVICE) for n in NAMES]  # noqa: E731
+    content = tuple(c.to(DEVICE) for c in content) if content else None
+    o_full, s_full = chunk_carve_triton(*args(slice(None)), content, output_final_state=True, chunk_size=C)
+    o1, s1 = chunk_carve_triton(*args(slice(0, T1)), content, output_final_state=True, chunk_size=C)
+    for name, second in (("chunk", chunk_carve_triton), ("decode", carve_kernel.recurrent_carve_triton)):
+        o2, s2 = second(*args(slice(T1, T)), content, initial_state=s1, output_final_state=True, chunk_size=C)
+        tag = f"triton continuation chunk+{name}"
+        assert_rel(torch.cat([o1, o2], dim=1), o_full, TOL_FWD, f"{tag} o")
+        assert_rel(s2.S, s_full.S, TOL_FWD, f"{tag} S")
+        assert s2.offset == s_full.offset == T
+        if mode == "carve":
+            assert_rel(s2.delta, s_full.delta, TOL_FWD, f"{tag} delta")
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+def test_gates_at_and_below_the_floor(mode):
+    """Channels at g = -20 per token (floored at -5: zero gradient) and at exactly -5 (the widest
+    range the block factors see, exp(+-40)) stay finite and match the reference."""
+    B, H, T, K, V, C = 1, 2, 35, 16, 32, 16
+    x = make_inputs(B, T, H, K, V, mode, seed=5)
+    x["g"] = model_style_gates(B, T, H, K, seed=6, fast_channels=5)
+    x["g"][..., 5:8] = -5.0
+    check(x, None, C, tag=f"triton chunk {mode} floor")
+
+
+def test_l2norm_eps_convention():
+    """Tokens whose q or k has norm ~1e-4, ~1e-8 (divided by eps) or exactly 0, as F.normalize."""
+    B, H, T, K, V, C = 1, 2, 20, 16, 16, 16
+    x = make_inputs(B, T, H, K, V, "carve", seed=8)
+    for name, t_scale in (("q", {3: 1e-4, 5: 1e-8, 11: 0.0}), ("k", {2: 1e-4, 6: 1e-8, 12: 0.0, 17: 1e-8})):
+        for t, s in t_scale.items():
+            x[name][:, t] *= s
+    check(x, None, C, tag="triton chunk l2norm")
+
+
+def test_stop_gradient_through_m():
+    """m is a stop-gradient read: the reference (which detaches m) matches, and a reference where the
+    gradient flows through m would not (checked in test_kernel.py for the same construction)."""
+    B, H, T, K, V, C = 1, 2, 48, 16, 16, 16
+    x = make_inputs(B, T, H, K, V, "carve", seed=7, content_scale=1.5)
+    _, _, _, _, pairs = run_both(x, None, C)
+    leaves = torch.cat([got.flatten().cpu().double() for n, got, _ in pairs if n not in ("D", "U")])
+    ref = torch.cat([want.flatten() for n, _, want in pairs if n not in ("D", "U")])
+    assert_rel(leaves, ref, TOL_GRAD, "triton chunk stop-grad")
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """The launchers allocate every output with torch.empty; filled with NaN here, an element the
+    kernels miss (a masked row, a value block, a chunk's stored state) shows up as NaN."""
+    real_empty, poisoned = torch.empty, []
+
+    def empty_nan(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        if t.is_floating_point():
+            poisoned.append(t.fill_(float("nan")))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty_nan)
+    B, H, T, K, V, C = 1, 2, 37, 16, 128, 32
+    x = make_inputs(B, T, H, K, V, "carve", seed=12)
+    state, (x["D"], x["U"]) = make_state(B, H, K, V, "carve", C)
+    o, final = check(x, state, C, tag="triton chunk poisoned")
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert any(p is o for p in poisoned) and any(p is final.S for p in poisoned)
+    assert len(poisoned) >= 10  # forward and backward buffers (o, S, stored states, v_new, dv, dS0, ...)
+
+
+def test_dispatch(monkeypatch):
+    """CARVE_BACKEND=triton sends chunk_carve to the Triton kernels when they take the shapes
+    (K, V powers of two up to 128, chunk_size a multiple of 16), else to the torch path."""
+    calls = []
+    monkeypatch.setattr(carve_kernel, "chunk_carve_triton",
+                        lambda *a, **kw: calls.append(1) or chunk_carve_triton(*a, **kw))
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    for (V, C), expect in (((16, 16), 1), ((24, 16), 0), ((16, 8), 0)):
+        x = make_inputs(1, 20, 2, 16, V, "gdn2")
+        args = [x[n].to(DEVICE) for n in NAMES]
+        calls.clear()
+        o, _ = chunk_carve(*args, chunk_size=C)
+        assert len(calls) == expect
+        if not expect:
+            assert torch.equal(o, chunk_carve_torch(*args, chunk_size=C)[0])
+    with pytest.raises(ValueError, match="chunk_size a multiple of 16"):
+        chunk_carve_triton(*args, chunk_size=8)
+
+
+def test_compiles_without_graph_breaks():
+    """carve::chunk_fwd with its registered backward: torch.compile(fullgraph=True) of forward and
+    backward gives the eager values; opcheck checks the schema, fake and autograd registration."""
+    x = make_inputs(1, 20, 2, 16, 16, "carve", seed=4)
+    leaves = [x[n].to(DEVICE).requires_grad_() for n in NAMES]
+    content = (x["D"].to(DEVICE), x["U"].to(DEVICE))
+
+    def step(*tensors):
+        o, final = chunk_carve_triton(*tensors, content, None, True, None, 16)
+        return (o * o).sum() + final.S.sum()
+
+    eager = step(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*leaves)
+    compiled_grads = torch.autograd.grad(compiled, leaves)
+    assert torch.equal(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        assert torch.equal(a, b)
+    table = carve_kernel._sequence_table(1, 20, 0, None, 16)
+    torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
+                          (*leaves, *content, None, None, None, table, 0.25, 16))
+
+
+# ----------------------------------------------------------------------------- the model on the Triton path
+
+def test_model_identity_at_init(monkeypatch):
+    """SPEC section 1: fresh GDN-2 weights in a fresh CARVE model give bit-identical logits on the
+    Triton path too."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    torch.manual_seed(0)
+    gdn2 = LM(tiny("gdn2", head_k_dim=16, head_v_dim=16, chunk_size=16)).to(DEVICE)
+    torch.manual_seed(1)
+    carve = LM(tiny("carve", head_k_dim=16, head_v_dim=16, chunk_size=16)).to(DEVICE)
+    carve.load_state_dict(gdn2.state_dict(), strict=False)
+    idx = tokens(2, 3 * 16 + 5, 61).to(DEVICE)
+    with torch.no_grad():
+        assert torch.equal(carve(idx)[0], gdn2(idx)[0])
+
+
+@pytest.mark.parametrize("mixer", ["carve", "gdn2"])
+def test_model_training_step_matches_torch_path(monkeypatch, mixer):
+    """Loss and every parameter gradient of a perturbed model: Triton path = torch path (fp32)."""
+    torch.manual_seed(0)
+    model = perturb(LM(tiny(mixer, head_k_dim=16, head_v_dim=32, chunk_size=16))).to(DEVICE)
+    idx = tokens(2, 41, 61, seed=1).to(DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("CARVE_BACKEND", backend)
+        model.zero_grad()
+        _, loss = model(idx, idx)
+        loss.backward()
+        results[backend] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert_rel(results["triton"][0], results["torch"][0], TOL_FWD, f"model {mixer} loss triton vs torch")
+    for name, grad in results["torch"][1].items():
+        assert_rel(results["triton"][1][name], grad, TOL_GRAD, f"model {mixer} grad triton vs torch")
+    assert results["triton"][1]["blocks.0.mixer.q_proj.weight"].abs().sum() > 0
