@@ -416,27 +416,66 @@ if triton is not None:
 
 
 # ============================================================================ Triton: chunk kernels
-# Training and prefill (SPEC section 2). One program walks one sequence and head through blocks of
+# Training and prefill (SPEC section 2). The forward walks each sequence and head through blocks of
 # BT = 16 tokens: the WY form with 16-token blocks in place of C-token chunks, while Delta = U D m is
 # still updated at absolute multiples of chunk_size C (a multiple of 16), so it is the same function.
 # The small blocks make the decay factors safe: with g >= GATE_FLOOR, exp(G_r - G_s) inside a block
 # splits through the block's middle into two factors within exp(+-40), so T and M are plain matrix
 # products (tensor cores for bf16 inputs; fp32 inputs use exact fp32 products).
-# The forward keeps the whole [K, V] fp32 state in registers (CARVE's Delta needs every value column)
-# and stores what the backward needs: the state at each chunk start (in the input dtype, as
-# flash-linear-attention does), v_new (R) of every token, and Delta and m of every chunk, so the
-# backward never repeats the walk. The backward walks the chunks in reverse, one program per
-# (sequence, head, block of value columns), rebuilding the block states of a chunk from its stored
-# start state and carrying dS, the gradient of the state, from block to block.
+#
+# Forward, one program per (sequence, head): the whole [K, V] fp32 state stays in registers (CARVE's
+# Delta needs every value column). It stores what the backward needs, so the backward never repeats
+# the walk: the state at each chunk start (in the input dtype, as flash-linear-attention does), v_new
+# (R) of every token, Delta and m of every chunk, and per block A = (I + T)^-1, M, Y, gamma q, the
+# keys decayed to the block end, and the block's total log-decay.
+# Backward, three kernels:
+#   1. _chunk_bwd_walk: the only sequential part. Per (sequence, head, value block), blocks in reverse:
+#      dR = M^T dO scale + k_end dS and dS <- gamma_L dS + (gamma q)^T dO scale - Y^T dR; stores dR and
+#      the state gradient at every chunk end.
+#   2. _chunk_bwd_values, parallel over (chunk, head, value block): rebuilds the block states from the
+#      chunk's start state, and the state gradients from the chunk's end; computes dv, dw and the
+#      value-summed pieces (dO S^T, dR S^T, R dS^T, sum S*dS, dO R^T, dR Z^T) for the next kernel.
+#   3. _chunk_bwd_keys, parallel over (chunk, head): the chain through A, T and M to dq, dk, dg,
+#      db_logit and dDelta.
 # Dot operands are in the input dtype with fp32 accumulation; the 16 x 16 inverse is exact fp32.
 
 CHUNK_BT = 16  # rows of a block
+CHUNK_WARPS = 8
+CHUNK_BV = 64  # value columns of a backward program; at most two programs a head keeps their sums exact
+SEQ_FIELDS = 6  # first token, length, offset, first stored chunk, chunks, first stored block
 
 if triton is not None:
     @triton.jit
+    def _sequence(seqs, i_n, C: tl.constexpr, BT: tl.constexpr):
+        """The table row of sequence i_n (see _sequence_table) and its first and last absolute block."""
+        bos = tl.load(seqs + i_n * 6)
+        length = tl.load(seqs + i_n * 6 + 1)
+        offset = tl.load(seqs + i_n * 6 + 2)
+        chunk0 = tl.load(seqs + i_n * 6 + 3)
+        n_chunks = tl.load(seqs + i_n * 6 + 4)
+        block0 = tl.load(seqs + i_n * 6 + 5)
+        blk_first = offset // BT
+        blk_last = tl.where(length > 0, (offset + length - 1) // BT, blk_first - 1)
+        return bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last
+
+    @triton.jit
+    def _block_rows(a, bos, offset, length, BT: tl.constexpr):
+        """Token rows of absolute block a: flat token index and validity (inside this call)."""
+        t = a * BT + tl.arange(0, BT) - offset
+        valid = (t >= 0) & (t < length)
+        return bos + t, valid
+
+    @triton.jit
+    def _chunk_blocks(j, offset, blk_first, blk_last, C: tl.constexpr, BT: tl.constexpr):
+        """First and last absolute block of the sequence's chunk j (counted in this call)."""
+        a0 = tl.maximum(((offset // C) + j) * (C // BT), blk_first)
+        a1 = tl.minimum(((offset // C) + j + 1) * (C // BT) - 1, blk_last)
+        return a0, a1
+
+    @triton.jit
     def _block_inputs(q, k, g, b_logit, tok, valid, i_h, sq, sk, sg, sb, delta, K: tl.constexpr):
-        """Rows `tok` (masked by `valid`) of head i_h: L2-normalised q and k with their norms, the floored
-        log-decay, its in-block cumsum and total, and the erase gate b = sigmoid(b_logit + delta)."""
+        """Rows `tok` (masked by `valid`) of head i_h: L2-normalised q and k with their norms, the raw
+        and floored log-decay's in-block cumsum and total, and b = sigmoid(b_logit + delta)."""
         o_k = tl.arange(0, K)
         m = valid[:, None]
         q_raw = tl.load(q + tok[:, None] * sq + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
@@ -445,61 +484,47 @@ if triton is not None:
         b_l = tl.load(b_logit + tok[:, None] * sb + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         q_norm = tl.maximum(tl.sqrt(tl.sum(q_raw * q_raw, axis=1)), 1e-6)   # F.normalize(eps=1e-6)
         k_norm = tl.maximum(tl.sqrt(tl.sum(k_raw * k_raw, axis=1)), 1e-6)
-        qn = q_raw / q_norm[:, None]
-        kn = k_raw / k_norm[:, None]
         gf = tl.maximum(g_raw, -5.0)                                            # GATE_FLOOR
         Gc = tl.cumsum(gf, axis=0)                                              # G_r inside the block
         GL = tl.sum(gf, axis=0)                                                 # G of the block's last row
         b = tl.sigmoid(b_l + delta[None, :])
-        return qn, kn, q_norm, k_norm, g_raw, Gc, GL, b
-
+        return q_raw / q_norm[:, None], k_raw / k_norm[:, None], q_norm, k_norm, g_raw, Gc, GL, b
 
     @triton.jit
-    def _block_solve(qn, kn, Gc, GL, b, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
-        """T, M and A = (I + T)^-1 of one block. exp(G_r - G_s) = exp(G_r - G_L/2) exp(G_L/2 - G_s): both
-        factors lie in [exp(G_L / 2), exp(-G_L / 2)], i.e. within exp(+-40) for g >= -5."""
+    def _block_factors(qn, kn, Gc, GL, b):
+        """exp(G_r - G_s) = exp(G_r - G_L/2) exp(G_L/2 - G_s): both factors lie within exp(+-40) for
+        g >= -5, so T = tril(Pb Pk^T, -1) and M = tril(Pq Pk^T) are products of bounded operands."""
         half = GL * 0.5
         e_pos = tl.exp(Gc - half[None, :])
         e_neg = tl.exp(half[None, :] - Gc)
-        Pq = qn * e_pos
-        Pk = kn * e_neg
-        Pb = b * kn * e_pos
-        r = tl.arange(0, BT)[:, None]
-        s = tl.arange(0, BT)[None, :]
-        Tm = tl.dot(Pb.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC)
-        Tm = tl.where(r > s, Tm, 0.0)
-        Mm = tl.dot(Pq.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC)
-        Mm = tl.where(r >= s, Mm, 0.0)
-        # (I + T)^-1 = (I - T)(I + T^2)(I + T^4)(I + T^8): T is strictly lower triangular, so T^16 = 0
-        eye = tl.where(r == s, 1.0, 0.0)
-        N1 = -Tm
-        N2 = tl.dot(N1, N1, input_precision="ieee")
-        A = tl.dot(eye + N1, eye + N2, input_precision="ieee")
-        N4 = tl.dot(N2, N2, input_precision="ieee")
-        A = tl.dot(A, eye + N4, input_precision="ieee")
-        N8 = tl.dot(N4, N4, input_precision="ieee")
-        A = tl.dot(A, eye + N8, input_precision="ieee")
-        return Tm, Mm, A, Pq, Pk, Pb, e_pos, e_neg
+        return qn * e_pos, kn * e_neg, b * kn * e_pos, e_pos, e_neg
 
+    @triton.jit
+    def _load_rows16(ptr, tok, valid, i_h, H, BT: tl.constexpr, IDENTITY: tl.constexpr):
+        """A stored [BT, BT] block matrix, one row per token ([tokens, H, BT] fp32); rows outside the
+        call read as rows of the identity (IDENTITY) or zero."""
+        o_t = tl.arange(0, BT)
+        x = tl.load(ptr + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
+        if IDENTITY:
+            x = tl.where(valid[:, None], x, tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0))
+        return x
 
     @triton.jit
     def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o_sum_out, delta_out,
-                          h_store, delta_store, m_store, r_store, seqs,
-                          sq, sk, sv, sg, sb, sw, H, scale,
+                          h_store, delta_store, m_store, r_store, a_store, mm_store, y_store, gq_store, kend_store,
+                          gl_store, seqs, sq, sk, sv, sg, sb, sw, H, scale,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, RANK: tl.constexpr,
                           VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr, USE_INITIAL: tl.constexpr,
                           DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
-        """One program per (sequence, head). seqs [N, 5] int64: first token (flat index into the B*T
-        rows), length, absolute offset, first stored chunk, number of chunks."""
+        """One program per (sequence, head)."""
         i_nh = tl.program_id(0).to(tl.int64)
         i_n, i_h = i_nh // H, i_nh % H
-        bos = tl.load(seqs + i_n * 5)
-        length = tl.load(seqs + i_n * 5 + 1)
-        offset = tl.load(seqs + i_n * 5 + 2)
-        chunk0 = tl.load(seqs + i_n * 5 + 3)
+        bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
         o_k = tl.arange(0, K)
         o_v = tl.arange(0, V)
         o_t = tl.arange(0, BT)
+        r_i = o_t[:, None]
+        s_i = o_t[None, :]
         p_S = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
         if USE_INITIAL:
             S = tl.load(S_in + p_S)
@@ -508,40 +533,53 @@ if triton is not None:
             S = tl.zeros([K, V], dtype=tl.float32)
             o_acc = tl.zeros([V], dtype=tl.float32)
         delta = tl.load(delta_in + i_nh * K + o_k)
-        blk_first = offset // BT
-        blk_end = tl.where(length > 0, (offset + length - 1) // BT + 1, blk_first)
-        for a in range(blk_first, blk_end):
-            pos = a * BT + o_t                                 # absolute positions of the block's rows
-            t = pos - offset
-            valid = (t >= 0) & (t < length)
-            tok = bos + t
+        for a in range(blk_first, blk_last + 1):
+            tok, valid = _block_rows(a, bos, offset, length, BT)
+            m_row = valid[:, None]
             j = (a * BT) // C - offset // C                    # chunk of this block, counted in this call
-            if ((a * BT) % C == 0) | (a == blk_first):         # a chunk starts: keep what the backward needs
+            if ((a * BT) % C == 0) | (a == blk_first):         # a chunk starts: keep its state and Delta
                 p_h = ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
                 tl.store(h_store + p_h, S.to(h_store.dtype.element_ty))
                 tl.store(delta_store + ((chunk0 + j) * H + i_h) * K + o_k, delta)
             qn, kn, q_norm, k_norm, g_raw, Gc, GL, b = _block_inputs(q, k, g, b_logit, tok, valid, i_h,
                                                                      sq, sk, sg, sb, delta, K)
-            Tm, Mm, A, Pq, Pk, Pb, e_pos, e_neg = _block_solve(qn, kn, Gc, GL, b, DT, PREC, BT)
+            Pq, Pk, Pb, e_pos, e_neg = _block_factors(qn, kn, Gc, GL, b)
+            Tm = tl.where(r_i > s_i, tl.dot(Pb.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC), 0.0)
+            Mm = tl.where(r_i >= s_i, tl.dot(Pq.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC), 0.0)
+            # (I + T)^-1 = (I - T)(I + T^2)(I + T^4)(I + T^8): T is strictly lower triangular, so T^16 = 0
+            eye = tl.where(r_i == s_i, 1.0, 0.0)
+            N2 = tl.dot(Tm, Tm, input_precision="ieee")
+            A = tl.dot(eye - Tm, eye + N2, input_precision="ieee")
+            N4 = tl.dot(N2, N2, input_precision="ieee")
+            A = tl.dot(A, eye + N4, input_precision="ieee")
+            A = tl.dot(A, eye + tl.dot(N4, N4, input_precision="ieee"), input_precision="ieee")
             gamma = tl.exp(Gc)
-            v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=m_row, other=0.0).to(tl.float32)
             if VALUE_GATE:
-                w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=valid[:, None], other=0.0)
+                w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=m_row, other=0.0)
                 Z = w_t.to(tl.float32) * v_t
             else:
                 Z = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None] * v_t
-            Y = tl.dot(A.to(DT), (gamma * b * kn).to(DT), input_precision=PREC)
+            Y_dt = tl.dot(A.to(DT), (gamma * b * kn).to(DT), input_precision=PREC).to(DT)
+            gq_dt = (gamma * qn).to(DT)
+            k_end_dt = (tl.exp(GL[None, :] - Gc) * kn).to(DT)
             S_dt = S.to(DT)
-            R = tl.dot(A.to(DT), Z.to(DT), input_precision=PREC) - tl.dot(Y.to(DT), S_dt, input_precision=PREC)
+            R = tl.dot(A.to(DT), Z.to(DT), input_precision=PREC) - tl.dot(Y_dt, S_dt, input_precision=PREC)
             R_dt = R.to(DT)
-            tl.store(r_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], R_dt.to(r_store.dtype.element_ty),
-                 mask=valid[:, None])
-            O = (tl.dot((gamma * qn).to(DT), S_dt, input_precision=PREC)
-                 + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
-            tl.store(o + tok[:, None] * (H * V) + i_h * V + o_v[None, :], O.to(o.dtype.element_ty), mask=valid[:, None])
-            k_end = tl.exp(GL[None, :] - Gc) * kn
-            S = tl.dot(tl.trans(k_end.to(DT)), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
+            O = (tl.dot(gq_dt, S_dt, input_precision=PREC) + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
+            S = tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
             o_acc += tl.sum(O, axis=0)                     # masked rows are exact zeros
+            p_o = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
+            tl.store(o + p_o, O.to(o.dtype.element_ty), mask=m_row)
+            tl.store(r_store + p_o, R_dt.to(r_store.dtype.element_ty), mask=m_row)
+            p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+            tl.store(y_store + p_k, Y_dt.to(y_store.dtype.element_ty), mask=m_row)
+            tl.store(gq_store + p_k, gq_dt.to(gq_store.dtype.element_ty), mask=m_row)
+            tl.store(kend_store + p_k, k_end_dt.to(kend_store.dtype.element_ty), mask=m_row)
+            p_16 = (tok[:, None] * H + i_h) * BT + s_i
+            tl.store(a_store + p_16, A, mask=m_row)
+            tl.store(mm_store + p_16, Mm, mask=m_row)
+            tl.store(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k, GL)
             if (((a + 1) * BT) % C == 0) & ((a + 1) * BT <= offset + length):   # a chunk is complete
                 m = o_acc / C          # stop-gradient read of m (SPEC section 1): the backward treats it as data
                 if HAS_CONTENT:
@@ -556,134 +594,186 @@ if triton is not None:
         tl.store(o_sum_out + i_nh * V + o_v, o_acc)
         tl.store(delta_out + i_nh * K + o_k, delta)
 
-
     @triton.jit
     def _accumulate(ptr, x, mask, ATOMIC: tl.constexpr):
-        """Partial sums over value blocks: with two blocks, two fp32 atomic adds onto zeros give the same
-        bits in either order, so the result stays deterministic."""
+        """Sums over the value blocks of a head: with two blocks, two fp32 atomic adds onto zeros give
+        the same bits in either order, so the result stays deterministic."""
         if ATOMIC:
             tl.atomic_add(ptr, x, mask=mask)
         else:
-            tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
-
+            tl.store(ptr, x, mask=mask)
 
     @triton.jit
-    def _chunk_bwd_kernel(q, k, v, g, b_logit, w, do, r_store, h_store, delta_store, dS_end, scratch,
-                          dq, dk, dv, dg, db_logit, dw, d_delta, dS0, seqs,
-                          sq, sk, sv, sg, sb, sw, H, scale,
-                          K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                          VALUE_GATE: tl.constexpr, USE_DS_END: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                          BT: tl.constexpr):
-        """One program per (sequence, head, block of BV value columns), walking the chunks backwards. For
-        each chunk it rebuilds the state at every block start from the stored chunk-start state and the
-        stored v_new (one [K, BT] x [BT, BV] product a block, kept in `scratch`), then runs the blocks'
-        backward in reverse carrying dS, the gradient of the state at the block's end."""
+    def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_end, dr_store, ds_store, dS0,
+                        seqs, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                        USE_DS_END: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+        """One program per (sequence, head, value block), blocks in reverse, carrying dS (the gradient of
+        the state after the block): stores dR of every token and dS at every chunk end."""
         NV: tl.constexpr = V // BV
-        ATOMIC: tl.constexpr = NV > 1
         pid = tl.program_id(0).to(tl.int64)
         i_v = pid % NV
         i_nh = pid // NV
         i_n, i_h = i_nh // H, i_nh % H
-        bos = tl.load(seqs + i_n * 5)
-        length = tl.load(seqs + i_n * 5 + 1)
-        offset = tl.load(seqs + i_n * 5 + 2)
-        chunk0 = tl.load(seqs + i_n * 5 + 3)
-        n_chunks = tl.load(seqs + i_n * 5 + 4)
+        bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
         o_k = tl.arange(0, K)
         o_v = i_v * BV + tl.arange(0, BV)
-        o_t = tl.arange(0, BT)
-        r_i = o_t[:, None]
-        s_i = o_t[None, :]
         p_S = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
-        p_scratch = scratch + pid * (C // BT) * K * BV + o_k[:, None] * BV + tl.arange(0, BV)[None, :]
         if USE_DS_END:
             dS = tl.load(dS_end + p_S)
         else:
             dS = tl.zeros([K, BV], dtype=tl.float32)
-        blk_first = offset // BT
-        blk_last = (offset + length - 1) // BT
-        for jj in range(0, n_chunks):
-            j = n_chunks - 1 - jj
-            a0 = tl.maximum(((offset // C) + j) * (C // BT), blk_first)      # first and last block of chunk j
-            a1 = tl.minimum(((offset // C) + j + 1) * (C // BT) - 1, blk_last)
-            delta = tl.load(delta_store + ((chunk0 + j) * H + i_h) * K + o_k)
-            # rebuild the state at every block start of the chunk
-            S = tl.load(h_store + ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]).to(tl.float32)
-            tl.debug_barrier()   # the previous chunk's reads of scratch are done before it is overwritten
+        for aa in range(blk_first, blk_last + 1):
+            a = blk_last + blk_first - aa
+            tok, valid = _block_rows(a, bos, offset, length, BT)
+            m_row = valid[:, None]
+            if (((a + 1) * BT) % C == 0) | (a == blk_last):   # the last block of a chunk
+                j = (a * BT) // C - offset // C
+                tl.store(ds_store + ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                         dS.to(ds_store.dtype.element_ty))
+            Mm = _load_rows16(mm_store, tok, valid, i_h, H, BT, False)
+            p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+            k_end = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
+            gq = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(tl.float32)
+            Y = tl.load(y_store + p_k, mask=m_row, other=0.0).to(tl.float32)
+            gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
+            p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
+            dO = tl.load(do + p_v, mask=m_row, other=0.0).to(DT)
+            dR = tl.dot(tl.trans(Mm.to(DT)), dO, input_precision=PREC) * scale \
+                + tl.dot(k_end, dS.to(DT), input_precision=PREC)
+            dR_dt = dR.to(DT)
+            tl.store(dr_store + p_v, dR_dt.to(dr_store.dtype.element_ty), mask=m_row)
+            dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
+            dS = tl.dot(tl.trans((-Y).to(DT)), dR_dt, acc=dS, input_precision=PREC)
+        tl.store(dS0 + p_S, dS)
+
+    @triton.jit
+    def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store,
+                          gl_store, scratch, dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rz, seqs, max_chunks,
+                          sv, sw, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                          VALUE_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+        """One program per (sequence, chunk, head, value block): the block states of the chunk from its
+        stored start state and v_new, the state gradients from its stored end gradient and dR, then per
+        block dv, dw and the value-summed pieces the key-side kernel needs."""
+        NV: tl.constexpr = V // BV
+        ATOMIC: tl.constexpr = NV > 1
+        pid = tl.program_id(0).to(tl.int64)
+        i_v = pid % NV
+        i_h = (pid // NV) % H
+        i_nj = pid // (NV * H)
+        i_n, j = i_nj // max_chunks, i_nj % max_chunks
+        bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+        if j < n_chunks:
+            a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
+            o_k = tl.arange(0, K)
+            o_v = i_v * BV + tl.arange(0, BV)
+            o_t = tl.arange(0, BT)
+            p_state = ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+            p_scratch = scratch + pid * (C // BT) * K * BV + o_k[:, None] * BV + tl.arange(0, BV)[None, :]
+            S = tl.load(h_store + p_state).to(tl.float32)
             for a in range(a0, a1 + 1):
                 tl.store(p_scratch + (a - a0) * K * BV, S)
-                t = a * BT + o_t - offset
-                valid = (t >= 0) & (t < length)
-                tok = bos + t
-                g_t = tl.load(g + tok[:, None] * sg + i_h * K + o_k[None, :], mask=valid[:, None], other=0.0)
-                gf = tl.maximum(g_t.to(tl.float32), -5.0)
-                Gc = tl.cumsum(gf, axis=0)
-                GL = tl.sum(gf, axis=0)
-                k_raw = tl.load(k + tok[:, None] * sk + i_h * K + o_k[None, :], mask=valid[:, None], other=0.0)
-                k_raw = k_raw.to(tl.float32)
-                kn = k_raw / tl.maximum(tl.sqrt(tl.sum(k_raw * k_raw, axis=1)), 1e-6)[:, None]
+                tok, valid = _block_rows(a, bos, offset, length, BT)
+                k_end = tl.load(kend_store + tok[:, None] * (H * K) + i_h * K + o_k[None, :], mask=valid[:, None],
+                                other=0.0).to(DT)
                 R = tl.load(r_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], mask=valid[:, None], other=0.0)
-                k_end = tl.exp(GL[None, :] - Gc) * kn
-                S = tl.dot(tl.trans(k_end.to(DT)), R.to(DT), acc=S * tl.exp(GL)[:, None], input_precision=PREC)
+                gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
+                S = tl.dot(tl.trans(k_end), R.to(DT), acc=S * gammaL[:, None], input_precision=PREC)
             tl.debug_barrier()   # every block state is in scratch before any is read back
-            dd = tl.zeros([K], dtype=tl.float32)
+            dS = tl.load(ds_store + p_state).to(tl.float32)
             for aa in range(a0, a1 + 1):
                 a = a1 + a0 - aa
                 S = tl.load(p_scratch + (a - a0) * K * BV)
-                t = a * BT + o_t - offset
-                valid = (t >= 0) & (t < length)
-                tok = bos + t
-                mrow = valid[:, None]
-                qn, kn, q_norm, k_norm, g_raw, Gc, GL, b = _block_inputs(q, k, g, b_logit, tok, valid, i_h,
-                                                                         sq, sk, sg, sb, delta, K)
-                Tm, Mm, A, Pq, Pk, Pb, e_pos, e_neg = _block_solve(qn, kn, Gc, GL, b, DT, PREC, BT)
-                gamma = tl.exp(Gc)
-                gammaL = tl.exp(GL)
-                decay_end = tl.exp(GL[None, :] - Gc)
-                k_end = decay_end * kn
-                X = gamma * b * kn
-                gq = gamma * qn
-                v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=mrow, other=0.0).to(tl.float32)
+                tok, valid = _block_rows(a, bos, offset, length, BT)
+                m_row = valid[:, None]
+                p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
+                p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+                dO = tl.load(do + p_v, mask=m_row, other=0.0).to(DT)
+                R = tl.load(r_store + p_v, mask=m_row, other=0.0).to(DT)
+                dR = tl.load(dr_store + p_v, mask=m_row, other=0.0).to(DT)
+                A = _load_rows16(a_store, tok, valid, i_h, H, BT, True)
+                v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=m_row, other=0.0).to(tl.float32)
                 if VALUE_GATE:
-                    w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=mrow, other=0.0).to(tl.float32)
+                    w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=m_row, other=0.0)
+                    w_t = w_t.to(tl.float32)
                 else:
                     w_t = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None]
-                Z = w_t * v_t
-                dO = tl.load(do + tok[:, None] * (H * V) + i_h * V + o_v[None, :], mask=mrow, other=0.0).to(DT)
-                R = tl.load(r_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], mask=mrow, other=0.0)
-                Y = tl.dot(A.to(DT), X.to(DT), input_precision=PREC)
                 S_dt = S.to(DT)
                 dS_dt = dS.to(DT)
-                # O = (gq S + M R) scale,  S_end = gammaL S + k_end^T R,  R = A Z - Y S
-                dR = tl.dot(tl.trans(Mm.to(DT)), dO, input_precision=PREC) * scale \
-                    + tl.dot(k_end.to(DT), dS_dt, input_precision=PREC)
-                dR_dt = dR.to(DT)
-                d_gq = tl.dot(dO, tl.trans(S_dt), input_precision=PREC) * scale
-                dM = tl.dot(dO, tl.trans(R.to(DT)), input_precision=PREC) * scale
-                dM = tl.where(r_i >= s_i, dM, 0.0)
-                d_kend = tl.dot(R.to(DT), tl.trans(dS_dt), input_precision=PREC)
-                d_gammaL = tl.sum(S * dS, axis=1)
-                dY = -tl.dot(dR_dt, tl.trans(S_dt), input_precision=PREC)
-                dA = tl.dot(dY.to(DT), tl.trans(X.to(DT)), input_precision=PREC) \
-                    + tl.dot(dR_dt, tl.trans(Z.to(DT)), input_precision=PREC)
+                _accumulate(d_gq + p_k, tl.dot(dO, tl.trans(S_dt), input_precision=PREC) * scale, m_row, ATOMIC)
+                _accumulate(d_y + p_k, -tl.dot(dR, tl.trans(S_dt), input_precision=PREC), m_row, ATOMIC)
+                _accumulate(d_kend + p_k, tl.dot(R, tl.trans(dS_dt), input_precision=PREC), m_row, ATOMIC)
+                _accumulate(d_gl + ((block0 + a - blk_first) * H + i_h) * K + o_k, tl.sum(S * dS, axis=1),
+                            o_k < K, ATOMIC)
+                p_16 = (tok[:, None] * H + i_h) * BT + o_t[None, :]
+                _accumulate(d_m + p_16, tl.dot(dO, tl.trans(R), input_precision=PREC) * scale, m_row, ATOMIC)
+                _accumulate(d_rz + p_16, tl.dot(dR, tl.trans((w_t * v_t).to(DT)), input_precision=PREC), m_row,
+                            ATOMIC)
+                dZ = tl.dot(tl.trans(A.to(DT)), dR, input_precision=PREC)
+                tl.store(dv + p_v, (dZ * w_t).to(dv.dtype.element_ty), mask=m_row)
+                if VALUE_GATE:
+                    tl.store(dw + p_v, (dZ * v_t).to(dw.dtype.element_ty), mask=m_row)
+                else:
+                    _accumulate(dw + tok * H + i_h, tl.sum(dZ * v_t, axis=1), valid, ATOMIC)
+                # the state gradient at the block's start is the previous block's end gradient
+                gq = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(tl.float32)
+                Y = tl.load(y_store + p_k, mask=m_row, other=0.0).to(tl.float32)
+                gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
+                dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
+                dS = tl.dot(tl.trans((-Y).to(DT)), dR, acc=dS, input_precision=PREC)
+
+    @triton.jit
+    def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rz,
+                        dq, dk, dg, db_logit, d_delta, seqs, max_chunks, sq, sk, sg, sb, H,
+                        K: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                        BT: tl.constexpr):
+        """One program per (sequence, chunk, head): for each block, the chain from the value-summed
+        pieces through A = (I + T)^-1, T and M (whose factors are rebuilt from q, k, g, b) to dq, dk,
+        dg, db_logit, and dDelta of the chunk."""
+        pid = tl.program_id(0).to(tl.int64)
+        i_h = pid % H
+        i_nj = pid // H
+        i_n, j = i_nj // max_chunks, i_nj % max_chunks
+        bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+        if j < n_chunks:
+            a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
+            o_k = tl.arange(0, K)
+            o_t = tl.arange(0, BT)
+            r_i = o_t[:, None]
+            s_i = o_t[None, :]
+            delta = tl.load(delta_store + ((chunk0 + j) * H + i_h) * K + o_k)
+            dd = tl.zeros([K], dtype=tl.float32)
+            for a in range(a0, a1 + 1):
+                tok, valid = _block_rows(a, bos, offset, length, BT)
+                m_row = valid[:, None]
+                qn, kn, q_norm, k_norm, g_raw, Gc, GL, b = _block_inputs(q, k, g, b_logit, tok, valid, i_h,
+                                                                         sq, sk, sg, sb, delta, K)
+                Pq, Pk, Pb, e_pos, e_neg = _block_factors(qn, kn, Gc, GL, b)
+                A = _load_rows16(a_store, tok, valid, i_h, H, BT, True)
                 At = tl.trans(A)
+                gamma = tl.exp(Gc)
+                decay_end = tl.exp(GL[None, :] - Gc)
+                X = gamma * b * kn
+                p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+                dgq = tl.load(d_gq + p_k, mask=m_row, other=0.0)
+                dY = tl.load(d_y + p_k, mask=m_row, other=0.0)
+                dke = tl.load(d_kend + p_k, mask=m_row, other=0.0)
+                dGLS = tl.load(d_gl + ((block0 + a - blk_first) * H + i_h) * K + o_k)
+                dM = tl.where(r_i >= s_i, _load_rows16(d_m, tok, valid, i_h, H, BT, False), 0.0)
+                dA = tl.dot(dY.to(DT), tl.trans(X.to(DT)), input_precision=PREC) \
+                    + _load_rows16(d_rz, tok, valid, i_h, H, BT, False)
                 dX = tl.dot(At.to(DT), dY.to(DT), input_precision=PREC)
-                dZ = tl.dot(At.to(DT), dR_dt, input_precision=PREC)
                 dT = -tl.dot(tl.dot(At, dA, input_precision="ieee"), At, input_precision="ieee")
                 dT = tl.where(r_i > s_i, dT, 0.0)
                 dPb = tl.dot(dT.to(DT), Pk.to(DT), input_precision=PREC)
                 dPq = tl.dot(dM.to(DT), Pk.to(DT), input_precision=PREC)
                 dPk = tl.dot(tl.trans(dT.to(DT)), Pb.to(DT), input_precision=PREC) \
                     + tl.dot(tl.trans(dM.to(DT)), Pq.to(DT), input_precision=PREC)
-                # the state gradient at the block's start, for the block before
-                dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
-                dS = tl.dot(tl.trans((-Y).to(DT)), dR_dt, acc=dS, input_precision=PREC)
-                # to the kernel's inputs
-                dqn = dPq * e_pos + d_gq * gamma
-                dkn = dPk * e_neg + dPb * b * e_pos + dX * gamma * b + d_kend * decay_end
+                # O = (gamma q S + M R) scale, S_end = gamma_L S + k_end^T R, Y = A X, T = Pb Pk^T, M = Pq Pk^T
+                dqn = dPq * e_pos + dgq * gamma
+                dkn = dPk * e_neg + dPb * b * e_pos + dX * gamma * b + dke * decay_end
                 db = dPb * kn * e_pos + dX * gamma * kn
-                dGc = Pq * dPq - Pk * dPk + Pb * dPb + X * dX + gq * d_gq - k_end * d_kend
-                dGL = tl.sum(k_end * d_kend, axis=0) + gammaL * d_gammaL
+                dGc = Pq * dPq - Pk * dPk + Pb * dPb + X * dX + gamma * qn * dgq - decay_end * kn * dke
+                dGL = tl.sum(decay_end * kn * dke, axis=0) + tl.exp(GL) * dGLS
                 dgv = tl.sum(dGc, axis=0)[None, :] - tl.cumsum(dGc, axis=0) + dGc + dGL[None, :]
                 dgv = tl.where(g_raw < -5.0, 0.0, dgv)                       # the floor's gradient
                 dq_raw = tl.where(q_norm[:, None] > 1e-6,
@@ -691,22 +781,12 @@ if triton is not None:
                 dk_raw = tl.where(k_norm[:, None] > 1e-6,
                                   (dkn - kn * tl.sum(kn * dkn, axis=1)[:, None]) / k_norm[:, None], dkn / 1e-6)
                 dbl = db * b * (1.0 - b)
-                dd += tl.sum(tl.where(mrow, dbl, 0.0), axis=0)
-                p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
-                _accumulate(dq + p_k, dq_raw, mrow, ATOMIC)
-                _accumulate(dk + p_k, dk_raw, mrow, ATOMIC)
-                _accumulate(dg + p_k, dgv, mrow, ATOMIC)
-                _accumulate(db_logit + p_k, dbl, mrow, ATOMIC)
-                p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
-                tl.store(dv + p_v, (dZ * w_t).to(dv.dtype.element_ty), mask=mrow)
-                if VALUE_GATE:
-                    tl.store(dw + p_v, (dZ * v_t).to(dw.dtype.element_ty), mask=mrow)
-                else:
-                    _accumulate(dw + tok * H + i_h, tl.sum(dZ * v_t, axis=1), valid, ATOMIC)
-            _accumulate(d_delta + ((chunk0 + j) * H + i_h) * K + o_k, dd, o_k < K, ATOMIC)
-        tl.store(dS0 + p_S, dS)
-
-
+                dd += tl.sum(tl.where(m_row, dbl, 0.0), axis=0)
+                tl.store(dq + p_k, dq_raw.to(dq.dtype.element_ty), mask=m_row)
+                tl.store(dk + p_k, dk_raw.to(dk.dtype.element_ty), mask=m_row)
+                tl.store(dg + p_k, dgv.to(dg.dtype.element_ty), mask=m_row)
+                tl.store(db_logit + p_k, dbl.to(db_logit.dtype.element_ty), mask=m_row)
+            tl.store(d_delta + ((chunk0 + j) * H + i_h) * K + o_k, dd)
 
 
 def chunk_triton_supports(k_dim, v_dim, chunk_size):
@@ -716,16 +796,26 @@ def chunk_triton_supports(k_dim, v_dim, chunk_size):
 
 
 def _sequence_table(B, T, offset, cu_seqlens, chunk_size):
-    """Per sequence: [first token (a row of the flattened B*T tokens), length, absolute offset, first
-    stored chunk, number of chunks], flattened to one list of ints (a custom-op argument)."""
+    """Per sequence, SEQ_FIELDS ints: first token (a row of the flattened B*T tokens), length, absolute
+    offset, first stored chunk, number of chunks, first stored block; flattened (a custom-op argument)."""
     bounds = [n * T for n in range(B + 1)] if cu_seqlens is None else list(cu_seqlens)
     offsets = list(offset) if isinstance(offset, (tuple, list)) else [offset] * (len(bounds) - 1)
-    table, total = [], 0
+    table, chunks, blocks = [], 0, 0
     for start, end, off in zip(bounds, bounds[1:], offsets):
-        n_chunks = (off + end - start - 1) // chunk_size - off // chunk_size + 1 if end > start else 0
-        table += [start, end - start, off, total, n_chunks]
-        total += n_chunks
+        n = end - start
+        n_chunks = (off + n - 1) // chunk_size - off // chunk_size + 1 if n else 0
+        table += [start, n, off, chunks, n_chunks, blocks]
+        chunks += n_chunks
+        blocks += (off + n - 1) // CHUNK_BT - off // CHUNK_BT + 1 if n else 0
     return table
+
+
+def _table_sizes(table):
+    """(sequences, stored chunks, stored blocks, most chunks of one sequence)."""
+    rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
+    last = rows[-1]
+    n_blocks = last[5] + ((last[2] + last[1] - 1) // CHUNK_BT - last[2] // CHUNK_BT + 1 if last[1] else 0)
+    return len(rows), last[3] + last[4], n_blocks, max(r[4] for r in rows)
 
 
 def _token_rows(x):
@@ -740,15 +830,31 @@ def _token_rows(x):
 def _dot_operands(dtype):
     """(DT, PREC) of the chunk kernels: dot operands in the input dtype, exact fp32 products for fp32
     inputs. Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands (it keeps bf16 as
-    uint16), so interpreted kernels use fp32 operands; the bf16 loads, stores and stored state and
-    v_new are still bf16, and the compiled bf16 products are checked on a GPU."""
+    uint16), so interpreted kernels use fp32 operands; the bf16 loads, stores and stored tensors are
+    still bf16, and the compiled bf16 products are checked on a GPU."""
     if dtype == torch.float32 or _interpreted():
         return tl.float32, "ieee"
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "tf32"
 
 
-def _stored_chunks(table):
-    return sum(table[4::5])
+def _operand_dtype(dtype):
+    """The torch dtype of the dot operands (see _dot_operands): the forward stores the operands it used
+    (state at chunk starts, v_new, Y, gamma q, decayed keys) in it, so the backward reads the same values."""
+    return torch.float32 if dtype == torch.float32 or _interpreted() else dtype
+
+
+def _fwd_shapes(q, v, table):
+    """Shapes and dtypes of carve::chunk_fwd's outputs: o, the final S, o_sum, delta, then what the
+    backward keeps (state at chunk starts, Delta and m per chunk, v_new, A and M rows, Y, gamma q,
+    keys decayed to the block end, the block's total log-decay)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N, n_chunks, n_blocks, _ = _table_sizes(table)
+    f32, dt = torch.float32, _operand_dtype(q.dtype)
+    return [((B, T, H, V), v.dtype), ((N, H, K, V), f32), ((N, H, V), f32), ((N, H, K), f32),
+            ((n_chunks, H, K, V), dt), ((n_chunks, H, K), f32), ((n_chunks, H, V), f32), ((B, T, H, V), dt),
+            ((B, T, H, CHUNK_BT), f32), ((B, T, H, CHUNK_BT), f32), ((B, T, H, K), dt), ((B, T, H, K), dt),
+            ((B, T, H, K), dt), ((n_blocks, H, K), f32)]
 
 
 if triton is not None:
@@ -757,19 +863,13 @@ if triton is not None:
                       w: torch.Tensor, D: Optional[torch.Tensor], U: Optional[torch.Tensor],
                       S0: Optional[torch.Tensor], o_sum0: Optional[torch.Tensor], delta0: Optional[torch.Tensor],
                       table: List[int], scale: float, chunk_size: int) -> List[torch.Tensor]:
-        """o, then the final S, o_sum, delta (a row per sequence), then what the backward keeps: the
-        state at each chunk start, Delta and m of each chunk, and v_new of every token."""
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        N, n_chunks = len(table) // 5, _stored_chunks(table)
+        """o and the final S, o_sum, delta (a row per sequence), then what the backward keeps."""
+        H, K = q.shape[2], q.shape[3]
+        N = len(table) // SEQ_FIELDS
         dev, f32 = q.device, torch.float32
         q, k, v, g, b_logit, w = (_token_rows(x) for x in (q, k, v, g, b_logit, w))
-        o = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
-        S, o_sum, delta = (torch.empty(N, H, *d, dtype=f32, device=dev) for d in ((K, V), (V,), (K,)))
-        h_store = torch.empty(n_chunks, H, K, V, dtype=q.dtype, device=dev)
-        delta_store = torch.empty(n_chunks, H, K, dtype=f32, device=dev)
-        m_store = torch.zeros(n_chunks, H, V, dtype=f32, device=dev)   # stays 0 for unfinished chunks
-        r_store = torch.empty(B, T, H, V, dtype=q.dtype, device=dev)
+        out = [torch.empty(shape, dtype=dtype, device=dev) for shape, dtype in _fwd_shapes(q, v, table)]
+        out[6].zero_()   # m stays 0 for chunks that do not finish
         use_initial = S0 is not None
         if use_initial:
             S0, o_sum0 = S0.float().contiguous(), o_sum0.float().contiguous()
@@ -777,82 +877,90 @@ if triton is not None:
         has_content = D is not None
         dot_dtype, precision = _dot_operands(q.dtype)
         _chunk_fwd_kernel[(N * H,)](
-            q, k, v, g, b_logit, w, D if has_content else delta0, U if has_content else delta0, o,
-            S0 if use_initial else S, o_sum0 if use_initial else o_sum, delta0, S, o_sum, delta,
-            h_store, delta_store, m_store, r_store, torch.tensor(table, dtype=torch.int64, device=dev),
+            q, k, v, g, b_logit, w, D if has_content else delta0, U if has_content else delta0, out[0],
+            S0 if use_initial else out[1], o_sum0 if use_initial else out[2], delta0, *out[1:],
+            torch.tensor(table, dtype=torch.int64, device=dev),
             q.stride(1), k.stride(1), v.stride(1), g.stride(1), b_logit.stride(1), w.stride(1), H, scale,
-            K=K, V=V, C=chunk_size, RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4,
+            K=K, V=v.shape[-1], C=chunk_size, RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4,
             HAS_CONTENT=has_content, USE_INITIAL=use_initial, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
-            num_warps=8)
-        return [o, S, o_sum, delta, h_store, delta_store, m_store, r_store]
+            num_warps=CHUNK_WARPS)
+        return out
 
     @_chunk_fwd_op.register_fake
     def _(q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size):
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        N, n_chunks = len(table) // 5, _stored_chunks(table)
-        f32 = torch.float32
-        return [v.new_empty(B, T, H, V), q.new_empty(N, H, K, V, dtype=f32), q.new_empty(N, H, V, dtype=f32),
-                q.new_empty(N, H, K, dtype=f32), q.new_empty(n_chunks, H, K, V), q.new_empty(n_chunks, H, K, dtype=f32),
-                q.new_empty(n_chunks, H, V, dtype=f32), q.new_empty(B, T, H, V)]
+        return [q.new_empty(shape, dtype=dtype) for shape, dtype in _fwd_shapes(q, v, table)]
 
     @torch.library.custom_op("carve::chunk_bwd", mutates_args=())
     def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b_logit: torch.Tensor,
-                      w: torch.Tensor, do: torch.Tensor, dS_end: Optional[torch.Tensor], h_store: torch.Tensor,
-                      delta_store: torch.Tensor, r_store: torch.Tensor, table: List[int], scale: float,
-                      chunk_size: int) -> List[torch.Tensor]:
-        """dq, dk, dv, dg, db_logit, dw (fp32 where summed over value blocks), dDelta of each chunk,
-        and the gradient of each sequence's initial state."""
+                      w: torch.Tensor, do: torch.Tensor, dS_end: Optional[torch.Tensor], saved: List[torch.Tensor],
+                      table: List[int], scale: float, chunk_size: int) -> List[torch.Tensor]:
+        """dq, dk, dv, dg, db_logit, dw, dDelta of each chunk, and each initial state's gradient."""
+        h_store, delta_store, _, r_store, a_store, mm_store, y_store, gq_store, kend_store, gl_store = saved
         B, T, H, K = q.shape
         V = v.shape[-1]
-        N = len(table) // 5
+        N, n_chunks, n_blocks, max_chunks = _table_sizes(table)
         dev, f32 = q.device, torch.float32
         q, k, v, g, b_logit, w, do = (_token_rows(x) for x in (q, k, v, g, b_logit, w, do))
-        BV = min(V, 64)
-        grid = N * H * (V // BV)
-        zeros = lambda *s: torch.zeros(*s, dtype=f32, device=dev)  # noqa: E731  (atomic sums start at 0)
-        dq, dk, dg, db_logit = (zeros(B, T, H, K) for _ in range(4))
-        dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
-        dw = torch.empty(B, T, H, V, dtype=w.dtype, device=dev) if w.dim() == 4 else zeros(B, T, H)
-        d_delta = zeros(delta_store.shape[0], H, K)
-        dS0 = torch.empty(N, H, K, V, dtype=f32, device=dev)
+        BV = min(V, CHUNK_BV)
+        NV = V // BV
         dot_dtype, precision = _dot_operands(q.dtype)
-        _chunk_bwd_kernel[(grid,)](
-            q, k, v, g, b_logit, w, do, r_store, h_store, delta_store,
-            dS_end.float().contiguous() if dS_end is not None else dS0,
+        seqs = torch.tensor(table, dtype=torch.int64, device=dev)
+        dS0 = torch.empty(N, H, K, V, dtype=f32, device=dev)
+        dr_store = torch.empty(B, T, H, V, dtype=f32, device=dev)
+        ds_store = torch.empty(n_chunks, H, K, V, dtype=f32, device=dev)
+        _chunk_bwd_walk[(N * H * NV,)](
+            do, mm_store, y_store, gq_store, kend_store, gl_store,
+            dS_end.float().contiguous() if dS_end is not None else dS0, dr_store, ds_store, dS0, seqs, H, scale,
+            K=K, V=V, BV=BV, C=chunk_size, USE_DS_END=dS_end is not None, DT=dot_dtype, PREC=precision,
+            BT=CHUNK_BT, num_warps=CHUNK_WARPS)
+        # sums over value blocks start at 0 (two atomic adds onto 0 are exact in either order)
+        summed = lambda *s: (torch.zeros if NV > 1 else torch.empty)(*s, dtype=f32, device=dev)  # noqa: E731
+        d_gq, d_y, d_kend = (summed(B, T, H, K) for _ in range(3))
+        d_m, d_rz = (summed(B, T, H, CHUNK_BT) for _ in range(2))
+        d_gl = summed(n_blocks, H, K)
+        dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
+        dw = torch.empty(B, T, H, V, dtype=w.dtype, device=dev) if w.dim() == 4 else summed(B, T, H)
+        grid = N * max_chunks * H * NV
+        _chunk_bwd_values[(grid,)](
+            v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store, gl_store,
             torch.empty(grid, chunk_size // CHUNK_BT, K, BV, dtype=f32, device=dev),  # block states
-            dq, dk, dv, dg, db_logit, dw, d_delta, dS0, torch.tensor(table, dtype=torch.int64, device=dev),
-            q.stride(1), k.stride(1), v.stride(1), g.stride(1), b_logit.stride(1), w.stride(1), H, scale,
-            K=K, V=V, BV=BV, C=chunk_size, VALUE_GATE=w.dim() == 4, USE_DS_END=dS_end is not None,
-            DT=dot_dtype, PREC=precision, BT=CHUNK_BT, num_warps=8)
-        return [dq, dk, dv, dg, db_logit, dw, d_delta, dS0]
+            dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rz, seqs, max_chunks, v.stride(1), w.stride(1), H, scale,
+            K=K, V=V, BV=BV, C=chunk_size, VALUE_GATE=w.dim() == 4, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
+            num_warps=CHUNK_WARPS)
+        del dr_store, ds_store  # the key-side kernel does not read them: their memory takes its outputs
+        dq, dk, db_logit = (torch.empty(B, T, H, K, dtype=x.dtype, device=dev) for x in (q, k, b_logit))
+        dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)
+        d_delta = torch.empty(n_chunks, H, K, dtype=f32, device=dev)
+        _chunk_bwd_keys[(N * max_chunks * H,)](
+            q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rz, dq, dk, dg, db_logit,
+            d_delta, seqs, max_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), H,
+            K=K, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT, num_warps=CHUNK_WARPS)
+        return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0]
 
     @_chunk_bwd_op.register_fake
-    def _(q, k, v, g, b_logit, w, do, dS_end, h_store, delta_store, r_store, table, scale, chunk_size):
-        B, T, H, K = q.shape
-        N, f32 = len(table) // 5, torch.float32
-        summed = lambda *s: q.new_empty(*s, dtype=f32)  # noqa: E731
-        return [summed(B, T, H, K), summed(B, T, H, K), torch.empty_like(v), summed(B, T, H, K), summed(B, T, H, K),
-                torch.empty_like(w) if w.dim() == 4 else summed(B, T, H), summed(delta_store.shape[0], H, K),
-                summed(N, H, K, v.shape[-1])]
+    def _(q, k, v, g, b_logit, w, do, dS_end, saved, table, scale, chunk_size):
+        N, n_chunks = len(table) // SEQ_FIELDS, _table_sizes(table)[1]
+        f32 = torch.float32
+        return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+                torch.empty_like(b_logit), torch.empty_like(w), q.new_empty(n_chunks, q.shape[2], q.shape[3], dtype=f32),
+                q.new_empty(N, q.shape[2], q.shape[3], v.shape[-1], dtype=f32)]
 
     def _chunk_setup_context(ctx, inputs, output):
         q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size = inputs
-        h_store, delta_store, m_store, r_store = output[4:]
-        ctx.save_for_backward(q, k, v, g, b_logit, w, D, U, h_store, delta_store, m_store, r_store)
+        ctx.save_for_backward(q, k, v, g, b_logit, w, D, U, *output[4:])
         ctx.table, ctx.scale, ctx.chunk_size = table, scale, chunk_size
         ctx.has_S0, ctx.has_delta0 = S0 is not None, delta0 is not None
 
     def _chunk_backward(ctx, grads):
         do, dS, _, d_delta_final = grads[:4]   # o_sum is a stop-gradient read: its gradient is dropped
-        q, k, v, g, b_logit, w, D, U, h_store, delta_store, m_store, r_store = ctx.saved_tensors
+        q, k, v, g, b_logit, w, D, U, *saved = ctx.saved_tensors
         if do is None:  # only the final state was used
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
         dq, dk, dv, dg, db_logit, dw, d_delta, dS0 = torch.ops.carve.chunk_bwd(
-            q, k, v, g, b_logit, w, do, dS, h_store, delta_store, r_store, ctx.table, ctx.scale, ctx.chunk_size)
-        dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, m_store, D, U, ctx.table, ctx.chunk_size, q)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), db_logit.to(b_logit.dtype), dw.to(w.dtype),
-                dD, dU, dS0 if ctx.has_S0 else None, None, d_delta0 if ctx.has_delta0 else None, None, None, None)
+            q, k, v, g, b_logit, w, do, dS, saved, ctx.table, ctx.scale, ctx.chunk_size)
+        dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved[2], D, U, ctx.table, ctx.chunk_size, q)
+        return (dq, dk, dv, dg, db_logit, dw, dD, dU, dS0 if ctx.has_S0 else None, None,
+                d_delta0 if ctx.has_delta0 else None, None, None, None)
 
     torch.library.register_autograd("carve::chunk_fwd", _chunk_backward, setup_context=_chunk_setup_context)
 
@@ -862,7 +970,7 @@ def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size, lik
     U and the initial delta. Chunk i's Delta is the initial delta for a sequence's first chunk and
     U D m_{i-1} after it; the final delta is U D m of the last chunk if that chunk is complete, else
     the last chunk's Delta. m is data here (stop-gradient, SPEC section 1)."""
-    rows = [table[i:i + 5] for i in range(0, len(table), 5)]
+    rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
     dev, H, K = like.device, like.shape[2], like.shape[3]
     final = d_delta_final if d_delta_final is not None else torch.zeros(len(rows), H, K, device=dev)
     index = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
@@ -905,7 +1013,7 @@ def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
                                                    K ** -0.5 if scale is None else float(scale), chunk_size)[:4]
     if not output_final_state:
         return o, None
-    offsets = tuple(table[2 + i] + table[1 + i] for i in range(0, len(table), 5))
+    offsets = tuple(table[2 + i] + table[1 + i] for i in range(0, len(table), SEQ_FIELDS))
     return o, CarveState(S, o_sum.detach(), delta, offsets if cu_seqlens is not None else offset + T)
 # ============================================================================ end of Triton chunk
 
