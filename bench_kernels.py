@@ -1,0 +1,187 @@
+"""Kernel benchmark on one GPU: the Triton chunk kernels (CARVE, and GDN-2 mode) against
+flash-linear-attention's chunk_gdn2 and chunk_kda, and the decode step against its fused_recurrent_gdn2.
+
+    python bench_kernels.py                  # the tables (and a correctness check first)
+    python bench_kernels.py --breakdown      # also device time per kernel (torch.profiler)
+
+flash-linear-attention is optional: `pip install fla-core==0.6.0` (pure Python) and set
+FLA_DISABLE_BACKEND_DISPATCH=1. H = 16, K = V = 128, chunk 64, bf16 q, k, v, b_logit, w, fp32 g;
+times are medians of triton.testing.do_bench; peak memory is the most allocated above the inputs during
+one forward + backward. Decode: one step (T = 1), fp32 state, time of the whole call and of its replay
+in a CUDA graph; state traffic = read + write of S (2 B H K V 4 bytes), against the card's copy
+bandwidth measured in the same run. Record results in docs/BENCHMARKS.md with the machine and versions.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+import carve_kernel
+from carve_kernel import CarveState, chunk_carve_torch, chunk_carve_triton, recurrent_carve_triton
+
+H, K, V, C, RANK = 16, 128, 128, 64, 16
+SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
+BATCHES = (1, 32, 256)
+
+
+def ms(fn, **kw):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median", **kw)
+
+
+def chunk_inputs(B, T, mode, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    bf = torch.bfloat16
+    x = [r(B, T, H, K).to(bf), r(B, T, H, K).to(bf), r(B, T, H, V).to(bf),
+         F.logsigmoid(1.5 * r(B, T, H, K) + 2.5), r(B, T, H, K).to(bf),
+         torch.sigmoid(r(B, T, H) if mode == "carve" else r(B, T, H, V)).to(bf)]
+    content = (0.5 * r(H, RANK, V), 0.5 * r(H, K, RANK)) if mode == "carve" else None
+    return [t.requires_grad_() for t in x], content
+
+
+def check():
+    """The compiled kernels against the fp32 torch path on the same bf16 inputs (tests/ do this in
+    depth; this is a guard that the card's compiler built them right)."""
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    for mode in ("carve", "gdn2"):
+        x, content = chunk_inputs(2, 300, mode, seed=1)
+        state = CarveState(0.1 * torch.randn(2, H, K, V, device="cuda"), torch.zeros(2, H, V, device="cuda"),
+                           torch.zeros(2, H, K, device="cuda"), 5)
+        o, final = chunk_carve_triton(*x, content, state, True)
+        ref = [t.detach().float().requires_grad_() for t in x]
+        o_ref, final_ref = chunk_carve_torch(*ref, content, state, True)
+        do = torch.randn_like(o_ref)
+        grads = torch.autograd.grad(o.float(), x, do)
+        grads_ref = torch.autograd.grad(o_ref, ref, do)
+        errs = [rel(o, o_ref), rel(final.S, final_ref.S)] + [rel(a, b) for a, b in zip(grads, grads_ref)]
+        print(f"check {mode}: relative error o, S, dq, dk, dv, dg, db_logit, dw: "
+              + " ".join(f"{e:.1e}" for e in errs))
+        assert max(errs) < 2e-2, "the compiled chunk kernels disagree with the torch path"
+
+
+def fla_chunk():
+    try:
+        from fla.ops.gdn2 import chunk_gdn2, fused_recurrent_gdn2
+        from fla.ops.kda import chunk_kda
+        import fla
+        print(f"flash-linear-attention {fla.__version__}")
+        return chunk_gdn2, chunk_kda, fused_recurrent_gdn2
+    except Exception as e:  # noqa: BLE001
+        print(f"flash-linear-attention not importable ({type(e).__name__}: {e}): our rows only")
+        return None, None, None
+
+
+def time_chunk(name, B, T, chunk_gdn2, chunk_kda):
+    """(fwd ms, fwd+bwd ms, peak MiB) of one implementation at B x T."""
+    mode = "carve" if name in ("CARVE (ours)", "fla chunk_kda") else "gdn2"  # chunk_kda takes a scalar beta
+    x, content = chunk_inputs(B, T, mode)
+    q, k, v, g, b_logit, w = x
+    if name in ("CARVE (ours)", "GDN-2 mode (ours)"):
+        fn = lambda: chunk_carve_triton(*x, content)[0]  # noqa: E731
+    elif name == "fla chunk_gdn2":
+        b = torch.sigmoid(b_logit.detach().float()).to(b_logit.dtype).requires_grad_()
+        x[4] = b
+        fn = lambda: chunk_gdn2(q, k, v, g, b, w, use_qk_l2norm_in_kernel=True)[0]  # noqa: E731
+    else:  # fla chunk_kda: scalar beta (CARVE's w) and the channel-wise decay
+        fn = lambda: chunk_kda(q, k, v, g, w, use_qk_l2norm_in_kernel=True)[0]  # noqa: E731
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        fn().backward(do)
+
+    with torch.no_grad():
+        fwd = ms(fn)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return fwd, ms(step, grad_to_none=x), peak
+
+
+def breakdown(B, T):
+    """Device time of each kernel of one CARVE forward + backward, from torch.profiler."""
+    x, content = chunk_inputs(B, T, "carve")
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        chunk_carve_triton(*x, content)[0].backward(do)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        chunk_carve_triton(*x, content)[0].backward(do)
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    print(f"\nCARVE {B}x{T}: device ms per kernel (one forward + backward)")
+    for key, t in rows[:8]:
+        print(f"  {t:8.3f}  {key[:90]}")
+
+
+def copy_bandwidth():
+    n = 2 ** 29  # 2 GiB of fp32
+    a = torch.empty(n, device="cuda").normal_()
+    b = torch.empty_like(a)
+    us = ms(lambda: b.copy_(a)) * 1e3
+    return 2 * n * 4 / (us * 1e-6) / 1e12
+
+
+def time_decode(B, fused_recurrent_gdn2):
+    """(ours us, ours in a CUDA graph us, fla us) of one GDN-2-mode decode step at batch B."""
+    (q, k, v, g, b_logit, w), _ = chunk_inputs(B, 1, "gdn2")
+    q, k, v, g, b_logit, w = (t.detach() for t in (q, k, v, g, b_logit, w))
+    state = CarveState(0.1 * torch.randn(B, H, K, V, device="cuda"), torch.zeros(B, H, V, device="cuda"),
+                       torch.zeros(B, H, K, device="cuda"), 5)
+    ours = lambda: recurrent_carve_triton(q, k, v, g, b_logit, w, None, state, True)  # noqa: E731
+    with torch.no_grad():
+        ours()
+        t = ms(ours) * 1e3
+        t_graph = triton.testing.do_bench_cudagraph(ours, rep=100, return_mode="median") * 1e3
+        t_fla = float("nan")
+        if fused_recurrent_gdn2 is not None:
+            b = torch.sigmoid(b_logit.float()).to(b_logit.dtype)
+            fla = lambda: fused_recurrent_gdn2(q, k, v, g, b, w, initial_state=state.S,  # noqa: E731
+                                               output_final_state=True, use_qk_l2norm_in_kernel=True)
+            fla()
+            t_fla = ms(fla) * 1e3
+    return t, t_graph, t_fla
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--breakdown", action="store_true", help="device time per kernel (torch.profiler)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA GPU (the tests run the kernels on a CPU)")
+    os.environ.setdefault("FLA_DISABLE_BACKEND_DISPATCH", "1")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    check()
+    chunk_gdn2, chunk_kda, fused_recurrent_gdn2 = fla_chunk()
+    names = (["fla chunk_gdn2", "fla chunk_kda"] if chunk_gdn2 else []) + ["CARVE (ours)", "GDN-2 mode (ours)"]
+    # each row is printed as soon as it is measured (fla autotunes at every new shape, which takes a while)
+    print(f"\nchunk, H={H} K=V={K} bf16: fwd ms | fwd+bwd ms | peak MiB | fwd+bwd and peak / fla chunk_gdn2")
+    for shape in SHAPES:
+        fla = None
+        for n in names:
+            fwd, both, peak = time_chunk(n, *shape, chunk_gdn2, chunk_kda)
+            fla = (fwd, both, peak) if n == "fla chunk_gdn2" else fla
+            ratio = f"{both / fla[1]:5.2f}x {peak / fla[2]:5.2f}x" if fla else ""
+            print(f"{shape[0]}x{shape[1]:<6} {n:<18} {fwd:8.3f} {both:9.3f} {peak:8.0f}   {ratio}", flush=True)
+    copy = copy_bandwidth()
+    print(f"\ndecode step, H={H} K=V={K}, fp32 state; copy bandwidth {copy:.2f} TB/s")
+    for B in BATCHES:
+        t, t_graph, t_fla = time_decode(B, fused_recurrent_gdn2)
+        traffic = 2 * B * H * K * V * 4 / 1e12
+        print(f"B={B:<4} ours {t:7.1f} us {traffic / (t * 1e-6):5.2f} TB/s ({traffic / (t * 1e-6) / copy:4.0%})"
+              f" | in a CUDA graph {t_graph:6.1f} us {traffic / (t_graph * 1e-6):5.2f} TB/s | fla {t_fla:7.1f} us",
+              flush=True)
+    if args.breakdown:
+        for shape in SHAPES:
+            breakdown(*shape)
+
+
+if __name__ == "__main__":
+    main()
