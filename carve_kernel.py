@@ -941,8 +941,9 @@ if triton is not None:
     def _(q, k, v, g, b_logit, w, do, dS_end, saved, table, scale, chunk_size):
         N, n_chunks = len(table) // SEQ_FIELDS, _table_sizes(table)[1]
         f32 = torch.float32
-        return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
-                torch.empty_like(b_logit), torch.empty_like(w), q.new_empty(n_chunks, q.shape[2], q.shape[3], dtype=f32),
+        fresh = lambda x: x.new_empty(x.shape)  # noqa: E731  (contiguous, like the real outputs)
+        return [fresh(q), fresh(k), fresh(v), fresh(g), fresh(b_logit), fresh(w),
+                q.new_empty(n_chunks, q.shape[2], q.shape[3], dtype=f32),
                 q.new_empty(N, q.shape[2], q.shape[3], v.shape[-1], dtype=f32)]
 
     def _chunk_setup_context(ctx, inputs, output):

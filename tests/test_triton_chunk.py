@@ -257,6 +257,34 @@ def test_compiles_without_graph_breaks():
     table = carve_kernel._sequence_table(1, 20, 0, None, 16)
     torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
                           (*leaves, *content, None, None, None, table, 0.25, 16))
+    with torch.no_grad():
+        out = torch.ops.carve.chunk_fwd(*leaves, *content, None, None, None, table, 0.25, 16)
+    do = torch.randn_like(out[0])
+    # inputs in another memory layout (as inductor may pass them): the outputs are still contiguous
+    strided = [t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in leaves]
+    torch.library.opcheck(torch.ops.carve.chunk_bwd.default, (strided + [do, None, out[4:], table, 0.25, 16]))
+
+
+@pytest.mark.parametrize("mixer", ["carve", "gdn2,attn"])
+def test_model_compiles_without_graph_breaks(monkeypatch, mixer):
+    """A training step of the model on the Triton path under torch.compile(fullgraph=True): same loss
+    and gradients, bit for bit (aot_eager keeps torch's own kernels around the custom ops)."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = perturb(LM(tiny(mixer, head_k_dim=16, head_v_dim=16, chunk_size=16))).to(DEVICE)
+    idx = tokens(2, 37, 61).to(DEVICE)
+
+    def step(idx):
+        return model(idx, idx)[1]
+
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        model.zero_grad()
+        loss = fn(idx)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
 # ----------------------------------------------------------------------------- the model on the Triton path
