@@ -63,3 +63,19 @@ def triton_installed():
     import carve_kernel
     assert carve_kernel.triton is not None, ("triton is not installed: these tests run the real kernels "
                                              "(in its interpreter on a CPU); pip install triton==3.9.0")
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty fills every floating-point tensor it makes with NaN and records it here, so an
+    element that a kernel's launcher allocates and the kernel does not write shows up as NaN."""
+    real_empty, made = torch.empty, []
+
+    def empty_nan(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        if t.is_floating_point():
+            made.append(t.fill_(float("nan")))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty_nan)
+    return made

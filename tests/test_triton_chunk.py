@@ -116,6 +116,30 @@ def test_parity_fp32(mode, with_state, B, H, T, K, V, C):
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("prefix", [69, 85, 101, 117, 128])
+def test_parity_offsets(mode, prefix):
+    """From a state at every kind of offset in a 64-token chunk: inside its first block, at a block
+    start, in the middle of a later block (the first block of the call does not start the chunk, so
+    the chunk's state is stored from there), and on a chunk boundary."""
+    B, H, T, K, V, C = 1, 2, 50, 16, 32, 64
+    x = make_inputs(B, T, H, K, V, mode, seed=10)
+    state, prefix_content = make_state(B, H, K, V, mode, C, prefix=prefix) if prefix % C else \
+        _state_on_boundary(B, H, K, V, mode, C, prefix)
+    if mode == "carve":
+        x["D"], x["U"] = prefix_content
+    check(x, state, C, tag=f"triton chunk {mode} offset {prefix}")
+
+
+def _state_on_boundary(B, H, K, V, mode, C, prefix):
+    """make_state insists on an offset inside a chunk; this one ends exactly on a chunk boundary."""
+    x = make_inputs(B, prefix, H, K, V, mode, seed=1)
+    content = (x["D"], x["U"]) if mode == "carve" else None
+    _, (S, o_sum, delta, offset) = reference(*(x[n] for n in NAMES), content, chunk_size=C)
+    assert offset % C == 0 and not o_sum.any()
+    return CarveState(S.float(), o_sum.float(), delta.float(), offset), content
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
 def test_parity_bf16(mode):
     """bf16 q, k, v, b_logit, w: the kernels use them as bf16 dot operands (fp32 accumulation), so
     outputs, states and gradients all carry bf16 rounding, like flash-linear-attention's."""
@@ -196,25 +220,15 @@ def test_stop_gradient_through_m():
     assert_rel(leaves, ref, TOL_GRAD, "triton chunk stop-grad")
 
 
-def test_every_output_element_is_written(monkeypatch):
-    """The launchers allocate every output with torch.empty; filled with NaN here, an element the
-    kernels miss (a masked row, a value block, a chunk's stored state) shows up as NaN."""
-    real_empty, poisoned = torch.empty, []
-
-    def empty_nan(*shape, **kw):
-        t = real_empty(*shape, **kw)
-        if t.is_floating_point():
-            poisoned.append(t.fill_(float("nan")))
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty_nan)
+def test_every_output_element_is_written(poisoned_empty):
+    """The launchers allocate every output with torch.empty, NaN-filled here: an element the kernels
+    miss (a masked row, a value block, a chunk's stored state, a gradient) shows up as NaN."""
     B, H, T, K, V, C = 1, 2, 37, 16, 128, 32
     x = make_inputs(B, T, H, K, V, "carve", seed=12)
-    state, (x["D"], x["U"]) = make_state(B, H, K, V, "carve", C)
+    state, (x["D"], x["U"]) = make_state(B, H, K, V, "carve", C, prefix=53)  # the call starts mid-chunk
     o, final = check(x, state, C, tag="triton chunk poisoned")
-    monkeypatch.setattr(torch, "empty", real_empty)
-    assert any(p is o for p in poisoned) and any(p is final.S for p in poisoned)
-    assert len(poisoned) >= 10  # forward and backward buffers (o, S, stored states, v_new, dv, dS0, ...)
+    assert any(p is o for p in poisoned_empty) and any(p is final.S for p in poisoned_empty)
+    assert len(poisoned_empty) >= 10  # forward and backward buffers (o, S, stored states, v_new, dv, dS0, ...)
 
 
 def test_dispatch(monkeypatch):
