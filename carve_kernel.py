@@ -906,7 +906,7 @@ if triton is not None:
         dot_dtype, precision = _dot_operands(q.dtype)
         seqs = torch.tensor(table, dtype=torch.int64, device=dev)
         dS0 = torch.empty(N, H, K, V, dtype=f32, device=dev)
-        dr_store = torch.empty(B, T, H, V, dtype=f32, device=dev)
+        dr_store = torch.empty(B, T, H, V, dtype=_operand_dtype(q.dtype), device=dev)  # only read as an operand
         ds_store = torch.empty(n_chunks, H, K, V, dtype=f32, device=dev)
         _chunk_bwd_walk[(N * H * NV,)](
             do, mm_store, y_store, gq_store, kend_store, gl_store,
