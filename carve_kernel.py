@@ -257,6 +257,19 @@ def chunk_carve_torch(q, k, v, g, b_logit, w, content=None, initial_state=None,
 
 if triton is not None:
     @triton.jit
+    def _token_step(S, q_t, k_t, v_t, g_t, bl_t, w_t, d, scale):
+        """One token of the recurrence (SPEC section 1's step form) on a [BK, BV] fp32 state tile, from
+        fp32 inputs; padded channels are 0. Returns the new tile and this tile's columns of o."""
+        # L2 norm as F.normalize(eps=1e-6): x / max(||x||, 1e-6)
+        q_t = q_t / tl.maximum(tl.sqrt(tl.sum(q_t * q_t, axis=0)), 1e-6)
+        k_t = k_t / tl.maximum(tl.sqrt(tl.sum(k_t * k_t, axis=0)), 1e-6)
+        b_t = tl.sigmoid(bl_t + d)
+        S = S * tl.exp(tl.maximum(g_t, -5.0))[:, None]                     # Diag(alpha) S, g >= GATE_FLOOR
+        v_new = w_t * v_t - tl.sum(S * (b_t * k_t)[:, None], axis=0)       # u - S^T (b * k)
+        S = S + k_t[:, None] * v_new[None, :]                              # + k v_new^T
+        return S, tl.sum(S * q_t[:, None], axis=0) * scale                 # S^T q * scale
+
+    @triton.jit
     def _recurrent_fwd_kernel(q, k, v, g, b_logit, w, o, S_in, S_out, o_sum_in, o_sum_out, delta,
                               sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sg_b, sg_t, sbl_b, sbl_t, sw_b, sw_t,
                               t_start, n_tokens, T, H, scale,
@@ -291,25 +304,82 @@ if triton is not None:
             q_t = tl.load(q + i_b * sq_b + t * sq_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
             k_t = tl.load(k + i_b * sk_b + t * sk_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
             g_t = tl.load(g + i_b * sg_b + t * sg_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-            g_t = tl.maximum(g_t, -5.0)                                        # GATE_FLOOR
-            bl_t = tl.load(b_logit + i_b * sbl_b + t * sbl_t + i_h * K + o_k, mask=m_k, other=0.0)
+            bl_t = tl.load(b_logit + i_b * sbl_b + t * sbl_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
             v_t = tl.load(v + i_b * sv_b + t * sv_t + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
             if VALUE_GATE:  # GDN-2: w_t * v_t
                 w_t = tl.load(w + i_b * sw_b + t * sw_t + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
             else:           # CARVE: beta_t v_t
                 w_t = tl.load(w + i_b * sw_b + t * sw_t + i_h).to(tl.float32)
-            # L2 norm as F.normalize(eps=1e-6): x / max(||x||, 1e-6); padded channels are 0
-            q_t = q_t / tl.maximum(tl.sqrt(tl.sum(q_t * q_t, axis=0)), 1e-6)
-            k_t = k_t / tl.maximum(tl.sqrt(tl.sum(k_t * k_t, axis=0)), 1e-6)
-            b_t = tl.sigmoid(bl_t.to(tl.float32) + d)
-            S = S * tl.exp(g_t)[:, None]                                       # Diag(alpha) S
-            v_new = w_t * v_t - tl.sum(S * (b_t * k_t)[:, None], axis=0)       # u - S^T (b * k)
-            S = S + k_t[:, None] * v_new[None, :]                              # + k v_new^T
-            o_t = tl.sum(S * q_t[:, None], axis=0) * scale                     # S^T q * scale
+            S, o_t = _token_step(S, q_t, k_t, v_t, g_t, bl_t, w_t, d, scale)
             tl.store(o + ((i_b * T + t) * H + i_h) * V + o_v, o_t.to(o.dtype.element_ty), mask=m_v)
             o_acc += o_t  # fp32 running sum of this chunk's outputs (the content signal m)
         tl.store(S_out + p_S, S, mask=m_S)
         tl.store(o_sum_out + i_bh * V + o_v, o_acc, mask=m_v)
+
+
+    @triton.jit
+    def _conv_silu(x, conv_w, conv_in, conv_out, i_b, ch, m_ch, n_ch, WIDTH: tl.constexpr,
+                   WP: tl.constexpr):
+        """Channels `ch` of batch row i_b: the depthwise causal conv over the cached last WIDTH - 1 inputs
+        and this one, then SiLU, each rounded to x's dtype as the model's torch ops are; writes the
+        cache shifted by one. x [B, n_ch]; conv_w [n_ch, WIDTH]; caches [B, n_ch, WIDTH - 1]."""
+        o_w = tl.arange(0, WP)
+        m_w = m_ch[:, None] & (o_w[None, :] < WIDTH - 1)
+        p_cache = (i_b * n_ch + ch[:, None]) * (WIDTH - 1) + o_w[None, :]
+        hist = tl.load(conv_in + p_cache, mask=m_w, other=0.0).to(tl.float32)
+        cur = tl.load(x + i_b * n_ch + ch, mask=m_ch, other=0.0)
+        # the weights in x's dtype too, as causal_conv casts them
+        taps = tl.load(conv_w + ch[:, None] * WIDTH + o_w[None, :], mask=m_w, other=0.0).to(cur.dtype)
+        last = tl.load(conv_w + ch * WIDTH + WIDTH - 1, mask=m_ch, other=0.0).to(cur.dtype)
+        y = tl.sum(hist * taps.to(tl.float32), axis=1) + cur.to(tl.float32) * last.to(tl.float32)
+        y = y.to(cur.dtype).to(tl.float32)
+        shifted = tl.load(conv_in + p_cache + 1, mask=m_w & (o_w[None, :] < WIDTH - 2), other=0.0)
+        new_cache = tl.where(o_w[None, :] < WIDTH - 2, shifted.to(cur.dtype), cur[:, None])
+        tl.store(conv_out + p_cache, new_cache.to(conv_out.dtype.element_ty), mask=m_w)
+        return (y * tl.sigmoid(y)).to(cur.dtype).to(tl.float32)
+
+    @triton.jit
+    def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit, w, o, S_in, S_out,
+                            o_sum_in, o_sum_out, delta, H, scale, a_log_min,
+                            K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                            WIDTH: tl.constexpr, WP: tl.constexpr, VALUE_GATE: tl.constexpr):
+        """One decode step (T = 1) of a layer from its projections, before any activation: the causal
+        conv of q, k, v with its cache and SiLU, the decay g = -exp(max(A_log, a_log_min)) *
+        softplus(f + dt_bias), the write gate sigmoid(w) (rounded to w's dtype, as torch.sigmoid of a
+        bf16 tensor is), then _token_step. x [B, 2HK + HV] holds the q, k, v projections; f, b_logit
+        [B, H*K]; w [B, H*V] (GDN-2) or [B, H] (CARVE); A_log [H], dt_bias [H*K]; every tensor contiguous.
+        Every value block of a head writes the same new conv cache of the head's q and k channels."""
+        NV: tl.constexpr = (V + BV - 1) // BV
+        pid = tl.program_id(0)
+        i_v = pid % NV
+        i_bh = (pid // NV).to(tl.int64)
+        i_b, i_h = i_bh // H, i_bh % H
+        n_ch = 2 * H * K + H * V
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_k, m_v = o_k < K, o_v < V
+        q_t = _conv_silu(x, conv_w, conv_in, conv_out, i_b, i_h * K + o_k, m_k, n_ch, WIDTH, WP)
+        k_t = _conv_silu(x, conv_w, conv_in, conv_out, i_b, (H + i_h) * K + o_k, m_k, n_ch, WIDTH, WP)
+        v_t = _conv_silu(x, conv_w, conv_in, conv_out, i_b, 2 * H * K + i_h * V + o_v, m_v, n_ch, WIDTH, WP)
+        rate = tl.exp(tl.maximum(tl.load(A_log + i_h).to(tl.float32), a_log_min))
+        f_t = tl.load(f + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32) \
+            + tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        e = tl.exp(tl.minimum(f_t, 20.0))                  # softplus as torch: log1p(exp(f)), f above 20
+        g_t = -rate * tl.where(f_t > 20.0, f_t, tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e)))
+        bl_t = tl.load(b_logit + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        if VALUE_GATE:
+            w_raw = tl.load(w + i_bh * V + o_v, mask=m_v, other=0.0)
+        else:
+            w_raw = tl.load(w + i_bh)
+        w_t = tl.sigmoid(w_raw.to(tl.float32)).to(w_raw.dtype).to(tl.float32)
+        p_S = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+        m_S = m_k[:, None] & m_v[None, :]
+        S = tl.load(S_in + p_S, mask=m_S, other=0.0)
+        d = tl.load(delta + i_bh * K + o_k, mask=m_k, other=0.0)
+        S, o_t = _token_step(S, q_t, k_t, v_t, g_t, bl_t, w_t, d, scale)
+        tl.store(o + i_bh * V + o_v, o_t.to(o.dtype.element_ty), mask=m_v)
+        tl.store(S_out + p_S, S, mask=m_S)
+        tl.store(o_sum_out + i_bh * V + o_v, tl.load(o_sum_in + i_bh * V + o_v, mask=m_v, other=0.0) + o_t, mask=m_v)
 
 
 def _decode_config(batch_heads, k_dim, v_dim):
@@ -392,6 +462,42 @@ def recurrent_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=N
     return o, final
 
 
+def decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state, content, a_log_min,
+                       scale=None, chunk_size=64):
+    """One fused decode step of a CARVE / GDN-2 layer from its projections at one position: x [B, 2HK + HV]
+    (q, k, v before the conv), conv_weight [2HK + HV, 1, W], conv_cache [B, 2HK + HV, W - 1], f and
+    b_logit [B, H*K], w [B, H*V] (GDN-2) or [B, H] (CARVE), all before their activations, and the
+    layer's A_log [H] and dt_bias [H*K]. Returns o [B, 1, H, V] in x's dtype, the new CarveState and
+    the new conv cache. It computes what causal_conv, the gates and recurrent_carve_triton compute in
+    model.py, in one launch (plus the Delta einsum in torch once every chunk_size tokens). Inference only."""
+    B, n_ch = x.shape
+    H = A_log.shape[0]
+    K = f.shape[-1] // H
+    V = (n_ch - 2 * H * K) // H
+    width = conv_weight.shape[-1]
+    dev, f32 = x.device, torch.float32
+    BK, BV, num_warps = _decode_config(B * H, K, V)
+    o = torch.empty(B, 1, H, V, dtype=x.dtype, device=dev)
+    S = torch.empty(B, H, K, V, dtype=f32, device=dev)
+    o_sum = torch.empty(B, H, V, dtype=f32, device=dev)
+    new_cache = torch.empty(B, n_ch, width - 1, dtype=x.dtype, device=dev)
+    S_in, o_sum_in, delta, offset = state
+    delta = delta.float()
+    c = lambda t: t.contiguous()  # noqa: E731
+    _decode_step_kernel[(-(-V // BV) * B * H,)](
+        c(x), c(conv_weight), c(conv_cache.to(x.dtype)), new_cache, c(f), c(A_log), c(dt_bias), c(b_logit), c(w), o,
+        c(S_in.float()), S, c(o_sum_in.float()), o_sum, c(delta.float()), H,
+        K ** -0.5 if scale is None else float(scale), float(a_log_min),
+        K=K, V=V, BK=BK, BV=BV, WIDTH=width, WP=max(2, 1 << (width - 2).bit_length()),
+        VALUE_GATE=w.shape[-1] == H * V, num_warps=num_warps)
+    if (offset + 1) % chunk_size == 0:  # the chunk is finished: the content update, in torch
+        if content is not None:
+            with torch.autocast(dev.type, enabled=False):
+                delta = _next_delta(content, o_sum, chunk_size)
+        o_sum = torch.zeros_like(o_sum)
+    return o, CarveState(S, o_sum, delta, offset + 1), new_cache
+
+
 if triton is not None:
     # The decode step as a torch.library custom op: torch.compile (e.g. a compiled generation loop,
     # or mode="reduce-overhead" for CUDA graphs) sees one opaque node instead of a Triton launch it
@@ -405,13 +511,35 @@ if triton is not None:
         content = (D, U) if D is not None else None
         o, final = recurrent_carve_triton(q, k, v, g, b_logit, w, content, CarveState(S, o_sum, delta, offset),
                                           True, scale, chunk_size)
-        return o, final.S, final.o_sum, final.delta.clone()  # a custom op may not return an input
+        # a custom op may not return an input, and its outputs are contiguous like the fake's
+        return o, final.S, final.o_sum, final.delta.clone(memory_format=torch.contiguous_format)
 
     @_recurrent_triton_op.register_fake
     def _(q, k, v, g, b_logit, w, S, o_sum, delta, D, U, offset, scale, chunk_size):
         f32 = torch.float32
         return (v.new_empty(*q.shape[:3], v.shape[-1]), S.new_empty(S.shape, dtype=f32),
                 o_sum.new_empty(o_sum.shape, dtype=f32), delta.new_empty(delta.shape, dtype=f32))
+
+    @torch.library.custom_op("carve::decode_step", mutates_args=())
+    def _decode_step_op(x: torch.Tensor, conv_weight: torch.Tensor, conv_cache: torch.Tensor, f: torch.Tensor,
+                        A_log: torch.Tensor, dt_bias: torch.Tensor, b_logit: torch.Tensor, w: torch.Tensor,
+                        S: torch.Tensor, o_sum: torch.Tensor, delta: torch.Tensor, D: Optional[torch.Tensor],
+                        U: Optional[torch.Tensor], offset: int, a_log_min: float, scale: float,
+                        chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        content = (D, U) if D is not None else None
+        o, final, cache = decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
+                                             CarveState(S, o_sum, delta, offset), content, a_log_min, scale,
+                                             chunk_size)
+        # a custom op may not return an input, and its outputs are contiguous like the fake's
+        return o, final.S, final.o_sum, final.delta.clone(memory_format=torch.contiguous_format), cache
+
+    @_decode_step_op.register_fake
+    def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, S, o_sum, delta, D, U, offset, a_log_min, scale,
+          chunk_size):
+        B, H, K, V = S.shape
+        f32 = torch.float32
+        return (x.new_empty(B, 1, H, V), S.new_empty(S.shape, dtype=f32), o_sum.new_empty(o_sum.shape, dtype=f32),
+                delta.new_empty(delta.shape, dtype=f32), x.new_empty(B, x.shape[1], conv_weight.shape[-1] - 1))
 # ============================================================================ end of Triton decode
 
 
@@ -1075,6 +1203,19 @@ def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None, output
                                      chunk_size, cu_seqlens)
         return chunk_carve_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
                                  chunk_size)
+
+
+def fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state, content, a_log_min,
+                      chunk_size=64):
+    """decode_step_triton (one layer's decode step from its projections, conv and gates included)
+    through the custom op carve::decode_step, so a compiled generation loop keeps one graph. The caller
+    picks it when backend_for says 'triton' and no gradient is needed (model.py)."""
+    H, K = A_log.shape[0], f.shape[-1] // A_log.shape[0]
+    D, U = content if content is not None else (None, None)
+    o, S, o_sum, delta, cache = torch.ops.carve.decode_step(
+        x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state.S, state.o_sum, state.delta, D, U,
+        state.offset, float(a_log_min), K ** -0.5, chunk_size)
+    return o, CarveState(S, o_sum, delta, state.offset + 1), cache
 
 
 def recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from carve_kernel import CarveState, chunk_carve, recurrent_carve, zero_state
+from carve_kernel import CarveState, backend_for, chunk_carve, fused_decode_step, recurrent_carve, zero_state
 
 MIXERS = ("carve", "gdn2", "attn")
 
@@ -164,26 +164,38 @@ class DeltaMixer(nn.Module):
         B, T, _ = x.shape
         H, K, V = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv, conv_cache = causal_conv(qkv, self.conv_weight, cache["conv"] if cache else None,
-                                      doc_start if doc_id is not None else None)
-        q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
-        q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
-        decay_rate = self.A_log.float().clamp(min=cfg.a_log_min).exp()[:, None]
-        g = -decay_rate * F.softplus(self.f_proj(x).float().reshape(B, T, H, K) + self.dt_bias.float().view(H, K))
-        b_logit = self.b_proj(x).view(B, T, H, K)
-        if self.kind == "gdn2":
-            w, content = torch.sigmoid(self.w_proj(x)).view(B, T, H, V), None
+        f, b_logit = self.f_proj(x), self.b_proj(x)
+        w_raw = self.w_proj(x) if self.kind == "gdn2" else self.beta_proj(x)
+        content = None if self.kind == "gdn2" else (self.content_down, self.content_up)
+        if cache is not None and T == 1 and self.fused_decode(x):
+            # decode: the conv, the gates and the recurrence in one kernel (carve_kernel.decode_step_triton)
+            o, state, conv_cache = fused_decode_step(qkv[:, 0], self.conv_weight, cache["conv"], f[:, 0],
+                                                     self.A_log, self.dt_bias, b_logit[:, 0], w_raw[:, 0],
+                                                     cache["state"], content, cfg.a_log_min, cfg.chunk_size)
         else:
-            w, content = torch.sigmoid(self.beta_proj(x)), (self.content_down, self.content_up)
-        kernel = recurrent_carve if (cache is not None and T == 1) else chunk_carve
-        o, state = kernel(q, k, v, g, b_logit, w, content, initial_state=cache["state"] if cache else None,
-                          output_final_state=cache is not None, chunk_size=cfg.chunk_size, **packed)
+            qkv, conv_cache = causal_conv(qkv, self.conv_weight, cache["conv"] if cache else None,
+                                          doc_start if doc_id is not None else None)
+            q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
+            q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
+            decay_rate = self.A_log.float().clamp(min=cfg.a_log_min).exp()[:, None]
+            g = -decay_rate * F.softplus(f.float().reshape(B, T, H, K) + self.dt_bias.float().view(H, K))
+            w = torch.sigmoid(w_raw).view(B, T, H, V) if self.kind == "gdn2" else torch.sigmoid(w_raw)
+            kernel = recurrent_carve if (cache is not None and T == 1) else chunk_carve
+            o, state = kernel(q, k, v, g, b_logit.view(B, T, H, K), w, content,
+                              initial_state=cache["state"] if cache else None, output_final_state=cache is not None,
+                              chunk_size=cfg.chunk_size, **packed)
         if cache is not None:
             cache["conv"], cache["state"] = conv_cache, state
         o = F.rms_norm(o.float(), (V,), self.o_norm_weight.float(), cfg.norm_eps).to(x.dtype)
         gate = self.g_proj(x).view(B, T, H, V)
         o = o * (F.silu(gate) if cfg.gate_act == "silu" else torch.sigmoid(gate))
         return self.o_proj(o.reshape(B, T, H * V)).view(batch_shape)
+
+    def fused_decode(self, x):
+        """Whether a decode step runs the fused Triton step: the Triton backend (backend_for), a conv
+        cache to shift, and no gradient needed (the fused kernel has no backward)."""
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return backend_for(x) == "triton" and self.cfg.conv_size > 1 and not needs_grad
 
     def empty_cache(self, batch_size, device):
         cfg = self.cfg

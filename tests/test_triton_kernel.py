@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import carve_kernel
 from carve_kernel import CarveState, backend_for, chunk_carve, chunk_carve_torch, recurrent_carve, \
@@ -324,18 +325,65 @@ def test_caller_autocast(monkeypatch):
                          ids=["carve", "gdn2", "carve,attn-K8-V12"])
 def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims):
     """With CARVE_BACKEND=triton, prefill (chunk_carve: torch path for C = 8) and then one token at a time
-    (recurrent_carve -> Triton kernel) equals one forward over the whole sequence (SPEC section 3):
-    C = 8, T = 21, prefill 6 tokens, so the decode steps cross two chunk boundaries."""
+    (the fused Triton decode step: conv, gates and recurrence in one kernel) equals one forward over the
+    whole sequence (SPEC section 3): C = 8, T = 21, prefill 6 tokens, so the decode steps cross two
+    chunk boundaries."""
     monkeypatch.setenv("CARVE_BACKEND", "triton")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the conv of a GPU run in fp32
+    fused, real = [], carve_kernel.decode_step_triton
+    monkeypatch.setattr(carve_kernel, "decode_step_triton", lambda *a, **kw: fused.append(1) or real(*a, **kw))
     torch.manual_seed(0)
     model = perturb(LM(tiny(mixer, head_k_dim=dims[0], head_v_dim=dims[1]))).eval().to(DEVICE)
     B, T, T1 = 2, 21, 6
     idx = tokens(B, T, model.cfg.vocab_size, seed=3).to(DEVICE)
     full, stepped = prefill_then_decode(model, idx, T1)
     recurrent_layers = sum(m != "attn" for m in model.cfg.layer_mixers())
-    assert calls == {"torch": 0, "triton": (T - T1) * recurrent_layers}
+    assert calls == {"torch": 0, "triton": 0} and len(fused) == (T - T1) * recurrent_layers
     assert_rel(stepped, full, TOL_LOGITS, f"triton prefill+decode logits ({mixer})")
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_decode_step(mode, dtype):
+    """decode_step_triton against what model.py does without it (causal_conv, the gates in torch,
+    recurrent_carve_torch) on the same projections: bf16 projections round the conv, SiLU and
+    sigmoid outputs to bf16 as torch's bf16 ops do. The step finishes a chunk (offset 7, C = 8), so
+    the content update runs; V = 24 masks part of a value block."""
+    from model import causal_conv
+    B, H, K, V, C, W = 3, 2, 16, 24, 8, 4
+    gen = torch.Generator().manual_seed(21)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    n_ch = 2 * H * K + H * V
+    x, f, b_logit = r(B, 1, n_ch).to(dtype), r(B, 1, H * K).to(dtype), r(B, 1, H * K).to(dtype)
+    w_raw = r(B, 1, H * V if mode == "gdn2" else H).to(dtype)
+    conv_weight, conv_cache = 0.5 * r(n_ch, 1, W), r(B, n_ch, W - 1).to(dtype)
+    A_log, dt_bias = torch.empty(H).uniform_(1, 16, generator=gen).log(), r(H * K) - 3
+    content = (r(H, 4, V), r(H, K, 4)) if mode == "carve" else None
+    state = CarveState(0.3 * r(B, H, K, V), r(B, H, V), 0.3 * r(B, H, K), 7)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    o, final, cache = carve_kernel.decode_step_triton(
+        dev(x[:, 0]), dev(conv_weight), dev(conv_cache), dev(f[:, 0]), dev(A_log), dev(dt_bias), dev(b_logit[:, 0]),
+        dev(w_raw[:, 0]), CarveState(*map(dev, state[:3]), 7), tuple(map(dev, content)) if content else None,
+        -5.0, chunk_size=C)
+    qkv, cache_ref = causal_conv(x, conv_weight, conv_cache)
+    q, k, v = (t.reshape(B, 1, H, -1) for t in qkv.split([H * K, H * K, H * V], dim=-1))
+    g = -A_log.exp()[:, None] * F.softplus(f.float().reshape(B, 1, H, K) + dt_bias.view(H, K))
+    w = torch.sigmoid(w_raw).view(B, 1, H, V) if mode == "gdn2" else torch.sigmoid(w_raw)
+    o_ref, final_ref = recurrent_carve_torch(q, k, v, g, b_logit.view(B, 1, H, K), w, content, state, True,
+                                             chunk_size=C)
+    assert o.dtype == dtype and cache.dtype == dtype
+    assert torch.equal(cache.cpu(), cache_ref)  # the shifted inputs, exactly
+    # bf16: the kernel rounds the conv, SiLU and sigmoid outputs to bf16 as torch does, but Triton 3.9's
+    # interpreter converts fp32 to bf16 by truncation (half of random values land one bf16 step from
+    # torch's round-to-nearest; compiled kernels round to nearest), so on a CPU those roundings add up
+    # to ~1e-2; a wrong tap, gate or activation is off by far more
+    tol = TOL_FWD if dtype == torch.float32 else (2 * TOL_BF16 if carve_kernel._interpreted() else TOL_BF16)
+    assert_rel(o.cpu(), o_ref, tol, f"fused decode o {mode} {dtype}")
+    assert_rel(final.S.cpu(), final_ref.S, tol, f"fused decode S {mode} {dtype}")
+    assert final.offset == 8 and not final.o_sum.any()  # the chunk finished: o_sum reset
+    if mode == "carve":
+        assert_rel(final.delta.cpu(), final_ref.delta, tol, f"fused decode delta {dtype}")
 
 
 @needs_triton
@@ -361,3 +409,9 @@ def test_decode_op_compiles_without_graph_breaks(monkeypatch):
     D, U = content
     torch.library.opcheck(torch.ops.carve.recurrent_triton.default,
                           (*args, state.S, state.o_sum, state.delta, D, U, state.offset, 0.25, 8))
+    # the fused decode step (conv and gates included), with a layer's shapes: 2HK + HV = 128 channels
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    torch.library.opcheck(torch.ops.carve.decode_step.default,
+                          (r(2, 128), r(128, 1, 4), r(2, 128, 3), r(2, 32), r(2), r(32), r(2, 32), r(2, 2),
+                           state.S, state.o_sum, state.delta, D, U, state.offset, -5.0, 0.25, 8))
