@@ -19,7 +19,6 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-import carve_kernel
 from carve_kernel import CarveState, chunk_carve_torch, chunk_carve_triton, recurrent_carve_triton
 
 H, K, V, C, RANK = 16, 128, 128, 64, 16

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from carve_kernel import CarveState, backend_for, chunk_carve, fused_decode_step, recurrent_carve, zero_state
+from carve_kernel import backend_for, chunk_carve, fused_decode_step, recurrent_carve, zero_state
 
 MIXERS = ("carve", "gdn2", "attn")
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import carve_kernel
-from carve_kernel import CarveState, chunk_carve, chunk_carve_torch, chunk_carve_triton, recurrent_carve
+import carve_triton
+from carve_kernel import CarveState, chunk_carve, chunk_carve_torch, chunk_carve_triton
 from conftest import assert_rel
 from model import LM
 from test_kernel import TOL_BF16, TOL_FWD, TOL_GRAD, make_inputs, make_state, model_style_gates, reference
@@ -268,7 +269,7 @@ def test_compiles_without_graph_breaks():
     assert torch.equal(compiled, eager)
     for a, b in zip(compiled_grads, eager_grads):
         assert torch.equal(a, b)
-    table = carve_kernel._sequence_table(1, 20, 0, None, 16)
+    table = carve_triton._sequence_table(1, 20, 0, None, 16)
     torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
                           (*leaves, *content, None, None, None, table, 0.25, 16))
     with torch.no_grad():

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import carve_kernel
+import carve_triton
 from carve_kernel import CarveState, backend_for, chunk_carve, chunk_carve_torch, recurrent_carve, \
     recurrent_carve_torch, recurrent_carve_triton
 from conftest import assert_rel
@@ -112,8 +113,8 @@ def test_decode_steps_equal_one_sequence(mode):
 def narrow_tiles(monkeypatch, BV):
     """Force value blocks of BV columns, so that V spans several programs (the default tile covers
     the small V of these tests in one)."""
-    default = carve_kernel._decode_config
-    monkeypatch.setattr(carve_kernel, "_decode_config", lambda bh, k, v: (default(bh, k, v)[0], BV, 1))
+    default = carve_triton._decode_config
+    monkeypatch.setattr(carve_triton, "_decode_config", lambda bh, k, v: (default(bh, k, v)[0], BV, 1))
 
 
 @needs_triton
@@ -177,9 +178,9 @@ def test_strided_inputs():
     fused = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)        # [B, T, H*(2K+V)]
     fq, fk, fv = fused.split([H * K, H * K, H * V], dim=-1)
     fq, fk, fv = fq.view(B, T, H, K), fk.view(B, T, H, K), fv.view(B, T, H, V)
-    assert not fq.is_contiguous() and carve_kernel._packed_bt(fq) is fq
+    assert not fq.is_contiguous() and carve_triton._packed_bt(fq) is fq
     bhtd = b_logit.transpose(1, 2).contiguous().transpose(1, 2)                   # heads not packed
-    assert carve_kernel._packed_bt(bhtd) is not bhtd
+    assert carve_triton._packed_bt(bhtd) is not bhtd
     got, got_state = recurrent_carve_triton(fq, fk, fv, g, bhtd, w, output_final_state=True, chunk_size=C)
     assert torch.equal(got, want) and torch.equal(got_state.S, want_state.S)
 
@@ -218,11 +219,11 @@ def test_backend_default_and_override(monkeypatch):
     assert backend_for(cpu) == "torch" and backend_for(cuda) == "torch"
     monkeypatch.setenv("CARVE_BACKEND", "triton")
     assert backend_for(cuda) == "triton"
-    interpreted = type(carve_kernel._recurrent_fwd_kernel).__name__ == "InterpretedFunction"
+    interpreted = type(carve_triton._recurrent_fwd_kernel).__name__ == "InterpretedFunction"
     if interpreted:
         assert backend_for(cpu) == "triton"
     # CPU tensors without the interpreter: a clear error (simulated by a kernel that is not interpreted)
-    monkeypatch.setattr(carve_kernel, "_recurrent_fwd_kernel", lambda: None)
+    monkeypatch.setattr(carve_triton, "_recurrent_fwd_kernel", lambda: None)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         backend_for(cpu)
     monkeypatch.setenv("CARVE_BACKEND", "cuda")
@@ -248,7 +249,7 @@ def test_module_imports_without_triton(monkeypatch):
     spec = importlib.util.spec_from_file_location("carve_kernel_without_triton", carve_kernel.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.triton is None and not hasattr(module, "_recurrent_fwd_kernel")
+    assert module.triton is None and not hasattr(module, "recurrent_carve_triton")
     x = make_inputs(1, 3, 2, 16, 16, "gdn2")
     o, _ = module.recurrent_carve(*[x[n] for n in NAMES])
     assert torch.equal(o, recurrent_carve_torch(*[x[n] for n in NAMES])[0])
@@ -258,11 +259,12 @@ def test_module_imports_without_triton(monkeypatch):
 def calls(monkeypatch):
     """Counts the calls of the two recurrent implementations behind recurrent_carve."""
     counts = {"torch": 0, "triton": 0}
-    for name, fn in (("torch", recurrent_carve_torch), ("triton", recurrent_carve_triton)):
+    for name, fn, module in (("torch", recurrent_carve_torch, carve_kernel),  # called by recurrent_carve
+                             ("triton", recurrent_carve_triton, carve_triton)):  # by the custom op
         def counted(*a, _fn=fn, _name=name, **kw):
             counts[_name] += 1
             return _fn(*a, **kw)
-        monkeypatch.setattr(carve_kernel, f"recurrent_carve_{name}", counted)
+        monkeypatch.setattr(module, f"recurrent_carve_{name}", counted)
     return counts
 
 
@@ -330,8 +332,8 @@ def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims):
     chunk boundaries."""
     monkeypatch.setenv("CARVE_BACKEND", "triton")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the conv of a GPU run in fp32
-    fused, real = [], carve_kernel.decode_step_triton
-    monkeypatch.setattr(carve_kernel, "decode_step_triton", lambda *a, **kw: fused.append(1) or real(*a, **kw))
+    fused, real = [], carve_triton.decode_step_triton
+    monkeypatch.setattr(carve_triton, "decode_step_triton", lambda *a, **kw: fused.append(1) or real(*a, **kw))
     torch.manual_seed(0)
     model = perturb(LM(tiny(mixer, head_k_dim=dims[0], head_v_dim=dims[1]))).eval().to(DEVICE)
     B, T, T1 = 2, 21, 6
@@ -362,7 +364,7 @@ def test_fused_decode_step(mode, dtype):
     content = (r(H, 4, V), r(H, K, 4)) if mode == "carve" else None
     state = CarveState(0.3 * r(B, H, K, V), r(B, H, V), 0.3 * r(B, H, K), 7)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    o, final, cache = carve_kernel.decode_step_triton(
+    o, final, cache = carve_triton.decode_step_triton(
         dev(x[:, 0]), dev(conv_weight), dev(conv_cache), dev(f[:, 0]), dev(A_log), dev(dt_bias), dev(b_logit[:, 0]),
         dev(w_raw[:, 0]), CarveState(*map(dev, state[:3]), 7), tuple(map(dev, content)) if content else None,
         -5.0, chunk_size=C)
@@ -378,7 +380,7 @@ def test_fused_decode_step(mode, dtype):
     # interpreter converts fp32 to bf16 by truncation (half of random values land one bf16 step from
     # torch's round-to-nearest; compiled kernels round to nearest), so on a CPU those roundings add up
     # to ~1e-2; a wrong tap, gate or activation is off by far more
-    tol = TOL_FWD if dtype == torch.float32 else (2 * TOL_BF16 if carve_kernel._interpreted() else TOL_BF16)
+    tol = TOL_FWD if dtype == torch.float32 else (2 * TOL_BF16 if carve_triton._interpreted() else TOL_BF16)
     assert_rel(o.cpu(), o_ref, tol, f"fused decode o {mode} {dtype}")
     assert_rel(final.S.cpu(), final_ref.S, tol, f"fused decode S {mode} {dtype}")
     assert final.offset == 8 and not final.o_sum.any()  # the chunk finished: o_sum reset

@@ -1,0 +1,904 @@
+"""
+The Triton kernels of CARVE / GDN-2 behind carve_kernel.py's functions: the decode step (per token,
+inference only), the fused decode step of a layer (conv and gates included), and the chunk kernels
+(forward and backward, for training and prefill). Each is a torch.library custom op, so
+torch.compile keeps one graph. The torch paths of carve_torch.py define what they compute; the tests
+compare both with an independent float64 reference.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from carve_torch import CarveState, _check_inputs, _chunk_segments, _needs_grad, _next_delta, _sequence_bounds
+
+
+def _interpreted():
+    """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1 before triton's import)."""
+    return type(_recurrent_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# ============================================================================ Triton: decode kernel
+# The per-token recurrence of recurrent_carve_torch as one Triton kernel (SPEC sections 1, 3), for
+# decode: inference only, no backward. Each program owns a [K, BV] tile of one head's fp32 state and
+# keeps it in registers over the tokens of a segment, so the state is read and written once per
+# segment. A segment never crosses an absolute chunk boundary: the content update between chunks
+# (Delta = U D m) is a tiny einsum the launcher does in torch, exactly like the torch path.
+
+@triton.jit
+def _token_step(S, q_t, k_t, v_t, g_t, bl_t, w_t, d, scale):
+    """One token of the recurrence (SPEC section 1's step form) on a [BK, BV] fp32 state tile, from
+    fp32 inputs; padded channels are 0. Returns the new tile and this tile's columns of o."""
+    # L2 norm as F.normalize(eps=1e-6): x / max(||x||, 1e-6)
+    q_t = q_t / tl.maximum(tl.sqrt(tl.sum(q_t * q_t, axis=0)), 1e-6)
+    k_t = k_t / tl.maximum(tl.sqrt(tl.sum(k_t * k_t, axis=0)), 1e-6)
+    b_t = tl.sigmoid(bl_t + d)
+    S = S * tl.exp(tl.maximum(g_t, -5.0))[:, None]                     # Diag(alpha) S, g >= GATE_FLOOR
+    v_new = w_t * v_t - tl.sum(S * (b_t * k_t)[:, None], axis=0)       # u - S^T (b * k)
+    S = S + k_t[:, None] * v_new[None, :]                              # + k v_new^T
+    return S, tl.sum(S * q_t[:, None], axis=0) * scale                 # S^T q * scale
+
+@triton.jit
+def _recurrent_fwd_kernel(q, k, v, g, b_logit, w, o, S_in, S_out, o_sum_in, o_sum_out, delta,
+                          sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sg_b, sg_t, sbl_b, sbl_t, sw_b, sw_t,
+                          t_start, n_tokens, T, H, scale,
+                          K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          VALUE_GATE: tl.constexpr, USE_INITIAL: tl.constexpr):
+    """Tokens t_start .. t_start + n_tokens - 1 of every sequence, all inside one chunk.
+
+    Inputs are [B, T, H, D] with the (H, D) part packed (strides H: D, D: 1) and any batch and
+    time strides (s*_b, s*_t), so the q, k, v views of a fused projection need no copy. w is
+    [B, T, H, V] (VALUE_GATE, GDN-2) or [B, T, H] (CARVE's beta). o is [B, T, H, V] contiguous;
+    S [B, H, K, V], o_sum [B, H, V], delta [B, H, K] contiguous fp32. Program pid handles value
+    columns i_v*BV .. i_v*BV + BV - 1 of head i_bh; K <= BK and V may be any size (masked)."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    pid = tl.program_id(0)
+    i_v = pid % NV
+    i_bh = (pid // NV).to(tl.int64)  # int64 offsets: B*H*K*V and B*T*H*D may pass 2^31
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    p_S = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    m_S = m_k[:, None] & m_v[None, :]
+    if USE_INITIAL:
+        S = tl.load(S_in + p_S, mask=m_S, other=0.0)                       # [BK, BV] fp32
+        o_acc = tl.load(o_sum_in + i_bh * V + o_v, mask=m_v, other=0.0)    # [BV] fp32
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        o_acc = tl.zeros([BV], dtype=tl.float32)
+    d = tl.load(delta + i_bh * K + o_k, mask=m_k, other=0.0)              # Delta of this chunk
+    for i in range(n_tokens):
+        t = t_start + i
+        q_t = tl.load(q + i_b * sq_b + t * sq_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        k_t = tl.load(k + i_b * sk_b + t * sk_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        g_t = tl.load(g + i_b * sg_b + t * sg_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        bl_t = tl.load(b_logit + i_b * sbl_b + t * sbl_t + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        v_t = tl.load(v + i_b * sv_b + t * sv_t + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if VALUE_GATE:  # GDN-2: w_t * v_t
+            w_t = tl.load(w + i_b * sw_b + t * sw_t + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        else:           # CARVE: beta_t v_t
+            w_t = tl.load(w + i_b * sw_b + t * sw_t + i_h).to(tl.float32)
+        S, o_t = _token_step(S, q_t, k_t, v_t, g_t, bl_t, w_t, d, scale)
+        tl.store(o + ((i_b * T + t) * H + i_h) * V + o_v, o_t.to(o.dtype.element_ty), mask=m_v)
+        o_acc += o_t  # fp32 running sum of this chunk's outputs (the content signal m)
+    tl.store(S_out + p_S, S, mask=m_S)
+    tl.store(o_sum_out + i_bh * V + o_v, o_acc, mask=m_v)
+
+
+@triton.jit
+def _conv_silu(x, conv_w, conv_in, conv_out, i_b, ch, m_ch, n_ch, WIDTH: tl.constexpr,
+               WP: tl.constexpr):
+    """Channels `ch` of batch row i_b: the depthwise causal conv over the cached last WIDTH - 1 inputs
+    and this one, then SiLU, each rounded to x's dtype as the model's torch ops are; writes the
+    cache shifted by one. x [B, n_ch]; conv_w [n_ch, WIDTH]; caches [B, n_ch, WIDTH - 1]."""
+    o_w = tl.arange(0, WP)
+    m_w = m_ch[:, None] & (o_w[None, :] < WIDTH - 1)
+    p_cache = (i_b * n_ch + ch[:, None]) * (WIDTH - 1) + o_w[None, :]
+    hist = tl.load(conv_in + p_cache, mask=m_w, other=0.0).to(tl.float32)
+    cur = tl.load(x + i_b * n_ch + ch, mask=m_ch, other=0.0)
+    # the weights in x's dtype too, as causal_conv casts them
+    taps = tl.load(conv_w + ch[:, None] * WIDTH + o_w[None, :], mask=m_w, other=0.0).to(cur.dtype)
+    last = tl.load(conv_w + ch * WIDTH + WIDTH - 1, mask=m_ch, other=0.0).to(cur.dtype)
+    y = tl.sum(hist * taps.to(tl.float32), axis=1) + cur.to(tl.float32) * last.to(tl.float32)
+    y = y.to(cur.dtype).to(tl.float32)
+    shifted = tl.load(conv_in + p_cache + 1, mask=m_w & (o_w[None, :] < WIDTH - 2), other=0.0)
+    new_cache = tl.where(o_w[None, :] < WIDTH - 2, shifted.to(cur.dtype), cur[:, None])
+    tl.store(conv_out + p_cache, new_cache.to(conv_out.dtype.element_ty), mask=m_w)
+    return (y * tl.sigmoid(y)).to(cur.dtype).to(tl.float32)
+
+@triton.jit
+def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit, w, o, S_in, S_out,
+                        o_sum_in, o_sum_out, delta, H, scale, a_log_min,
+                        K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        WIDTH: tl.constexpr, WP: tl.constexpr, VALUE_GATE: tl.constexpr):
+    """One decode step (T = 1) of a layer from its projections, before any activation: the causal
+    conv of q, k, v with its cache and SiLU, the decay g = -exp(max(A_log, a_log_min)) *
+    softplus(f + dt_bias), the write gate sigmoid(w) (rounded to w's dtype, as torch.sigmoid of a
+    bf16 tensor is), then _token_step. x [B, 2HK + HV] holds the q, k, v projections; f, b_logit
+    [B, H*K]; w [B, H*V] (GDN-2) or [B, H] (CARVE); A_log [H], dt_bias [H*K]; every tensor contiguous.
+    Every value block of a head writes the same new conv cache of the head's q and k channels."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    pid = tl.program_id(0)
+    i_v = pid % NV
+    i_bh = (pid // NV).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    n_ch = 2 * H * K + H * V
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    q_t = _conv_silu(x, conv_w, conv_in, conv_out, i_b, i_h * K + o_k, m_k, n_ch, WIDTH, WP)
+    k_t = _conv_silu(x, conv_w, conv_in, conv_out, i_b, (H + i_h) * K + o_k, m_k, n_ch, WIDTH, WP)
+    v_t = _conv_silu(x, conv_w, conv_in, conv_out, i_b, 2 * H * K + i_h * V + o_v, m_v, n_ch, WIDTH, WP)
+    rate = tl.exp(tl.maximum(tl.load(A_log + i_h).to(tl.float32), a_log_min))
+    f_t = tl.load(f + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32) \
+        + tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    e = tl.exp(tl.minimum(f_t, 20.0))                  # softplus as torch: log1p(exp(f)), f above 20
+    g_t = -rate * tl.where(f_t > 20.0, f_t, tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e)))
+    bl_t = tl.load(b_logit + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    if VALUE_GATE:
+        w_raw = tl.load(w + i_bh * V + o_v, mask=m_v, other=0.0)
+    else:
+        w_raw = tl.load(w + i_bh)
+    w_t = tl.sigmoid(w_raw.to(tl.float32)).to(w_raw.dtype).to(tl.float32)
+    p_S = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    m_S = m_k[:, None] & m_v[None, :]
+    S = tl.load(S_in + p_S, mask=m_S, other=0.0)
+    d = tl.load(delta + i_bh * K + o_k, mask=m_k, other=0.0)
+    S, o_t = _token_step(S, q_t, k_t, v_t, g_t, bl_t, w_t, d, scale)
+    tl.store(o + i_bh * V + o_v, o_t.to(o.dtype.element_ty), mask=m_v)
+    tl.store(S_out + p_S, S, mask=m_S)
+    tl.store(o_sum_out + i_bh * V + o_v, tl.load(o_sum_in + i_bh * V + o_v, mask=m_v, other=0.0) + o_t, mask=m_v)
+
+
+def _decode_config(batch_heads, k_dim, v_dim):
+    """(BK, BV, num_warps) of _recurrent_fwd_kernel. The step is memory-bound: each program reads
+    and writes a BK x BV fp32 state tile once per segment and does ~6 flops per element per token.
+    Measured on one H200 (H = 16, K = V = 128, fp32 state, device time of a decode step from a CUDA
+    graph; copy bandwidth 4.27 TB/s): BV = 32 with one warp (128 state elements a thread, all in
+    registers) is the fastest of BV 8..64 x 1..8 warps at B = 256 (138 us, 3.9 TB/s) and B = 32
+    (21 us); at B = 1 every config takes 2.6-3.4 us (launch latency). More than ~128 elements a
+    thread spills (BV = 64 with one warp: 6x slower), hence the warps for wider tiles."""
+    BK = max(16, 1 << (k_dim - 1).bit_length())
+    BV = min(32, max(16, 1 << (v_dim - 1).bit_length()))
+    num_warps = max(1, min(8, BK * BV // 4096))
+    return BK, BV, num_warps
+
+
+def _packed_bt(x):
+    """x [B, T, H, D] or [B, T, H] as the kernel reads it: the (H, D) part packed, any B and T
+    strides (a view of a fused projection qualifies without a copy)."""
+    packed = x.stride(-1) == 1 and (x.dim() == 3 or x.stride(2) == x.shape[-1])
+    return x if packed else x.contiguous()
+
+
+def recurrent_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
+                           output_final_state=False, scale=None, chunk_size=64):
+    """recurrent_carve_torch's semantics with the Triton kernel: same inputs, o in v.dtype, the same
+    CarveState. Inference only (the decode path): it has no backward, so it refuses inputs that
+    need a gradient; `recurrent_carve` sends those to the torch path.
+
+    The tokens are cut into segments at absolute chunk boundaries (chunk c(t) = (offset + t) //
+    chunk_size), one launch per segment. After a segment that finishes a chunk: m = o_sum / C,
+    Delta = U D m (CARVE), o_sum = 0, in torch. A decode step (T = 1) is one launch, plus that
+    einsum once every chunk_size tokens. No host synchronisation."""
+    _check_inputs(q, k, v, g, b_logit, w, content, initial_state)
+    if _needs_grad(q, k, v, g, b_logit, w, content, initial_state):
+        raise RuntimeError("recurrent_carve_triton is inference only (no backward): call it under "
+                           "torch.no_grad(), or use recurrent_carve, which takes the torch path when "
+                           "a gradient is needed")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else float(scale)
+    dev, f32 = q.device, torch.float32
+    q, k, v, g, b_logit, w = (_packed_bt(x) for x in (q, k, v, g, b_logit, w))
+    o = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
+    S = torch.empty(B, H, K, V, dtype=f32, device=dev)  # the kernel writes every element
+    o_sum = torch.empty(B, H, V, dtype=f32, device=dev)
+    if initial_state is not None:
+        S_in = initial_state.S.to(f32).contiguous()
+        o_sum_in = initial_state.o_sum.to(f32).contiguous()
+        delta = initial_state.delta.to(f32).contiguous()
+        offset = initial_state.offset
+    else:
+        S_in, o_sum_in, offset = S, o_sum, 0
+        delta = torch.zeros(B, H, K, dtype=f32, device=dev)
+    use_initial = initial_state is not None
+    BK, BV, num_warps = _decode_config(B * H, K, V)
+    grid = (-(-V // BV) * B * H,)
+    strides = [s for x in (q, k, v, g, b_logit, w) for s in x.stride()[:2]]
+    for start, end, finishes_chunk in _chunk_segments(offset, T, chunk_size):
+        _recurrent_fwd_kernel[grid](q, k, v, g, b_logit, w, o, S_in, S, o_sum_in, o_sum, delta,
+                                    *strides, start, end - start, T, H, scale,
+                                    K=K, V=V, BK=BK, BV=BV, VALUE_GATE=w.dim() == 4,
+                                    USE_INITIAL=use_initial, num_warps=num_warps)
+        # from here on the kernel continues from (and overwrites in place) its own output
+        S_in, o_sum_in, use_initial = S, o_sum, True
+        if finishes_chunk:  # the content update, in torch
+            if content is not None:
+                with torch.no_grad(), torch.autocast(dev.type, enabled=False):  # fp32 under any autocast
+                    delta = _next_delta(content, o_sum, chunk_size).contiguous()
+            o_sum.zero_()
+    final = CarveState(S, o_sum, delta, offset + T) if output_final_state else None
+    return o, final
+
+
+def decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state, content, a_log_min,
+                       scale=None, chunk_size=64):
+    """One fused decode step of a CARVE / GDN-2 layer from its projections at one position: x [B, 2HK + HV]
+    (q, k, v before the conv), conv_weight [2HK + HV, 1, W], conv_cache [B, 2HK + HV, W - 1], f and
+    b_logit [B, H*K], w [B, H*V] (GDN-2) or [B, H] (CARVE), all before their activations, and the
+    layer's A_log [H] and dt_bias [H*K]. Returns o [B, 1, H, V] in x's dtype, the new CarveState and
+    the new conv cache. It computes what causal_conv, the gates and recurrent_carve_triton compute in
+    model.py, in one launch (plus the Delta einsum in torch once every chunk_size tokens). Inference only."""
+    B, n_ch = x.shape
+    H = A_log.shape[0]
+    K = f.shape[-1] // H
+    V = (n_ch - 2 * H * K) // H
+    width = conv_weight.shape[-1]
+    dev, f32 = x.device, torch.float32
+    BK, BV, num_warps = _decode_config(B * H, K, V)
+    o = torch.empty(B, 1, H, V, dtype=x.dtype, device=dev)
+    S = torch.empty(B, H, K, V, dtype=f32, device=dev)
+    o_sum = torch.empty(B, H, V, dtype=f32, device=dev)
+    new_cache = torch.empty(B, n_ch, width - 1, dtype=x.dtype, device=dev)
+    S_in, o_sum_in, delta, offset = state
+    delta = delta.float()
+    c = lambda t: t.contiguous()  # noqa: E731
+    _decode_step_kernel[(-(-V // BV) * B * H,)](
+        c(x), c(conv_weight), c(conv_cache.to(x.dtype)), new_cache, c(f), c(A_log), c(dt_bias), c(b_logit), c(w), o,
+        c(S_in.float()), S, c(o_sum_in.float()), o_sum, c(delta.float()), H,
+        K ** -0.5 if scale is None else float(scale), float(a_log_min),
+        K=K, V=V, BK=BK, BV=BV, WIDTH=width, WP=max(2, 1 << (width - 2).bit_length()),
+        VALUE_GATE=w.shape[-1] == H * V, num_warps=num_warps)
+    if (offset + 1) % chunk_size == 0:  # the chunk is finished: the content update, in torch
+        if content is not None:
+            with torch.autocast(dev.type, enabled=False):
+                delta = _next_delta(content, o_sum, chunk_size)
+        o_sum = torch.zeros_like(o_sum)
+    return o, CarveState(S, o_sum, delta, offset + 1), new_cache
+
+
+# The decode step as a torch.library custom op: torch.compile (e.g. a compiled generation loop,
+# or mode="reduce-overhead" for CUDA graphs) sees one opaque node instead of a Triton launch it
+# cannot trace, so the graph does not break.
+@torch.library.custom_op("carve::recurrent_triton", mutates_args=())
+def _recurrent_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                         b_logit: torch.Tensor, w: torch.Tensor, S: torch.Tensor, o_sum: torch.Tensor,
+                         delta: torch.Tensor, D: Optional[torch.Tensor], U: Optional[torch.Tensor], offset: int,
+                         scale: float, chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
+    content = (D, U) if D is not None else None
+    o, final = recurrent_carve_triton(q, k, v, g, b_logit, w, content, CarveState(S, o_sum, delta, offset),
+                                      True, scale, chunk_size)
+    # a custom op may not return an input, and its outputs are contiguous like the fake's
+    return o, final.S, final.o_sum, final.delta.clone(memory_format=torch.contiguous_format)
+
+@_recurrent_triton_op.register_fake
+def _(q, k, v, g, b_logit, w, S, o_sum, delta, D, U, offset, scale, chunk_size):
+    f32 = torch.float32
+    return (v.new_empty(*q.shape[:3], v.shape[-1]), S.new_empty(S.shape, dtype=f32),
+            o_sum.new_empty(o_sum.shape, dtype=f32), delta.new_empty(delta.shape, dtype=f32))
+
+@torch.library.custom_op("carve::decode_step", mutates_args=())
+def _decode_step_op(x: torch.Tensor, conv_weight: torch.Tensor, conv_cache: torch.Tensor, f: torch.Tensor,
+                    A_log: torch.Tensor, dt_bias: torch.Tensor, b_logit: torch.Tensor, w: torch.Tensor,
+                    S: torch.Tensor, o_sum: torch.Tensor, delta: torch.Tensor, D: Optional[torch.Tensor],
+                    U: Optional[torch.Tensor], offset: int, a_log_min: float, scale: float,
+                    chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    content = (D, U) if D is not None else None
+    o, final, cache = decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
+                                         CarveState(S, o_sum, delta, offset), content, a_log_min, scale,
+                                         chunk_size)
+    # a custom op may not return an input, and its outputs are contiguous like the fake's
+    return o, final.S, final.o_sum, final.delta.clone(memory_format=torch.contiguous_format), cache
+
+@_decode_step_op.register_fake
+def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, S, o_sum, delta, D, U, offset, a_log_min, scale,
+      chunk_size):
+    B, H, K, V = S.shape
+    f32 = torch.float32
+    return (x.new_empty(B, 1, H, V), S.new_empty(S.shape, dtype=f32), o_sum.new_empty(o_sum.shape, dtype=f32),
+            delta.new_empty(delta.shape, dtype=f32), x.new_empty(B, x.shape[1], conv_weight.shape[-1] - 1))
+# ============================================================================ end of Triton decode
+
+
+# ============================================================================ Triton: chunk kernels
+# Training and prefill (SPEC section 2). The forward walks each sequence and head through blocks of
+# BT = 16 tokens: the WY form with 16-token blocks in place of C-token chunks, while Delta = U D m is
+# still updated at absolute multiples of chunk_size C (a multiple of 16), so it is the same function.
+# The small blocks make the decay factors safe: with g >= GATE_FLOOR, exp(G_r - G_s) inside a block
+# splits through the block's middle into two factors within exp(+-40), so T and M are plain matrix
+# products (tensor cores for bf16 inputs; fp32 inputs use exact fp32 products).
+#
+# Forward, one program per (sequence, head): the whole [K, V] fp32 state stays in registers (CARVE's
+# Delta needs every value column). It stores what the backward needs, so the backward never repeats
+# the walk: the state at each chunk start (in the input dtype, as flash-linear-attention does), v_new
+# (R) of every token, Delta and m of every chunk, and per block A = (I + T)^-1, M, Y, gamma q, the
+# keys decayed to the block end, and the block's total log-decay.
+# Backward, three kernels:
+#   1. _chunk_bwd_walk: the only sequential part. Per (sequence, head, value block), blocks in reverse:
+#      dR = M^T dO scale + k_end dS and dS <- gamma_L dS + (gamma q)^T dO scale - Y^T dR; stores dR and
+#      the state gradient at every chunk end.
+#   2. _chunk_bwd_values, parallel over (chunk, head, value block): rebuilds the block states from the
+#      chunk's start state, and the state gradients from the chunk's end; computes dv, dw and the
+#      value-summed pieces (dO S^T, dR S^T, R dS^T, sum S*dS, dO R^T, dR Z^T) for the next kernel.
+#   3. _chunk_bwd_keys, parallel over (chunk, head): the chain through A, T and M to dq, dk, dg,
+#      db_logit and dDelta.
+# Dot operands are in the input dtype with fp32 accumulation; the 16 x 16 inverse is exact fp32.
+
+CHUNK_BT = 16  # rows of a block
+CHUNK_WARPS = 8
+CHUNK_BV = 64  # value columns of a backward program; at most two programs a head keeps their sums exact
+SEQ_FIELDS = 6  # first token, length, offset, first stored chunk, chunks, first stored block
+
+@triton.jit
+def _sequence(seqs, i_n, C: tl.constexpr, BT: tl.constexpr):
+    """The table row of sequence i_n (see _sequence_table) and its first and last absolute block."""
+    bos = tl.load(seqs + i_n * 6)
+    length = tl.load(seqs + i_n * 6 + 1)
+    offset = tl.load(seqs + i_n * 6 + 2)
+    chunk0 = tl.load(seqs + i_n * 6 + 3)
+    n_chunks = tl.load(seqs + i_n * 6 + 4)
+    block0 = tl.load(seqs + i_n * 6 + 5)
+    blk_first = offset // BT
+    blk_last = tl.where(length > 0, (offset + length - 1) // BT, blk_first - 1)
+    return bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last
+
+@triton.jit
+def _block_rows(a, bos, offset, length, BT: tl.constexpr):
+    """Token rows of absolute block a: flat token index and validity (inside this call)."""
+    t = a * BT + tl.arange(0, BT) - offset
+    valid = (t >= 0) & (t < length)
+    return bos + t, valid
+
+@triton.jit
+def _chunk_blocks(j, offset, blk_first, blk_last, C: tl.constexpr, BT: tl.constexpr):
+    """First and last absolute block of the sequence's chunk j (counted in this call)."""
+    a0 = tl.maximum(((offset // C) + j) * (C // BT), blk_first)
+    a1 = tl.minimum(((offset // C) + j + 1) * (C // BT) - 1, blk_last)
+    return a0, a1
+
+@triton.jit
+def _block_inputs(q, k, g, b_logit, tok, valid, i_h, sq, sk, sg, sb, delta, K: tl.constexpr):
+    """Rows `tok` (masked by `valid`) of head i_h: L2-normalised q and k with their norms, the raw
+    and floored log-decay's in-block cumsum and total, and b = sigmoid(b_logit + delta)."""
+    o_k = tl.arange(0, K)
+    m = valid[:, None]
+    q_raw = tl.load(q + tok[:, None] * sq + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+    k_raw = tl.load(k + tok[:, None] * sk + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+    g_raw = tl.load(g + tok[:, None] * sg + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+    b_l = tl.load(b_logit + tok[:, None] * sb + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+    q_norm = tl.maximum(tl.sqrt(tl.sum(q_raw * q_raw, axis=1)), 1e-6)   # F.normalize(eps=1e-6)
+    k_norm = tl.maximum(tl.sqrt(tl.sum(k_raw * k_raw, axis=1)), 1e-6)
+    gf = tl.maximum(g_raw, -5.0)                                            # GATE_FLOOR
+    Gc = tl.cumsum(gf, axis=0)                                              # G_r inside the block
+    GL = tl.sum(gf, axis=0)                                                 # G of the block's last row
+    b = tl.sigmoid(b_l + delta[None, :])
+    return q_raw / q_norm[:, None], k_raw / k_norm[:, None], q_norm, k_norm, g_raw, Gc, GL, b
+
+@triton.jit
+def _block_factors(qn, kn, Gc, GL, b):
+    """exp(G_r - G_s) = exp(G_r - G_L/2) exp(G_L/2 - G_s): both factors lie within exp(+-40) for
+    g >= -5, so T = tril(Pb Pk^T, -1) and M = tril(Pq Pk^T) are products of bounded operands."""
+    half = GL * 0.5
+    e_pos = tl.exp(Gc - half[None, :])
+    e_neg = tl.exp(half[None, :] - Gc)
+    return qn * e_pos, kn * e_neg, b * kn * e_pos, e_pos, e_neg
+
+@triton.jit
+def _load_rows16(ptr, tok, valid, i_h, H, BT: tl.constexpr, IDENTITY: tl.constexpr):
+    """A stored [BT, BT] block matrix, one row per token ([tokens, H, BT] fp32); rows outside the
+    call read as rows of the identity (IDENTITY) or zero."""
+    o_t = tl.arange(0, BT)
+    x = tl.load(ptr + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
+    if IDENTITY:
+        x = tl.where(valid[:, None], x, tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0))
+    return x
+
+@triton.jit
+def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o_sum_out, delta_out,
+                      h_store, delta_store, m_store, r_store, a_store, mm_store, y_store, gq_store, kend_store,
+                      gl_store, seqs, sq, sk, sv, sg, sb, sw, H, scale,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, RANK: tl.constexpr,
+                      VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr, USE_INITIAL: tl.constexpr,
+                      DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+    """One program per (sequence, head)."""
+    i_nh = tl.program_id(0).to(tl.int64)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    o_k = tl.arange(0, K)
+    o_v = tl.arange(0, V)
+    o_t = tl.arange(0, BT)
+    r_i = o_t[:, None]
+    s_i = o_t[None, :]
+    p_S = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+    if USE_INITIAL:
+        S = tl.load(S_in + p_S)
+        o_acc = tl.load(o_sum_in + i_nh * V + o_v)
+    else:
+        S = tl.zeros([K, V], dtype=tl.float32)
+        o_acc = tl.zeros([V], dtype=tl.float32)
+    delta = tl.load(delta_in + i_nh * K + o_k)
+    for a in range(blk_first, blk_last + 1):
+        tok, valid = _block_rows(a, bos, offset, length, BT)
+        m_row = valid[:, None]
+        j = (a * BT) // C - offset // C                    # chunk of this block, counted in this call
+        if ((a * BT) % C == 0) | (a == blk_first):         # a chunk starts: keep its state and Delta
+            p_h = ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+            tl.store(h_store + p_h, S.to(h_store.dtype.element_ty))
+            tl.store(delta_store + ((chunk0 + j) * H + i_h) * K + o_k, delta)
+        qn, kn, q_norm, k_norm, g_raw, Gc, GL, b = _block_inputs(q, k, g, b_logit, tok, valid, i_h,
+                                                                 sq, sk, sg, sb, delta, K)
+        Pq, Pk, Pb, e_pos, e_neg = _block_factors(qn, kn, Gc, GL, b)
+        Tm = tl.where(r_i > s_i, tl.dot(Pb.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC), 0.0)
+        Mm = tl.where(r_i >= s_i, tl.dot(Pq.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC), 0.0)
+        # (I + T)^-1 = (I - T)(I + T^2)(I + T^4)(I + T^8): T is strictly lower triangular, so T^16 = 0
+        eye = tl.where(r_i == s_i, 1.0, 0.0)
+        N2 = tl.dot(Tm, Tm, input_precision="ieee")
+        A = tl.dot(eye - Tm, eye + N2, input_precision="ieee")
+        N4 = tl.dot(N2, N2, input_precision="ieee")
+        A = tl.dot(A, eye + N4, input_precision="ieee")
+        A = tl.dot(A, eye + tl.dot(N4, N4, input_precision="ieee"), input_precision="ieee")
+        gamma = tl.exp(Gc)
+        v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=m_row, other=0.0).to(tl.float32)
+        if VALUE_GATE:
+            w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=m_row, other=0.0)
+            Z = w_t.to(tl.float32) * v_t
+        else:
+            Z = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None] * v_t
+        Y_dt = tl.dot(A.to(DT), (gamma * b * kn).to(DT), input_precision=PREC).to(DT)
+        gq_dt = (gamma * qn).to(DT)
+        k_end_dt = (tl.exp(GL[None, :] - Gc) * kn).to(DT)
+        S_dt = S.to(DT)
+        R = tl.dot(A.to(DT), Z.to(DT), input_precision=PREC) - tl.dot(Y_dt, S_dt, input_precision=PREC)
+        R_dt = R.to(DT)
+        O = (tl.dot(gq_dt, S_dt, input_precision=PREC) + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
+        S = tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
+        o_acc += tl.sum(O, axis=0)                     # masked rows are exact zeros
+        p_o = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
+        tl.store(o + p_o, O.to(o.dtype.element_ty), mask=m_row)
+        tl.store(r_store + p_o, R_dt.to(r_store.dtype.element_ty), mask=m_row)
+        p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+        tl.store(y_store + p_k, Y_dt.to(y_store.dtype.element_ty), mask=m_row)
+        tl.store(gq_store + p_k, gq_dt.to(gq_store.dtype.element_ty), mask=m_row)
+        tl.store(kend_store + p_k, k_end_dt.to(kend_store.dtype.element_ty), mask=m_row)
+        p_16 = (tok[:, None] * H + i_h) * BT + s_i
+        tl.store(a_store + p_16, A, mask=m_row)
+        tl.store(mm_store + p_16, Mm, mask=m_row)
+        tl.store(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k, GL)
+        if (((a + 1) * BT) % C == 0) & ((a + 1) * BT <= offset + length):   # a chunk is complete
+            m = o_acc / C          # stop-gradient read of m (SPEC section 1): the backward treats it as data
+            if HAS_CONTENT:
+                tl.store(m_store + ((chunk0 + j) * H + i_h) * V + o_v, m)
+                o_r = tl.arange(0, RANK)
+                Dm = tl.load(D + i_h * RANK * V + o_r[:, None] * V + o_v[None, :]).to(tl.float32)
+                Dm = tl.sum(Dm * m[None, :], axis=1)                                     # D m  [RANK]
+                Um = tl.load(U + i_h * K * RANK + o_k[:, None] * RANK + o_r[None, :]).to(tl.float32)
+                delta = tl.sum(Um * Dm[None, :], axis=1)                                 # U D m [K]
+            o_acc = tl.zeros([V], dtype=tl.float32)
+    tl.store(S_out + p_S, S)
+    tl.store(o_sum_out + i_nh * V + o_v, o_acc)
+    tl.store(delta_out + i_nh * K + o_k, delta)
+
+@triton.jit
+def _accumulate(ptr, x, mask, ATOMIC: tl.constexpr):
+    """Sums over the value blocks of a head: with two blocks, two fp32 atomic adds onto zeros give
+    the same bits in either order, so the result stays deterministic."""
+    if ATOMIC:
+        tl.atomic_add(ptr, x, mask=mask)
+    else:
+        tl.store(ptr, x, mask=mask)
+
+@triton.jit
+def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_end, dr_store, ds_store, dS0,
+                    seqs, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                    USE_DS_END: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+    """One program per (sequence, head, value block), blocks in reverse, carrying dS (the gradient of
+    the state after the block): stores dR of every token and dS at every chunk end."""
+    NV: tl.constexpr = V // BV
+    pid = tl.program_id(0).to(tl.int64)
+    i_v = pid % NV
+    i_nh = pid // NV
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_S = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+    if USE_DS_END:
+        dS = tl.load(dS_end + p_S)
+    else:
+        dS = tl.zeros([K, BV], dtype=tl.float32)
+    for aa in range(blk_first, blk_last + 1):
+        a = blk_last + blk_first - aa
+        tok, valid = _block_rows(a, bos, offset, length, BT)
+        m_row = valid[:, None]
+        if (((a + 1) * BT) % C == 0) | (a == blk_last):   # the last block of a chunk
+            j = (a * BT) // C - offset // C
+            tl.store(ds_store + ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                     dS.to(ds_store.dtype.element_ty))
+        Mm = _load_rows16(mm_store, tok, valid, i_h, H, BT, False)
+        p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+        k_end = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
+        gq = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(tl.float32)
+        Y = tl.load(y_store + p_k, mask=m_row, other=0.0).to(tl.float32)
+        gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
+        p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
+        dO = tl.load(do + p_v, mask=m_row, other=0.0).to(DT)
+        dR = tl.dot(tl.trans(Mm.to(DT)), dO, input_precision=PREC) * scale \
+            + tl.dot(k_end, dS.to(DT), input_precision=PREC)
+        dR_dt = dR.to(DT)
+        tl.store(dr_store + p_v, dR_dt.to(dr_store.dtype.element_ty), mask=m_row)
+        dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
+        dS = tl.dot(tl.trans((-Y).to(DT)), dR_dt, acc=dS, input_precision=PREC)
+    tl.store(dS0 + p_S, dS)
+
+@triton.jit
+def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store,
+                      gl_store, scratch, dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rz, seqs, max_chunks,
+                      sv, sw, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                      VALUE_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+    """One program per (sequence, chunk, head, value block): the block states of the chunk from its
+    stored start state and v_new, the state gradients from its stored end gradient and dR, then per
+    block dv, dw and the value-summed pieces the key-side kernel needs."""
+    NV: tl.constexpr = V // BV
+    ATOMIC: tl.constexpr = NV > 1
+    pid = tl.program_id(0).to(tl.int64)
+    i_v = pid % NV
+    i_h = (pid // NV) % H
+    i_nj = pid // (NV * H)
+    i_n, j = i_nj // max_chunks, i_nj % max_chunks
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    if j < n_chunks:
+        a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
+        o_k = tl.arange(0, K)
+        o_v = i_v * BV + tl.arange(0, BV)
+        o_t = tl.arange(0, BT)
+        p_state = ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        p_scratch = scratch + pid * (C // BT) * K * BV + o_k[:, None] * BV + tl.arange(0, BV)[None, :]
+        S = tl.load(h_store + p_state).to(tl.float32)
+        for a in range(a0, a1 + 1):
+            tl.store(p_scratch + (a - a0) * K * BV, S)
+            tok, valid = _block_rows(a, bos, offset, length, BT)
+            k_end = tl.load(kend_store + tok[:, None] * (H * K) + i_h * K + o_k[None, :], mask=valid[:, None],
+                            other=0.0).to(DT)
+            R = tl.load(r_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], mask=valid[:, None], other=0.0)
+            gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
+            S = tl.dot(tl.trans(k_end), R.to(DT), acc=S * gammaL[:, None], input_precision=PREC)
+        tl.debug_barrier()   # every block state is in scratch before any is read back
+        dS = tl.load(ds_store + p_state).to(tl.float32)
+        for aa in range(a0, a1 + 1):
+            a = a1 + a0 - aa
+            S = tl.load(p_scratch + (a - a0) * K * BV)
+            tok, valid = _block_rows(a, bos, offset, length, BT)
+            m_row = valid[:, None]
+            p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
+            p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+            dO = tl.load(do + p_v, mask=m_row, other=0.0).to(DT)
+            R = tl.load(r_store + p_v, mask=m_row, other=0.0).to(DT)
+            dR = tl.load(dr_store + p_v, mask=m_row, other=0.0).to(DT)
+            A = _load_rows16(a_store, tok, valid, i_h, H, BT, True)
+            v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=m_row, other=0.0).to(tl.float32)
+            if VALUE_GATE:
+                w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=m_row, other=0.0)
+                w_t = w_t.to(tl.float32)
+            else:
+                w_t = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None]
+            S_dt = S.to(DT)
+            dS_dt = dS.to(DT)
+            _accumulate(d_gq + p_k, tl.dot(dO, tl.trans(S_dt), input_precision=PREC) * scale, m_row, ATOMIC)
+            _accumulate(d_y + p_k, -tl.dot(dR, tl.trans(S_dt), input_precision=PREC), m_row, ATOMIC)
+            _accumulate(d_kend + p_k, tl.dot(R, tl.trans(dS_dt), input_precision=PREC), m_row, ATOMIC)
+            _accumulate(d_gl + ((block0 + a - blk_first) * H + i_h) * K + o_k, tl.sum(S * dS, axis=1),
+                        o_k < K, ATOMIC)
+            p_16 = (tok[:, None] * H + i_h) * BT + o_t[None, :]
+            _accumulate(d_m + p_16, tl.dot(dO, tl.trans(R), input_precision=PREC) * scale, m_row, ATOMIC)
+            _accumulate(d_rz + p_16, tl.dot(dR, tl.trans((w_t * v_t).to(DT)), input_precision=PREC), m_row,
+                        ATOMIC)
+            dZ = tl.dot(tl.trans(A.to(DT)), dR, input_precision=PREC)
+            tl.store(dv + p_v, (dZ * w_t).to(dv.dtype.element_ty), mask=m_row)
+            if VALUE_GATE:
+                tl.store(dw + p_v, (dZ * v_t).to(dw.dtype.element_ty), mask=m_row)
+            else:
+                _accumulate(dw + tok * H + i_h, tl.sum(dZ * v_t, axis=1), valid, ATOMIC)
+            # the state gradient at the block's start is the previous block's end gradient
+            gq = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(tl.float32)
+            Y = tl.load(y_store + p_k, mask=m_row, other=0.0).to(tl.float32)
+            gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
+            dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
+            dS = tl.dot(tl.trans((-Y).to(DT)), dR, acc=dS, input_precision=PREC)
+
+@triton.jit
+def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rz,
+                    dq, dk, dg, db_logit, d_delta, seqs, max_chunks, sq, sk, sg, sb, H,
+                    K: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                    BT: tl.constexpr):
+    """One program per (sequence, chunk, head): for each block, the chain from the value-summed
+    pieces through A = (I + T)^-1, T and M (whose factors are rebuilt from q, k, g, b) to dq, dk,
+    dg, db_logit, and dDelta of the chunk."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_h = pid % H
+    i_nj = pid // H
+    i_n, j = i_nj // max_chunks, i_nj % max_chunks
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    if j < n_chunks:
+        a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
+        o_k = tl.arange(0, K)
+        o_t = tl.arange(0, BT)
+        r_i = o_t[:, None]
+        s_i = o_t[None, :]
+        delta = tl.load(delta_store + ((chunk0 + j) * H + i_h) * K + o_k)
+        dd = tl.zeros([K], dtype=tl.float32)
+        for a in range(a0, a1 + 1):
+            tok, valid = _block_rows(a, bos, offset, length, BT)
+            m_row = valid[:, None]
+            qn, kn, q_norm, k_norm, g_raw, Gc, GL, b = _block_inputs(q, k, g, b_logit, tok, valid, i_h,
+                                                                     sq, sk, sg, sb, delta, K)
+            Pq, Pk, Pb, e_pos, e_neg = _block_factors(qn, kn, Gc, GL, b)
+            A = _load_rows16(a_store, tok, valid, i_h, H, BT, True)
+            At = tl.trans(A)
+            gamma = tl.exp(Gc)
+            decay_end = tl.exp(GL[None, :] - Gc)
+            X = gamma * b * kn
+            p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+            dgq = tl.load(d_gq + p_k, mask=m_row, other=0.0)
+            dY = tl.load(d_y + p_k, mask=m_row, other=0.0)
+            dke = tl.load(d_kend + p_k, mask=m_row, other=0.0)
+            dGLS = tl.load(d_gl + ((block0 + a - blk_first) * H + i_h) * K + o_k)
+            dM = tl.where(r_i >= s_i, _load_rows16(d_m, tok, valid, i_h, H, BT, False), 0.0)
+            dA = tl.dot(dY.to(DT), tl.trans(X.to(DT)), input_precision=PREC) \
+                + _load_rows16(d_rz, tok, valid, i_h, H, BT, False)
+            dX = tl.dot(At.to(DT), dY.to(DT), input_precision=PREC)
+            dT = -tl.dot(tl.dot(At, dA, input_precision="ieee"), At, input_precision="ieee")
+            dT = tl.where(r_i > s_i, dT, 0.0)
+            dPb = tl.dot(dT.to(DT), Pk.to(DT), input_precision=PREC)
+            dPq = tl.dot(dM.to(DT), Pk.to(DT), input_precision=PREC)
+            dPk = tl.dot(tl.trans(dT.to(DT)), Pb.to(DT), input_precision=PREC) \
+                + tl.dot(tl.trans(dM.to(DT)), Pq.to(DT), input_precision=PREC)
+            # O = (gamma q S + M R) scale, S_end = gamma_L S + k_end^T R, Y = A X, T = Pb Pk^T, M = Pq Pk^T
+            dqn = dPq * e_pos + dgq * gamma
+            dkn = dPk * e_neg + dPb * b * e_pos + dX * gamma * b + dke * decay_end
+            db = dPb * kn * e_pos + dX * gamma * kn
+            dGc = Pq * dPq - Pk * dPk + Pb * dPb + X * dX + gamma * qn * dgq - decay_end * kn * dke
+            dGL = tl.sum(decay_end * kn * dke, axis=0) + tl.exp(GL) * dGLS
+            dgv = tl.sum(dGc, axis=0)[None, :] - tl.cumsum(dGc, axis=0) + dGc + dGL[None, :]
+            dgv = tl.where(g_raw < -5.0, 0.0, dgv)                       # the floor's gradient
+            dq_raw = tl.where(q_norm[:, None] > 1e-6,
+                              (dqn - qn * tl.sum(qn * dqn, axis=1)[:, None]) / q_norm[:, None], dqn / 1e-6)
+            dk_raw = tl.where(k_norm[:, None] > 1e-6,
+                              (dkn - kn * tl.sum(kn * dkn, axis=1)[:, None]) / k_norm[:, None], dkn / 1e-6)
+            dbl = db * b * (1.0 - b)
+            dd += tl.sum(tl.where(m_row, dbl, 0.0), axis=0)
+            tl.store(dq + p_k, dq_raw.to(dq.dtype.element_ty), mask=m_row)
+            tl.store(dk + p_k, dk_raw.to(dk.dtype.element_ty), mask=m_row)
+            tl.store(dg + p_k, dgv.to(dg.dtype.element_ty), mask=m_row)
+            tl.store(db_logit + p_k, dbl.to(db_logit.dtype.element_ty), mask=m_row)
+        tl.store(d_delta + ((chunk0 + j) * H + i_h) * K + o_k, dd)
+
+
+def chunk_triton_supports(k_dim, v_dim, chunk_size):
+    """Shapes the chunk kernels take: K and V powers of two in 16..128, chunk_size a multiple of 16.
+    Anything else runs the torch path."""
+    return k_dim in (16, 32, 64, 128) and v_dim in (16, 32, 64, 128) and chunk_size % CHUNK_BT == 0
+
+
+def _sequence_table(B, T, offset, cu_seqlens, chunk_size):
+    """Per sequence, SEQ_FIELDS ints: first token (a row of the flattened B*T tokens), length, absolute
+    offset, first stored chunk, number of chunks, first stored block; flattened (a custom-op argument)."""
+    bounds = [n * T for n in range(B + 1)] if cu_seqlens is None else list(cu_seqlens)
+    offsets = list(offset) if isinstance(offset, (tuple, list)) else [offset] * (len(bounds) - 1)
+    table, chunks, blocks = [], 0, 0
+    for start, end, off in zip(bounds, bounds[1:], offsets):
+        n = end - start
+        n_chunks = (off + n - 1) // chunk_size - off // chunk_size + 1 if n else 0
+        table += [start, n, off, chunks, n_chunks, blocks]
+        chunks += n_chunks
+        blocks += (off + n - 1) // CHUNK_BT - off // CHUNK_BT + 1 if n else 0
+    return table
+
+
+def _table_sizes(table):
+    """(sequences, stored chunks, stored blocks, most chunks of one sequence)."""
+    rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
+    last = rows[-1]
+    n_blocks = last[5] + ((last[2] + last[1] - 1) // CHUNK_BT - last[2] // CHUNK_BT + 1 if last[1] else 0)
+    return len(rows), last[3] + last[4], n_blocks, max(r[4] for r in rows)
+
+
+def _token_rows(x):
+    """x [B, T, H, D] (or [B, T, H]) as the chunk kernels read it: token rows at one stride, the
+    (H, D) part packed; a view of a fused projection qualifies without a copy."""
+    packed = x.stride(-1) == 1 and (x.dim() == 3 or x.stride(2) == x.shape[-1])
+    if not packed or (x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1)):
+        x = x.contiguous()
+    return x
+
+
+def _dot_operands(dtype):
+    """(DT, PREC) of the chunk kernels: dot operands in the input dtype, exact fp32 products for fp32
+    inputs. Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands (it keeps bf16 as
+    uint16), so interpreted kernels use fp32 operands; the bf16 loads, stores and stored tensors are
+    still bf16, and the compiled bf16 products are checked on a GPU."""
+    if dtype == torch.float32 or _interpreted():
+        return tl.float32, "ieee"
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "tf32"
+
+
+def _operand_dtype(dtype):
+    """The torch dtype of the dot operands (see _dot_operands): the forward stores the operands it used
+    (state at chunk starts, v_new, Y, gamma q, decayed keys) in it, so the backward reads the same values."""
+    return torch.float32 if dtype == torch.float32 or _interpreted() else dtype
+
+
+def _fwd_shapes(q, v, table):
+    """Shapes and dtypes of carve::chunk_fwd's outputs: o, the final S, o_sum, delta, then what the
+    backward keeps (state at chunk starts, Delta and m per chunk, v_new, A and M rows, Y, gamma q,
+    keys decayed to the block end, the block's total log-decay)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N, n_chunks, n_blocks, _ = _table_sizes(table)
+    f32, dt = torch.float32, _operand_dtype(q.dtype)
+    return [((B, T, H, V), v.dtype), ((N, H, K, V), f32), ((N, H, V), f32), ((N, H, K), f32),
+            ((n_chunks, H, K, V), dt), ((n_chunks, H, K), f32), ((n_chunks, H, V), f32), ((B, T, H, V), dt),
+            ((B, T, H, CHUNK_BT), f32), ((B, T, H, CHUNK_BT), f32), ((B, T, H, K), dt), ((B, T, H, K), dt),
+            ((B, T, H, K), dt), ((n_blocks, H, K), f32)]
+
+
+@torch.library.custom_op("carve::chunk_fwd", mutates_args=())
+def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b_logit: torch.Tensor,
+                  w: torch.Tensor, D: Optional[torch.Tensor], U: Optional[torch.Tensor],
+                  S0: Optional[torch.Tensor], o_sum0: Optional[torch.Tensor], delta0: Optional[torch.Tensor],
+                  table: List[int], scale: float, chunk_size: int) -> List[torch.Tensor]:
+    """o and the final S, o_sum, delta (a row per sequence), then what the backward keeps."""
+    H, K = q.shape[2], q.shape[3]
+    N = len(table) // SEQ_FIELDS
+    dev, f32 = q.device, torch.float32
+    q, k, v, g, b_logit, w = (_token_rows(x) for x in (q, k, v, g, b_logit, w))
+    out = [torch.empty(shape, dtype=dtype, device=dev) for shape, dtype in _fwd_shapes(q, v, table)]
+    out[6].zero_()   # m stays 0 for chunks that do not finish
+    use_initial = S0 is not None
+    if use_initial:
+        S0, o_sum0 = S0.float().contiguous(), o_sum0.float().contiguous()
+    delta0 = delta0.float().contiguous() if delta0 is not None else torch.zeros(N, H, K, dtype=f32, device=dev)
+    has_content = D is not None
+    dot_dtype, precision = _dot_operands(q.dtype)
+    _chunk_fwd_kernel[(N * H,)](
+        q, k, v, g, b_logit, w, D if has_content else delta0, U if has_content else delta0, out[0],
+        S0 if use_initial else out[1], o_sum0 if use_initial else out[2], delta0, *out[1:],
+        torch.tensor(table, dtype=torch.int64, device=dev),
+        q.stride(1), k.stride(1), v.stride(1), g.stride(1), b_logit.stride(1), w.stride(1), H, scale,
+        K=K, V=v.shape[-1], C=chunk_size, RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4,
+        HAS_CONTENT=has_content, USE_INITIAL=use_initial, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
+        num_warps=CHUNK_WARPS)
+    return out
+
+@_chunk_fwd_op.register_fake
+def _(q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size):
+    return [q.new_empty(shape, dtype=dtype) for shape, dtype in _fwd_shapes(q, v, table)]
+
+@torch.library.custom_op("carve::chunk_bwd", mutates_args=())
+def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b_logit: torch.Tensor,
+                  w: torch.Tensor, do: torch.Tensor, dS_end: Optional[torch.Tensor], saved: List[torch.Tensor],
+                  table: List[int], scale: float, chunk_size: int) -> List[torch.Tensor]:
+    """dq, dk, dv, dg, db_logit, dw, dDelta of each chunk, and each initial state's gradient."""
+    h_store, delta_store, _, r_store, a_store, mm_store, y_store, gq_store, kend_store, gl_store = saved
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N, n_chunks, n_blocks, max_chunks = _table_sizes(table)
+    dev, f32 = q.device, torch.float32
+    q, k, v, g, b_logit, w, do = (_token_rows(x) for x in (q, k, v, g, b_logit, w, do))
+    BV = min(V, CHUNK_BV)
+    NV = V // BV
+    dot_dtype, precision = _dot_operands(q.dtype)
+    seqs = torch.tensor(table, dtype=torch.int64, device=dev)
+    dS0 = torch.empty(N, H, K, V, dtype=f32, device=dev)
+    dr_store = torch.empty(B, T, H, V, dtype=_operand_dtype(q.dtype), device=dev)  # only read as an operand
+    ds_store = torch.empty(n_chunks, H, K, V, dtype=f32, device=dev)
+    _chunk_bwd_walk[(N * H * NV,)](
+        do, mm_store, y_store, gq_store, kend_store, gl_store,
+        dS_end.float().contiguous() if dS_end is not None else dS0, dr_store, ds_store, dS0, seqs, H, scale,
+        K=K, V=V, BV=BV, C=chunk_size, USE_DS_END=dS_end is not None, DT=dot_dtype, PREC=precision,
+        BT=CHUNK_BT, num_warps=CHUNK_WARPS)
+    # sums over value blocks start at 0 (two atomic adds onto 0 are exact in either order)
+    summed = lambda *s: (torch.zeros if NV > 1 else torch.empty)(*s, dtype=f32, device=dev)  # noqa: E731
+    d_gq, d_y, d_kend = (summed(B, T, H, K) for _ in range(3))
+    d_m, d_rz = (summed(B, T, H, CHUNK_BT) for _ in range(2))
+    d_gl = summed(n_blocks, H, K)
+    dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
+    dw = torch.empty(B, T, H, V, dtype=w.dtype, device=dev) if w.dim() == 4 else summed(B, T, H)
+    grid = N * max_chunks * H * NV
+    _chunk_bwd_values[(grid,)](
+        v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store, gl_store,
+        torch.empty(grid, chunk_size // CHUNK_BT, K, BV, dtype=f32, device=dev),  # block states
+        dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rz, seqs, max_chunks, v.stride(1), w.stride(1), H, scale,
+        K=K, V=V, BV=BV, C=chunk_size, VALUE_GATE=w.dim() == 4, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
+        num_warps=CHUNK_WARPS)
+    del dr_store, ds_store  # the key-side kernel does not read them: their memory takes its outputs
+    dq, dk, db_logit = (torch.empty(B, T, H, K, dtype=x.dtype, device=dev) for x in (q, k, b_logit))
+    dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)
+    d_delta = torch.empty(n_chunks, H, K, dtype=f32, device=dev)
+    _chunk_bwd_keys[(N * max_chunks * H,)](
+        q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rz, dq, dk, dg, db_logit,
+        d_delta, seqs, max_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), H,
+        K=K, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT, num_warps=CHUNK_WARPS)
+    return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0]
+
+@_chunk_bwd_op.register_fake
+def _(q, k, v, g, b_logit, w, do, dS_end, saved, table, scale, chunk_size):
+    N, n_chunks = len(table) // SEQ_FIELDS, _table_sizes(table)[1]
+    f32 = torch.float32
+    fresh = lambda x: x.new_empty(x.shape)  # noqa: E731  (contiguous, like the real outputs)
+    return [fresh(q), fresh(k), fresh(v), fresh(g), fresh(b_logit), fresh(w),
+            q.new_empty(n_chunks, q.shape[2], q.shape[3], dtype=f32),
+            q.new_empty(N, q.shape[2], q.shape[3], v.shape[-1], dtype=f32)]
+
+def _chunk_setup_context(ctx, inputs, output):
+    q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, g, b_logit, w, D, U, *output[4:])
+    ctx.table, ctx.scale, ctx.chunk_size = table, scale, chunk_size
+    ctx.has_S0, ctx.has_delta0 = S0 is not None, delta0 is not None
+
+def _chunk_backward(ctx, grads):
+    do, dS, _, d_delta_final = grads[:4]   # o_sum is a stop-gradient read: its gradient is dropped
+    q, k, v, g, b_logit, w, D, U, *saved = ctx.saved_tensors
+    if do is None:  # only the final state was used
+        do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
+    dq, dk, dv, dg, db_logit, dw, d_delta, dS0 = torch.ops.carve.chunk_bwd(
+        q, k, v, g, b_logit, w, do, dS, saved, ctx.table, ctx.scale, ctx.chunk_size)
+    dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved[2], D, U, ctx.table, ctx.chunk_size, q)
+    return (dq, dk, dv, dg, db_logit, dw, dD, dU, dS0 if ctx.has_S0 else None, None,
+            d_delta0 if ctx.has_delta0 else None, None, None, None)
+
+torch.library.register_autograd("carve::chunk_fwd", _chunk_backward, setup_context=_chunk_setup_context)
+
+
+def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size, like):
+    """From dDelta of each chunk (summed over its rows by the backward kernel) to the gradients of D,
+    U and the initial delta. Chunk i's Delta is the initial delta for a sequence's first chunk and
+    U D m_{i-1} after it; the final delta is U D m of the last chunk if that chunk is complete, else
+    the last chunk's Delta. m is data here (stop-gradient, SPEC section 1)."""
+    rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
+    dev, H, K = like.device, like.shape[2], like.shape[3]
+    final = d_delta_final if d_delta_final is not None else torch.zeros(len(rows), H, K, device=dev)
+    index = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+    chunk_seq = index([n for n, r in enumerate(rows) for _ in range(r[4])])
+    last = index([r[3] + r[4] - 1 for r in rows if r[4] > 0])
+    first = index([r[3] for r in rows if r[4] > 0])
+    done = torch.tensor([(r[1] + r[2]) % chunk_size == 0 for r in rows if r[4] > 0], device=dev)[:, None, None]
+    final_of_last = final[chunk_seq[last]]
+    d_delta[last] += torch.where(done, 0.0, final_of_last)
+    if D is None:  # GDN-2: every chunk uses the state's delta unchanged
+        passes = torch.tensor([r[4] == 0 or (r[1] + r[2]) % chunk_size == 0 for r in rows], device=dev)
+        return None, None, torch.where(passes[:, None, None], final, 0.0).index_add_(0, chunk_seq, d_delta)
+    d_delta0 = final.clone()
+    d_delta0[chunk_seq[first]] = d_delta[first]
+    d_next = torch.cat([d_delta[1:], torch.zeros_like(d_delta[:1])])   # gradient of U D m of chunk i
+    d_next[last] = torch.where(done, final_of_last, 0.0)
+    dU = torch.einsum("ihk,hrv,ihv->hkr", d_next, D.float(), m_store).to(U.dtype)
+    dD = torch.einsum("hkr,ihk,ihv->hrv", U.float(), d_next, m_store).to(D.dtype)
+    return dD, dU, d_delta0
+
+
+def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None, output_final_state=False,
+                       scale=None, chunk_size=64, cu_seqlens=None):
+    """chunk_carve_torch's semantics (and _packed_sequences' for cu_seqlens) with the Triton chunk
+    kernels, forward and backward (through the custom op carve::chunk_fwd and its registered
+    autograd, so torch.compile keeps one graph)."""
+    bounds = None if cu_seqlens is None else _sequence_bounds(q, cu_seqlens, initial_state)
+    _check_inputs(q, k, v, g, b_logit, w, content, initial_state, None if bounds is None else len(bounds) - 1)
+    B, T, H, K = q.shape
+    if not chunk_triton_supports(K, v.shape[-1], chunk_size):
+        raise ValueError(f"the Triton chunk kernels take K, V in 16..128 (powers of two) and chunk_size a "
+                         f"multiple of 16; got K={K}, V={v.shape[-1]}, chunk_size={chunk_size}")
+    offset = initial_state.offset if initial_state is not None else 0
+    table = _sequence_table(B, T, offset, bounds, chunk_size)
+    D, U = content if content is not None else (None, None)
+    S0, o_sum0, delta0 = initial_state[:3] if initial_state is not None else (None, None, None)
+    o, S, o_sum, delta = torch.ops.carve.chunk_fwd(q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table,
+                                                   K ** -0.5 if scale is None else float(scale), chunk_size)[:4]
+    if not output_final_state:
+        return o, None
+    offsets = tuple(table[2 + i] + table[1 + i] for i in range(0, len(table), SEQ_FIELDS))
+    return o, CarveState(S, o_sum.detach(), delta, offsets if cu_seqlens is not None else offset + T)
+# ============================================================================ end of Triton chunk
