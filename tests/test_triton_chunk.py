@@ -97,6 +97,7 @@ SHAPES = [
     pytest.param(2, 1, 5, 16, 16, 16, id="T<16"),
     pytest.param(1, 2, 61, 32, 16, 32, id="C32-T=2C-3-K>V"),
     pytest.param(1, 1, 70, 16, 128, 64, id="C64-V128-two-value-blocks"),
+    pytest.param(1, 1, 40, 64, 64, 32, id="C32-K64-V64"),
 ]
 
 
