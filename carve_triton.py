@@ -39,6 +39,7 @@ def _token_step(S, q_t, k_t, v_t, g_t, bl_t, w_t, d, scale):
     S = S + k_t[:, None] * v_new[None, :]                              # + k v_new^T
     return S, tl.sum(S * q_t[:, None], axis=0) * scale                 # S^T q * scale
 
+
 @triton.jit
 def _recurrent_fwd_kernel(q, k, v, g, b_logit, w, o, S_in, S_out, o_sum_in, o_sum_out, delta,
                           sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sg_b, sg_t, sbl_b, sbl_t, sw_b, sw_t,
@@ -107,6 +108,7 @@ def _conv_silu(x, conv_w, conv_in, conv_out, i_b, ch, m_ch, n_ch, WIDTH: tl.cons
     new_cache = tl.where(o_w[None, :] < WIDTH - 2, shifted.to(cur.dtype), cur[:, None])
     tl.store(conv_out + p_cache, new_cache.to(conv_out.dtype.element_ty), mask=m_w)
     return (y * tl.sigmoid(y)).to(cur.dtype).to(tl.float32)
+
 
 @triton.jit
 def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit, w, o, S_in, S_out,
@@ -275,11 +277,13 @@ def _recurrent_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     # a custom op may not return an input, and its outputs are contiguous like the fake's
     return o, final.S, final.o_sum, final.delta.clone(memory_format=torch.contiguous_format)
 
+
 @_recurrent_triton_op.register_fake
 def _(q, k, v, g, b_logit, w, S, o_sum, delta, D, U, offset, scale, chunk_size):
     f32 = torch.float32
     return (v.new_empty(*q.shape[:3], v.shape[-1]), S.new_empty(S.shape, dtype=f32),
             o_sum.new_empty(o_sum.shape, dtype=f32), delta.new_empty(delta.shape, dtype=f32))
+
 
 @torch.library.custom_op("carve::decode_step", mutates_args=())
 def _decode_step_op(x: torch.Tensor, conv_weight: torch.Tensor, conv_cache: torch.Tensor, f: torch.Tensor,
@@ -293,6 +297,7 @@ def _decode_step_op(x: torch.Tensor, conv_weight: torch.Tensor, conv_cache: torc
                                          chunk_size)
     # a custom op may not return an input, and its outputs are contiguous like the fake's
     return o, final.S, final.o_sum, final.delta.clone(memory_format=torch.contiguous_format), cache
+
 
 @_decode_step_op.register_fake
 def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, S, o_sum, delta, D, U, offset, a_log_min, scale,
@@ -333,6 +338,7 @@ CHUNK_WARPS = 8
 CHUNK_BV = 64  # value columns of a backward program; at most two programs a head keeps their sums exact
 SEQ_FIELDS = 6  # first token, length, offset, first stored chunk, chunks, first stored block
 
+
 @triton.jit
 def _sequence(seqs, i_n, C: tl.constexpr, BT: tl.constexpr):
     """The table row of sequence i_n (see _sequence_table) and its first and last absolute block."""
@@ -346,6 +352,7 @@ def _sequence(seqs, i_n, C: tl.constexpr, BT: tl.constexpr):
     blk_last = tl.where(length > 0, (offset + length - 1) // BT, blk_first - 1)
     return bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last
 
+
 @triton.jit
 def _block_rows(a, bos, offset, length, BT: tl.constexpr):
     """Token rows of absolute block a: flat token index and validity (inside this call)."""
@@ -353,12 +360,14 @@ def _block_rows(a, bos, offset, length, BT: tl.constexpr):
     valid = (t >= 0) & (t < length)
     return bos + t, valid
 
+
 @triton.jit
 def _chunk_blocks(j, offset, blk_first, blk_last, C: tl.constexpr, BT: tl.constexpr):
     """First and last absolute block of the sequence's chunk j (counted in this call)."""
     a0 = tl.maximum(((offset // C) + j) * (C // BT), blk_first)
     a1 = tl.minimum(((offset // C) + j + 1) * (C // BT) - 1, blk_last)
     return a0, a1
+
 
 @triton.jit
 def _block_inputs(q, k, g, b_logit, tok, valid, i_h, sq, sk, sg, sb, delta, K: tl.constexpr):
@@ -378,6 +387,7 @@ def _block_inputs(q, k, g, b_logit, tok, valid, i_h, sq, sk, sg, sb, delta, K: t
     b = tl.sigmoid(b_l + delta[None, :])
     return q_raw / q_norm[:, None], k_raw / k_norm[:, None], q_norm, k_norm, g_raw, Gc, GL, b
 
+
 @triton.jit
 def _block_factors(qn, kn, Gc, GL, b):
     """exp(G_r - G_s) = exp(G_r - G_L/2) exp(G_L/2 - G_s): both factors lie within exp(+-40) for
@@ -386,6 +396,7 @@ def _block_factors(qn, kn, Gc, GL, b):
     e_pos = tl.exp(Gc - half[None, :])
     e_neg = tl.exp(half[None, :] - Gc)
     return qn * e_pos, kn * e_neg, b * kn * e_pos, e_pos, e_neg
+
 
 @triton.jit
 def _load_rows16(ptr, tok, valid, i_h, H, BT: tl.constexpr, IDENTITY: tl.constexpr):
@@ -396,6 +407,7 @@ def _load_rows16(ptr, tok, valid, i_h, H, BT: tl.constexpr, IDENTITY: tl.constex
     if IDENTITY:
         x = tl.where(valid[:, None], x, tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0))
     return x
+
 
 @triton.jit
 def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o_sum_out, delta_out,
@@ -482,6 +494,7 @@ def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in,
     tl.store(o_sum_out + i_nh * V + o_v, o_acc)
     tl.store(delta_out + i_nh * K + o_k, delta)
 
+
 @triton.jit
 def _accumulate(ptr, x, mask, ATOMIC: tl.constexpr):
     """Sums over the value blocks of a head: with two blocks, two fp32 atomic adds onto zeros give
@@ -490,6 +503,7 @@ def _accumulate(ptr, x, mask, ATOMIC: tl.constexpr):
         tl.atomic_add(ptr, x, mask=mask)
     else:
         tl.store(ptr, x, mask=mask)
+
 
 @triton.jit
 def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_end, dr_store, ds_store, dS0,
@@ -533,6 +547,7 @@ def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_en
         dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
         dS = tl.dot(tl.trans((-Y).to(DT)), dR_dt, acc=dS, input_precision=PREC)
     tl.store(dS0 + p_S, dS)
+
 
 @triton.jit
 def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store,
@@ -608,6 +623,7 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y
             gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
             dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
             dS = tl.dot(tl.trans((-Y).to(DT)), dR, acc=dS, input_precision=PREC)
+
 
 @triton.jit
 def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rz,
@@ -773,9 +789,11 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         num_warps=CHUNK_WARPS)
     return out
 
+
 @_chunk_fwd_op.register_fake
 def _(q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size):
     return [q.new_empty(shape, dtype=dtype) for shape, dtype in _fwd_shapes(q, v, table)]
+
 
 @torch.library.custom_op("carve::chunk_bwd", mutates_args=())
 def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b_logit: torch.Tensor,
@@ -824,6 +842,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         K=K, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT, num_warps=CHUNK_WARPS)
     return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0]
 
+
 @_chunk_bwd_op.register_fake
 def _(q, k, v, g, b_logit, w, do, dS_end, saved, table, scale, chunk_size):
     N, n_chunks = len(table) // SEQ_FIELDS, _table_sizes(table)[1]
@@ -833,11 +852,13 @@ def _(q, k, v, g, b_logit, w, do, dS_end, saved, table, scale, chunk_size):
             q.new_empty(n_chunks, q.shape[2], q.shape[3], dtype=f32),
             q.new_empty(N, q.shape[2], q.shape[3], v.shape[-1], dtype=f32)]
 
+
 def _chunk_setup_context(ctx, inputs, output):
     q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size = inputs
     ctx.save_for_backward(q, k, v, g, b_logit, w, D, U, *output[4:])
     ctx.table, ctx.scale, ctx.chunk_size = table, scale, chunk_size
     ctx.has_S0, ctx.has_delta0 = S0 is not None, delta0 is not None
+
 
 def _chunk_backward(ctx, grads):
     do, dS, _, d_delta_final = grads[:4]   # o_sum is a stop-gradient read: its gradient is dropped
@@ -849,6 +870,7 @@ def _chunk_backward(ctx, grads):
     dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved[2], D, U, ctx.table, ctx.chunk_size, q)
     return (dq, dk, dv, dg, db_logit, dw, dD, dU, dS0 if ctx.has_S0 else None, None,
             d_delta0 if ctx.has_delta0 else None, None, None, None)
+
 
 torch.library.register_autograd("carve::chunk_fwd", _chunk_backward, setup_context=_chunk_setup_context)
 

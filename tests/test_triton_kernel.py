@@ -23,8 +23,6 @@ from model import LM
 from test_kernel import TOL_BF16, TOL_FWD, make_inputs, make_state, reference, run_reference
 from test_model import TOL_LOGITS, perturb, prefill_then_decode, tiny, tokens
 
-
-
 needs_triton = pytest.mark.usefixtures("triton_installed")  # the fixture is in conftest.py
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
