@@ -74,12 +74,9 @@ def test_cu_seqlens_errors():
         chunk_carve(*one, cu_seqlens=torch.tensor([0, 6, 4, 10]))
 
 
-@pytest.mark.parametrize("pattern", ["carve", "gdn2", "attn", "carve,attn"])
-@pytest.mark.parametrize("window", [0, 4])
-def test_packed_documents_see_nothing_of_each_other(pattern, window):
-    doc = 7  # the doc_start_token; documents below start with it, as prepare_data.py writes them
-    model = LM(tiny(pattern, attn_window=window, doc_start_token=doc, vocab_size=256)).eval()
-    perturb(model)
+def check_packed_documents(model, doc):
+    """Rows of packed documents (each starting with `doc`): every document's logits equal the
+    document alone, and without the resets the later documents would see the earlier ones."""
     gen = torch.Generator().manual_seed(0)
     lengths = [[9, 14, 1, 16], [23, 17]]  # two rows of 40 tokens
     docs = [[torch.cat([torch.tensor([doc]), torch.randint(8, 256, (n - 1,), generator=gen)]) for n in row]
@@ -97,6 +94,23 @@ def test_packed_documents_see_nothing_of_each_other(pattern, window):
         model.cfg.doc_start_token = -1
         unmasked, _ = model(packed)
     assert (unmasked[0, 9:23] - logits[0, 9:23]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pattern", ["carve", "gdn2", "attn", "carve,attn"])
+@pytest.mark.parametrize("window", [0, 4])
+def test_packed_documents_see_nothing_of_each_other(pattern, window):
+    doc = 7  # the doc_start_token; documents below start with it, as prepare_data.py writes them
+    check_packed_documents(perturb(LM(tiny(pattern, attn_window=window, doc_start_token=doc, vocab_size=256)).eval()),
+                           doc)
+
+
+@pytest.mark.usefixtures("triton_installed")
+@pytest.mark.parametrize("pattern", ["carve", "gdn2,attn"])
+def test_packed_documents_on_the_triton_path(monkeypatch, pattern):
+    """The same with the Triton chunk kernels (cu_seqlens inside the kernels): K = V = 16, C = 16."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    model = LM(tiny(pattern, doc_start_token=7, vocab_size=256, head_k_dim=16, head_v_dim=16, chunk_size=16))
+    check_packed_documents(perturb(model).eval(), 7)
 
 
 def test_generation_cache_refuses_a_document_start_inside():

@@ -191,6 +191,44 @@ def test_continuation(mode, T1):
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
+def test_continuation_many_pieces(mode):
+    """Pieces of 3, 1, 17, 1, 1, 29 and 5 tokens (C = 16), alternating the Triton chunk kernels and the
+    Triton decode kernel, most pieces starting and ending inside a chunk and a block: the outputs and
+    the final state equal one call over all 57 tokens."""
+    B, H, K, V, C = 1, 2, 16, 32, 16
+    pieces = [3, 1, 17, 1, 1, 29, 5]
+    x = make_inputs(B, sum(pieces), H, K, V, mode, seed=4)
+    content = (x["D"].to(DEVICE), x["U"].to(DEVICE)) if mode == "carve" else None
+    args = [x[n].to(DEVICE) for n in NAMES]
+    o_full, s_full = chunk_carve_triton(*args, content, output_final_state=True, chunk_size=C)
+    outs, state, start = [], None, 0
+    for i, n in enumerate(pieces):
+        kernel = chunk_carve_triton if i % 2 == 0 else carve_kernel.recurrent_carve_triton
+        o, state = kernel(*[a[:, start:start + n] for a in args], content, initial_state=state,
+                          output_final_state=True, chunk_size=C)
+        outs.append(o)
+        start += n
+    assert_rel(torch.cat(outs, dim=1), o_full, TOL_FWD, "triton continuation pieces o")
+    for name in ("S", "o_sum") + (("delta",) if mode == "carve" else ()):
+        assert_rel(getattr(state, name), getattr(s_full, name), TOL_FWD, f"triton continuation pieces {name}")
+    assert state.offset == sum(pieces)
+
+
+def test_caller_autocast(monkeypatch):
+    """Under a caller's bf16 autocast the chunk kernels still see fp32 inputs and run in fp32 (the
+    state products would otherwise become bf16 dots)."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    x = make_inputs(2, 40, 2, 16, 16, "carve", seed=15)
+    args = [x[n].to(DEVICE) for n in NAMES]
+    content = (x["D"].to(DEVICE), x["U"].to(DEVICE))
+    plain, _ = chunk_carve(*args, content, chunk_size=16)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        mixed, _ = chunk_carve(*args, content, chunk_size=16)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, plain)
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
 def test_gates_at_and_below_the_floor(mode):
     """Channels at g = -20 per token (floored at -5: zero gradient) and at exactly -5 (the widest
     range the block factors see, exp(+-40)) stay finite and match the reference."""
