@@ -3,6 +3,7 @@ flash-linear-attention's chunk_gdn2 and chunk_kda, and the decode step against i
 
     python bench_kernels.py                  # the tables (and a correctness check first)
     python bench_kernels.py --breakdown      # also device time per kernel (torch.profiler)
+    python bench_kernels.py --shapes 8x2048  # fewer chunk shapes (fla autotunes at every new shape)
 
 flash-linear-attention is optional: `pip install fla-core==0.6.0` (pure Python) and set
 FLA_DISABLE_BACKEND_DISPATCH=1. H = 16, K = V = 128, chunk 64, bf16 q, k, v, b_logit, w, fp32 g;
@@ -152,7 +153,13 @@ def time_decode(B, fused_recurrent_gdn2):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--breakdown", action="store_true", help="device time per kernel (torch.profiler)")
+    parser.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES),
+                        help="chunk shapes BxT, comma-separated (default: %(default)s)")
     args = parser.parse_args()
+    shapes = [item.split("x") for item in args.shapes.split(",")]
+    if not all(len(s) == 2 and s[0].isdigit() and s[1].isdigit() for s in shapes):
+        parser.error(f"--shapes takes BxT pairs separated by commas, like 8x2048,1x32768; got {args.shapes!r}")
+    shapes = [(int(b), int(t)) for b, t in shapes]
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU (the tests run the kernels on a CPU)")
     os.environ.setdefault("FLA_DISABLE_BACKEND_DISPATCH", "1")
@@ -162,7 +169,7 @@ def main():
     names = (["fla chunk_gdn2", "fla chunk_kda"] if chunk_gdn2 else []) + ["CARVE (ours)", "GDN-2 mode (ours)"]
     # each row is printed as soon as it is measured (fla autotunes at every new shape, which takes a while)
     print(f"\nchunk, H={H} K=V={K} bf16: fwd ms | fwd+bwd ms | peak MiB | fwd+bwd and peak / fla chunk_gdn2")
-    for shape in SHAPES:
+    for shape in shapes:
         fla = None
         for n in names:
             fwd, both, peak = time_chunk(n, *shape, chunk_gdn2, chunk_kda)
@@ -178,7 +185,7 @@ def main():
               f" | in a CUDA graph {t_graph:6.1f} us {traffic / (t_graph * 1e-6):5.2f} TB/s | fla {t_fla:7.1f} us",
               flush=True)
     if args.breakdown:
-        for shape in SHAPES:
+        for shape in shapes:
             breakdown(*shape)
 
 
