@@ -699,6 +699,12 @@ def chunk_triton_supports(k_dim, v_dim, chunk_size):
     return k_dim in (16, 32, 64, 128) and v_dim in (16, 32, 64, 128) and chunk_size % CHUNK_BT == 0
 
 
+def _pieces(offset, length, size):
+    """How many pieces of `size` tokens, aligned at absolute multiples of it, the tokens offset ..
+    offset + length - 1 touch."""
+    return (offset + length - 1) // size - offset // size + 1 if length else 0
+
+
 def _sequence_table(B, T, offset, cu_seqlens, chunk_size):
     """Per sequence, SEQ_FIELDS ints: first token (a row of the flattened B*T tokens), length, absolute
     offset, first stored chunk, number of chunks, first stored block; flattened (a custom-op argument)."""
@@ -706,11 +712,10 @@ def _sequence_table(B, T, offset, cu_seqlens, chunk_size):
     offsets = list(offset) if isinstance(offset, (tuple, list)) else [offset] * (len(bounds) - 1)
     table, chunks, blocks = [], 0, 0
     for start, end, off in zip(bounds, bounds[1:], offsets):
-        n = end - start
-        n_chunks = (off + n - 1) // chunk_size - off // chunk_size + 1 if n else 0
-        table += [start, n, off, chunks, n_chunks, blocks]
+        n_chunks = _pieces(off, end - start, chunk_size)
+        table += [start, end - start, off, chunks, n_chunks, blocks]
         chunks += n_chunks
-        blocks += (off + n - 1) // CHUNK_BT - off // CHUNK_BT + 1 if n else 0
+        blocks += _pieces(off, end - start, CHUNK_BT)
     return table
 
 
@@ -718,8 +723,7 @@ def _table_sizes(table):
     """(sequences, stored chunks, stored blocks, most chunks of one sequence)."""
     rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
     last = rows[-1]
-    n_blocks = last[5] + ((last[2] + last[1] - 1) // CHUNK_BT - last[2] // CHUNK_BT + 1 if last[1] else 0)
-    return len(rows), last[3] + last[4], n_blocks, max(r[4] for r in rows)
+    return len(rows), last[3] + last[4], last[5] + _pieces(last[2], last[1], CHUNK_BT), max(r[4] for r in rows)
 
 
 def _token_rows(x):
