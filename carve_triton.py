@@ -735,20 +735,22 @@ def _token_rows(x):
     return x
 
 
-def _dot_operands(dtype):
-    """(DT, PREC) of the chunk kernels: dot operands in the input dtype, exact fp32 products for fp32
-    inputs. Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands (it keeps bf16 as
-    uint16), so interpreted kernels use fp32 operands; the bf16 loads, stores and stored tensors are
-    still bf16, and the compiled bf16 products are checked on a GPU."""
-    if dtype == torch.float32 or _interpreted():
-        return tl.float32, "ieee"
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "tf32"
-
-
 def _operand_dtype(dtype):
-    """The torch dtype of the dot operands (see _dot_operands): the forward stores the operands it used
-    (state at chunk starts, v_new, Y, gamma q, decayed keys) in it, so the backward reads the same values."""
+    """The torch dtype of the chunk kernels' dot operands: the input dtype, with exact fp32 products for
+    fp32 inputs. Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands (it keeps bf16 as
+    uint16), so interpreted kernels use fp32 operands; the bf16 loads and stores of inputs and outputs
+    stay bf16, and the compiled bf16 products are checked on a GPU. The forward stores the operands it
+    used (state at chunk starts, v_new, Y, gamma q, decayed keys) in this dtype, so the backward reads
+    the same values."""
     return torch.float32 if dtype == torch.float32 or _interpreted() else dtype
+
+
+def _dot_operands(dtype):
+    """(DT, PREC) of the chunk kernels for inputs of `dtype`: _operand_dtype as a Triton dtype, and
+    "ieee" (exact fp32 products) where that is fp32."""
+    dt = _operand_dtype(dtype)
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt], \
+        "ieee" if dt == torch.float32 else "tf32"
 
 
 def _fwd_shapes(q, v, table):
