@@ -727,12 +727,10 @@ def _table_sizes(table):
 
 
 def _token_rows(x):
-    """x [B, T, H, D] (or [B, T, H]) as the chunk kernels read it: token rows at one stride, the
-    (H, D) part packed; a view of a fused projection qualifies without a copy."""
-    packed = x.stride(-1) == 1 and (x.dim() == 3 or x.stride(2) == x.shape[-1])
-    if not packed or (x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1)):
-        x = x.contiguous()
-    return x
+    """x [B, T, H, D] (or [B, T, H]) as the chunk kernels read it: _packed_bt's layout with, in addition,
+    all B*T token rows at one stride; a view of a fused projection qualifies without a copy."""
+    x = _packed_bt(x)
+    return x.contiguous() if x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1) else x
 
 
 def _operand_dtype(dtype):
