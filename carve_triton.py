@@ -217,11 +217,8 @@ def recurrent_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=N
                                     USE_INITIAL=use_initial, num_warps=num_warps)
         # from here on the kernel continues from (and overwrites in place) its own output
         S_in, o_sum_in, use_initial = S, o_sum, True
-        if finishes_chunk:  # the content update, in torch
-            if content is not None:
-                with torch.no_grad(), torch.autocast(dev.type, enabled=False):  # fp32 under any autocast
-                    delta = _next_delta(content, o_sum, chunk_size).contiguous()
-            o_sum.zero_()
+        if finishes_chunk:
+            delta = _finish_chunk(content, o_sum, delta, chunk_size)
     final = CarveState(S, o_sum, delta, offset + T) if output_final_state else None
     return o, final
 
@@ -250,16 +247,23 @@ def decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w
     c = lambda t: t.contiguous()  # noqa: E731
     _decode_step_kernel[(-(-V // BV) * B * H,)](
         c(x), c(conv_weight), c(conv_cache.to(x.dtype)), new_cache, c(f), c(A_log), c(dt_bias), c(b_logit), c(w), o,
-        c(S_in.float()), S, c(o_sum_in.float()), o_sum, c(delta.float()), H,
+        c(S_in.float()), S, c(o_sum_in.float()), o_sum, c(delta), H,
         K ** -0.5 if scale is None else float(scale), float(a_log_min),
         K=K, V=V, BK=BK, BV=BV, WIDTH=width, WP=max(2, 1 << (width - 2).bit_length()),
         VALUE_GATE=w.shape[-1] == H * V, num_warps=num_warps)
-    if (offset + 1) % chunk_size == 0:  # the chunk is finished: the content update, in torch
-        if content is not None:
-            with torch.autocast(dev.type, enabled=False):
-                delta = _next_delta(content, o_sum, chunk_size)
-        o_sum = torch.zeros_like(o_sum)
+    if (offset + 1) % chunk_size == 0:
+        delta = _finish_chunk(content, o_sum, delta, chunk_size)
     return o, CarveState(S, o_sum, delta, offset + 1), new_cache
+
+
+def _finish_chunk(content, o_sum, delta, chunk_size):
+    """After a decode launch that finished a chunk: Delta = U D m for the next chunk (CARVE), in torch
+    and fp32 under any autocast, and o_sum reset in place. Returns the new delta."""
+    if content is not None:
+        with torch.no_grad(), torch.autocast(o_sum.device.type, enabled=False):
+            delta = _next_delta(content, o_sum, chunk_size).contiguous()
+    o_sum.zero_()
+    return delta
 
 
 # The decode step as a torch.library custom op: torch.compile (e.g. a compiled generation loop,
