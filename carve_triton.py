@@ -414,6 +414,21 @@ def _load_rows16(ptr, tok, valid, i_h, H, BT: tl.constexpr, IDENTITY: tl.constex
 
 
 @triton.jit
+def _state_step(S, k_end, R, gammaL, DT: tl.constexpr, PREC: tl.constexpr):
+    """The state after a block from the state before it: gamma_L S + k_end^T R (k_end: the keys decayed
+    to the block's end; R: v_new)."""
+    return tl.dot(tl.trans(k_end.to(DT)), R.to(DT), acc=S * gammaL[:, None], input_precision=PREC)
+
+
+@triton.jit
+def _state_grad_step(dS, gq, Y, gammaL, dO, dR, scale, DT: tl.constexpr, PREC: tl.constexpr):
+    """The gradient of the state before a block from the one after it, with O = (gamma q S + M R) scale,
+    R = U - Y S and S_end = gamma_L S + k_end^T R: gamma_L dS + (gamma q)^T dO scale - Y^T dR."""
+    dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
+    return tl.dot(tl.trans((-Y).to(DT)), dR, acc=dS, input_precision=PREC)
+
+
+@triton.jit
 def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o_sum_out, delta_out,
                       h_store, delta_store, m_store, r_store, a_store, mm_store, y_store, gq_store, kend_store,
                       gl_store, seqs, sq, sk, sv, sg, sb, sw, H, scale,
@@ -471,7 +486,7 @@ def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in,
         R = tl.dot(A.to(DT), Z.to(DT), input_precision=PREC) - tl.dot(Y_dt, S_dt, input_precision=PREC)
         R_dt = R.to(DT)
         O = (tl.dot(gq_dt, S_dt, input_precision=PREC) + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
-        S = tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
+        S = _state_step(S, k_end_dt, R_dt, tl.exp(GL), DT, PREC)
         o_acc += tl.sum(O, axis=0)                     # masked rows are exact zeros
         p_o = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
         tl.store(o + p_o, O.to(o.dtype.element_ty), mask=m_row)
@@ -548,8 +563,7 @@ def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_en
             + tl.dot(k_end, dS.to(DT), input_precision=PREC)
         dR_dt = dR.to(DT)
         tl.store(dr_store + p_v, dR_dt.to(dr_store.dtype.element_ty), mask=m_row)
-        dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
-        dS = tl.dot(tl.trans((-Y).to(DT)), dR_dt, acc=dS, input_precision=PREC)
+        dS = _state_grad_step(dS, gq, Y, gammaL, dO, dR_dt, scale, DT, PREC)
     tl.store(dS0 + p_S, dS)
 
 
@@ -584,7 +598,7 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y
                             other=0.0).to(DT)
             R = tl.load(r_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], mask=valid[:, None], other=0.0)
             gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
-            S = tl.dot(tl.trans(k_end), R.to(DT), acc=S * gammaL[:, None], input_precision=PREC)
+            S = _state_step(S, k_end, R, gammaL, DT, PREC)
         tl.debug_barrier()   # every block state is in scratch before any is read back
         dS = tl.load(ds_store + p_state).to(tl.float32)
         for aa in range(a0, a1 + 1):
@@ -625,8 +639,7 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y
             gq = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(tl.float32)
             Y = tl.load(y_store + p_k, mask=m_row, other=0.0).to(tl.float32)
             gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
-            dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
-            dS = tl.dot(tl.trans((-Y).to(DT)), dR, acc=dS, input_precision=PREC)
+            dS = _state_grad_step(dS, gq, Y, gammaL, dO, dR, scale, DT, PREC)
 
 
 @triton.jit
