@@ -323,9 +323,9 @@ def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, S, o_sum, delta
 #
 # Forward, one program per (sequence, head): the whole [K, V] fp32 state stays in registers (CARVE's
 # Delta needs every value column). It stores what the backward needs, so the backward never repeats
-# the walk: the state at each chunk start (in the input dtype, as flash-linear-attention does), v_new
-# (R) of every token, Delta and m of every chunk, and per block A = (I + T)^-1, M, Y, gamma q, the
-# keys decayed to the block end, and the block's total log-decay.
+# the walk: the state at each chunk start, v_new (R) of every token, Delta and m of every chunk, and per
+# block A = (I + T)^-1, M, Y, gamma q, the keys decayed to the block end and the block's total
+# log-decay; the dot operands among them in the operands' dtype (_operand_dtype), as fla stores h.
 # Backward, three kernels:
 #   1. _chunk_bwd_walk: the only sequential part. Per (sequence, head, value block), blocks in reverse:
 #      dR = M^T dO scale + k_end dS and dS <- gamma_L dS + (gamma q)^T dO scale - Y^T dR; stores dR and
