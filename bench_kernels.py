@@ -4,6 +4,7 @@ flash-linear-attention's chunk_gdn2 and chunk_kda, and the decode step against i
     python bench_kernels.py                  # the tables (and a correctness check first)
     python bench_kernels.py --breakdown      # also device time per kernel (torch.profiler)
     python bench_kernels.py --shapes 8x2048  # fewer chunk shapes (fla autotunes at every new shape)
+    python bench_kernels.py --no-kda --no-decode  # only what compares against chunk_gdn2
 
 flash-linear-attention is optional: `pip install fla-core==0.6.0` (pure Python) and set
 FLA_DISABLE_BACKEND_DISPATCH=1. H = 16, K = V = 128, chunk 64, bf16 q, k, v, b_logit, w, fp32 g;
@@ -117,7 +118,7 @@ def breakdown(B, T):
     rows = [(e.key, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
     print(f"\nCARVE {B}x{T}: device ms per kernel (one forward + backward)")
-    for key, t in rows[:8]:
+    for key, t in rows[:12]:
         print(f"  {t:8.3f}  {key[:90]}")
 
 
@@ -153,6 +154,8 @@ def time_decode(B, fused_recurrent_gdn2):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--breakdown", action="store_true", help="device time per kernel (torch.profiler)")
+    parser.add_argument("--no-kda", action="store_true", help="skip fla's chunk_kda (it autotunes for minutes per shape)")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     parser.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES),
                         help="chunk shapes BxT, comma-separated (default: %(default)s)")
     args = parser.parse_args()
@@ -166,7 +169,9 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     check()
     chunk_gdn2, chunk_kda, fused_recurrent_gdn2 = fla_chunk()
-    names = (["fla chunk_gdn2", "fla chunk_kda"] if chunk_gdn2 else []) + ["CARVE (ours)", "GDN-2 mode (ours)"]
+    names = ["CARVE (ours)", "GDN-2 mode (ours)"]
+    if chunk_gdn2:  # chunk_gdn2 first (the ratios are to it), chunk_kda last (its autotuning is the slowest)
+        names = ["fla chunk_gdn2"] + names + ([] if args.no_kda else ["fla chunk_kda"])
     # each row is printed as soon as it is measured (fla autotunes at every new shape, which takes a while)
     print(f"\nchunk, H={H} K=V={K} bf16: fwd ms | fwd+bwd ms | peak MiB | fwd+bwd and peak / fla chunk_gdn2")
     for shape in shapes:
@@ -176,6 +181,11 @@ def main():
             fla = (fwd, both, peak) if n == "fla chunk_gdn2" else fla
             ratio = f"{both / fla[1]:5.2f}x {peak / fla[2]:5.2f}x" if fla else ""
             print(f"{shape[0]}x{shape[1]:<6} {n:<18} {fwd:8.3f} {both:9.3f} {peak:8.0f}   {ratio}", flush=True)
+    if args.breakdown:
+        for shape in shapes:
+            breakdown(*shape)
+    if args.no_decode:
+        return
     copy = copy_bandwidth()
     print(f"\ndecode step, H={H} K=V={K}, fp32 state; copy bandwidth {copy:.2f} TB/s")
     for B in BATCHES:
@@ -184,9 +194,6 @@ def main():
         print(f"B={B:<4} ours {t:7.1f} us {traffic / (t * 1e-6):5.2f} TB/s ({traffic / (t * 1e-6) / copy:4.0%})"
               f" | in a CUDA graph {t_graph:6.1f} us {traffic / (t_graph * 1e-6):5.2f} TB/s | fla {t_fla:7.1f} us",
               flush=True)
-    if args.breakdown:
-        for shape in shapes:
-            breakdown(*shape)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from carve_kernel import CarveState, chunk_carve
 from conftest import ROOT, assert_rel
 from test_kernel import TOL_FWD, TOL_GRAD, make_inputs, reference
 from test_model import TOL_LOGITS, perturb, tiny
+from test_triton_kernel import DEVICE
 from model import LM
 
 BOUNDS = [0, 5, 5, 21, 40, 41]  # includes an empty sequence, a 1-token one, chunk-crossing ones (C = 8)
@@ -81,6 +82,8 @@ def check_packed_documents(model, doc):
     lengths = [[9, 14, 1, 16], [23, 17]]  # two rows of 40 tokens
     docs = [[torch.cat([torch.tensor([doc]), torch.randint(8, 256, (n - 1,), generator=gen)]) for n in row]
             for row in lengths]
+    device = next(model.parameters()).device
+    docs = [[d.to(device) for d in row] for row in docs]
     packed = torch.stack([torch.cat(row) for row in docs])
     with torch.no_grad():
         logits, _ = model(packed)
@@ -110,7 +113,7 @@ def test_packed_documents_on_the_triton_path(monkeypatch, pattern):
     """The same with the Triton chunk kernels (cu_seqlens inside the kernels): K = V = 16, C = 16."""
     monkeypatch.setenv("CARVE_BACKEND", "triton")
     model = LM(tiny(pattern, doc_start_token=7, vocab_size=256, head_k_dim=16, head_v_dim=16, chunk_size=16))
-    check_packed_documents(perturb(model).eval(), 7)
+    check_packed_documents(perturb(model).to(DEVICE).eval(), 7)
 
 
 def test_generation_cache_refuses_a_document_start_inside():
