@@ -877,6 +877,7 @@ def _(q, k, v, g, b_logit, w, do, dS_end, saved, table, scale, chunk_size):
 def _chunk_setup_context(ctx, inputs, output):
     q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size = inputs
     ctx.save_for_backward(q, k, v, g, b_logit, w, D, U, *output[4:])
+    ctx.set_materialize_grads(False)   # the saved outputs get no gradient: no zero tensors of their size
     ctx.table, ctx.scale, ctx.chunk_size = table, scale, chunk_size
     ctx.has_S0, ctx.has_delta0 = S0 is not None, delta0 is not None
 
