@@ -323,23 +323,25 @@ def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, S, o_sum, delta
 #
 # Forward, one program per (sequence, head): the whole [K, V] fp32 state stays in registers (CARVE's
 # Delta needs every value column). It stores what the backward needs, so the backward never repeats
-# the walk: the state at each chunk start, v_new (R) of every token, Delta and m of every chunk, and per
+# the walk: the state at each block start, v_new (R) of every token, Delta and m of every chunk, and per
 # block A = (I + T)^-1, M, Y, gamma q, the keys decayed to the block end and the block's total
 # log-decay; the dot operands among them in the operands' dtype (_operand_dtype), as fla stores h.
 # Backward, three kernels:
 #   1. _chunk_bwd_walk: the only sequential part. Per (sequence, head, value block), blocks in reverse:
 #      dR = M^T dO scale + k_end dS and dS <- gamma_L dS + (gamma q)^T dO scale - Y^T dR; stores dR and
 #      the state gradient at every chunk end.
-#   2. _chunk_bwd_values, parallel over (chunk, head, value block): rebuilds the block states from the
-#      chunk's start state, and the state gradients from the chunk's end; computes dv, dw and the
+#   2. _chunk_bwd_values, parallel over (chunk, head): carries the state gradient back from the chunk's
+#      end through its blocks, reads the stored block states; computes dv, dw and the
 #      value-summed pieces (dO S^T, dR S^T, R dS^T, sum S*dS, dO R^T, dR Z^T) for the next kernel.
 #   3. _chunk_bwd_keys, parallel over (chunk, head): the chain through A, T and M to dq, dk, dg,
 #      db_logit and dDelta.
 # Dot operands are in the input dtype with fp32 accumulation; the 16 x 16 inverse is exact fp32.
 
 CHUNK_BT = 16  # rows of a block
-CHUNK_WARPS = 8
-CHUNK_BV = 64  # value columns of a backward program; at most two programs a head keeps their sums exact
+# Launch of all four kernels: measured on an H200 (docs/BENCHMARKS.md) against 4 and 16 warps and 1 or 3
+# stages; two stages let the loads of the next block overlap the current one's products.
+CHUNK_LAUNCH = dict(num_warps=8, num_stages=2)
+WALK_BV = 64  # value columns of a reverse-walk program (V / WALK_BV programs a head; 32 and 128 were slower)
 SEQ_FIELDS = 6  # first token, length, offset, first stored chunk, chunks, first stored block
 
 
@@ -444,7 +446,8 @@ def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in,
     o_t = tl.arange(0, BT)
     r_i = o_t[:, None]
     s_i = o_t[None, :]
-    p_S = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    p_S = i_nh * K * V + p_kv
     if USE_INITIAL:
         S = tl.load(S_in + p_S)
         o_acc = tl.load(o_sum_in + i_nh * V + o_v)
@@ -456,9 +459,7 @@ def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in,
         tok, valid = _block_rows(a, bos, offset, length, BT)
         m_row = valid[:, None]
         j = (a * BT) // C - offset // C                    # chunk of this block, counted in this call
-        if ((a * BT) % C == 0) | (a == blk_first):         # a chunk starts: keep its state and Delta
-            p_h = ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-            tl.store(h_store + p_h, S.to(h_store.dtype.element_ty))
+        if ((a * BT) % C == 0) | (a == blk_first):         # a chunk starts: keep its Delta
             tl.store(delta_store + ((chunk0 + j) * H + i_h) * K + o_k, delta)
         qn, kn, q_norm, k_norm, g_raw, Gc, GL, b = _block_inputs(q, k, g, b_logit, tok, valid, i_h,
                                                                  sq, sk, sg, sb, delta, K)
@@ -483,6 +484,7 @@ def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in,
         gq_dt = (gamma * qn).to(DT)
         k_end_dt = (tl.exp(GL[None, :] - Gc) * kn).to(DT)
         S_dt = S.to(DT)
+        tl.store(h_store + ((block0 + a - blk_first) * H + i_h) * K * V + p_kv, S_dt.to(h_store.dtype.element_ty))
         R = tl.dot(A.to(DT), Z.to(DT), input_precision=PREC) - tl.dot(Y_dt, S_dt, input_precision=PREC)
         R_dt = R.to(DT)
         O = (tl.dot(gq_dt, S_dt, input_precision=PREC) + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
@@ -512,16 +514,6 @@ def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in,
     tl.store(S_out + p_S, S)
     tl.store(o_sum_out + i_nh * V + o_v, o_acc)
     tl.store(delta_out + i_nh * K + o_k, delta)
-
-
-@triton.jit
-def _accumulate(ptr, x, mask, ATOMIC: tl.constexpr):
-    """Sums over the value blocks of a head: with two blocks, two fp32 atomic adds onto zeros give
-    the same bits in either order, so the result stays deterministic."""
-    if ATOMIC:
-        tl.atomic_add(ptr, x, mask=mask)
-    else:
-        tl.store(ptr, x, mask=mask)
 
 
 @triton.jit
@@ -569,41 +561,29 @@ def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_en
 
 @triton.jit
 def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store,
-                      gl_store, scratch, dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rz, seqs, max_chunks,
-                      sv, sw, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                      gl_store, dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rz, seqs, max_chunks,
+                      sv, sw, H, scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                       VALUE_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
-    """One program per (sequence, chunk, head, value block): the block states of the chunk from its
-    stored start state and v_new, the state gradients from its stored end gradient and dR, then per
-    block dv, dw and the value-summed pieces the key-side kernel needs."""
-    NV: tl.constexpr = V // BV
-    ATOMIC: tl.constexpr = NV > 1
+    """One program per (sequence, chunk, head), blocks in reverse: the state gradient carried back from
+    the chunk's stored end gradient, the state before each block as the forward stored it, and per block
+    dv, dw and the value-summed pieces the key-side kernel needs. All V columns in one program, so the
+    sums over V are plain stores (deterministic, nothing to zero first)."""
     pid = tl.program_id(0).to(tl.int64)
-    i_v = pid % NV
-    i_h = (pid // NV) % H
-    i_nj = pid // (NV * H)
+    i_h = pid % H
+    i_nj = pid // H
     i_n, j = i_nj // max_chunks, i_nj % max_chunks
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
         o_k = tl.arange(0, K)
-        o_v = i_v * BV + tl.arange(0, BV)
+        o_v = tl.arange(0, V)
         o_t = tl.arange(0, BT)
-        p_state = ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-        p_scratch = scratch + pid * (C // BT) * K * BV + o_k[:, None] * BV + tl.arange(0, BV)[None, :]
-        S = tl.load(h_store + p_state).to(tl.float32)
-        for a in range(a0, a1 + 1):
-            tl.store(p_scratch + (a - a0) * K * BV, S)
-            tok, valid = _block_rows(a, bos, offset, length, BT)
-            k_end = tl.load(kend_store + tok[:, None] * (H * K) + i_h * K + o_k[None, :], mask=valid[:, None],
-                            other=0.0).to(DT)
-            R = tl.load(r_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], mask=valid[:, None], other=0.0)
-            gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
-            S = _state_step(S, k_end, R, gammaL, DT, PREC)
-        tl.debug_barrier()   # every block state is in scratch before any is read back
-        dS = tl.load(ds_store + p_state).to(tl.float32)
+        p_kv = o_k[:, None] * V + o_v[None, :]
+        dS = tl.load(ds_store + ((chunk0 + j) * H + i_h) * K * V + p_kv)
         for aa in range(a0, a1 + 1):
             a = a1 + a0 - aa
-            S = tl.load(p_scratch + (a - a0) * K * BV)
+            i_blk = (block0 + a - blk_first) * H + i_h
+            S = tl.load(h_store + i_blk * K * V + p_kv)
             tok, valid = _block_rows(a, bos, offset, length, BT)
             m_row = valid[:, None]
             p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
@@ -620,25 +600,23 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y
                 w_t = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None]
             S_dt = S.to(DT)
             dS_dt = dS.to(DT)
-            _accumulate(d_gq + p_k, tl.dot(dO, tl.trans(S_dt), input_precision=PREC) * scale, m_row, ATOMIC)
-            _accumulate(d_y + p_k, -tl.dot(dR, tl.trans(S_dt), input_precision=PREC), m_row, ATOMIC)
-            _accumulate(d_kend + p_k, tl.dot(R, tl.trans(dS_dt), input_precision=PREC), m_row, ATOMIC)
-            _accumulate(d_gl + ((block0 + a - blk_first) * H + i_h) * K + o_k, tl.sum(S * dS, axis=1),
-                        o_k < K, ATOMIC)
+            tl.store(d_gq + p_k, tl.dot(dO, tl.trans(S_dt), input_precision=PREC) * scale, mask=m_row)
+            tl.store(d_y + p_k, -tl.dot(dR, tl.trans(S_dt), input_precision=PREC), mask=m_row)
+            tl.store(d_kend + p_k, tl.dot(R, tl.trans(dS_dt), input_precision=PREC), mask=m_row)
+            tl.store(d_gl + i_blk * K + o_k, tl.sum(S.to(tl.float32) * dS, axis=1))
             p_16 = (tok[:, None] * H + i_h) * BT + o_t[None, :]
-            _accumulate(d_m + p_16, tl.dot(dO, tl.trans(R), input_precision=PREC) * scale, m_row, ATOMIC)
-            _accumulate(d_rz + p_16, tl.dot(dR, tl.trans((w_t * v_t).to(DT)), input_precision=PREC), m_row,
-                        ATOMIC)
+            tl.store(d_m + p_16, tl.dot(dO, tl.trans(R), input_precision=PREC) * scale, mask=m_row)
+            tl.store(d_rz + p_16, tl.dot(dR, tl.trans((w_t * v_t).to(DT)), input_precision=PREC), mask=m_row)
             dZ = tl.dot(tl.trans(A.to(DT)), dR, input_precision=PREC)
             tl.store(dv + p_v, (dZ * w_t).to(dv.dtype.element_ty), mask=m_row)
             if VALUE_GATE:
                 tl.store(dw + p_v, (dZ * v_t).to(dw.dtype.element_ty), mask=m_row)
             else:
-                _accumulate(dw + tok * H + i_h, tl.sum(dZ * v_t, axis=1), valid, ATOMIC)
+                tl.store(dw + tok * H + i_h, tl.sum(dZ * v_t, axis=1), mask=valid)
             # the state gradient at the block's start is the previous block's end gradient
             gq = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(tl.float32)
             Y = tl.load(y_store + p_k, mask=m_row, other=0.0).to(tl.float32)
-            gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
+            gammaL = tl.exp(tl.load(gl_store + i_blk * K + o_k))
             dS = _state_grad_step(dS, gq, Y, gammaL, dO, dR, scale, DT, PREC)
 
 
@@ -750,6 +728,15 @@ def _token_rows(x):
     return x.contiguous() if x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1) else x
 
 
+def _to_device(values, device, dtype=torch.int64):
+    """A host list as a tensor on `device` without waiting for the GPU: a plain torch.tensor(...,
+    device="cuda") copies from pageable memory, which blocks until every queued kernel has finished.
+    Six or seven such waits a forward + backward left the GPU idle between launches: removing them took
+    CARVE at 8 x 2048 from 6.4 to 4.7 ms on an H200."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
+
+
 def _operand_dtype(dtype):
     """The torch dtype of the chunk kernels' dot operands: the input dtype, with exact fp32 products for
     fp32 inputs. Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands (it keeps bf16 as
@@ -770,14 +757,14 @@ def _dot_operands(dtype):
 
 def _fwd_shapes(q, v, table):
     """Shapes and dtypes of carve::chunk_fwd's outputs: o, the final S, o_sum, delta, then what the
-    backward keeps (state at chunk starts, Delta and m per chunk, v_new, A and M rows, Y, gamma q,
+    backward keeps (state at block starts, Delta and m per chunk, v_new, A and M rows, Y, gamma q,
     keys decayed to the block end, the block's total log-decay)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N, n_chunks, n_blocks, _ = _table_sizes(table)
     f32, dt = torch.float32, _operand_dtype(q.dtype)
     return [((B, T, H, V), v.dtype), ((N, H, K, V), f32), ((N, H, V), f32), ((N, H, K), f32),
-            ((n_chunks, H, K, V), dt), ((n_chunks, H, K), f32), ((n_chunks, H, V), f32), ((B, T, H, V), dt),
+            ((n_blocks, H, K, V), dt), ((n_chunks, H, K), f32), ((n_chunks, H, V), f32), ((B, T, H, V), dt),
             ((B, T, H, CHUNK_BT), f32), ((B, T, H, CHUNK_BT), f32), ((B, T, H, K), dt), ((B, T, H, K), dt),
             ((B, T, H, K), dt), ((n_blocks, H, K), f32)]
 
@@ -803,11 +790,11 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     _chunk_fwd_kernel[(N * H,)](
         q, k, v, g, b_logit, w, D if has_content else delta0, U if has_content else delta0, out[0],
         S0 if use_initial else out[1], o_sum0 if use_initial else out[2], delta0, *out[1:],
-        torch.tensor(table, dtype=torch.int64, device=dev),
+        _to_device(table, dev),
         q.stride(1), k.stride(1), v.stride(1), g.stride(1), b_logit.stride(1), w.stride(1), H, scale,
         K=K, V=v.shape[-1], C=chunk_size, RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4,
         HAS_CONTENT=has_content, USE_INITIAL=use_initial, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
-        num_warps=CHUNK_WARPS)
+        **CHUNK_LAUNCH)
     return out
 
 
@@ -827,32 +814,27 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     N, n_chunks, n_blocks, max_chunks = _table_sizes(table)
     dev, f32 = q.device, torch.float32
     q, k, v, g, b_logit, w, do = (_token_rows(x) for x in (q, k, v, g, b_logit, w, do))
-    BV = min(V, CHUNK_BV)
-    NV = V // BV
+    BV = min(V, WALK_BV)
     dot_dtype, precision = _dot_operands(q.dtype)
-    seqs = torch.tensor(table, dtype=torch.int64, device=dev)
+    seqs = _to_device(table, dev)
     dS0 = torch.empty(N, H, K, V, dtype=f32, device=dev)
     dr_store = torch.empty(B, T, H, V, dtype=_operand_dtype(q.dtype), device=dev)  # only read as an operand
     ds_store = torch.empty(n_chunks, H, K, V, dtype=f32, device=dev)
-    _chunk_bwd_walk[(N * H * NV,)](
+    _chunk_bwd_walk[(N * H * (V // BV),)](
         do, mm_store, y_store, gq_store, kend_store, gl_store,
         dS_end.float().contiguous() if dS_end is not None else dS0, dr_store, ds_store, dS0, seqs, H, scale,
         K=K, V=V, BV=BV, C=chunk_size, USE_DS_END=dS_end is not None, DT=dot_dtype, PREC=precision,
-        BT=CHUNK_BT, num_warps=CHUNK_WARPS)
-    # sums over value blocks start at 0 (two atomic adds onto 0 are exact in either order)
-    summed = lambda *s: (torch.zeros if NV > 1 else torch.empty)(*s, dtype=f32, device=dev)  # noqa: E731
-    d_gq, d_y, d_kend = (summed(B, T, H, K) for _ in range(3))
-    d_m, d_rz = (summed(B, T, H, CHUNK_BT) for _ in range(2))
-    d_gl = summed(n_blocks, H, K)
+        BT=CHUNK_BT, **CHUNK_LAUNCH)
+    d_gq, d_y, d_kend = (torch.empty(B, T, H, K, dtype=f32, device=dev) for _ in range(3))
+    d_m, d_rz = (torch.empty(B, T, H, CHUNK_BT, dtype=f32, device=dev) for _ in range(2))
+    d_gl = torch.empty(n_blocks, H, K, dtype=f32, device=dev)
     dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
-    dw = torch.empty(B, T, H, V, dtype=w.dtype, device=dev) if w.dim() == 4 else summed(B, T, H)
-    grid = N * max_chunks * H * NV
-    _chunk_bwd_values[(grid,)](
+    dw = torch.empty(B, T, H, *w.shape[3:], dtype=w.dtype if w.dim() == 4 else f32, device=dev)
+    _chunk_bwd_values[(N * max_chunks * H,)](
         v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store, gl_store,
-        torch.empty(grid, chunk_size // CHUNK_BT, K, BV, dtype=f32, device=dev),  # block states
         dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rz, seqs, max_chunks, v.stride(1), w.stride(1), H, scale,
-        K=K, V=V, BV=BV, C=chunk_size, VALUE_GATE=w.dim() == 4, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
-        num_warps=CHUNK_WARPS)
+        K=K, V=V, C=chunk_size, VALUE_GATE=w.dim() == 4, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
+        **CHUNK_LAUNCH)
     del dr_store, ds_store  # the key-side kernel does not read them: their memory takes its outputs
     dq, dk, db_logit = (torch.empty(B, T, H, K, dtype=x.dtype, device=dev) for x in (q, k, b_logit))
     dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)
@@ -860,7 +842,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     _chunk_bwd_keys[(N * max_chunks * H,)](
         q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rz, dq, dk, dg, db_logit,
         d_delta, seqs, max_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), H,
-        K=K, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT, num_warps=CHUNK_WARPS)
+        K=K, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT, **CHUNK_LAUNCH)
     return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0]
 
 
@@ -905,15 +887,15 @@ def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size, lik
     rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
     dev, H, K = like.device, like.shape[2], like.shape[3]
     final = d_delta_final if d_delta_final is not None else torch.zeros(len(rows), H, K, device=dev)
-    index = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+    index = lambda xs: _to_device(xs, dev)  # noqa: E731
     chunk_seq = index([n for n, r in enumerate(rows) for _ in range(r[4])])
     last = index([r[3] + r[4] - 1 for r in rows if r[4] > 0])
     first = index([r[3] for r in rows if r[4] > 0])
-    done = torch.tensor([(r[1] + r[2]) % chunk_size == 0 for r in rows if r[4] > 0], device=dev)[:, None, None]
+    done = _to_device([(r[1] + r[2]) % chunk_size == 0 for r in rows if r[4] > 0], dev, torch.bool)[:, None, None]
     final_of_last = final[chunk_seq[last]]
     d_delta[last] += torch.where(done, 0.0, final_of_last)
     if D is None:  # GDN-2: every chunk uses the state's delta unchanged
-        passes = torch.tensor([r[4] == 0 or (r[1] + r[2]) % chunk_size == 0 for r in rows], device=dev)
+        passes = _to_device([r[4] == 0 or (r[1] + r[2]) % chunk_size == 0 for r in rows], dev, torch.bool)
         return None, None, torch.where(passes[:, None, None], final, 0.0).index_add_(0, chunk_seq, d_delta)
     d_delta0 = final.clone()
     d_delta0[chunk_seq[first]] = d_delta[first]
