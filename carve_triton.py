@@ -729,12 +729,12 @@ def _token_rows(x):
 
 
 def _to_device(values, device, dtype=torch.int64):
-    """A host list as a tensor on `device` without waiting for the GPU: a plain torch.tensor(...,
-    device="cuda") copies from pageable memory, which blocks until every queued kernel has finished.
-    Six or seven such waits a forward + backward left the GPU idle between launches: removing them took
-    CARVE at 8 x 2048 from 6.4 to 4.7 ms on an H200."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
+    """A host list as a tensor on `device` without waiting for the GPU. torch.tensor(..., device="cuda")
+    copies and then synchronises the stream, so it waits for every queued kernel; six or seven such
+    waits a forward + backward left the GPU idle between launches (removing them took CARVE at 8 x 2048
+    from 6.4 to 4.7 ms on an H200). A non-blocking copy from pageable memory is staged at once and
+    queued behind the kernels; it also traces under torch.compile, where pinning would not."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _operand_dtype(dtype):
