@@ -154,7 +154,8 @@ def time_decode(B, fused_recurrent_gdn2):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--breakdown", action="store_true", help="device time per kernel (torch.profiler)")
-    parser.add_argument("--no-kda", action="store_true", help="skip fla's chunk_kda (it autotunes for minutes per shape)")
+    parser.add_argument("--no-kda", action="store_true",
+                        help="skip fla's chunk_kda (it autotunes for minutes per shape)")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     parser.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES),
                         help="chunk shapes BxT, comma-separated (default: %(default)s)")

@@ -416,13 +416,6 @@ def _load_rows16(ptr, tok, valid, i_h, H, BT: tl.constexpr, IDENTITY: tl.constex
 
 
 @triton.jit
-def _state_step(S, k_end, R, gammaL, DT: tl.constexpr, PREC: tl.constexpr):
-    """The state after a block from the state before it: gamma_L S + k_end^T R (k_end: the keys decayed
-    to the block's end; R: v_new)."""
-    return tl.dot(tl.trans(k_end.to(DT)), R.to(DT), acc=S * gammaL[:, None], input_precision=PREC)
-
-
-@triton.jit
 def _state_grad_step(dS, gq, Y, gammaL, dO, dR, scale, DT: tl.constexpr, PREC: tl.constexpr):
     """The gradient of the state before a block from the one after it, with O = (gamma q S + M R) scale,
     R = U - Y S and S_end = gamma_L S + k_end^T R: gamma_L dS + (gamma q)^T dO scale - Y^T dR."""
@@ -488,7 +481,7 @@ def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in,
         R = tl.dot(A.to(DT), Z.to(DT), input_precision=PREC) - tl.dot(Y_dt, S_dt, input_precision=PREC)
         R_dt = R.to(DT)
         O = (tl.dot(gq_dt, S_dt, input_precision=PREC) + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
-        S = _state_step(S, k_end_dt, R_dt, tl.exp(GL), DT, PREC)
+        S = tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
         o_acc += tl.sum(O, axis=0)                     # masked rows are exact zeros
         p_o = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
         tl.store(o + p_o, O.to(o.dtype.element_ty), mask=m_row)
@@ -887,10 +880,9 @@ def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size, lik
     rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
     dev, H, K = like.device, like.shape[2], like.shape[3]
     final = d_delta_final if d_delta_final is not None else torch.zeros(len(rows), H, K, device=dev)
-    index = lambda xs: _to_device(xs, dev)  # noqa: E731
-    chunk_seq = index([n for n, r in enumerate(rows) for _ in range(r[4])])
-    last = index([r[3] + r[4] - 1 for r in rows if r[4] > 0])
-    first = index([r[3] for r in rows if r[4] > 0])
+    chunk_seq = _to_device([n for n, r in enumerate(rows) for _ in range(r[4])], dev)
+    last = _to_device([r[3] + r[4] - 1 for r in rows if r[4] > 0], dev)
+    first = _to_device([r[3] for r in rows if r[4] > 0], dev)
     done = _to_device([(r[1] + r[2]) % chunk_size == 0 for r in rows if r[4] > 0], dev, torch.bool)[:, None, None]
     final_of_last = final[chunk_seq[last]]
     d_delta[last] += torch.where(done, 0.0, final_of_last)
