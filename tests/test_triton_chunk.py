@@ -21,9 +21,10 @@ from test_triton_kernel import DEVICE, NAMES, needs_triton
 pytestmark = needs_triton
 
 
-def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, offsets=None):
+def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, offsets=None, used=("o", "S", "delta")):
     """The Triton chunk kernel on `dtype` leaves (g, D, U fp32) and the float64 reference on the same
-    rounded values, each with a random cotangent on o, the final S and the final delta. Returns
+    rounded values, each with a random cotangent on those of o, the final S and the final delta that
+    are `used` (the others get none, as when a loss ignores them). Returns
     (kernel output, final state, reference output, reference final states, gradient pairs)."""
     leaves = {n: t.detach().to(DEVICE, torch.float32 if n in ("g", "D", "U") else dtype).requires_grad_()
               for n, t in x.items()}
@@ -59,8 +60,10 @@ def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, offsets=None):
     do, dS, dd = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (o_ref, S_ref, delta_ref))
     if dtype != torch.float32:
         do = do.to(dtype).double()  # the same cotangent for both
-    loss = lambda o_, S_, d_: (o_.double() * do.to(o_.device)).sum() + (S_.double() * dS.to(S_.device)).sum() \
-        + (d_.double() * dd.to(d_.device)).sum()  # noqa: E731
+    def loss(o_, S_, d_):
+        terms = {"o": (o_, do), "S": (S_, dS), "delta": (d_, dd)}
+        return sum((terms[u][0].double() * terms[u][1].to(terms[u][0].device)).sum() for u in used)
+
     loss(o, final.S, final.delta).backward()
     loss(o_ref, S_ref, delta_ref).backward()
     pairs = [(n, leaves[n].grad, ref[n].grad) for n in leaves]
@@ -115,6 +118,17 @@ def test_parity_fp32(mode, with_state, B, H, T, K, V, C):
             x["D"], x["U"] = prefix_content
     _, final = check(x, state, C, tag=f"triton chunk {mode} fp32")
     assert final.offset == (state.offset if state else 0) + T
+
+
+@pytest.mark.parametrize("used", ["o", "S", "delta"])
+def test_gradients_when_one_output_is_used(used):
+    """The outputs a loss ignores reach the backward with no cotangent at all (None: autograd makes no
+    zero tensors for them): every gradient still matches the reference, and the ones that must be zero
+    (q, k, v, ... when only the final delta is used) are."""
+    B, H, T, K, V, C = 1, 2, 37, 16, 32, 16
+    x = make_inputs(B, T, H, K, V, "carve", seed=12)
+    state, (x["D"], x["U"]) = make_state(B, H, K, V, "carve", C)
+    check(x, state, C, tag=f"triton chunk, only {used} used", used=(used,))
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
