@@ -360,6 +360,15 @@ def _sequence(seqs, i_n, C: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _chunk_program(H, max_chunks):
+    """(sequence, head, chunk) of a program in a grid over sequences x chunks x heads (chunks beyond a
+    sequence's own count have nothing to do)."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_nj = pid // H
+    return i_nj // max_chunks, pid % H, i_nj % max_chunks
+
+
+@triton.jit
 def _block_rows(a, bos, offset, length, BT: tl.constexpr):
     """Token rows of absolute block a: flat token index and validity (inside this call)."""
     t = a * BT + tl.arange(0, BT) - offset
@@ -561,10 +570,7 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y
     the chunk's stored end gradient, the state before each block as the forward stored it, and per block
     dv, dw and the value-summed pieces the key-side kernel needs. All V columns in one program, so the
     sums over V are plain stores (deterministic, nothing to zero first)."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_h = pid % H
-    i_nj = pid // H
-    i_n, j = i_nj // max_chunks, i_nj % max_chunks
+    i_n, i_h, j = _chunk_program(H, max_chunks)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
@@ -621,10 +627,7 @@ def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d
     """One program per (sequence, chunk, head): for each block, the chain from the value-summed
     pieces through A = (I + T)^-1, T and M (whose factors are rebuilt from q, k, g, b) to dq, dk,
     dg, db_logit, and dDelta of the chunk."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_h = pid % H
-    i_nj = pid // H
-    i_n, j = i_nj // max_chunks, i_nj % max_chunks
+    i_n, i_h, j = _chunk_program(H, max_chunks)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
