@@ -385,32 +385,39 @@ def _chunk_blocks(j, offset, blk_first, blk_last, C: tl.constexpr, BT: tl.conste
 
 
 @triton.jit
-def _block_inputs(q, k, g, b_logit, tok, valid, i_h, sq, sk, sg, sb, delta, K: tl.constexpr):
+def _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K: tl.constexpr):
     """Rows `tok` (masked by `valid`) of head i_h: L2-normalised q and k with their norms, the raw
-    and floored log-decay's in-block cumsum and total, and b = sigmoid(b_logit + delta)."""
+    and floored log-decay's in-block cumsum and total."""
     o_k = tl.arange(0, K)
     m = valid[:, None]
     q_raw = tl.load(q + tok[:, None] * sq + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
     k_raw = tl.load(k + tok[:, None] * sk + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
     g_raw = tl.load(g + tok[:, None] * sg + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-    b_l = tl.load(b_logit + tok[:, None] * sb + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
     q_norm = tl.maximum(tl.sqrt(tl.sum(q_raw * q_raw, axis=1)), 1e-6)   # F.normalize(eps=1e-6)
     k_norm = tl.maximum(tl.sqrt(tl.sum(k_raw * k_raw, axis=1)), 1e-6)
     gf = tl.maximum(g_raw, -5.0)                                            # GATE_FLOOR
     Gc = tl.cumsum(gf, axis=0)                                              # G_r inside the block
     GL = tl.sum(gf, axis=0)                                                 # G of the block's last row
-    b = tl.sigmoid(b_l + delta[None, :])
-    return q_raw / q_norm[:, None], k_raw / k_norm[:, None], q_norm, k_norm, g_raw, Gc, GL, b
+    return q_raw / q_norm[:, None], k_raw / k_norm[:, None], q_norm, k_norm, g_raw, Gc, GL
 
 
 @triton.jit
-def _block_factors(qn, kn, Gc, GL, b):
+def _erase_gate(b_logit, tok, valid, i_h, sb, delta, K: tl.constexpr):
+    """b = sigmoid(b_logit + delta) for rows `tok` of head i_h."""
+    o_k = tl.arange(0, K)
+    b_l = tl.load(b_logit + tok[:, None] * sb + i_h * K + o_k[None, :], mask=valid[:, None], other=0.0)
+    return tl.sigmoid(b_l.to(tl.float32) + delta[None, :])
+
+
+@triton.jit
+def _block_factors(qn, kn, Gc, GL):
     """exp(G_r - G_s) = exp(G_r - G_L/2) exp(G_L/2 - G_s): both factors lie within exp(+-40) for
-    g >= -5, so T = tril(Pb Pk^T, -1) and M = tril(Pq Pk^T) are products of bounded operands."""
+    g >= -5, so T = tril((b Kp) Pk^T, -1) and M = tril(Pq Pk^T) are products of bounded operands.
+    Returns Pq, Pk, Kp = k exp(G - G_L/2), and the two factors."""
     half = GL * 0.5
     e_pos = tl.exp(Gc - half[None, :])
     e_neg = tl.exp(half[None, :] - Gc)
-    return qn * e_pos, kn * e_neg, b * kn * e_pos, e_pos, e_neg
+    return qn * e_pos, kn * e_neg, kn * e_pos, e_pos, e_neg
 
 
 @triton.jit
@@ -433,13 +440,48 @@ def _state_grad_step(dS, gq, Y, gammaL, dO, dR, scale, DT: tl.constexpr, PREC: t
 
 
 @triton.jit
-def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o_sum_out, delta_out,
+def _chunk_prep_kernel(q, k, g, mm_store, gq_store, kend_store, gl_store, kp_store, pk_store, gk_store, seqs,
+                       max_chunks, sq, sk, sg, H, K: tl.constexpr, C: tl.constexpr, DT: tl.constexpr,
+                       PREC: tl.constexpr, BT: tl.constexpr):
+    """One program per (sequence, chunk, head): for each block, what the forward needs that depends on
+    neither the state nor Delta, so the walk does not compute it: M, gamma q, the keys decayed to the
+    block end and the block's total log-decay (kept for the backward), and the three key tiles the walk
+    builds T and Y from (Kp = k exp(G - G_L/2) and gamma k in fp32, Pk in the operand dtype)."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_h = pid % H
+    i_nj = pid // H
+    i_n, j = i_nj // max_chunks, i_nj % max_chunks
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    if j < n_chunks:
+        a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
+        o_k = tl.arange(0, K)
+        o_t = tl.arange(0, BT)
+        for a in range(a0, a1 + 1):
+            tok, valid = _block_rows(a, bos, offset, length, BT)
+            m_row = valid[:, None]
+            qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K)
+            Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
+            Mm = tl.where(o_t[:, None] >= o_t[None, :],
+                          tl.dot(Pq.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC), 0.0)
+            gamma = tl.exp(Gc)
+            p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+            tl.store(mm_store + (tok[:, None] * H + i_h) * BT + o_t[None, :], Mm, mask=m_row)
+            tl.store(gq_store + p_k, (gamma * qn).to(gq_store.dtype.element_ty), mask=m_row)
+            tl.store(kend_store + p_k, (tl.exp(GL[None, :] - Gc) * kn).to(kend_store.dtype.element_ty), mask=m_row)
+            tl.store(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k, GL)
+            tl.store(kp_store + p_k, Kp, mask=m_row)
+            tl.store(pk_store + p_k, Pk.to(pk_store.dtype.element_ty), mask=m_row)
+            tl.store(gk_store + p_k, gamma * kn, mask=m_row)
+
+
+@triton.jit
+def _chunk_fwd_kernel(b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o_sum_out, delta_out,
                       h_store, delta_store, m_store, r_store, a_store, mm_store, y_store, gq_store, kend_store,
-                      gl_store, seqs, sq, sk, sv, sg, sb, sw, H, scale,
+                      gl_store, kp_store, pk_store, gk_store, seqs, sv, sb, sw, H, scale,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, RANK: tl.constexpr,
                       VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr, USE_INITIAL: tl.constexpr,
                       DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
-    """One program per (sequence, head)."""
+    """One program per (sequence, head): the walk, with _chunk_prep_kernel's tiles as inputs."""
     i_nh = tl.program_id(0).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
@@ -463,11 +505,11 @@ def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in,
         j = (a * BT) // C - offset // C                    # chunk of this block, counted in this call
         if ((a * BT) % C == 0) | (a == blk_first):         # a chunk starts: keep its Delta
             tl.store(delta_store + ((chunk0 + j) * H + i_h) * K + o_k, delta)
-        qn, kn, q_norm, k_norm, g_raw, Gc, GL, b = _block_inputs(q, k, g, b_logit, tok, valid, i_h,
-                                                                 sq, sk, sg, sb, delta, K)
-        Pq, Pk, Pb, e_pos, e_neg = _block_factors(qn, kn, Gc, GL, b)
-        Tm = tl.where(r_i > s_i, tl.dot(Pb.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC), 0.0)
-        Mm = tl.where(r_i >= s_i, tl.dot(Pq.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC), 0.0)
+        p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+        b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
+        Pb = b * tl.load(kp_store + p_k, mask=m_row, other=0.0)
+        Pk_dt = tl.load(pk_store + p_k, mask=m_row, other=0.0)
+        Tm = tl.where(r_i > s_i, tl.dot(Pb.to(DT), tl.trans(Pk_dt), input_precision=PREC), 0.0)
         # (I + T)^-1 = (I - T)(I + T^2)(I + T^4)(I + T^8): T is strictly lower triangular, so T^16 = 0
         eye = tl.where(r_i == s_i, 1.0, 0.0)
         N2 = tl.dot(Tm, Tm, input_precision="ieee")
@@ -475,16 +517,18 @@ def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in,
         N4 = tl.dot(N2, N2, input_precision="ieee")
         A = tl.dot(A, eye + N4, input_precision="ieee")
         A = tl.dot(A, eye + tl.dot(N4, N4, input_precision="ieee"), input_precision="ieee")
-        gamma = tl.exp(Gc)
         v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=m_row, other=0.0).to(tl.float32)
         if VALUE_GATE:
             w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=m_row, other=0.0)
             Z = w_t.to(tl.float32) * v_t
         else:
             Z = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None] * v_t
-        Y_dt = tl.dot(A.to(DT), (gamma * b * kn).to(DT), input_precision=PREC).to(DT)
-        gq_dt = (gamma * qn).to(DT)
-        k_end_dt = (tl.exp(GL[None, :] - Gc) * kn).to(DT)
+        gk = tl.load(gk_store + p_k, mask=m_row, other=0.0)
+        Y_dt = tl.dot(A.to(DT), (b * gk).to(DT), input_precision=PREC).to(DT)
+        gq_dt = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(DT)
+        k_end_dt = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
+        Mm = tl.load(mm_store + (tok[:, None] * H + i_h) * BT + s_i, mask=m_row, other=0.0)
+        GL = tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k)
         S_dt = S.to(DT)
         tl.store(h_store + ((block0 + a - blk_first) * H + i_h) * K * V + p_kv, S_dt.to(h_store.dtype.element_ty))
         R = tl.dot(A.to(DT), Z.to(DT), input_precision=PREC) - tl.dot(Y_dt, S_dt, input_precision=PREC)
@@ -495,14 +539,8 @@ def _chunk_fwd_kernel(q, k, v, g, b_logit, w, D, U, o, S_in, o_sum_in, delta_in,
         p_o = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
         tl.store(o + p_o, O.to(o.dtype.element_ty), mask=m_row)
         tl.store(r_store + p_o, R_dt.to(r_store.dtype.element_ty), mask=m_row)
-        p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
         tl.store(y_store + p_k, Y_dt.to(y_store.dtype.element_ty), mask=m_row)
-        tl.store(gq_store + p_k, gq_dt.to(gq_store.dtype.element_ty), mask=m_row)
-        tl.store(kend_store + p_k, k_end_dt.to(kend_store.dtype.element_ty), mask=m_row)
-        p_16 = (tok[:, None] * H + i_h) * BT + s_i
-        tl.store(a_store + p_16, A, mask=m_row)
-        tl.store(mm_store + p_16, Mm, mask=m_row)
-        tl.store(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k, GL)
+        tl.store(a_store + (tok[:, None] * H + i_h) * BT + s_i, A, mask=m_row)
         if (((a + 1) * BT) % C == 0) & ((a + 1) * BT <= offset + length):   # a chunk is complete
             m = o_acc / C          # stop-gradient read of m (SPEC section 1): the backward treats it as data
             if HAS_CONTENT:
@@ -640,9 +678,10 @@ def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d
         for a in range(a0, a1 + 1):
             tok, valid = _block_rows(a, bos, offset, length, BT)
             m_row = valid[:, None]
-            qn, kn, q_norm, k_norm, g_raw, Gc, GL, b = _block_inputs(q, k, g, b_logit, tok, valid, i_h,
-                                                                     sq, sk, sg, sb, delta, K)
-            Pq, Pk, Pb, e_pos, e_neg = _block_factors(qn, kn, Gc, GL, b)
+            qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K)
+            b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
+            Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
+            Pb = b * Kp
             A = _load_rows16(a_store, tok, valid, i_h, H, BT, True)
             At = tl.trans(A)
             gamma = tl.exp(Gc)
@@ -783,11 +822,19 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     delta0 = delta0.float().contiguous() if delta0 is not None else torch.zeros(N, H, K, dtype=f32, device=dev)
     has_content = D is not None
     dot_dtype, precision = _dot_operands(q.dtype)
+    seqs = _to_device(table, dev)
+    mm_store, gq_store, kend_store, gl_store = out[9], out[11], out[12], out[13]
+    kp, gk = (torch.empty(q.shape, dtype=f32, device=dev) for _ in range(2))  # the walk's key tiles
+    pk = torch.empty(q.shape, dtype=_operand_dtype(q.dtype), device=dev)
+    max_chunks = _table_sizes(table)[3]
+    _chunk_prep_kernel[(N * max_chunks * H,)](
+        q, k, g, mm_store, gq_store, kend_store, gl_store, kp, pk, gk, seqs, max_chunks,
+        q.stride(1), k.stride(1), g.stride(1), H, K=K, C=chunk_size, DT=dot_dtype, PREC=precision,
+        BT=CHUNK_BT, **CHUNK_LAUNCH)
     _chunk_fwd_kernel[(N * H,)](
-        q, k, v, g, b_logit, w, D if has_content else delta0, U if has_content else delta0, out[0],
-        S0 if use_initial else out[1], o_sum0 if use_initial else out[2], delta0, *out[1:],
-        _to_device(table, dev),
-        q.stride(1), k.stride(1), v.stride(1), g.stride(1), b_logit.stride(1), w.stride(1), H, scale,
+        b_logit, v, w, D if has_content else delta0, U if has_content else delta0, out[0],
+        S0 if use_initial else out[1], o_sum0 if use_initial else out[2], delta0, *out[1:], kp, pk, gk, seqs,
+        v.stride(1), b_logit.stride(1), w.stride(1), H, scale,
         K=K, V=v.shape[-1], C=chunk_size, RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4,
         HAS_CONTENT=has_content, USE_INITIAL=use_initial, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
         **CHUNK_LAUNCH)
