@@ -321,9 +321,14 @@ def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, S, o_sum, delta
 # splits through the block's middle into two factors within exp(+-40), so T and M are plain matrix
 # products (tensor cores for bf16 inputs; fp32 inputs use exact fp32 products).
 #
-# Forward, one program per (sequence, head): the whole [K, V] fp32 state stays in registers (CARVE's
-# Delta needs every value column). It stores what the backward needs, so the backward never repeats
-# the walk: the state at each block start, v_new (R) of every token, Delta and m of every chunk, and per
+# Forward: _chunk_prep_kernel first, in parallel over chunks, computes what depends on neither the state
+# nor Delta (norms, decays, M, gamma q, decayed keys). CARVE then walks with one program per (sequence,
+# head): the whole [K, V] fp32 state stays in registers (Delta needs every value column). GDN-2, whose
+# Delta never changes, also solves T, A, Y and U = A Z in the prep kernel, walks with one program per
+# (sequence, head, value block) doing only R = U - Y S and the state update, and computes the outputs
+# in parallel afterwards (_chunk_fwd_output), with the CARVE walk's operations in the same order, so
+# CARVE at initialisation still equals GDN-2 bit for bit. The forward stores what the backward needs,
+# so the backward never repeats the walk: the state at each block start, v_new (R) of every token, Delta and m of every chunk, and per
 # block A = (I + T)^-1, M, Y, gamma q, the keys decayed to the block end and the block's total
 # log-decay; the dot operands among them in the operands' dtype (_operand_dtype), as fla stores h.
 # Backward, three kernels:
@@ -440,13 +445,49 @@ def _state_grad_step(dS, gq, Y, gammaL, dO, dR, scale, DT: tl.constexpr, PREC: t
 
 
 @triton.jit
-def _chunk_prep_kernel(q, k, g, mm_store, gq_store, kend_store, gl_store, kp_store, pk_store, gk_store, seqs,
-                       max_chunks, sq, sk, sg, H, K: tl.constexpr, C: tl.constexpr, DT: tl.constexpr,
-                       PREC: tl.constexpr, BT: tl.constexpr):
+def _block_solve(Pb, Pk_dt, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+    """A = (I + T)^-1 with T = tril(Pb Pk^T, -1), as (I - T)(I + T^2)(I + T^4)(I + T^8) (T is strictly
+    lower triangular, so T^16 = 0), in exact fp32. The CARVE walk and GDN-2's parallel solve both call
+    this, so the two round alike (CARVE at initialisation must equal GDN-2 bit for bit)."""
+    o_t = tl.arange(0, BT)
+    r_i = o_t[:, None]
+    s_i = o_t[None, :]
+    Tm = tl.where(r_i > s_i, tl.dot(Pb.to(DT), tl.trans(Pk_dt), input_precision=PREC), 0.0)
+    eye = tl.where(r_i == s_i, 1.0, 0.0)
+    N2 = tl.dot(Tm, Tm, input_precision="ieee")
+    A = tl.dot(eye - Tm, eye + N2, input_precision="ieee")
+    N4 = tl.dot(N2, N2, input_precision="ieee")
+    A = tl.dot(A, eye + N4, input_precision="ieee")
+    return tl.dot(A, eye + tl.dot(N4, N4, input_precision="ieee"), input_precision="ieee")
+
+
+@triton.jit
+def _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V: tl.constexpr, VALUE_GATE: tl.constexpr,
+              DT: tl.constexpr, PREC: tl.constexpr):
+    """Y = A (b gamma k) in the operand dtype and A Z in fp32, Z = w * v (w a vector or a scalar a row)."""
+    o_v = tl.arange(0, V)
+    m_row = valid[:, None]
+    v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=m_row, other=0.0).to(tl.float32)
+    if VALUE_GATE:
+        w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=m_row, other=0.0)
+        Z = w_t.to(tl.float32) * v_t
+    else:
+        Z = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None] * v_t
+    Y_dt = tl.dot(A.to(DT), (b * gk).to(DT), input_precision=PREC).to(DT)
+    return Y_dt, tl.dot(A.to(DT), Z.to(DT), input_precision=PREC)
+
+
+@triton.jit
+def _chunk_prep_kernel(q, k, g, b_logit, v, w, delta_in, mm_store, gq_store, kend_store, gl_store, kp_store,
+                       pk_store, gk_store, a_store, y_store, u_store, delta_store, seqs, max_chunks,
+                       sq, sk, sg, sb, sv, sw, H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                       VALUE_GATE: tl.constexpr, SOLVE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                       BT: tl.constexpr):
     """One program per (sequence, chunk, head): for each block, what the forward needs that depends on
-    neither the state nor Delta, so the walk does not compute it: M, gamma q, the keys decayed to the
-    block end and the block's total log-decay (kept for the backward), and the three key tiles the walk
-    builds T and Y from (Kp = k exp(G - G_L/2) and gamma k in fp32, Pk in the operand dtype)."""
+    neither the state nor Delta: M, gamma q, the keys decayed to the block end and the block's total
+    log-decay (kept for the backward). For the CARVE walk, the three key tiles it builds T and Y from
+    (Kp = k exp(G - G_L/2) and gamma k in fp32, Pk in the operand dtype). With SOLVE (GDN-2, whose
+    Delta never changes): the solve itself, A, Y and U = A Z, for _chunk_fwd_gdn2_walk."""
     pid = tl.program_id(0).to(tl.int64)
     i_h = pid % H
     i_nj = pid // H
@@ -456,22 +497,122 @@ def _chunk_prep_kernel(q, k, g, mm_store, gq_store, kend_store, gl_store, kp_sto
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
         o_k = tl.arange(0, K)
         o_t = tl.arange(0, BT)
+        if SOLVE:
+            delta = tl.load(delta_in + (i_n * H + i_h) * K + o_k)
+            tl.store(delta_store + ((chunk0 + j) * H + i_h) * K + o_k, delta)
         for a in range(a0, a1 + 1):
             tok, valid = _block_rows(a, bos, offset, length, BT)
             m_row = valid[:, None]
             qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K)
             Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
-            Mm = tl.where(o_t[:, None] >= o_t[None, :],
-                          tl.dot(Pq.to(DT), tl.trans(Pk.to(DT)), input_precision=PREC), 0.0)
+            Pk_dt = Pk.to(DT)
+            Mm = tl.where(o_t[:, None] >= o_t[None, :], tl.dot(Pq.to(DT), tl.trans(Pk_dt), input_precision=PREC),
+                          0.0)
             gamma = tl.exp(Gc)
             p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
-            tl.store(mm_store + (tok[:, None] * H + i_h) * BT + o_t[None, :], Mm, mask=m_row)
+            p_16 = (tok[:, None] * H + i_h) * BT + o_t[None, :]
+            tl.store(mm_store + p_16, Mm, mask=m_row)
             tl.store(gq_store + p_k, (gamma * qn).to(gq_store.dtype.element_ty), mask=m_row)
             tl.store(kend_store + p_k, (tl.exp(GL[None, :] - Gc) * kn).to(kend_store.dtype.element_ty), mask=m_row)
             tl.store(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k, GL)
-            tl.store(kp_store + p_k, Kp, mask=m_row)
-            tl.store(pk_store + p_k, Pk.to(pk_store.dtype.element_ty), mask=m_row)
-            tl.store(gk_store + p_k, gamma * kn, mask=m_row)
+            if SOLVE:
+                b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
+                A = _block_solve(b * Kp, Pk_dt, DT, PREC, BT)
+                Y_dt, AZ = _block_wy(A, b, gamma * kn, v, w, tok, valid, i_h, sv, sw, V, VALUE_GATE, DT, PREC)
+                tl.store(a_store + p_16, A, mask=m_row)
+                tl.store(y_store + p_k, Y_dt.to(y_store.dtype.element_ty), mask=m_row)
+                o_v = tl.arange(0, V)
+                tl.store(u_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], AZ, mask=m_row)
+            else:
+                tl.store(kp_store + p_k, Kp, mask=m_row)
+                tl.store(pk_store + p_k, Pk_dt.to(pk_store.dtype.element_ty), mask=m_row)
+                tl.store(gk_store + p_k, gamma * kn, mask=m_row)
+
+
+@triton.jit
+def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in, delta_in, S_out, o_sum_out,
+                         delta_out, h_store, r_store, seqs, H, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                         C: tl.constexpr, USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                         BT: tl.constexpr):
+    """GDN-2's walk, one program per (sequence, head, value block): with A, Y and U = A Z solved in
+    parallel beforehand, a block is R = U - Y S and S <- gamma_L S + k_end^T R (the same operations,
+    in the same order, as in the CARVE walk). Stores the state at every block start and R; the outputs
+    come from _chunk_fwd_output."""
+    NV: tl.constexpr = V // BV
+    pid = tl.program_id(0).to(tl.int64)
+    i_v = pid % NV
+    i_nh = pid // NV
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    p_S = i_nh * K * V + p_kv
+    if USE_INITIAL:
+        S = tl.load(S_in + p_S)
+        tl.store(o_sum_out + i_nh * V + o_v, tl.load(o_sum_in + i_nh * V + o_v))   # _chunk_fwd_output
+    else:                                                                          # updates it
+        S = tl.zeros([K, BV], dtype=tl.float32)
+        tl.store(o_sum_out + i_nh * V + o_v, tl.zeros([BV], dtype=tl.float32))
+    if i_v == 0:
+        tl.store(delta_out + i_nh * K + o_k, tl.load(delta_in + i_nh * K + o_k))
+    for a in range(blk_first, blk_last + 1):
+        tok, valid = _block_rows(a, bos, offset, length, BT)
+        m_row = valid[:, None]
+        p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+        p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
+        Y_dt = tl.load(y_store + p_k, mask=m_row, other=0.0).to(DT)
+        k_end_dt = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
+        AZ = tl.load(u_store + p_v, mask=m_row, other=0.0)
+        GL = tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k)
+        S_dt = S.to(DT)
+        tl.store(h_store + ((block0 + a - blk_first) * H + i_h) * K * V + p_kv, S_dt.to(h_store.dtype.element_ty))
+        R = AZ - tl.dot(Y_dt, S_dt, input_precision=PREC)
+        R_dt = R.to(DT)
+        tl.store(r_store + p_v, R_dt.to(r_store.dtype.element_ty), mask=m_row)
+        S = tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
+    tl.store(S_out + p_S, S)
+
+
+@triton.jit
+def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, max_chunks, H, scale,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                      BT: tl.constexpr):
+    """GDN-2's outputs, one program per (sequence, chunk, head): O = (gamma q S + M R) scale from the
+    stored block states and R, as the CARVE walk computes it; the last chunk of a sequence also adds
+    its rows into the final o_sum (which _chunk_fwd_gdn2_walk set to the initial one)."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_h = pid % H
+    i_nj = pid // H
+    i_n, j = i_nj // max_chunks, i_nj % max_chunks
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    if j < n_chunks:
+        a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
+        o_k = tl.arange(0, K)
+        o_v = tl.arange(0, V)
+        o_t = tl.arange(0, BT)
+        i_nh = i_n * H + i_h
+        last = j == n_chunks - 1
+        if last & (j == 0):
+            o_acc = tl.load(o_sum_out + i_nh * V + o_v)
+        else:
+            o_acc = tl.zeros([V], dtype=tl.float32)
+        for a in range(a0, a1 + 1):
+            tok, valid = _block_rows(a, bos, offset, length, BT)
+            m_row = valid[:, None]
+            p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+            p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
+            gq_dt = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(DT)
+            Mm = tl.load(mm_store + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=m_row, other=0.0)
+            R_dt = tl.load(r_store + p_v, mask=m_row, other=0.0).to(DT)
+            S_dt = tl.load(h_store + ((block0 + a - blk_first) * H + i_h) * K * V + o_k[:, None] * V
+                           + o_v[None, :]).to(DT)
+            O = (tl.dot(gq_dt, S_dt, input_precision=PREC) + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
+            tl.store(o + p_v, O.to(o.dtype.element_ty), mask=m_row)
+            o_acc += tl.sum(O, axis=0)
+        if last:
+            complete = (offset + length) % C == 0
+            tl.store(o_sum_out + i_nh * V + o_v, tl.where(complete, 0.0, o_acc))
 
 
 @triton.jit
@@ -479,9 +620,9 @@ def _chunk_fwd_kernel(b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o
                       h_store, delta_store, m_store, r_store, a_store, mm_store, y_store, gq_store, kend_store,
                       gl_store, kp_store, pk_store, gk_store, seqs, sv, sb, sw, H, scale,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, RANK: tl.constexpr,
-                      VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr, USE_INITIAL: tl.constexpr,
+                      VALUE_GATE: tl.constexpr, USE_INITIAL: tl.constexpr,
                       DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
-    """One program per (sequence, head): the walk, with _chunk_prep_kernel's tiles as inputs."""
+    """CARVE's walk, one program per (sequence, head), with _chunk_prep_kernel's tiles as inputs."""
     i_nh = tl.program_id(0).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
@@ -509,29 +650,16 @@ def _chunk_fwd_kernel(b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o
         b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
         Pb = b * tl.load(kp_store + p_k, mask=m_row, other=0.0)
         Pk_dt = tl.load(pk_store + p_k, mask=m_row, other=0.0)
-        Tm = tl.where(r_i > s_i, tl.dot(Pb.to(DT), tl.trans(Pk_dt), input_precision=PREC), 0.0)
-        # (I + T)^-1 = (I - T)(I + T^2)(I + T^4)(I + T^8): T is strictly lower triangular, so T^16 = 0
-        eye = tl.where(r_i == s_i, 1.0, 0.0)
-        N2 = tl.dot(Tm, Tm, input_precision="ieee")
-        A = tl.dot(eye - Tm, eye + N2, input_precision="ieee")
-        N4 = tl.dot(N2, N2, input_precision="ieee")
-        A = tl.dot(A, eye + N4, input_precision="ieee")
-        A = tl.dot(A, eye + tl.dot(N4, N4, input_precision="ieee"), input_precision="ieee")
-        v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=m_row, other=0.0).to(tl.float32)
-        if VALUE_GATE:
-            w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=m_row, other=0.0)
-            Z = w_t.to(tl.float32) * v_t
-        else:
-            Z = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None] * v_t
+        A = _block_solve(Pb, Pk_dt, DT, PREC, BT)
         gk = tl.load(gk_store + p_k, mask=m_row, other=0.0)
-        Y_dt = tl.dot(A.to(DT), (b * gk).to(DT), input_precision=PREC).to(DT)
+        Y_dt, AZ = _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V, VALUE_GATE, DT, PREC)
         gq_dt = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(DT)
         k_end_dt = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
         Mm = tl.load(mm_store + (tok[:, None] * H + i_h) * BT + s_i, mask=m_row, other=0.0)
         GL = tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k)
         S_dt = S.to(DT)
         tl.store(h_store + ((block0 + a - blk_first) * H + i_h) * K * V + p_kv, S_dt.to(h_store.dtype.element_ty))
-        R = tl.dot(A.to(DT), Z.to(DT), input_precision=PREC) - tl.dot(Y_dt, S_dt, input_precision=PREC)
+        R = AZ - tl.dot(Y_dt, S_dt, input_precision=PREC)
         R_dt = R.to(DT)
         O = (tl.dot(gq_dt, S_dt, input_precision=PREC) + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
         S = tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
@@ -543,13 +671,12 @@ def _chunk_fwd_kernel(b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o
         tl.store(a_store + (tok[:, None] * H + i_h) * BT + s_i, A, mask=m_row)
         if (((a + 1) * BT) % C == 0) & ((a + 1) * BT <= offset + length):   # a chunk is complete
             m = o_acc / C          # stop-gradient read of m (SPEC section 1): the backward treats it as data
-            if HAS_CONTENT:
-                tl.store(m_store + ((chunk0 + j) * H + i_h) * V + o_v, m)
-                o_r = tl.arange(0, RANK)
-                Dm = tl.load(D + i_h * RANK * V + o_r[:, None] * V + o_v[None, :]).to(tl.float32)
-                Dm = tl.sum(Dm * m[None, :], axis=1)                                     # D m  [RANK]
-                Um = tl.load(U + i_h * K * RANK + o_k[:, None] * RANK + o_r[None, :]).to(tl.float32)
-                delta = tl.sum(Um * Dm[None, :], axis=1)                                 # U D m [K]
+            tl.store(m_store + ((chunk0 + j) * H + i_h) * V + o_v, m)
+            o_r = tl.arange(0, RANK)
+            Dm = tl.load(D + i_h * RANK * V + o_r[:, None] * V + o_v[None, :]).to(tl.float32)
+            Dm = tl.sum(Dm * m[None, :], axis=1)                                     # D m  [RANK]
+            Um = tl.load(U + i_h * K * RANK + o_k[:, None] * RANK + o_r[None, :]).to(tl.float32)
+            delta = tl.sum(Um * Dm[None, :], axis=1)                                 # U D m [K]
             o_acc = tl.zeros([V], dtype=tl.float32)
     tl.store(S_out + p_S, S)
     tl.store(o_sum_out + i_nh * V + o_v, o_acc)
@@ -823,21 +950,34 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     has_content = D is not None
     dot_dtype, precision = _dot_operands(q.dtype)
     seqs = _to_device(table, dev)
-    mm_store, gq_store, kend_store, gl_store = out[9], out[11], out[12], out[13]
-    kp, gk = (torch.empty(q.shape, dtype=f32, device=dev) for _ in range(2))  # the walk's key tiles
-    pk = torch.empty(q.shape, dtype=_operand_dtype(q.dtype), device=dev)
-    max_chunks = _table_sizes(table)[3]
+    V, max_chunks = v.shape[-1], _table_sizes(table)[3]
+    o, S, o_sum, delta, h_store, delta_store, _, r_store, a_store, mm_store, y_store, gq_store, kend_store, \
+        gl_store = out
+    S_in, o_sum_in = (S0, o_sum0) if use_initial else (S, o_sum)
+    if has_content:  # the key tiles the prep kernel writes for the CARVE walk
+        kp, gk = (torch.empty(q.shape, dtype=f32, device=dev) for _ in range(2))
+        pk = torch.empty(q.shape, dtype=_operand_dtype(q.dtype), device=dev)
+        u = kp       # (not written: no solve in the prep kernel)
+    else:            # GDN-2: U = A Z from the prep kernel's solve
+        u = torch.empty(v.shape, dtype=f32, device=dev)
+        kp = gk = pk = u   # (not written)
+    common = dict(K=K, V=V, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT, **CHUNK_LAUNCH)
     _chunk_prep_kernel[(N * max_chunks * H,)](
-        q, k, g, mm_store, gq_store, kend_store, gl_store, kp, pk, gk, seqs, max_chunks,
-        q.stride(1), k.stride(1), g.stride(1), H, K=K, C=chunk_size, DT=dot_dtype, PREC=precision,
-        BT=CHUNK_BT, **CHUNK_LAUNCH)
-    _chunk_fwd_kernel[(N * H,)](
-        b_logit, v, w, D if has_content else delta0, U if has_content else delta0, out[0],
-        S0 if use_initial else out[1], o_sum0 if use_initial else out[2], delta0, *out[1:], kp, pk, gk, seqs,
-        v.stride(1), b_logit.stride(1), w.stride(1), H, scale,
-        K=K, V=v.shape[-1], C=chunk_size, RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4,
-        HAS_CONTENT=has_content, USE_INITIAL=use_initial, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
-        **CHUNK_LAUNCH)
+        q, k, g, b_logit, v, w, delta0, mm_store, gq_store, kend_store, gl_store, kp, pk, gk, a_store, y_store,
+        u, delta_store, seqs, max_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), v.stride(1),
+        w.stride(1), H, VALUE_GATE=w.dim() == 4, SOLVE=not has_content, **common)
+    if has_content:
+        _chunk_fwd_kernel[(N * H,)](
+            b_logit, v, w, D, U, o, S_in, o_sum_in, delta0, *out[1:], kp, pk, gk, seqs,
+            v.stride(1), b_logit.stride(1), w.stride(1), H, scale, RANK=D.shape[1], VALUE_GATE=w.dim() == 4,
+            USE_INITIAL=use_initial, **common)
+    else:
+        BV = min(V, WALK_BV)
+        _chunk_fwd_gdn2_walk[(N * H * (V // BV),)](
+            u, y_store, kend_store, gl_store, S_in, o_sum_in, delta0, S, o_sum, delta, h_store, r_store, seqs, H,
+            BV=BV, USE_INITIAL=use_initial, **common)
+        _chunk_fwd_output[(N * max_chunks * H,)](
+            o, h_store, r_store, mm_store, gq_store, o_sum, seqs, max_chunks, H, scale, **common)
     return out
 
 

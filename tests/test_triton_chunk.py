@@ -274,13 +274,17 @@ def test_stop_gradient_through_m():
     assert_rel(leaves, ref, TOL_GRAD, "triton chunk stop-grad")
 
 
-def test_every_output_element_is_written(poisoned_empty):
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+def test_every_output_element_is_written(poisoned_empty, mode):
     """The launchers allocate every output with torch.empty, NaN-filled here: an element the kernels
-    miss (a masked row, a value block, a chunk's stored state, a gradient) shows up as NaN."""
+    miss (a masked row, a value block, a chunk's stored state, a gradient) shows up as NaN. GDN-2 has
+    its own forward kernels (the solve in parallel, a walk over value blocks, then the outputs)."""
     B, H, T, K, V, C = 1, 2, 37, 16, 128, 32
-    x = make_inputs(B, T, H, K, V, "carve", seed=12)
-    state, (x["D"], x["U"]) = make_state(B, H, K, V, "carve", C, prefix=53)  # the call starts mid-chunk
-    o, final = check(x, state, C, tag="triton chunk poisoned")
+    x = make_inputs(B, T, H, K, V, mode, seed=12)
+    state, content = make_state(B, H, K, V, mode, C, prefix=53)  # the call starts mid-chunk
+    if mode == "carve":
+        x["D"], x["U"] = content
+    o, final = check(x, state, C, tag=f"triton chunk poisoned {mode}")
     assert any(p is o for p in poisoned_empty) and any(p is final.S for p in poisoned_empty)
     assert len(poisoned_empty) >= 10  # forward and backward buffers (o, S, stored states, v_new, dv, dS0, ...)
 
