@@ -374,6 +374,14 @@ def _chunk_program(H, max_chunks):
 
 
 @triton.jit
+def _value_block_program(H, NV):
+    """(sequence, head, value block) of a program in a grid over sequences x heads x value blocks."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_nh = pid // NV
+    return i_nh // H, i_nh % H, pid % NV
+
+
+@triton.jit
 def _block_rows(a, bos, offset, length, BT: tl.constexpr):
     """Token rows of absolute block a: flat token index and validity (inside this call)."""
     t = a * BT + tl.arange(0, BT) - offset
@@ -488,10 +496,7 @@ def _chunk_prep_kernel(q, k, g, b_logit, v, w, delta_in, mm_store, gq_store, ken
     log-decay (kept for the backward). For the CARVE walk, the three key tiles it builds T and Y from
     (Kp = k exp(G - G_L/2) and gamma k in fp32, Pk in the operand dtype). With SOLVE (GDN-2, whose
     Delta never changes): the solve itself, A, Y and U = A Z, for _chunk_fwd_gdn2_walk."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_h = pid % H
-    i_nj = pid // H
-    i_n, j = i_nj // max_chunks, i_nj % max_chunks
+    i_n, i_h, j = _chunk_program(H, max_chunks)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
@@ -538,11 +543,8 @@ def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in,
     parallel beforehand, a block is R = U - Y S and S <- gamma_L S + k_end^T R (the same operations,
     in the same order, as in the CARVE walk). Stores the state at every block start and R; the outputs
     come from _chunk_fwd_output."""
-    NV: tl.constexpr = V // BV
-    pid = tl.program_id(0).to(tl.int64)
-    i_v = pid % NV
-    i_nh = pid // NV
-    i_n, i_h = i_nh // H, i_nh % H
+    i_n, i_h, i_v = _value_block_program(H, V // BV)
+    i_nh = i_n * H + i_h
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -581,10 +583,7 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, 
     """GDN-2's outputs, one program per (sequence, chunk, head): O = (gamma q S + M R) scale from the
     stored block states and R, as the CARVE walk computes it; the last chunk of a sequence also adds
     its rows into the final o_sum (which _chunk_fwd_gdn2_walk set to the initial one)."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_h = pid % H
-    i_nj = pid // H
-    i_n, j = i_nj // max_chunks, i_nj % max_chunks
+    i_n, i_h, j = _chunk_program(H, max_chunks)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
@@ -689,11 +688,8 @@ def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_en
                     USE_DS_END: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """One program per (sequence, head, value block), blocks in reverse, carrying dS (the gradient of
     the state after the block): stores dR of every token and dS at every chunk end."""
-    NV: tl.constexpr = V // BV
-    pid = tl.program_id(0).to(tl.int64)
-    i_v = pid % NV
-    i_nh = pid // NV
-    i_n, i_h = i_nh // H, i_nh % H
+    i_n, i_h, i_v = _value_block_program(H, V // BV)
+    i_nh = i_n * H + i_h
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
