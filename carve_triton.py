@@ -321,14 +321,18 @@ def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, S, o_sum, delta
 # splits through the block's middle into two factors within exp(+-40), so T and M are plain matrix
 # products (tensor cores for bf16 inputs; fp32 inputs use exact fp32 products).
 #
-# Forward: _chunk_prep_kernel first, in parallel over chunks, computes what depends on neither the state
-# nor Delta (norms, decays, M, gamma q, decayed keys). CARVE then walks with one program per (sequence,
-# head): the whole [K, V] fp32 state stays in registers (Delta needs every value column). GDN-2, whose
-# Delta never changes, also solves T, A, Y and U = A Z in the prep kernel, walks with one program per
-# (sequence, head, value block) doing only R = U - Y S and the state update, and computes the outputs
-# in parallel afterwards (_chunk_fwd_output), with the CARVE walk's operations in the same order, so
-# CARVE at initialisation still equals GDN-2 bit for bit. The forward stores what the backward needs,
-# so the backward never repeats the walk: the state at each block start, v_new (R) of every token, Delta and m of every chunk, and per
+# Forward, in one of two forms (_split_forward picks by the number of walk programs):
+#   - the walk alone, one program per (sequence, head), block after block: the block's tiles
+#     (_block_tiles: norms, decays, M, gamma q, decayed keys), b, the solve, R, O and the state update.
+#     The whole [K, V] fp32 state stays in registers (CARVE's Delta needs every value column).
+#   - split, when (sequence, head) programs alone would leave most of the card idle: _chunk_prep_kernel
+#     first computes the tiles in parallel over chunks, and CARVE's walk loads them. GDN-2, whose Delta
+#     never changes, also solves T, A, Y and U = A Z in the prep kernel, walks with one program per
+#     (sequence, head, value block) doing only R = U - Y S and the state update, and computes the
+#     outputs in parallel afterwards (_chunk_fwd_output), with the walk's operations in the same order,
+#     so CARVE at initialisation still equals GDN-2 bit for bit in either form.
+# The forward stores what the backward needs, so the backward never repeats the walk: the state at
+# each block start, v_new (R) of every token, Delta and m of every chunk, and per
 # block A = (I + T)^-1, M, Y, gamma q, the keys decayed to the block end and the block's total
 # log-decay; the dot operands among them in the operands' dtype (_operand_dtype), as fla stores h.
 # Backward, three kernels:
@@ -347,6 +351,18 @@ CHUNK_BT = 16  # rows of a block
 # stages; two stages let the loads of the next block overlap the current one's products.
 CHUNK_LAUNCH = dict(num_warps=8, num_stages=2)
 WALK_BV = 64  # value columns of a reverse-walk program (V / WALK_BV programs a head; 32 and 128 were slower)
+# The forward's two forms (see above): the walk alone, or split into parallel parts around a shorter
+# walk. The split moves more data (the prepared tiles) and pays off only when the walk has too few
+# programs to fill the card (docs/BENCHMARKS.md has the measured crossover).
+FORWARD_SPLIT = None  # True / False forces one form (tests); None: by the count of walk programs
+
+
+def _split_forward(n_walks, device):
+    if FORWARD_SPLIT is not None:
+        return FORWARD_SPLIT
+    return device.type == "cuda" and 2 * n_walks < torch.cuda.get_device_properties(device).multi_processor_count
+
+
 SEQ_FIELDS = 6  # first token, length, offset, first stored chunk, chunks, first stored block
 
 
@@ -486,16 +502,44 @@ def _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V: tl.constexpr, VALUE_GA
 
 
 @triton.jit
+def _block_tiles(q, k, g, tok, valid, i_h, sq, sk, sg, K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                 BT: tl.constexpr):
+    """What a block's forward needs that depends on neither the state nor Delta: M, gamma q and the keys
+    decayed to the block end in the operand dtype, and the block's total log-decay (all four kept for
+    the backward, see _store_block_tiles); and the key tiles T and Y are built from, Kp = k exp(G - G_L/2)
+    and gamma k in fp32, Pk = k exp(G_L/2 - G) in the operand dtype."""
+    qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K)
+    Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
+    Pk_dt = Pk.to(DT)
+    o_t = tl.arange(0, BT)
+    Mm = tl.where(o_t[:, None] >= o_t[None, :], tl.dot(Pq.to(DT), tl.trans(Pk_dt), input_precision=PREC), 0.0)
+    gamma = tl.exp(Gc)
+    return Mm, (gamma * qn).to(DT), (tl.exp(GL[None, :] - Gc) * kn).to(DT), GL, Kp, Pk_dt, gamma * kn
+
+
+@triton.jit
+def _store_block_tiles(mm_store, gq_store, kend_store, gl_store, Mm, gq_dt, k_end_dt, GL, tok, valid, i_h,
+                       i_blk, H, K: tl.constexpr, BT: tl.constexpr):
+    """_block_tiles' four tiles for the backward (i_blk: the block's row in gl_store)."""
+    o_k = tl.arange(0, K)
+    m_row = valid[:, None]
+    p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+    tl.store(mm_store + (tok[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], Mm, mask=m_row)
+    tl.store(gq_store + p_k, gq_dt.to(gq_store.dtype.element_ty), mask=m_row)
+    tl.store(kend_store + p_k, k_end_dt.to(kend_store.dtype.element_ty), mask=m_row)
+    tl.store(gl_store + i_blk * K + o_k, GL)
+
+
+@triton.jit
 def _chunk_prep_kernel(q, k, g, b_logit, v, w, delta_in, mm_store, gq_store, kend_store, gl_store, kp_store,
                        pk_store, gk_store, a_store, y_store, u_store, delta_store, seqs, max_chunks,
                        sq, sk, sg, sb, sv, sw, H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        VALUE_GATE: tl.constexpr, SOLVE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                        BT: tl.constexpr):
-    """One program per (sequence, chunk, head): for each block, what the forward needs that depends on
-    neither the state nor Delta: M, gamma q, the keys decayed to the block end and the block's total
-    log-decay (kept for the backward). For the CARVE walk, the three key tiles it builds T and Y from
-    (Kp = k exp(G - G_L/2) and gamma k in fp32, Pk in the operand dtype). With SOLVE (GDN-2, whose
-    Delta never changes): the solve itself, A, Y and U = A Z, for _chunk_fwd_gdn2_walk."""
+    """One program per (sequence, chunk, head), for a forward split in parallel parts: each block's
+    _block_tiles, stored for the backward and, for the CARVE walk (PREPPED), the three key tiles. With
+    SOLVE (GDN-2, whose Delta never changes): the solve itself, A, Y and U = A Z, for
+    _chunk_fwd_gdn2_walk."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
@@ -508,30 +552,23 @@ def _chunk_prep_kernel(q, k, g, b_logit, v, w, delta_in, mm_store, gq_store, ken
         for a in range(a0, a1 + 1):
             tok, valid = _block_rows(a, bos, offset, length, BT)
             m_row = valid[:, None]
-            qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K)
-            Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
-            Pk_dt = Pk.to(DT)
-            Mm = tl.where(o_t[:, None] >= o_t[None, :], tl.dot(Pq.to(DT), tl.trans(Pk_dt), input_precision=PREC),
-                          0.0)
-            gamma = tl.exp(Gc)
+            Mm, gq_dt, k_end_dt, GL, Kp, Pk_dt, gk = _block_tiles(q, k, g, tok, valid, i_h, sq, sk, sg, K, DT, PREC,
+                                                                  BT)
+            _store_block_tiles(mm_store, gq_store, kend_store, gl_store, Mm, gq_dt, k_end_dt, GL, tok, valid, i_h,
+                               (block0 + a - blk_first) * H + i_h, H, K, BT)
             p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
-            p_16 = (tok[:, None] * H + i_h) * BT + o_t[None, :]
-            tl.store(mm_store + p_16, Mm, mask=m_row)
-            tl.store(gq_store + p_k, (gamma * qn).to(gq_store.dtype.element_ty), mask=m_row)
-            tl.store(kend_store + p_k, (tl.exp(GL[None, :] - Gc) * kn).to(kend_store.dtype.element_ty), mask=m_row)
-            tl.store(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k, GL)
             if SOLVE:
                 b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
                 A = _block_solve(b * Kp, Pk_dt, DT, PREC, BT)
-                Y_dt, AZ = _block_wy(A, b, gamma * kn, v, w, tok, valid, i_h, sv, sw, V, VALUE_GATE, DT, PREC)
-                tl.store(a_store + p_16, A, mask=m_row)
+                Y_dt, AZ = _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V, VALUE_GATE, DT, PREC)
+                tl.store(a_store + (tok[:, None] * H + i_h) * BT + o_t[None, :], A, mask=m_row)
                 tl.store(y_store + p_k, Y_dt.to(y_store.dtype.element_ty), mask=m_row)
                 o_v = tl.arange(0, V)
                 tl.store(u_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], AZ, mask=m_row)
             else:
                 tl.store(kp_store + p_k, Kp, mask=m_row)
                 tl.store(pk_store + p_k, Pk_dt.to(pk_store.dtype.element_ty), mask=m_row)
-                tl.store(gk_store + p_k, gamma * kn, mask=m_row)
+                tl.store(gk_store + p_k, gk, mask=m_row)
 
 
 @triton.jit
@@ -615,21 +652,21 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, 
 
 
 @triton.jit
-def _chunk_fwd_kernel(b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o_sum_out, delta_out,
+def _chunk_fwd_kernel(q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o_sum_out, delta_out,
                       h_store, delta_store, m_store, r_store, a_store, mm_store, y_store, gq_store, kend_store,
-                      gl_store, kp_store, pk_store, gk_store, seqs, sv, sb, sw, H, scale,
+                      gl_store, kp_store, pk_store, gk_store, seqs, sq, sk, sg, sb, sv, sw, H, scale,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, RANK: tl.constexpr,
-                      VALUE_GATE: tl.constexpr, USE_INITIAL: tl.constexpr,
-                      DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
-    """CARVE's walk, one program per (sequence, head), with _chunk_prep_kernel's tiles as inputs."""
+                      VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr, PREPPED: tl.constexpr,
+                      USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+    """The walk, one program per (sequence, head): the whole forward of CARVE (and of GDN-2 when
+    there are programs enough to fill the card), or with PREPPED, CARVE's walk over
+    _chunk_prep_kernel's tiles."""
     i_nh = tl.program_id(0).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     o_k = tl.arange(0, K)
     o_v = tl.arange(0, V)
     o_t = tl.arange(0, BT)
-    r_i = o_t[:, None]
-    s_i = o_t[None, :]
     p_kv = o_k[:, None] * V + o_v[None, :]
     p_S = i_nh * K * V + p_kv
     if USE_INITIAL:
@@ -645,19 +682,27 @@ def _chunk_fwd_kernel(b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o
         j = (a * BT) // C - offset // C                    # chunk of this block, counted in this call
         if ((a * BT) % C == 0) | (a == blk_first):         # a chunk starts: keep its Delta
             tl.store(delta_store + ((chunk0 + j) * H + i_h) * K + o_k, delta)
+        i_blk = (block0 + a - blk_first) * H + i_h
         p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+        p_16 = (tok[:, None] * H + i_h) * BT + o_t[None, :]
+        if PREPPED:
+            Kp = tl.load(kp_store + p_k, mask=m_row, other=0.0)
+            Pk_dt = tl.load(pk_store + p_k, mask=m_row, other=0.0)
+            gk = tl.load(gk_store + p_k, mask=m_row, other=0.0)
+            gq_dt = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(DT)
+            k_end_dt = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
+            Mm = tl.load(mm_store + p_16, mask=m_row, other=0.0)
+            GL = tl.load(gl_store + i_blk * K + o_k)
+        else:
+            Mm, gq_dt, k_end_dt, GL, Kp, Pk_dt, gk = _block_tiles(q, k, g, tok, valid, i_h, sq, sk, sg, K, DT, PREC,
+                                                                  BT)
+            _store_block_tiles(mm_store, gq_store, kend_store, gl_store, Mm, gq_dt, k_end_dt, GL, tok, valid, i_h,
+                               i_blk, H, K, BT)
         b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
-        Pb = b * tl.load(kp_store + p_k, mask=m_row, other=0.0)
-        Pk_dt = tl.load(pk_store + p_k, mask=m_row, other=0.0)
-        A = _block_solve(Pb, Pk_dt, DT, PREC, BT)
-        gk = tl.load(gk_store + p_k, mask=m_row, other=0.0)
+        A = _block_solve(b * Kp, Pk_dt, DT, PREC, BT)
         Y_dt, AZ = _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V, VALUE_GATE, DT, PREC)
-        gq_dt = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(DT)
-        k_end_dt = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
-        Mm = tl.load(mm_store + (tok[:, None] * H + i_h) * BT + s_i, mask=m_row, other=0.0)
-        GL = tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k)
         S_dt = S.to(DT)
-        tl.store(h_store + ((block0 + a - blk_first) * H + i_h) * K * V + p_kv, S_dt.to(h_store.dtype.element_ty))
+        tl.store(h_store + i_blk * K * V + p_kv, S_dt.to(h_store.dtype.element_ty))
         R = AZ - tl.dot(Y_dt, S_dt, input_precision=PREC)
         R_dt = R.to(DT)
         O = (tl.dot(gq_dt, S_dt, input_precision=PREC) + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
@@ -667,15 +712,16 @@ def _chunk_fwd_kernel(b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o
         tl.store(o + p_o, O.to(o.dtype.element_ty), mask=m_row)
         tl.store(r_store + p_o, R_dt.to(r_store.dtype.element_ty), mask=m_row)
         tl.store(y_store + p_k, Y_dt.to(y_store.dtype.element_ty), mask=m_row)
-        tl.store(a_store + (tok[:, None] * H + i_h) * BT + s_i, A, mask=m_row)
+        tl.store(a_store + p_16, A, mask=m_row)
         if (((a + 1) * BT) % C == 0) & ((a + 1) * BT <= offset + length):   # a chunk is complete
-            m = o_acc / C          # stop-gradient read of m (SPEC section 1): the backward treats it as data
-            tl.store(m_store + ((chunk0 + j) * H + i_h) * V + o_v, m)
-            o_r = tl.arange(0, RANK)
-            Dm = tl.load(D + i_h * RANK * V + o_r[:, None] * V + o_v[None, :]).to(tl.float32)
-            Dm = tl.sum(Dm * m[None, :], axis=1)                                     # D m  [RANK]
-            Um = tl.load(U + i_h * K * RANK + o_k[:, None] * RANK + o_r[None, :]).to(tl.float32)
-            delta = tl.sum(Um * Dm[None, :], axis=1)                                 # U D m [K]
+            if HAS_CONTENT:
+                m = o_acc / C      # stop-gradient read of m (SPEC section 1): the backward treats it as data
+                tl.store(m_store + ((chunk0 + j) * H + i_h) * V + o_v, m)
+                o_r = tl.arange(0, RANK)
+                Dm = tl.load(D + i_h * RANK * V + o_r[:, None] * V + o_v[None, :]).to(tl.float32)
+                Dm = tl.sum(Dm * m[None, :], axis=1)                                     # D m  [RANK]
+                Um = tl.load(U + i_h * K * RANK + o_k[:, None] * RANK + o_r[None, :]).to(tl.float32)
+                delta = tl.sum(Um * Dm[None, :], axis=1)                                 # U D m [K]
             o_acc = tl.zeros([V], dtype=tl.float32)
     tl.store(S_out + p_S, S)
     tl.store(o_sum_out + i_nh * V + o_v, o_acc)
@@ -950,6 +996,15 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     o, S, o_sum, delta, h_store, delta_store, _, r_store, a_store, mm_store, y_store, gq_store, kend_store, \
         gl_store = out
     S_in, o_sum_in = (S0, o_sum0) if use_initial else (S, o_sum)
+    common = dict(K=K, V=V, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT, **CHUNK_LAUNCH)
+    walk = dict(RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4, HAS_CONTENT=has_content,
+                USE_INITIAL=use_initial, **common)
+    strides = [x.stride(1) for x in (q, k, g, b_logit, v, w)]
+    if not _split_forward(N * H, dev):
+        _chunk_fwd_kernel[(N * H,)](
+            q, k, g, b_logit, v, w, D if has_content else delta0, U if has_content else delta0, o, S_in, o_sum_in,
+            delta0, *out[1:], delta0, delta0, delta0, seqs, *strides, H, scale, PREPPED=False, **walk)
+        return out
     if has_content:  # the key tiles the prep kernel writes for the CARVE walk
         kp, gk = (torch.empty(q.shape, dtype=f32, device=dev) for _ in range(2))
         pk = torch.empty(q.shape, dtype=_operand_dtype(q.dtype), device=dev)
@@ -957,16 +1012,13 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     else:            # GDN-2: U = A Z from the prep kernel's solve
         u = torch.empty(v.shape, dtype=f32, device=dev)
         kp = gk = pk = u   # (not written)
-    common = dict(K=K, V=V, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT, **CHUNK_LAUNCH)
     _chunk_prep_kernel[(N * max_chunks * H,)](
         q, k, g, b_logit, v, w, delta0, mm_store, gq_store, kend_store, gl_store, kp, pk, gk, a_store, y_store,
-        u, delta_store, seqs, max_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), v.stride(1),
-        w.stride(1), H, VALUE_GATE=w.dim() == 4, SOLVE=not has_content, **common)
+        u, delta_store, seqs, max_chunks, *strides, H, VALUE_GATE=w.dim() == 4, SOLVE=not has_content, **common)
     if has_content:
         _chunk_fwd_kernel[(N * H,)](
-            b_logit, v, w, D, U, o, S_in, o_sum_in, delta0, *out[1:], kp, pk, gk, seqs,
-            v.stride(1), b_logit.stride(1), w.stride(1), H, scale, RANK=D.shape[1], VALUE_GATE=w.dim() == 4,
-            USE_INITIAL=use_initial, **common)
+            q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta0, *out[1:], kp, pk, gk, seqs, *strides, H,
+            scale, PREPPED=True, **walk)
     else:
         BV = min(V, WALK_BV)
         _chunk_fwd_gdn2_walk[(N * H * (V // BV),)](

@@ -21,6 +21,14 @@ from test_triton_kernel import DEVICE, NAMES, needs_triton
 pytestmark = needs_triton
 
 
+@pytest.fixture(params=[False, True], ids=["walk", "split"])
+def forward_form(request, monkeypatch):
+    """Both forms of the forward (carve_triton._split_forward picks one by shape): the walk alone, and
+    split into the parallel prep kernel, the walk (GDN-2: its value-block walk and the output kernel)."""
+    monkeypatch.setattr(carve_triton, "FORWARD_SPLIT", request.param)
+    return request.param
+
+
 def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, offsets=None, used=("o", "S", "delta")):
     """The Triton chunk kernel on `dtype` leaves (g, D, U fp32) and the float64 reference on the same
     rounded values, each with a random cotangent on those of o, the final S and the final delta that
@@ -107,7 +115,7 @@ SHAPES = [
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "init-state"])
 @pytest.mark.parametrize("B,H,T,K,V,C", SHAPES)
-def test_parity_fp32(mode, with_state, B, H, T, K, V, C):
+def test_parity_fp32(mode, with_state, B, H, T, K, V, C, forward_form):
     """make_state's prefix is C + 5 tokens, so the call starts 5 tokens into a chunk (and inside a
     16-token block): the first block is partly masked, o_sum and delta carry over."""
     x = make_inputs(B, T, H, K, V, mode)
@@ -133,7 +141,7 @@ def test_gradients_when_one_output_is_used(used):
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
 @pytest.mark.parametrize("prefix", [69, 85, 101, 117, 128])
-def test_parity_offsets(mode, prefix):
+def test_parity_offsets(mode, prefix, forward_form):
     """From a state at every kind of offset in a 64-token chunk: inside its first block, at a block
     start, in the middle of a later block (the first block of the call does not start the chunk, so
     the chunk's state is stored from there), and on a chunk boundary."""
@@ -156,7 +164,7 @@ def _state_on_boundary(B, H, K, V, mode, C, prefix):
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
-def test_parity_bf16(mode):
+def test_parity_bf16(mode, forward_form):
     """bf16 q, k, v, b_logit, w: the kernels use them as bf16 dot operands (fp32 accumulation), so
     outputs, states and gradients all carry bf16 rounding, like flash-linear-attention's."""
     B, H, T, K, V, C = 2, 2, 45, 32, 32, 16
@@ -168,7 +176,7 @@ def test_parity_bf16(mode):
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
-def test_cu_seqlens(mode):
+def test_cu_seqlens(mode, forward_form):
     """Packed sequences of 21, 0, 16, 1 and 33 tokens, each from its own state at its own offset
     (a tuple): every sequence equals the reference run on it alone, gradients included."""
     bounds = [0, 21, 21, 37, 38, 71]
@@ -205,7 +213,7 @@ def test_continuation(mode, T1):
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
-def test_continuation_many_pieces(mode):
+def test_continuation_many_pieces(mode, forward_form):
     """Pieces of 3, 1, 17, 1, 1, 29 and 5 tokens (C = 16), alternating the Triton chunk kernels and the
     Triton decode kernel, most pieces starting and ending inside a chunk and a block: the outputs and
     the final state equal one call over all 57 tokens."""
@@ -275,7 +283,7 @@ def test_stop_gradient_through_m():
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
-def test_every_output_element_is_written(poisoned_empty, mode):
+def test_every_output_element_is_written(poisoned_empty, mode, forward_form):
     """The launchers allocate every output with torch.empty, NaN-filled here: an element the kernels
     miss (a masked row, a value block, a chunk's stored state, a gradient) shows up as NaN. GDN-2 has
     its own forward kernels (the solve in parallel, a walk over value blocks, then the outputs)."""
@@ -361,7 +369,7 @@ def test_model_compiles_without_graph_breaks(monkeypatch, mixer):
 
 # ----------------------------------------------------------------------------- the model on the Triton path
 
-def test_model_identity_at_init(monkeypatch):
+def test_model_identity_at_init(monkeypatch, forward_form):
     """SPEC section 1: fresh GDN-2 weights in a fresh CARVE model give bit-identical logits on the
     Triton path too."""
     monkeypatch.setenv("CARVE_BACKEND", "triton")
