@@ -341,7 +341,7 @@ def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, S, o_sum, delta
 #      the state gradient at every chunk end.
 #   2. _chunk_bwd_values, parallel over (chunk, head): carries the state gradient back from the chunk's
 #      end through its blocks, reads the stored block states; computes dv, dw and the
-#      value-summed pieces (dO S^T, dR S^T, R dS^T, sum S*dS, dO R^T, dR Z^T) for the next kernel.
+#      value-summed pieces (dO S^T, dR S^T, R dS^T, sum S*dS, dO R^T, dR R^T) for the next kernel.
 #   3. _chunk_bwd_keys, parallel over (chunk, head): the chain through A, T and M to dq, dk, dg,
 #      db_logit and dDelta.
 # Dot operands are in the input dtype with fp32 accumulation; the 16 x 16 inverse is exact fp32.
@@ -770,7 +770,7 @@ def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_en
 
 @triton.jit
 def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store,
-                      gl_store, dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rz, seqs, max_chunks,
+                      gl_store, dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rr, seqs, max_chunks,
                       sv, sw, H, scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                       VALUE_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """One program per (sequence, chunk, head), blocks in reverse: the state gradient carried back from
@@ -812,7 +812,7 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y
             tl.store(d_gl + i_blk * K + o_k, tl.sum(S.to(tl.float32) * dS, axis=1))
             p_16 = (tok[:, None] * H + i_h) * BT + o_t[None, :]
             tl.store(d_m + p_16, tl.dot(dO, tl.trans(R), input_precision=PREC) * scale, mask=m_row)
-            tl.store(d_rz + p_16, tl.dot(dR, tl.trans((w_t * v_t).to(DT)), input_precision=PREC), mask=m_row)
+            tl.store(d_rr + p_16, tl.dot(dR, tl.trans(R), input_precision=PREC), mask=m_row)
             dZ = tl.dot(tl.trans(A.to(DT)), dR, input_precision=PREC)
             tl.store(dv + p_v, (dZ * w_t).to(dv.dtype.element_ty), mask=m_row)
             if VALUE_GATE:
@@ -827,7 +827,7 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y
 
 
 @triton.jit
-def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rz,
+def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr,
                     dq, dk, dg, db_logit, d_delta, seqs, max_chunks, sq, sk, sg, sb, H,
                     K: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                     BT: tl.constexpr):
@@ -851,21 +851,19 @@ def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d
             b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
             Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
             Pb = b * Kp
-            A = _load_rows16(a_store, tok, valid, i_h, H, BT, True)
-            At = tl.trans(A)
             gamma = tl.exp(Gc)
             decay_end = tl.exp(GL[None, :] - Gc)
             X = gamma * b * kn
             p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
             dgq = tl.load(d_gq + p_k, mask=m_row, other=0.0)
             dY = tl.load(d_y + p_k, mask=m_row, other=0.0)
+            At = tl.trans(_load_rows16(a_store, tok, valid, i_h, H, BT, True))
+            dX = tl.dot(At.to(DT), dY.to(DT), input_precision=PREC)
             dke = tl.load(d_kend + p_k, mask=m_row, other=0.0)
             dGLS = tl.load(d_gl + ((block0 + a - blk_first) * H + i_h) * K + o_k)
             dM = tl.where(r_i >= s_i, _load_rows16(d_m, tok, valid, i_h, H, BT, False), 0.0)
-            dA = tl.dot(dY.to(DT), tl.trans(X.to(DT)), input_precision=PREC) \
-                + _load_rows16(d_rz, tok, valid, i_h, H, BT, False)
-            dX = tl.dot(At.to(DT), dY.to(DT), input_precision=PREC)
-            dT = -tl.dot(tl.dot(At, dA, input_precision="ieee"), At, input_precision="ieee")
+            # R = A (Z - X S) with A = (I + T)^-1, so dT = -A^T dR R^T (dR R^T from the value side)
+            dT = -tl.dot(At, _load_rows16(d_rr, tok, valid, i_h, H, BT, False), input_precision="ieee")
             dT = tl.where(r_i > s_i, dT, 0.0)
             dPb = tl.dot(dT.to(DT), Pk.to(DT), input_precision=PREC)
             dPq = tl.dot(dM.to(DT), Pk.to(DT), input_precision=PREC)
@@ -1057,13 +1055,13 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         K=K, V=V, BV=BV, C=chunk_size, USE_DS_END=dS_end is not None, DT=dot_dtype, PREC=precision,
         BT=CHUNK_BT, **CHUNK_LAUNCH)
     d_gq, d_y, d_kend = (torch.empty(B, T, H, K, dtype=f32, device=dev) for _ in range(3))
-    d_m, d_rz = (torch.empty(B, T, H, CHUNK_BT, dtype=f32, device=dev) for _ in range(2))
+    d_m, d_rr = (torch.empty(B, T, H, CHUNK_BT, dtype=f32, device=dev) for _ in range(2))
     d_gl = torch.empty(n_blocks, H, K, dtype=f32, device=dev)
     dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     dw = torch.empty(B, T, H, *w.shape[3:], dtype=w.dtype if w.dim() == 4 else f32, device=dev)
     _chunk_bwd_values[(N * max_chunks * H,)](
         v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store, gl_store,
-        dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rz, seqs, max_chunks, v.stride(1), w.stride(1), H, scale,
+        dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rr, seqs, max_chunks, v.stride(1), w.stride(1), H, scale,
         K=K, V=V, C=chunk_size, VALUE_GATE=w.dim() == 4, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
         **CHUNK_LAUNCH)
     del dr_store, ds_store  # the key-side kernel does not read them: their memory takes its outputs
@@ -1071,7 +1069,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)
     d_delta = torch.empty(n_chunks, H, K, dtype=f32, device=dev)
     _chunk_bwd_keys[(N * max_chunks * H,)](
-        q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rz, dq, dk, dg, db_logit,
+        q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr, dq, dk, dg, db_logit,
         d_delta, seqs, max_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), H,
         K=K, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT, **CHUNK_LAUNCH)
     return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0]
