@@ -347,9 +347,12 @@ def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, S, o_sum, delta
 # Dot operands are in the input dtype with fp32 accumulation; the 16 x 16 inverse is exact fp32.
 
 CHUNK_BT = 16  # rows of a block
-# Launch of all four kernels: measured on an H200 (docs/BENCHMARKS.md) against 4 and 16 warps and 1 or 3
-# stages; two stages let the loads of the next block overlap the current one's products.
+# Launch settings from a sweep on an H200 (docs/BENCHMARKS.md: 4, 8 and 16 warps, 1 to 3 stages). Two
+# stages let the loads of the next block overlap the current one's products; the exceptions below were
+# 1.5x faster than that default.
 CHUNK_LAUNCH = dict(num_warps=8, num_stages=2)
+PREP_LAUNCH = dict(num_warps=4, num_stages=2)
+GDN2_WALK_LAUNCH = dict(num_warps=8, num_stages=3)
 WALK_BV = 64  # value columns of a reverse-walk program (V / WALK_BV programs a head; 32 and 128 were slower)
 # The forward's two forms (see above): the walk alone, or split into parallel parts around a shorter
 # walk. The split moves more data (the prepared tiles) and pays off only when the walk has too few
@@ -357,10 +360,21 @@ WALK_BV = 64  # value columns of a reverse-walk program (V / WALK_BV programs a 
 FORWARD_SPLIT = None  # True / False forces one form (tests); None: by the count of walk programs
 
 
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _split_forward(n_walks, device):
     if FORWARD_SPLIT is not None:
         return FORWARD_SPLIT
-    return device.type == "cuda" and 2 * n_walks < torch.cuda.get_device_properties(device).multi_processor_count
+    return device.type == "cuda" and 2 * n_walks < _sm_count(device)
+
+
+def _reverse_walk_warps(n_walks, device):
+    """4 warps when there are more reverse-walk programs than SMs: two of them (200 registers a thread)
+    then share an SM, so all run at once (0.31 against 0.47 ms at 8 x 2048); fewer programs run faster
+    with 8 warps each."""
+    return 4 if n_walks > _sm_count(device) else 8
 
 
 SEQ_FIELDS = 6  # first token, length, offset, first stored chunk, chunks, first stored block
@@ -994,9 +1008,9 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     o, S, o_sum, delta, h_store, delta_store, _, r_store, a_store, mm_store, y_store, gq_store, kend_store, \
         gl_store = out
     S_in, o_sum_in = (S0, o_sum0) if use_initial else (S, o_sum)
-    common = dict(K=K, V=V, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT, **CHUNK_LAUNCH)
+    common = dict(K=K, V=V, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT)
     walk = dict(RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4, HAS_CONTENT=has_content,
-                USE_INITIAL=use_initial, **common)
+                USE_INITIAL=use_initial, **common, **CHUNK_LAUNCH)
     strides = [x.stride(1) for x in (q, k, g, b_logit, v, w)]
     if not _split_forward(N * H, dev):
         _chunk_fwd_kernel[(N * H,)](
@@ -1012,7 +1026,8 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         kp = gk = pk = u   # (not written)
     _chunk_prep_kernel[(N * max_chunks * H,)](
         q, k, g, b_logit, v, w, delta0, mm_store, gq_store, kend_store, gl_store, kp, pk, gk, a_store, y_store,
-        u, delta_store, seqs, max_chunks, *strides, H, VALUE_GATE=w.dim() == 4, SOLVE=not has_content, **common)
+        u, delta_store, seqs, max_chunks, *strides, H, VALUE_GATE=w.dim() == 4, SOLVE=not has_content, **common,
+        **PREP_LAUNCH)
     if has_content:
         _chunk_fwd_kernel[(N * H,)](
             q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta0, *out[1:], kp, pk, gk, seqs, *strides, H,
@@ -1021,9 +1036,9 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         BV = min(V, WALK_BV)
         _chunk_fwd_gdn2_walk[(N * H * (V // BV),)](
             u, y_store, kend_store, gl_store, S_in, o_sum_in, delta0, S, o_sum, delta, h_store, r_store, seqs, H,
-            BV=BV, USE_INITIAL=use_initial, **common)
+            BV=BV, USE_INITIAL=use_initial, **common, **GDN2_WALK_LAUNCH)
         _chunk_fwd_output[(N * max_chunks * H,)](
-            o, h_store, r_store, mm_store, gq_store, o_sum, seqs, max_chunks, H, scale, **common)
+            o, h_store, r_store, mm_store, gq_store, o_sum, seqs, max_chunks, H, scale, **common, **CHUNK_LAUNCH)
     return out
 
 
@@ -1049,11 +1064,12 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     dS0 = torch.empty(N, H, K, V, dtype=f32, device=dev)
     dr_store = torch.empty(B, T, H, V, dtype=_operand_dtype(q.dtype), device=dev)  # only read as an operand
     ds_store = torch.empty(n_chunks, H, K, V, dtype=f32, device=dev)
-    _chunk_bwd_walk[(N * H * (V // BV),)](
+    n_walks = N * H * (V // BV)
+    _chunk_bwd_walk[(n_walks,)](
         do, mm_store, y_store, gq_store, kend_store, gl_store,
         dS_end.float().contiguous() if dS_end is not None else dS0, dr_store, ds_store, dS0, seqs, H, scale,
         K=K, V=V, BV=BV, C=chunk_size, USE_DS_END=dS_end is not None, DT=dot_dtype, PREC=precision,
-        BT=CHUNK_BT, **CHUNK_LAUNCH)
+        BT=CHUNK_BT, num_warps=_reverse_walk_warps(n_walks, dev), num_stages=2)
     d_gq, d_y, d_kend = (torch.empty(B, T, H, K, dtype=f32, device=dev) for _ in range(3))
     d_m, d_rr = (torch.empty(B, T, H, CHUNK_BT, dtype=f32, device=dev) for _ in range(2))
     d_gl = torch.empty(n_blocks, H, K, dtype=f32, device=dev)
