@@ -14,6 +14,7 @@ in a CUDA graph; state traffic = read + write of S (2 B H K V 4 bytes), against 
 bandwidth measured in the same run. Record results in docs/BENCHMARKS.md with the machine and versions.
 """
 import argparse
+import itertools
 import os
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
+import carve_triton
 from carve_kernel import CarveState, chunk_carve_torch, chunk_carve_triton, recurrent_carve_triton
 
 H, K, V, C, RANK = 16, 128, 128, 64, 16
@@ -44,22 +46,24 @@ def chunk_inputs(B, T, mode, seed=0):
 
 
 def check():
-    """The compiled kernels against the fp32 torch path on the same bf16 inputs (tests/ do this in
-    depth; this is a guard that the card's compiler built them right)."""
+    """The compiled kernels against the fp32 torch path on the same bf16 inputs, with each form of the
+    forward (tests/ do this in depth; this is a guard that the card's compiler built them right)."""
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-    for mode in ("carve", "gdn2"):
+    for mode, split in itertools.product(("carve", "gdn2"), (False, True)):
         x, content = chunk_inputs(2, 300, mode, seed=1)
         state = CarveState(0.1 * torch.randn(2, H, K, V, device="cuda"), torch.zeros(2, H, V, device="cuda"),
                            torch.zeros(2, H, K, device="cuda"), 5)
+        carve_triton.FORWARD_SPLIT = split
         o, final = chunk_carve_triton(*x, content, state, True)
         ref = [t.detach().float().requires_grad_() for t in x]
         o_ref, final_ref = chunk_carve_torch(*ref, content, state, True)
         do = torch.randn_like(o_ref)
         grads = torch.autograd.grad(o.float(), x, do)
+        carve_triton.FORWARD_SPLIT = None
         grads_ref = torch.autograd.grad(o_ref, ref, do)
         errs = [rel(o, o_ref), rel(final.S, final_ref.S)] + [rel(a, b) for a, b in zip(grads, grads_ref)]
-        print(f"check {mode}: relative error o, S, dq, dk, dv, dg, db_logit, dw: "
-              + " ".join(f"{e:.1e}" for e in errs))
+        print(f"check {mode}, {'split' if split else 'walk'} forward: relative error o, S, dq, dk, dv, dg, db_logit,"
+              " dw: " + " ".join(f"{e:.1e}" for e in errs))
         assert max(errs) < 2e-2, "the compiled chunk kernels disagree with the torch path"
 
 
@@ -170,23 +174,38 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     check()
     chunk_gdn2, chunk_kda, fused_recurrent_gdn2 = fla_chunk()
-    names = ["CARVE (ours)", "GDN-2 mode (ours)"]
-    if chunk_gdn2:  # chunk_gdn2 first (the ratios are to it), chunk_kda last (its autotuning is the slowest)
-        names = ["fla chunk_gdn2"] + names + ([] if args.no_kda else ["fla chunk_kda"])
-    # each row is printed as soon as it is measured (fla autotunes at every new shape, which takes a while)
+    names = (["fla chunk_gdn2"] if chunk_gdn2 else []) + ["CARVE (ours)", "GDN-2 mode (ours)"]
+    # each row is printed as soon as it is measured (fla autotunes at every new shape, which takes a while);
+    # chunk_kda's rows come after the decode table: its autotuning takes minutes per shape
     print(f"\nchunk, H={H} K=V={K} bf16: fwd ms | fwd+bwd ms | peak MiB | fwd+bwd and peak / fla chunk_gdn2")
+    fla_rows = {}
     for shape in shapes:
-        fla = None
         for n in names:
-            fwd, both, peak = time_chunk(n, *shape, chunk_gdn2, chunk_kda)
-            fla = (fwd, both, peak) if n == "fla chunk_gdn2" else fla
-            ratio = f"{both / fla[1]:5.2f}x {peak / fla[2]:5.2f}x" if fla else ""
-            print(f"{shape[0]}x{shape[1]:<6} {n:<18} {fwd:8.3f} {both:9.3f} {peak:8.0f}   {ratio}", flush=True)
+            chunk_row(n, shape, chunk_gdn2, chunk_kda, fla_rows)
     if args.breakdown:
         for shape in shapes:
             breakdown(*shape)
-    if args.no_decode:
-        return
+    if not args.no_decode:
+        decode_table(fused_recurrent_gdn2)
+    if chunk_kda and not args.no_kda:
+        print(f"\nchunk, fla chunk_kda (scalar beta), H={H} K=V={K} bf16: as above")
+        for shape in shapes:
+            chunk_row("fla chunk_kda", shape, chunk_gdn2, chunk_kda, fla_rows)
+
+
+def chunk_row(name, shape, chunk_gdn2, chunk_kda, fla_rows):
+    """Times one implementation at one shape and prints its row; fla chunk_gdn2's row is kept in
+    fla_rows for the ratios of the others."""
+    fwd, both, peak = time_chunk(name, *shape, chunk_gdn2, chunk_kda)
+    if name == "fla chunk_gdn2":
+        fla_rows[shape] = (both, peak)
+    fla = fla_rows.get(shape)
+    ratio = f"{both / fla[0]:5.2f}x {peak / fla[1]:5.2f}x" if fla else ""
+    print(f"{shape[0]}x{shape[1]:<6} {name:<18} {fwd:8.3f} {both:9.3f} {peak:8.0f}   {ratio}", flush=True)
+
+
+def decode_table(fused_recurrent_gdn2):
+    """The decode step at each of BATCHES: ours (plain and in a CUDA graph) and fla's, with the state traffic."""
     copy = copy_bandwidth()
     print(f"\ndecode step, H={H} K=V={K}, fp32 state; copy bandwidth {copy:.2f} TB/s")
     for B in BATCHES:
