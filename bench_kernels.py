@@ -116,6 +116,8 @@ def breakdown(B, T):
     for _ in range(2):
         chunk_carve_triton(*x, content)[0].backward(do)
     torch.cuda.synchronize()
+    for t in x:
+        t.grad = None  # as in the timed runs: no accumulation into earlier gradients
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         chunk_carve_triton(*x, content)[0].backward(do)
         torch.cuda.synchronize()
