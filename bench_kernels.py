@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-import carve_triton
+import carve_triton_chunk
 from carve_kernel import CarveState, chunk_carve_torch, chunk_carve_triton, recurrent_carve_triton
 
 H, K, V, C, RANK = 16, 128, 128, 64, 16
@@ -53,13 +53,13 @@ def check():
         x, content = chunk_inputs(2, 300, mode, seed=1)
         state = CarveState(0.1 * torch.randn(2, H, K, V, device="cuda"), torch.zeros(2, H, V, device="cuda"),
                            torch.zeros(2, H, K, device="cuda"), 5)
-        carve_triton.FORWARD_SPLIT = split
+        carve_triton_chunk.FORWARD_SPLIT = split
         o, final = chunk_carve_triton(*x, content, state, True)
         ref = [t.detach().float().requires_grad_() for t in x]
         o_ref, final_ref = chunk_carve_torch(*ref, content, state, True)
         do = torch.randn_like(o_ref)
         grads = torch.autograd.grad(o.float(), x, do)
-        carve_triton.FORWARD_SPLIT = None
+        carve_triton_chunk.FORWARD_SPLIT = None
         grads_ref = torch.autograd.grad(o_ref, ref, do)
         errs = [rel(o, o_ref), rel(final.S, final_ref.S)] + [rel(a, b) for a, b in zip(grads, grads_ref)]
         print(f"check {mode}, {'split' if split else 'walk'} forward: relative error o, S, dq, dk, dv, dg, db_logit,"

@@ -30,9 +30,10 @@ projections, conv and gates included, which model.py uses to decode.
 
 Every path floors g at GATE_FLOOR = -5 per token (carve_torch.py says why).
 
-The code is in three files: this one (the public functions and the dispatch), carve_torch.py (the
-state, the checks and the torch paths, which define what the kernels compute) and carve_triton.py
-(the Triton kernels, each behind a torch.library custom op).
+The code is in four files: this one (the public functions and the dispatch), carve_torch.py (the
+state, the checks and the torch paths, which define what the kernels compute), carve_triton_chunk.py
+(the Triton chunk kernels) and carve_triton.py (the Triton decode kernels), each kernel behind a
+torch.library custom op.
 """
 import os
 from typing import Optional, Tuple
@@ -47,8 +48,8 @@ try:  # Triton is optional: without it every call runs the torch path
 except ImportError:
     triton = None
 if triton is not None:
-    from carve_triton import (_interpreted, chunk_carve_triton, chunk_triton_supports,  # noqa: F401
-                              decode_step_triton, recurrent_carve_triton)
+    from carve_triton import _interpreted, decode_step_triton, recurrent_carve_triton  # noqa: F401
+    from carve_triton_chunk import chunk_carve_triton, chunk_triton_supports  # noqa: F401
 
 
 def backend_for(x: torch.Tensor) -> str:

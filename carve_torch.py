@@ -3,7 +3,8 @@ The torch side of the CARVE / GDN-2 kernels: the decode state, the input checks,
 paths: `recurrent_carve_torch`, the per-token fp32 recurrence written straight from SPEC sections 1
 and 3 (the decode path of the torch backend and the statement of what every kernel computes), and
 `chunk_carve_torch`, the chunked WY form of SPEC section 2 (the fallback for training and prefill).
-carve_kernel.py chooses between these and the Triton kernels of carve_triton.py; call it, not this.
+carve_kernel.py chooses between these and the Triton kernels (carve_triton_chunk.py, carve_triton.py);
+call it, not this.
 """
 from typing import NamedTuple
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import carve_kernel
-import carve_triton
+import carve_triton_chunk
 from carve_kernel import CarveState, chunk_carve, chunk_carve_torch, chunk_carve_triton
 from conftest import assert_rel
 from model import LM
@@ -23,9 +23,9 @@ pytestmark = needs_triton
 
 @pytest.fixture(params=[False, True], ids=["walk", "split"])
 def forward_form(request, monkeypatch):
-    """Both forms of the forward (carve_triton._split_forward picks one by shape): the walk alone, and
+    """Both forms of the forward (carve_triton_chunk._split_forward picks one by shape): the walk alone, and
     split into the parallel prep kernel, the walk (GDN-2: its value-block walk and the output kernel)."""
-    monkeypatch.setattr(carve_triton, "FORWARD_SPLIT", request.param)
+    monkeypatch.setattr(carve_triton_chunk, "FORWARD_SPLIT", request.param)
     return request.param
 
 
@@ -334,7 +334,7 @@ def test_compiles_without_graph_breaks():
     assert torch.equal(compiled, eager)
     for a, b in zip(compiled_grads, eager_grads):
         assert torch.equal(a, b)
-    table = carve_triton._sequence_table(1, 20, 0, None, 16)
+    table = carve_triton_chunk._sequence_table(1, 20, 0, None, 16)
     torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
                           (*leaves, *content, None, None, None, table, 0.25, 16))
     with torch.no_grad():
