@@ -217,6 +217,18 @@ def _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V: tl.constexpr, VALUE_GA
 
 
 @triton.jit
+def _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, h_offsets, DT: tl.constexpr, PREC: tl.constexpr):
+    """One block of a forward walk from the state S before it: stores S in the operand dtype (the
+    backward's block state) and returns it, R = A Z - Y S in the operand dtype, and the state after the
+    block, gamma_L S + k_end^T R. Both walks take their blocks through it, so that CARVE at
+    initialisation rounds exactly as GDN-2 does."""
+    S_dt = S.to(DT)
+    tl.store(h_store + h_offsets, S_dt.to(h_store.dtype.element_ty))
+    R_dt = (AZ - tl.dot(Y_dt, S_dt, input_precision=PREC)).to(DT)
+    return S_dt, R_dt, tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
+
+
+@triton.jit
 def _block_tiles(q, k, g, tok, valid, i_h, sq, sk, sg, K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                  BT: tl.constexpr):
     """What a block's forward needs that depends on neither the state nor Delta: M, gamma q and the keys
@@ -292,8 +304,7 @@ def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in,
                          C: tl.constexpr, USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                          BT: tl.constexpr):
     """GDN-2's walk, one program per (sequence, head, value block): with A, Y and U = A Z solved in
-    parallel beforehand, a block is R = U - Y S and S <- gamma_L S + k_end^T R (the same operations,
-    in the same order, as in the CARVE walk). Stores the state at every block start and R; the outputs
+    parallel beforehand, a block is _walk_block, as in the CARVE walk. Stores the state at every block start and R; the outputs
     come from _chunk_fwd_output."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
     i_nh = i_n * H + i_h
@@ -318,13 +329,10 @@ def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in,
         Y_dt = tl.load(y_store + p_k, mask=m_row, other=0.0).to(DT)
         k_end_dt = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
         AZ = tl.load(u_store + p_v, mask=m_row, other=0.0)
-        GL = tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k)
-        S_dt = S.to(DT)
-        tl.store(h_store + ((block0 + a - blk_first) * H + i_h) * K * V + p_kv, S_dt.to(h_store.dtype.element_ty))
-        R = AZ - tl.dot(Y_dt, S_dt, input_precision=PREC)
-        R_dt = R.to(DT)
+        i_blk = (block0 + a - blk_first) * H + i_h
+        GL = tl.load(gl_store + i_blk * K + o_k)
+        S_dt, R_dt, S = _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, i_blk * K * V + p_kv, DT, PREC)
         tl.store(r_store + p_v, R_dt.to(r_store.dtype.element_ty), mask=m_row)
-        S = tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
     tl.store(S_out + p_S, S)
 
 
@@ -341,7 +349,6 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, 
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
         o_k = tl.arange(0, K)
         o_v = tl.arange(0, V)
-        o_t = tl.arange(0, BT)
         i_nh = i_n * H + i_h
         last = j == n_chunks - 1
         if last & (j == 0):
@@ -354,7 +361,7 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, 
             p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
             p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
             gq_dt = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(DT)
-            Mm = tl.load(mm_store + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=m_row, other=0.0)
+            Mm = _load_rows16(mm_store, tok, valid, i_h, H, BT, False)
             R_dt = tl.load(r_store + p_v, mask=m_row, other=0.0).to(DT)
             S_dt = tl.load(h_store + ((block0 + a - blk_first) * H + i_h) * K * V + o_k[:, None] * V
                            + o_v[None, :]).to(DT)
@@ -406,7 +413,7 @@ def _chunk_fwd_kernel(q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in,
             gk = tl.load(gk_store + p_k, mask=m_row, other=0.0)
             gq_dt = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(DT)
             k_end_dt = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
-            Mm = tl.load(mm_store + p_16, mask=m_row, other=0.0)
+            Mm = _load_rows16(mm_store, tok, valid, i_h, H, BT, False)
             GL = tl.load(gl_store + i_blk * K + o_k)
         else:
             Mm, gq_dt, k_end_dt, GL, Kp, Pk_dt, gk = _block_tiles(q, k, g, tok, valid, i_h, sq, sk, sg, K, DT, PREC,
@@ -416,12 +423,8 @@ def _chunk_fwd_kernel(q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in,
         b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
         A = _block_solve(b * Kp, Pk_dt, DT, PREC, BT)
         Y_dt, AZ = _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V, VALUE_GATE, DT, PREC)
-        S_dt = S.to(DT)
-        tl.store(h_store + i_blk * K * V + p_kv, S_dt.to(h_store.dtype.element_ty))
-        R = AZ - tl.dot(Y_dt, S_dt, input_precision=PREC)
-        R_dt = R.to(DT)
+        S_dt, R_dt, S = _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, i_blk * K * V + p_kv, DT, PREC)
         O = (tl.dot(gq_dt, S_dt, input_precision=PREC) + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
-        S = tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
         o_acc += tl.sum(O, axis=0)                     # masked rows are exact zeros
         p_o = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
         tl.store(o + p_o, O.to(o.dtype.element_ty), mask=m_row)
