@@ -424,7 +424,7 @@ def main(argv):
             mfu = flops_per_token * tokens_per_s / (peak * world) if peak else None
             log(f"step {step}/{config['max_steps']} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm "
                 f"{grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | mfu {f'{mfu:.1%}' if mfu else '-'}")
-            publish({"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+            publish({"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                      "tokens_per_s": tokens_per_s, "mfu": mfu})
             t_last, tokens_since = time.time(), 0
         if step % config["eval_interval"] == 0 or step == config["max_steps"] or stop_requested:
