@@ -304,8 +304,8 @@ def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in,
                          C: tl.constexpr, USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                          BT: tl.constexpr):
     """GDN-2's walk, one program per (sequence, head, value block): with A, Y and U = A Z solved in
-    parallel beforehand, a block is _walk_block, as in the CARVE walk. Stores the state at every block start and R; the outputs
-    come from _chunk_fwd_output."""
+    parallel beforehand, a block is _walk_block, as in the CARVE walk. Stores the state at every block
+    start and R; the outputs come from _chunk_fwd_output."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
     i_nh = i_n * H + i_h
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)

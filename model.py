@@ -250,7 +250,8 @@ class Attention(nn.Module):
         S = k.shape[2]  # keys visible: the cached ones, then these T
         if doc_id is not None:  # cache is None here: S == T
             query_pos = torch.arange(T, device=x.device)
-            allowed = (query_pos[None, :] <= query_pos[:, None]) & (doc_id[:, None, :, None] == doc_id[:, None, None, :])
+            same_doc = doc_id[:, None, :, None] == doc_id[:, None, None, :]
+            allowed = (query_pos[None, :] <= query_pos[:, None]) & same_doc
             if cfg.attn_window > 0:
                 allowed &= query_pos[None, :] > query_pos[:, None] - cfg.attn_window
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)

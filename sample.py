@@ -89,7 +89,8 @@ def main(argv=None):
     parser.add_argument("--top_k", type=int, default=200,
                         help="sample among the k most likely tokens; 0 = off (default: %(default)s)")
     parser.add_argument("--top_p", type=float, default=1.0,
-                        help="nucleus: the smallest set of tokens with probability >= p; 1 = off (default: %(default)s)")
+                        help="nucleus: the smallest set of tokens with probability >= p; 1 = off "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=1337, help="(default: %(default)s)")
     parser.add_argument("--num_samples", type=int, default=1, help="(default: %(default)s)")
     parser.add_argument("--device", default="auto",
