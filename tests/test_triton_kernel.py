@@ -217,8 +217,7 @@ def test_backend_default_and_override(monkeypatch):
     assert backend_for(cpu) == "torch" and backend_for(cuda) == "torch"
     monkeypatch.setenv("CARVE_BACKEND", "triton")
     assert backend_for(cuda) == "triton"
-    interpreted = type(carve_triton._recurrent_fwd_kernel).__name__ == "InterpretedFunction"
-    if interpreted:
+    if carve_triton._interpreted():
         assert backend_for(cpu) == "triton"
     # CPU tensors without the interpreter: a clear error (simulated by a kernel that is not interpreted)
     monkeypatch.setattr(carve_triton, "_recurrent_fwd_kernel", lambda: None)
