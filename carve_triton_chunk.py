@@ -20,7 +20,7 @@ from carve_triton import _interpreted, _packed_bt
 # still updated at absolute multiples of chunk_size C (a multiple of 16), so it is the same function.
 # The small blocks make the decay factors safe: with g >= GATE_FLOOR, exp(G_r - G_s) inside a block
 # splits through the block's middle into two factors within exp(+-40), so T and M are plain matrix
-# products (tensor cores for bf16 inputs; fp32 inputs use exact fp32 products).
+# products on tensor cores (fp32 inputs through tf32x3, see _dot_operands).
 #
 # Forward, in one of two forms (_split_forward picks by the number of walk programs):
 #   - the walk alone, one program per (sequence, head), block after block: the block's tiles
@@ -45,7 +45,8 @@ from carve_triton import _interpreted, _packed_bt
 #      value-summed pieces (dO S^T, dR S^T, R dS^T, sum S*dS, dO R^T, dR R^T) for the next kernel.
 #   3. _chunk_bwd_keys, parallel over (chunk, head): the chain through A, T and M to dq, dk, dg,
 #      db_logit and dDelta.
-# Dot operands are in the input dtype with fp32 accumulation; the 16 x 16 inverse is exact fp32.
+# Dot operands are in the input dtype with fp32 accumulation (_dot_operands); the 16 x 16 inverse is
+# exact fp32.
 
 CHUNK_BT = 16  # rows of a block
 # Launch settings from a sweep on an H200 (docs/BENCHMARKS.md: 4, 8 and 16 warps, 1 to 3 stages). Two
@@ -658,8 +659,8 @@ def _to_device(values, device, dtype=torch.int64):
 
 
 def _operand_dtype(dtype):
-    """The torch dtype of the chunk kernels' dot operands: the input dtype, with exact fp32 products for
-    fp32 inputs. Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands (it keeps bf16 as
+    """The torch dtype of the chunk kernels' dot operands: the input dtype (see _dot_operands for the
+    precision of fp32 products). Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands (it keeps bf16 as
     uint16), so interpreted kernels use fp32 operands; the bf16 loads and stores of inputs and outputs
     stay bf16, and the compiled bf16 products are checked on a GPU. The forward stores the operands it
     used (state at chunk starts, v_new, Y, gamma q, decayed keys) in this dtype, so the backward reads
@@ -668,11 +669,19 @@ def _operand_dtype(dtype):
 
 
 def _dot_operands(dtype):
-    """(DT, PREC) of the chunk kernels for inputs of `dtype`: _operand_dtype as a Triton dtype, and
-    "ieee" (exact fp32 products) where that is fp32."""
+    """Launch arguments of the chunk kernels for inputs of `dtype`: DT, _operand_dtype as a Triton dtype;
+    PREC, for fp32 operands "tf32x3", three tf32 tensor-core products whose sum rounds close to the fp32
+    product; and enable_fp_fusion off with fp32 operands. Exact fp32 products ("ieee", on the CUDA cores)
+    spilled kilobytes a thread: fp32 forward+backward at 8 x 2048 on an H200 took 132.9 ms with them and
+    15.7 ms with tf32x3 (docs/BENCHMARKS.md). tf32x3 splits an operand a into big = tf32(a) and
+    small = a - big; with FP fusion, a product computed just before is contracted into that subtraction,
+    so an operand computed in registers (GDN-2's prep kernel) and the same operand loaded (CARVE's walk)
+    split differently, and CARVE at initialisation would no longer equal GDN-2 bit for bit. The 16 x 16
+    inverse stays exact fp32 (_block_solve)."""
     dt = _operand_dtype(dtype)
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt], \
-        "ieee" if dt == torch.float32 else "tf32"
+    fp32 = dt == torch.float32
+    return dict(DT={torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt],
+                PREC="tf32x3" if fp32 else "tf32", enable_fp_fusion=not fp32)
 
 
 def _fwd_shapes(q, v, table):
@@ -706,13 +715,12 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         S0, o_sum0 = S0.float().contiguous(), o_sum0.float().contiguous()
     delta0 = delta0.float().contiguous() if delta0 is not None else torch.zeros(N, H, K, dtype=f32, device=dev)
     has_content = D is not None
-    dot_dtype, precision = _dot_operands(q.dtype)
     seqs = _to_device(table, dev)
     V, max_chunks = v.shape[-1], _table_sizes(table)[3]
     o, S, o_sum, delta, h_store, delta_store, _, r_store, a_store, mm_store, y_store, gq_store, kend_store, \
         gl_store = out
     S_in, o_sum_in = (S0, o_sum0) if use_initial else (S, o_sum)
-    common = dict(K=K, V=V, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT)
+    common = dict(K=K, V=V, C=chunk_size, BT=CHUNK_BT, **_dot_operands(q.dtype))
     walk = dict(RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4, HAS_CONTENT=has_content,
                 USE_INITIAL=use_initial, **common, **CHUNK_LAUNCH)
     strides = [x.stride(1) for x in (q, k, g, b_logit, v, w)]
@@ -763,7 +771,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     dev, f32 = q.device, torch.float32
     q, k, v, g, b_logit, w, do = (_token_rows(x) for x in (q, k, v, g, b_logit, w, do))
     BV = min(V, WALK_BV)
-    dot_dtype, precision = _dot_operands(q.dtype)
+    dots = _dot_operands(q.dtype)
     seqs = _to_device(table, dev)
     dS0 = torch.empty(N, H, K, V, dtype=f32, device=dev)
     dr_store = torch.empty(B, T, H, V, dtype=_operand_dtype(q.dtype), device=dev)  # only read as an operand
@@ -772,8 +780,8 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     _chunk_bwd_walk[(n_walks,)](
         do, mm_store, y_store, gq_store, kend_store, gl_store,
         dS_end.float().contiguous() if dS_end is not None else dS0, dr_store, ds_store, dS0, seqs, H, scale,
-        K=K, V=V, BV=BV, C=chunk_size, USE_DS_END=dS_end is not None, DT=dot_dtype, PREC=precision,
-        BT=CHUNK_BT, num_warps=_reverse_walk_warps(n_walks, dev), num_stages=2)
+        K=K, V=V, BV=BV, C=chunk_size, USE_DS_END=dS_end is not None, BT=CHUNK_BT, **dots,
+        num_warps=_reverse_walk_warps(n_walks, dev), num_stages=2)
     d_gq, d_y, d_kend = (torch.empty(B, T, H, K, dtype=f32, device=dev) for _ in range(3))
     d_m, d_rr = (torch.empty(B, T, H, CHUNK_BT, dtype=f32, device=dev) for _ in range(2))
     d_gl = torch.empty(n_blocks, H, K, dtype=f32, device=dev)
@@ -782,8 +790,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     _chunk_bwd_values[(N * max_chunks * H,)](
         v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store, gl_store,
         dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rr, seqs, max_chunks, v.stride(1), w.stride(1), H, scale,
-        K=K, V=V, C=chunk_size, VALUE_GATE=w.dim() == 4, DT=dot_dtype, PREC=precision, BT=CHUNK_BT,
-        **CHUNK_LAUNCH)
+        K=K, V=V, C=chunk_size, VALUE_GATE=w.dim() == 4, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
     del dr_store, ds_store  # the key-side kernel does not read them: their memory takes its outputs
     dq, dk, db_logit = (torch.empty(B, T, H, K, dtype=x.dtype, device=dev) for x in (q, k, b_logit))
     dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)
@@ -791,7 +798,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     _chunk_bwd_keys[(N * max_chunks * H,)](
         q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr, dq, dk, dg, db_logit,
         d_delta, seqs, max_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), H,
-        K=K, C=chunk_size, DT=dot_dtype, PREC=precision, BT=CHUNK_BT, **CHUNK_LAUNCH)
+        K=K, C=chunk_size, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
     return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0]
 
 
