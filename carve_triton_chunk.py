@@ -39,9 +39,9 @@ from carve_triton import _interpreted, _packed_bt
 # Backward, three kernels:
 #   1. _chunk_bwd_walk: the only sequential part. Per (sequence, head, value block), blocks in reverse:
 #      dR = M^T dO scale + k_end dS and dS <- gamma_L dS + (gamma q)^T dO scale - Y^T dR; stores dR and
-#      the state gradient at every chunk end.
-#   2. _chunk_bwd_values, parallel over (chunk, head): carries the state gradient back from the chunk's
-#      end through its blocks, reads the stored block states; computes dv, dw and the
+#      the state gradient after every block, in the operand dtype.
+#   2. _chunk_bwd_values, parallel over (chunk, head): from the stored block states and state gradients
+#      (no carried gradient, so no fp32 [K, V] tile in registers), computes dv, dw and the
 #      value-summed pieces (dO S^T, dR S^T, R dS^T, sum S*dS, dO R^T, dR R^T) for the next kernel.
 #   3. _chunk_bwd_keys, parallel over (chunk, head): the chain through A, T and M to dq, dk, dg,
 #      db_logit and dDelta.
@@ -452,7 +452,8 @@ def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_en
                     seqs, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                     USE_DS_END: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """One program per (sequence, head, value block), blocks in reverse, carrying dS (the gradient of
-    the state after the block): stores dR of every token and dS at every chunk end."""
+    the state after the block): stores dR of every token and dS of every block, in the operand dtype
+    (the value side reads both only as dot operands, as it reads the forward's block states)."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
     i_nh = i_n * H + i_h
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
@@ -467,20 +468,19 @@ def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_en
         a = blk_last + blk_first - aa
         tok, valid = _block_rows(a, bos, offset, length, BT)
         m_row = valid[:, None]
-        if (((a + 1) * BT) % C == 0) | (a == blk_last):   # the last block of a chunk
-            j = (a * BT) // C - offset // C
-            tl.store(ds_store + ((chunk0 + j) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                     dS.to(ds_store.dtype.element_ty))
+        i_blk = (block0 + a - blk_first) * H + i_h
+        dS_dt = dS.to(DT)
+        tl.store(ds_store + i_blk * K * V + o_k[:, None] * V + o_v[None, :], dS_dt.to(ds_store.dtype.element_ty))
         Mm = _load_rows16(mm_store, tok, valid, i_h, H, BT, False)
         p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
         k_end = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
         gq = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(tl.float32)
         Y = tl.load(y_store + p_k, mask=m_row, other=0.0).to(tl.float32)
-        gammaL = tl.exp(tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k))
+        gammaL = tl.exp(tl.load(gl_store + i_blk * K + o_k))
         p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
         dO = tl.load(do + p_v, mask=m_row, other=0.0).to(DT)
         dR = tl.dot(tl.trans(Mm.to(DT)), dO, input_precision=PREC) * scale \
-            + tl.dot(k_end, dS.to(DT), input_precision=PREC)
+            + tl.dot(k_end, dS_dt, input_precision=PREC)
         dR_dt = dR.to(DT)
         tl.store(dr_store + p_v, dR_dt.to(dr_store.dtype.element_ty), mask=m_row)
         dS = _state_grad_step(dS, gq, Y, gammaL, dO, dR_dt, scale, DT, PREC)
@@ -488,14 +488,14 @@ def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_en
 
 
 @triton.jit
-def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store,
-                      gl_store, dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rr, seqs, max_chunks,
-                      sv, sw, H, scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                      VALUE_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
-    """One program per (sequence, chunk, head), blocks in reverse: the state gradient carried back from
-    the chunk's stored end gradient, the state before each block as the forward stored it, and per block
-    dv, dw and the value-summed pieces the key-side kernel needs. All V columns in one program, so the
-    sums over V are plain stores (deterministic, nothing to zero first)."""
+def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, dv, dw, d_gq, d_y, d_kend, d_gl,
+                      d_m, d_rr, seqs, max_chunks, sv, sw, H, scale, K: tl.constexpr, V: tl.constexpr,
+                      C: tl.constexpr, VALUE_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                      BT: tl.constexpr):
+    """One program per (sequence, chunk, head): per block, from the state before it (as the forward
+    stored it) and the state gradient after it (as the reverse walk stored it), dv, dw and the
+    value-summed pieces the key-side kernel needs. All V columns in one program, so the sums over V are
+    plain stores (deterministic, nothing to zero first)."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
@@ -504,11 +504,10 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y
         o_v = tl.arange(0, V)
         o_t = tl.arange(0, BT)
         p_kv = o_k[:, None] * V + o_v[None, :]
-        dS = tl.load(ds_store + ((chunk0 + j) * H + i_h) * K * V + p_kv)
-        for aa in range(a0, a1 + 1):
-            a = a1 + a0 - aa
+        for a in range(a0, a1 + 1):
             i_blk = (block0 + a - blk_first) * H + i_h
-            S = tl.load(h_store + i_blk * K * V + p_kv)
+            S_dt = tl.load(h_store + i_blk * K * V + p_kv).to(DT)
+            dS_dt = tl.load(ds_store + i_blk * K * V + p_kv).to(DT)
             tok, valid = _block_rows(a, bos, offset, length, BT)
             m_row = valid[:, None]
             p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
@@ -523,12 +522,10 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y
                 w_t = w_t.to(tl.float32)
             else:
                 w_t = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None]
-            S_dt = S.to(DT)
-            dS_dt = dS.to(DT)
             tl.store(d_gq + p_k, tl.dot(dO, tl.trans(S_dt), input_precision=PREC) * scale, mask=m_row)
             tl.store(d_y + p_k, -tl.dot(dR, tl.trans(S_dt), input_precision=PREC), mask=m_row)
             tl.store(d_kend + p_k, tl.dot(R, tl.trans(dS_dt), input_precision=PREC), mask=m_row)
-            tl.store(d_gl + i_blk * K + o_k, tl.sum(S.to(tl.float32) * dS, axis=1))
+            tl.store(d_gl + i_blk * K + o_k, tl.sum(S_dt.to(tl.float32) * dS_dt.to(tl.float32), axis=1))
             p_16 = (tok[:, None] * H + i_h) * BT + o_t[None, :]
             tl.store(d_m + p_16, tl.dot(dO, tl.trans(R), input_precision=PREC) * scale, mask=m_row)
             tl.store(d_rr + p_16, tl.dot(dR, tl.trans(R), input_precision=PREC), mask=m_row)
@@ -538,11 +535,6 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, y
                 tl.store(dw + p_v, (dZ * v_t).to(dw.dtype.element_ty), mask=m_row)
             else:
                 tl.store(dw + tok * H + i_h, tl.sum(dZ * v_t, axis=1), mask=valid)
-            # the state gradient at the block's start is the previous block's end gradient
-            gq = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(tl.float32)
-            Y = tl.load(y_store + p_k, mask=m_row, other=0.0).to(tl.float32)
-            gammaL = tl.exp(tl.load(gl_store + i_blk * K + o_k))
-            dS = _state_grad_step(dS, gq, Y, gammaL, dO, dR, scale, DT, PREC)
 
 
 @triton.jit
@@ -775,7 +767,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     seqs = _to_device(table, dev)
     dS0 = torch.empty(N, H, K, V, dtype=f32, device=dev)
     dr_store = torch.empty(B, T, H, V, dtype=_operand_dtype(q.dtype), device=dev)  # only read as an operand
-    ds_store = torch.empty(n_chunks, H, K, V, dtype=f32, device=dev)
+    ds_store = torch.empty(n_blocks, H, K, V, dtype=_operand_dtype(q.dtype), device=dev)
     n_walks = N * H * (V // BV)
     _chunk_bwd_walk[(n_walks,)](
         do, mm_store, y_store, gq_store, kend_store, gl_store,
@@ -788,8 +780,8 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     dw = torch.empty(B, T, H, *w.shape[3:], dtype=w.dtype if w.dim() == 4 else f32, device=dev)
     _chunk_bwd_values[(N * max_chunks * H,)](
-        v, w, do, r_store, dr_store, h_store, ds_store, a_store, y_store, gq_store, kend_store, gl_store,
-        dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rr, seqs, max_chunks, v.stride(1), w.stride(1), H, scale,
+        v, w, do, r_store, dr_store, h_store, ds_store, a_store, dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rr, seqs,
+        max_chunks, v.stride(1), w.stride(1), H, scale,
         K=K, V=V, C=chunk_size, VALUE_GATE=w.dim() == 4, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
     del dr_store, ds_store  # the key-side kernel does not read them: their memory takes its outputs
     dq, dk, db_logit = (torch.empty(B, T, H, K, dtype=x.dtype, device=dev) for x in (q, k, b_logit))
