@@ -38,11 +38,11 @@ from carve_triton import _interpreted, _packed_bt
 # log-decay; the dot operands among them in the operands' dtype (_operand_dtype), as fla stores h.
 # Backward, three kernels:
 #   1. _chunk_bwd_walk: the only sequential part. Per (sequence, head, value block), blocks in reverse:
-#      dR = M^T dO scale + k_end dS and dS <- gamma_L dS + (gamma q)^T dO scale - Y^T dR; stores dR and
-#      the state gradient after every block, in the operand dtype.
+#      dR = M^T dO scale + k_end dS and dS <- gamma_L dS + (gamma q)^T dO scale - Y^T dR; stores dR, the
+#      state gradient after every block in the operand dtype, and sum(S * dS) over its value columns.
 #   2. _chunk_bwd_values, parallel over (chunk, head): from the stored block states and state gradients
 #      (no carried gradient, so no fp32 [K, V] tile in registers), computes dv, dw and the
-#      value-summed pieces (dO S^T, dR S^T, R dS^T, sum S*dS, dO R^T, dR R^T) for the next kernel.
+#      value-summed pieces (dO S^T, dR S^T, R dS^T, dO R^T, dR R^T) for the next kernel.
 #   3. _chunk_bwd_keys, parallel over (chunk, head): the chain through A, T and M to dq, dk, dg,
 #      db_logit and dDelta.
 # Dot operands are in the input dtype with fp32 accumulation (_dot_operands); the 16 x 16 inverse is
@@ -448,29 +448,39 @@ def _chunk_fwd_kernel(q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in,
 
 
 @triton.jit
-def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_end, dr_store, ds_store, dS0,
-                    seqs, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+def _chunk_bwd_walk(do, h_store, mm_store, y_store, gq_store, kend_store, gl_store, dS_end, dr_store, ds_store,
+                    d_gl, dS0, seqs, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                     USE_DS_END: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """One program per (sequence, head, value block), blocks in reverse, carrying dS (the gradient of
     the state after the block): stores dR of every token and dS of every block, in the operand dtype
-    (the value side reads both only as dot operands, as it reads the forward's block states)."""
+    (the value side reads both only as dot operands, as it reads the forward's block states), and this
+    value block's part of d_gl = sum over V of S * dS, the gradient of the block's decay (one part per
+    value block; the key side adds them). d_gl reads the fp32 dS, and the block state it needs is loaded
+    one block ahead: a load the next statements waited for cost 1 us a block on the H200."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
     i_nh = i_n * H + i_h
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
-    p_S = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    p_S = i_nh * K * V + p_kv
     if USE_DS_END:
         dS = tl.load(dS_end + p_S)
     else:
         dS = tl.zeros([K, BV], dtype=tl.float32)
+    # the state before the last block (masks as tensors: the interpreter takes no scalar condition there)
+    S_blk = tl.load(h_store + ((block0 + blk_last - blk_first) * H + i_h) * K * V + p_kv,
+                    mask=p_kv * 0 + blk_last >= blk_first, other=0.0)
     for aa in range(blk_first, blk_last + 1):
         a = blk_last + blk_first - aa
         tok, valid = _block_rows(a, bos, offset, length, BT)
         m_row = valid[:, None]
         i_blk = (block0 + a - blk_first) * H + i_h
         dS_dt = dS.to(DT)
-        tl.store(ds_store + i_blk * K * V + o_k[:, None] * V + o_v[None, :], dS_dt.to(ds_store.dtype.element_ty))
+        tl.store(ds_store + i_blk * K * V + p_kv, dS_dt.to(ds_store.dtype.element_ty))
+        tl.store(d_gl + (i_blk * (V // BV) + i_v) * K + o_k, tl.sum(S_blk.to(tl.float32) * dS, axis=1))
+        S_blk = tl.load(h_store + (i_blk - H) * K * V + p_kv, mask=p_kv * 0 + a > blk_first,
+                        other=0.0)                                              # block a - 1's
         Mm = _load_rows16(mm_store, tok, valid, i_h, H, BT, False)
         p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
         k_end = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
@@ -488,7 +498,7 @@ def _chunk_bwd_walk(do, mm_store, y_store, gq_store, kend_store, gl_store, dS_en
 
 
 @triton.jit
-def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, dv, dw, d_gq, d_y, d_kend, d_gl,
+def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, dv, dw, d_gq, d_y, d_kend,
                       d_m, d_rr, seqs, max_chunks, sv, sw, H, scale, K: tl.constexpr, V: tl.constexpr,
                       C: tl.constexpr, VALUE_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                       BT: tl.constexpr):
@@ -525,7 +535,6 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, d
             tl.store(d_gq + p_k, tl.dot(dO, tl.trans(S_dt), input_precision=PREC) * scale, mask=m_row)
             tl.store(d_y + p_k, -tl.dot(dR, tl.trans(S_dt), input_precision=PREC), mask=m_row)
             tl.store(d_kend + p_k, tl.dot(R, tl.trans(dS_dt), input_precision=PREC), mask=m_row)
-            tl.store(d_gl + i_blk * K + o_k, tl.sum(S_dt.to(tl.float32) * dS_dt.to(tl.float32), axis=1))
             p_16 = (tok[:, None] * H + i_h) * BT + o_t[None, :]
             tl.store(d_m + p_16, tl.dot(dO, tl.trans(R), input_precision=PREC) * scale, mask=m_row)
             tl.store(d_rr + p_16, tl.dot(dR, tl.trans(R), input_precision=PREC), mask=m_row)
@@ -540,7 +549,7 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, d
 @triton.jit
 def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr,
                     dq, dk, dg, db_logit, d_delta, seqs, max_chunks, sq, sk, sg, sb, H,
-                    K: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                    NV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                     BT: tl.constexpr):
     """One program per (sequence, chunk, head): for each block, the chain from the value-summed
     pieces through A = (I + T)^-1, T and M (whose factors are rebuilt from q, k, g, b) to dq, dk,
@@ -571,7 +580,10 @@ def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d
             At = tl.trans(_load_rows16(a_store, tok, valid, i_h, H, BT, True))
             dX = tl.dot(At.to(DT), dY.to(DT), input_precision=PREC)
             dke = tl.load(d_kend + p_k, mask=m_row, other=0.0)
-            dGLS = tl.load(d_gl + ((block0 + a - blk_first) * H + i_h) * K + o_k)
+            p_gl = (((block0 + a - blk_first) * H + i_h) * NV) * K + o_k
+            dGLS = tl.load(d_gl + p_gl)                      # sum(S * dS), one part per reverse-walk program
+            for i_v in tl.static_range(1, NV):
+                dGLS += tl.load(d_gl + p_gl + i_v * K)
             dM = tl.where(r_i >= s_i, _load_rows16(d_m, tok, valid, i_h, H, BT, False), 0.0)
             # R = A (Z - X S) with A = (I + T)^-1, so dT = -A^T dR R^T (dR R^T from the value side)
             dT = -tl.dot(At, _load_rows16(d_rr, tok, valid, i_h, H, BT, False), input_precision="ieee")
@@ -769,18 +781,18 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     dr_store = torch.empty(B, T, H, V, dtype=_operand_dtype(q.dtype), device=dev)  # only read as an operand
     ds_store = torch.empty(n_blocks, H, K, V, dtype=_operand_dtype(q.dtype), device=dev)
     n_walks = N * H * (V // BV)
+    d_gl = torch.empty(n_blocks, H, V // BV, K, dtype=f32, device=dev)
     _chunk_bwd_walk[(n_walks,)](
-        do, mm_store, y_store, gq_store, kend_store, gl_store,
-        dS_end.float().contiguous() if dS_end is not None else dS0, dr_store, ds_store, dS0, seqs, H, scale,
+        do, h_store, mm_store, y_store, gq_store, kend_store, gl_store,
+        dS_end.float().contiguous() if dS_end is not None else dS0, dr_store, ds_store, d_gl, dS0, seqs, H, scale,
         K=K, V=V, BV=BV, C=chunk_size, USE_DS_END=dS_end is not None, BT=CHUNK_BT, **dots,
         num_warps=_reverse_walk_warps(n_walks, dev), num_stages=2)
     d_gq, d_y, d_kend = (torch.empty(B, T, H, K, dtype=f32, device=dev) for _ in range(3))
     d_m, d_rr = (torch.empty(B, T, H, CHUNK_BT, dtype=f32, device=dev) for _ in range(2))
-    d_gl = torch.empty(n_blocks, H, K, dtype=f32, device=dev)
     dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     dw = torch.empty(B, T, H, *w.shape[3:], dtype=w.dtype if w.dim() == 4 else f32, device=dev)
     _chunk_bwd_values[(N * max_chunks * H,)](
-        v, w, do, r_store, dr_store, h_store, ds_store, a_store, dv, dw, d_gq, d_y, d_kend, d_gl, d_m, d_rr, seqs,
+        v, w, do, r_store, dr_store, h_store, ds_store, a_store, dv, dw, d_gq, d_y, d_kend, d_m, d_rr, seqs,
         max_chunks, v.stride(1), w.stride(1), H, scale,
         K=K, V=V, C=chunk_size, VALUE_GATE=w.dim() == 4, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
     del dr_store, ds_store  # the key-side kernel does not read them: their memory takes its outputs
@@ -790,7 +802,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     _chunk_bwd_keys[(N * max_chunks * H,)](
         q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr, dq, dk, dg, db_logit,
         d_delta, seqs, max_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), H,
-        K=K, C=chunk_size, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
+        NV=V // BV, K=K, C=chunk_size, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
     return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0]
 
 
