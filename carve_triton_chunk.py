@@ -547,7 +547,7 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, d
 
 
 @triton.jit
-def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr,
+def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, gl_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr,
                     dq, dk, dg, db_logit, d_delta, seqs, max_chunks, sq, sk, sg, sb, H,
                     NV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                     BT: tl.constexpr):
@@ -568,12 +568,12 @@ def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d
             tok, valid = _block_rows(a, bos, offset, length, BT)
             m_row = valid[:, None]
             qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K)
+            GL = tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k)
             b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
             Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
             Pb = b * Kp
             gamma = tl.exp(Gc)
             decay_end = tl.exp(GL[None, :] - Gc)
-            X = gamma * b * kn
             p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
             dgq = tl.load(d_gq + p_k, mask=m_row, other=0.0)
             dY = tl.load(d_y + p_k, mask=m_row, other=0.0)
@@ -592,13 +592,18 @@ def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d
             dPq = tl.dot(dM.to(DT), Pk.to(DT), input_precision=PREC)
             dPk = tl.dot(tl.trans(dT.to(DT)), Pb.to(DT), input_precision=PREC) \
                 + tl.dot(tl.trans(dM.to(DT)), Pq.to(DT), input_precision=PREC)
-            # O = (gamma q S + M R) scale, S_end = gamma_L S + k_end^T R, Y = A X, T = Pb Pk^T, M = Pq Pk^T
+            # T = Pb Pk^T, M = Pq Pk^T, O = (gamma q S + M R) scale, Y = A X with X = gamma b k and
+            # S_end = gamma_L S + k_end^T R, where Pq = q e_pos, Pk = k e_neg, Pb = b k e_pos, k_end = k decay_end;
+            # d/dG of e_pos, gamma is the factor itself, of e_neg, decay_end its negative
             dqn = dPq * e_pos + dgq * gamma
-            dkn = dPk * e_neg + dPb * b * e_pos + dX * gamma * b + dke * decay_end
-            db = dPb * kn * e_pos + dX * gamma * kn
-            dGc = Pq * dPq - Pk * dPk + Pb * dPb + X * dX + gamma * qn * dgq - decay_end * kn * dke
-            dGL = tl.sum(decay_end * kn * dke, axis=0) + tl.exp(GL) * dGLS
-            dgv = tl.sum(dGc, axis=0)[None, :] - tl.cumsum(dGc, axis=0) + dGc + dGL[None, :]
+            z = dPb * e_pos + dX * gamma
+            db = kn * z
+            dk_end = dke * decay_end
+            dk_neg = dPk * e_neg + dk_end
+            dkn = dk_neg + b * z
+            dGc = qn * dqn + b * db - kn * dk_neg
+            dGL = tl.sum(kn * dk_end, axis=0) + tl.exp(GL) * dGLS
+            dgv = tl.cumsum(dGc, axis=0, reverse=True) + dGL[None, :]     # G_r = sum of g_s for s <= r
             dgv = tl.where(g_raw < -5.0, 0.0, dgv)                       # the floor's gradient
             dq_raw = tl.where(q_norm[:, None] > 1e-6,
                               (dqn - qn * tl.sum(qn * dqn, axis=1)[:, None]) / q_norm[:, None], dqn / 1e-6)
@@ -800,7 +805,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)
     d_delta = torch.empty(n_chunks, H, K, dtype=f32, device=dev)
     _chunk_bwd_keys[(N * max_chunks * H,)](
-        q, k, g, b_logit, delta_store, a_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr, dq, dk, dg, db_logit,
+        q, k, g, b_logit, delta_store, a_store, gl_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr, dq, dk, dg, db_logit,
         d_delta, seqs, max_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), H,
         NV=V // BV, K=K, C=chunk_size, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
     return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0]
