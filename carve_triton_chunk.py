@@ -73,9 +73,8 @@ def _split_forward(n_walks, device):
 
 
 def _reverse_walk_warps(n_walks, device):
-    """4 warps when there are more reverse-walk programs than SMs: two of them (200 registers a thread)
-    then share an SM, so all run at once (0.31 against 0.47 ms at 8 x 2048); fewer programs run faster
-    with 8 warps each."""
+    """4 warps when there are more reverse-walk programs than SMs: two of them then share an SM, so all
+    run at once (0.46 against 0.61 ms at 8 x 2048 on an H200); fewer programs run faster with 8 warps."""
     return 4 if n_walks > _sm_count(device) else 8
 
 
@@ -568,6 +567,8 @@ def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, gl_store, d_gq, d_y,
             tok, valid = _block_rows(a, bos, offset, length, BT)
             m_row = valid[:, None]
             qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K)
+            # the forward's total log-decay, the same bits as the sum above, which the compiler then drops:
+            # a reduction across the tile's rows costs shared-memory round trips (docs/KERNEL_NOTES.md v7)
             GL = tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k)
             b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
             Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
