@@ -566,9 +566,10 @@ def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, gl_store, d_gq, d_y,
         for a in range(a0, a1 + 1):
             tok, valid = _block_rows(a, bos, offset, length, BT)
             m_row = valid[:, None]
-            qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K)
-            # the forward's total log-decay, the same bits as the sum above, which the compiler then drops:
-            # a reduction across the tile's rows costs shared-memory round trips (docs/KERNEL_NOTES.md v7)
+            qn, kn, q_norm, k_norm, g_raw, Gc, _ = _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K)
+            # the forward's total log-decay, the same bits as _block_inputs' sum, which is unused here and
+            # dropped by the compiler: a reduction across the tile's rows costs shared-memory round trips
+            # (docs/KERNEL_NOTES.md v7)
             GL = tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k)
             b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
             Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
