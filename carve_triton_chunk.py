@@ -51,11 +51,11 @@ from carve_triton import _interpreted, _packed_bt
 CHUNK_BT = 16  # rows of a block
 # Launch settings from a sweep on an H200 (docs/BENCHMARKS.md: 4, 8 and 16 warps, 1 to 3 stages). Two
 # stages let the loads of the next block overlap the current one's products; the exceptions below were
-# 1.5x faster than that default.
+# faster than that default (the prep kernel and GDN-2's walk 1.5x, the key side 1.07x).
 CHUNK_LAUNCH = dict(num_warps=8, num_stages=2)
 PREP_LAUNCH = dict(num_warps=4, num_stages=2)
 GDN2_WALK_LAUNCH = dict(num_warps=8, num_stages=3)
-WALK_BV = 64  # value columns of a reverse-walk program (V / WALK_BV programs a head; 32 and 128 were slower)
+KEYS_LAUNCH = dict(num_warps=8, num_stages=3)
 # The forward's two forms (see above): the walk alone, or split into parallel parts around a shorter
 # walk. The split moves more data (the prepared tiles) and pays off only when the walk has too few
 # programs to fill the card (docs/BENCHMARKS.md has the measured crossover).
@@ -70,6 +70,15 @@ def _split_forward(n_walks, device):
     if FORWARD_SPLIT is not None:
         return FORWARD_SPLIT
     return device.type == "cuda" and 2 * n_walks < _sm_count(device)
+
+
+def _walk_bv(N, H, V, device):
+    """Value columns of a value-block walk program (GDN-2's forward walk, the reverse walk): 64, or 32
+    when 64 would leave SMs idle, as the forward's split does. At 1 x 32768 on an H200 the reverse walk
+    took 3.47 ms with 32 columns against 4.06 with 64, GDN-2's walk 1.91 against 2.14; 16 columns were
+    no faster, and at 8 x 2048 (many programs) 32 columns were slower (docs/BENCHMARKS.md). It follows
+    FORWARD_SPLIT, so the tests that force either form run both widths."""
+    return min(V, 32 if _split_forward(N * H * (V // 64), device) else 64)
 
 
 def _reverse_walk_warps(n_walks, device):
@@ -756,7 +765,7 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
             q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta0, *out[1:], kp, pk, gk, seqs, *strides, H,
             scale, PREPPED=True, **walk)
     else:
-        BV = min(V, WALK_BV)
+        BV = _walk_bv(N, H, V, dev)
         _chunk_fwd_gdn2_walk[(N * H * (V // BV),)](
             u, y_store, kend_store, gl_store, S_in, o_sum_in, delta0, S, o_sum, delta, h_store, r_store, seqs, H,
             BV=BV, USE_INITIAL=use_initial, **common, **GDN2_WALK_LAUNCH)
@@ -781,7 +790,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     N, n_chunks, n_blocks, max_chunks = _table_sizes(table)
     dev, f32 = q.device, torch.float32
     q, k, v, g, b_logit, w, do = (_token_rows(x) for x in (q, k, v, g, b_logit, w, do))
-    BV = min(V, WALK_BV)
+    BV = _walk_bv(N, H, V, dev)
     dots = _dot_operands(q.dtype)
     seqs = _to_device(table, dev)
     dS0 = torch.empty(N, H, K, V, dtype=f32, device=dev)
@@ -809,7 +818,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     _chunk_bwd_keys[(N * max_chunks * H,)](
         q, k, g, b_logit, delta_store, a_store, gl_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr, dq, dk, dg, db_logit,
         d_delta, seqs, max_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), H,
-        NV=V // BV, K=K, C=chunk_size, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
+        NV=V // BV, K=K, C=chunk_size, BT=CHUNK_BT, **dots, **KEYS_LAUNCH)
     return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0]
 
 
@@ -854,22 +863,28 @@ def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size, lik
     rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
     dev, H, K = like.device, like.shape[2], like.shape[3]
     final = d_delta_final if d_delta_final is not None else torch.zeros(len(rows), H, K, device=dev)
-    chunk_seq = _to_device([n for n, r in enumerate(rows) for _ in range(r[4])], dev)
-    last = _to_device([r[3] + r[4] - 1 for r in rows if r[4] > 0], dev)
-    first = _to_device([r[3] for r in rows if r[4] > 0], dev)
-    done = _to_device([(r[1] + r[2]) % chunk_size == 0 for r in rows if r[4] > 0], dev, torch.bool)[:, None, None]
-    final_of_last = final[chunk_seq[last]]
+    walked = [n for n, r in enumerate(rows) if r[4] > 0]       # sequences with at least one chunk
+    complete = [(r[1] + r[2]) % chunk_size == 0 for r in rows]  # ... whose last chunk is complete
+    # one copy to the device for all index lists: each copy costs the host tens of microseconds
+    lists = [[n for n, r in enumerate(rows) for _ in range(r[4])], walked,
+             [rows[n][3] + rows[n][4] - 1 for n in walked], [rows[n][3] for n in walked],
+             [complete[n] for n in walked], [r[4] == 0 or c for r, c in zip(rows, complete)]]
+    chunk_seq, seq, last, first, done, passes = torch.split(_to_device(sum(lists, []), dev), [len(x) for x in lists])
+    done, passes = done.bool()[:, None, None], passes.bool()[:, None, None]
+    final_of_last = final[seq]
     d_delta[last] += torch.where(done, 0.0, final_of_last)
     if D is None:  # GDN-2: every chunk uses the state's delta unchanged
-        passes = _to_device([r[4] == 0 or (r[1] + r[2]) % chunk_size == 0 for r in rows], dev, torch.bool)
-        return None, None, torch.where(passes[:, None, None], final, 0.0).index_add_(0, chunk_seq, d_delta)
+        return None, None, torch.where(passes, final, 0.0).index_add_(0, chunk_seq, d_delta)
     d_delta0 = final.clone()
-    d_delta0[chunk_seq[first]] = d_delta[first]
+    d_delta0[seq] = d_delta[first]
     d_next = torch.cat([d_delta[1:], torch.zeros_like(d_delta[:1])])   # gradient of U D m of chunk i
     d_next[last] = torch.where(done, final_of_last, 0.0)
-    dU = torch.einsum("ihk,hrv,ihv->hkr", d_next, D.float(), m_store).to(U.dtype)
-    dD = torch.einsum("hkr,ihk,ihv->hrv", U.float(), d_next, m_store).to(D.dtype)
-    return dD, dU, d_delta0
+    # per head: dU = d_next^T (D m) and dD = (U^T d_next)^T m over the chunks, as batched products (an
+    # einsum spent longer planning its contraction order on the host than the GPU spent on it)
+    m_h, d_next_h = m_store.transpose(0, 1), d_next.transpose(0, 1)     # [H, chunks, V], [H, chunks, K]
+    dU = torch.matmul(d_next_h.transpose(1, 2), torch.matmul(m_h, D.float().transpose(1, 2)))
+    dD = torch.matmul(torch.matmul(d_next_h, U.float()).transpose(1, 2), m_h)
+    return dD.to(D.dtype), dU.to(U.dtype), d_delta0
 
 
 def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None, output_final_state=False,
