@@ -5,6 +5,7 @@ backward, and the custom ops carve::chunk_fwd / carve::chunk_bwd with the autogr
 torch.compile keeps one graph. chunk_carve_torch in carve_torch.py defines what they compute; the tests
 compare both with an independent float64 reference. The decode kernels are in carve_triton.py.
 """
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -60,6 +61,10 @@ KEYS_LAUNCH = dict(num_warps=8, num_stages=3)
 # walk. The split moves more data (the prepared tiles) and pays off only when the walk has too few
 # programs to fill the card (docs/BENCHMARKS.md has the measured crossover).
 FORWARD_SPLIT = None  # True / False forces one form (tests); None: by the count of walk programs
+# The backward walks a sequence in pieces of chunks when its walk programs leave half the card idle, so
+# that a piece's value side runs on the idle SMs while the walk goes on (_backward_pieces).
+BACKWARD_PIECES = None  # an int forces the number of pieces (tests); None: by the count of walk programs
+WALK_PIECES = 8
 
 
 def _sm_count(device):
@@ -79,6 +84,43 @@ def _walk_bv(N, H, V, device):
     no faster, and at 8 x 2048 (many programs) 32 columns were slower (docs/BENCHMARKS.md). It follows
     FORWARD_SPLIT, so the tests that force either form run both widths."""
     return min(V, 32 if _split_forward(N * H * (V // 64), device) else 64)
+
+
+def _backward_pieces(table, n_walks, chunk_size, device):
+    """The sequence table cut into pieces of whole chunks, last piece first: each a table of its own, a
+    row per sequence (empty where a sequence has no chunks left) pointing into the same stores. One
+    piece, the table itself, unless the walk programs leave at least half the SMs idle."""
+    n = BACKWARD_PIECES if BACKWARD_PIECES is not None else \
+        WALK_PIECES if device.type == "cuda" and 2 * n_walks <= _sm_count(device) else 1
+    rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
+    most = max(r[4] for r in rows)
+    if n == 1 or most < 2:
+        return [table]
+    per_piece = -(-most // n)
+    pieces = []
+    for i0 in reversed(range(0, most, per_piece)):
+        piece = []
+        for bos, length, off, chunk0, n_chunks, block0 in rows:
+            lo, hi = min(i0, n_chunks), min(i0 + per_piece, n_chunks)   # the sequence's chunks lo .. hi - 1
+            start = off if lo == 0 else (off // chunk_size + lo) * chunk_size
+            end = max(start, min(off + length, (off // chunk_size + hi) * chunk_size))
+            piece += [bos + start - off, end - start, start, chunk0 + lo, hi - lo,
+                      block0 + start // CHUNK_BT - off // CHUNK_BT]
+        pieces.append(piece)
+    return pieces
+
+
+_WALK_STREAMS = {}
+
+
+def _walk_stream(device):
+    """A high-priority stream per GPU for the reverse walk's pieces: when a piece's walk ends, the
+    next one's programs take the freed SMs before the value side's waiting programs do."""
+    if device.type != "cuda":
+        return None
+    if device.index not in _WALK_STREAMS:
+        _WALK_STREAMS[device.index] = torch.cuda.Stream(device, priority=-1)
+    return _WALK_STREAMS[device.index]
 
 
 def _reverse_walk_warps(n_walks, device):
@@ -456,15 +498,17 @@ def _chunk_fwd_kernel(q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in,
 
 
 @triton.jit
-def _chunk_bwd_walk(do, h_store, mm_store, y_store, gq_store, kend_store, gl_store, dS_end, dr_store, ds_store,
-                    d_gl, dS0, seqs, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                    USE_DS_END: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+def _chunk_bwd_walk(do, h_store, mm_store, y_store, gq_store, kend_store, gl_store, dS_carry, dr_store, ds_store,
+                    d_gl, seqs, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                    DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """One program per (sequence, head, value block), blocks in reverse, carrying dS (the gradient of
     the state after the block): stores dR of every token and dS of every block, in the operand dtype
     (the value side reads both only as dot operands, as it reads the forward's block states), and this
     value block's part of d_gl = sum over V of S * dS, the gradient of the block's decay (one part per
     value block; the key side adds them). d_gl reads the fp32 dS, and the block state it needs is loaded
-    one block ahead: a load the next statements waited for cost 1 us a block on the H200."""
+    one block ahead: a load the next statements waited for cost 1 us a block on the H200. dS_carry holds
+    the state gradient at the end of the walked tokens and gets it at their start, so a sequence can be
+    walked piece by piece (_backward_pieces)."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
     i_nh = i_n * H + i_h
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
@@ -472,10 +516,7 @@ def _chunk_bwd_walk(do, h_store, mm_store, y_store, gq_store, kend_store, gl_sto
     o_v = i_v * BV + tl.arange(0, BV)
     p_kv = o_k[:, None] * V + o_v[None, :]
     p_S = i_nh * K * V + p_kv
-    if USE_DS_END:
-        dS = tl.load(dS_end + p_S)
-    else:
-        dS = tl.zeros([K, BV], dtype=tl.float32)
+    dS = tl.load(dS_carry + p_S)
     # the state before the last block (masks as tensors: the interpreter takes no scalar condition there)
     S_blk = tl.load(h_store + ((block0 + blk_last - blk_first) * H + i_h) * K * V + p_kv,
                     mask=p_kv * 0 + blk_last >= blk_first, other=0.0)
@@ -502,7 +543,7 @@ def _chunk_bwd_walk(do, h_store, mm_store, y_store, gq_store, kend_store, gl_sto
         dR_dt = dR.to(DT)
         tl.store(dr_store + p_v, dR_dt.to(dr_store.dtype.element_ty), mask=m_row)
         dS = _state_grad_step(dS, gq, Y, gammaL, dO, dR_dt, scale, DT, PREC)
-    tl.store(dS0 + p_S, dS)
+    tl.store(dS_carry + p_S, dS)
 
 
 @triton.jit
@@ -791,26 +832,38 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     dev, f32 = q.device, torch.float32
     q, k, v, g, b_logit, w, do = (_token_rows(x) for x in (q, k, v, g, b_logit, w, do))
     BV = _walk_bv(N, H, V, dev)
+    n_walks = N * H * (V // BV)
     dots = _dot_operands(q.dtype)
-    seqs = _to_device(table, dev)
-    dS0 = torch.empty(N, H, K, V, dtype=f32, device=dev)
+    pieces = _backward_pieces(table, n_walks, chunk_size, dev)
+    seqs, *piece_seqs = torch.split(_to_device(sum(pieces, table), dev), [len(table)] * (1 + len(pieces)))
+    # the walk carries dS through this buffer from the end of each sequence to its start
+    dS0 = dS_end.float().clone() if dS_end is not None else torch.zeros(N, H, K, V, dtype=f32, device=dev)
     dr_store = torch.empty(B, T, H, V, dtype=_operand_dtype(q.dtype), device=dev)  # only read as an operand
     ds_store = torch.empty(n_blocks, H, K, V, dtype=_operand_dtype(q.dtype), device=dev)
-    n_walks = N * H * (V // BV)
     d_gl = torch.empty(n_blocks, H, V // BV, K, dtype=f32, device=dev)
-    _chunk_bwd_walk[(n_walks,)](
-        do, h_store, mm_store, y_store, gq_store, kend_store, gl_store,
-        dS_end.float().contiguous() if dS_end is not None else dS0, dr_store, ds_store, d_gl, dS0, seqs, H, scale,
-        K=K, V=V, BV=BV, C=chunk_size, USE_DS_END=dS_end is not None, BT=CHUNK_BT, **dots,
-        num_warps=_reverse_walk_warps(n_walks, dev), num_stages=2)
+    walked = []   # an event after each piece's walk (None on the CPU or for one piece)
+    walk_stream = _walk_stream(dev) if len(pieces) > 1 else None
+    if walk_stream is not None:
+        walk_stream.wait_stream(torch.cuda.current_stream(dev))
+    for piece in piece_seqs:
+        with torch.cuda.stream(walk_stream) if walk_stream is not None else contextlib.nullcontext():
+            _chunk_bwd_walk[(n_walks,)](
+                do, h_store, mm_store, y_store, gq_store, kend_store, gl_store, dS0, dr_store, ds_store, d_gl,
+                piece, H, scale, K=K, V=V, BV=BV, C=chunk_size, BT=CHUNK_BT, **dots,
+                num_warps=_reverse_walk_warps(n_walks, dev), num_stages=2)
+            walked.append(walk_stream.record_event() if walk_stream is not None else None)
     d_gq, d_y, d_kend = (torch.empty(B, T, H, K, dtype=f32, device=dev) for _ in range(3))
     d_m, d_rr = (torch.empty(B, T, H, CHUNK_BT, dtype=f32, device=dev) for _ in range(2))
     dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     dw = torch.empty(B, T, H, *w.shape[3:], dtype=w.dtype if w.dim() == 4 else f32, device=dev)
-    _chunk_bwd_values[(N * max_chunks * H,)](
-        v, w, do, r_store, dr_store, h_store, ds_store, a_store, dv, dw, d_gq, d_y, d_kend, d_m, d_rr, seqs,
-        max_chunks, v.stride(1), w.stride(1), H, scale,
-        K=K, V=V, C=chunk_size, VALUE_GATE=w.dim() == 4, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
+    for piece_table, piece, event in zip(pieces, piece_seqs, walked):
+        if event is not None:   # this piece's value side runs beside the walk of the next pieces
+            torch.cuda.current_stream(dev).wait_event(event)
+        piece_chunks = _table_sizes(piece_table)[3]
+        _chunk_bwd_values[(N * piece_chunks * H,)](
+            v, w, do, r_store, dr_store, h_store, ds_store, a_store, dv, dw, d_gq, d_y, d_kend, d_m, d_rr, piece,
+            piece_chunks, v.stride(1), w.stride(1), H, scale,
+            K=K, V=V, C=chunk_size, VALUE_GATE=w.dim() == 4, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
     del dr_store, ds_store  # the key-side kernel does not read them: their memory takes its outputs
     dq, dk, db_logit = (torch.empty(B, T, H, K, dtype=x.dtype, device=dev) for x in (q, k, b_logit))
     dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)

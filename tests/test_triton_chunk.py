@@ -24,8 +24,11 @@ pytestmark = needs_triton
 @pytest.fixture(params=[False, True], ids=["walk", "split"])
 def forward_form(request, monkeypatch):
     """Both forms of the forward (carve_triton_chunk._split_forward picks one by shape): the walk alone, and
-    split into the parallel prep kernel, the walk (GDN-2: its value-block walk and the output kernel)."""
+    split into the parallel prep kernel, the walk (GDN-2: its value-block walk and the output kernel).
+    The backward goes with it as on a GPU: the split form's shapes (few walk programs) walk the
+    sequence in pieces of chunks, here three."""
     monkeypatch.setattr(carve_triton_chunk, "FORWARD_SPLIT", request.param)
+    monkeypatch.setattr(carve_triton_chunk, "BACKWARD_PIECES", 3 if request.param else 1)
     return request.param
 
 
