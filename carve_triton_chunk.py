@@ -61,10 +61,11 @@ KEYS_LAUNCH = dict(num_warps=8, num_stages=3)
 # walk. The split moves more data (the prepared tiles) and pays off only when the walk has too few
 # programs to fill the card (docs/BENCHMARKS.md has the measured crossover).
 FORWARD_SPLIT = None  # True / False forces one form (tests); None: by the count of walk programs
-# The backward walks a sequence in pieces of chunks when its walk programs leave half the card idle, so
-# that a piece's value side runs on the idle SMs while the walk goes on (_backward_pieces).
-BACKWARD_PIECES = None  # an int forces the number of pieces (tests); None: by the count of walk programs
+# When the walk programs leave half the card idle, the split forward and the backward walk each sequence
+# in pieces of chunks (_walk_pieces), so that the parallel kernels run on the idle SMs beside the walk:
+# the prep kernel of the next piece, the value side of the piece the reverse walk has just finished.
 WALK_PIECES = 8
+PIECES = None  # an int forces the number of pieces (tests); None: WALK_PIECES or 1, by the walk programs
 
 
 def _sm_count(device):
@@ -86,11 +87,11 @@ def _walk_bv(N, H, V, device):
     return min(V, 32 if _split_forward(N * H * (V // 64), device) else 64)
 
 
-def _backward_pieces(table, n_walks, chunk_size, device):
-    """The sequence table cut into pieces of whole chunks, last piece first: each a table of its own, a
-    row per sequence (empty where a sequence has no chunks left) pointing into the same stores. One
-    piece, the table itself, unless the walk programs leave at least half the SMs idle."""
-    n = BACKWARD_PIECES if BACKWARD_PIECES is not None else \
+def _walk_pieces(table, n_walks, chunk_size, device):
+    """The sequence table cut into pieces of whole chunks, in order: each a table of its own, a row per
+    sequence (empty where a sequence has no chunks left) pointing into the same stores. One piece, the
+    table itself, unless the walk programs leave at least half the SMs idle."""
+    n = PIECES if PIECES is not None else \
         WALK_PIECES if device.type == "cuda" and 2 * n_walks <= _sm_count(device) else 1
     rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
     most = max(r[4] for r in rows)
@@ -98,7 +99,7 @@ def _backward_pieces(table, n_walks, chunk_size, device):
         return [table]
     per_piece = -(-most // n)
     pieces = []
-    for i0 in reversed(range(0, most, per_piece)):
+    for i0 in range(0, most, per_piece):
         piece = []
         for bos, length, off, chunk0, n_chunks, block0 in rows:
             lo, hi = min(i0, n_chunks), min(i0 + per_piece, n_chunks)   # the sequence's chunks lo .. hi - 1
@@ -113,14 +114,24 @@ def _backward_pieces(table, n_walks, chunk_size, device):
 _WALK_STREAMS = {}
 
 
-def _walk_stream(device):
-    """A high-priority stream per GPU for the reverse walk's pieces: when a piece's walk ends, the
-    next one's programs take the freed SMs before the value side's waiting programs do."""
-    if device.type != "cuda":
+def _walk_stream(device, pieces):
+    """A high-priority stream per GPU for the walks of several pieces (None for one piece, or on the
+    CPU): when a piece's walk ends, the next one's programs take the freed SMs before the parallel
+    kernel's waiting programs do."""
+    if device.type != "cuda" or len(pieces) == 1:
         return None
     if device.index not in _WALK_STREAMS:
         _WALK_STREAMS[device.index] = torch.cuda.Stream(device, priority=-1)
     return _WALK_STREAMS[device.index]
+
+
+def _after_current(stream):
+    """A context that enqueues on `stream` behind everything the current stream has enqueued so far
+    (the current stream itself when `stream` is None)."""
+    if stream is None:
+        return contextlib.nullcontext()
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    return torch.cuda.stream(stream)
 
 
 def _reverse_walk_warps(n_walks, device):
@@ -508,7 +519,7 @@ def _chunk_bwd_walk(do, h_store, mm_store, y_store, gq_store, kend_store, gl_sto
     value block; the key side adds them). d_gl reads the fp32 dS, and the block state it needs is loaded
     one block ahead: a load the next statements waited for cost 1 us a block on the H200. dS_carry holds
     the state gradient at the end of the walked tokens and gets it at their start, so a sequence can be
-    walked piece by piece (_backward_pieces)."""
+    walked piece by piece (_walk_pieces)."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
     i_nh = i_n * H + i_h
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
@@ -783,33 +794,47 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     S_in, o_sum_in = (S0, o_sum0) if use_initial else (S, o_sum)
     common = dict(K=K, V=V, C=chunk_size, BT=CHUNK_BT, **_dot_operands(q.dtype))
     walk = dict(RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4, HAS_CONTENT=has_content,
-                USE_INITIAL=use_initial, **common, **CHUNK_LAUNCH)
+                **common, **CHUNK_LAUNCH)
     strides = [x.stride(1) for x in (q, k, g, b_logit, v, w)]
     if not _split_forward(N * H, dev):
         _chunk_fwd_kernel[(N * H,)](
             q, k, g, b_logit, v, w, D if has_content else delta0, U if has_content else delta0, o, S_in, o_sum_in,
-            delta0, *out[1:], delta0, delta0, delta0, seqs, *strides, H, scale, PREPPED=False, **walk)
+            delta0, *out[1:], delta0, delta0, delta0, seqs, *strides, H, scale, PREPPED=False,
+            USE_INITIAL=use_initial, **walk)
         return out
     if has_content:  # the key tiles the prep kernel writes for the CARVE walk
         kp, gk = (torch.empty(q.shape, dtype=f32, device=dev) for _ in range(2))
         pk = torch.empty(q.shape, dtype=_operand_dtype(q.dtype), device=dev)
         u = kp       # (not written: no solve in the prep kernel)
+        n_walks = N * H
     else:            # GDN-2: U = A Z from the prep kernel's solve
         u = torch.empty(v.shape, dtype=f32, device=dev)
         kp = gk = pk = u   # (not written)
-    _chunk_prep_kernel[(N * max_chunks * H,)](
-        q, k, g, b_logit, v, w, delta0, mm_store, gq_store, kend_store, gl_store, kp, pk, gk, a_store, y_store,
-        u, delta_store, seqs, max_chunks, *strides, H, VALUE_GATE=w.dim() == 4, SOLVE=not has_content, **common,
-        **PREP_LAUNCH)
-    if has_content:
-        _chunk_fwd_kernel[(N * H,)](
-            q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta0, *out[1:], kp, pk, gk, seqs, *strides, H,
-            scale, PREPPED=True, **walk)
-    else:
         BV = _walk_bv(N, H, V, dev)
-        _chunk_fwd_gdn2_walk[(N * H * (V // BV),)](
-            u, y_store, kend_store, gl_store, S_in, o_sum_in, delta0, S, o_sum, delta, h_store, r_store, seqs, H,
-            BV=BV, USE_INITIAL=use_initial, **common, **GDN2_WALK_LAUNCH)
+        n_walks = N * H * (V // BV)
+    pieces = _walk_pieces(table, n_walks, chunk_size, dev)
+    piece_seqs = torch.split(_to_device(sum(pieces, []), dev), len(table)) if len(pieces) > 1 else [seqs]
+    walk_stream = _walk_stream(dev, pieces)
+    for i, (piece_table, piece) in enumerate(zip(pieces, piece_seqs)):
+        piece_chunks = _table_sizes(piece_table)[3]
+        _chunk_prep_kernel[(N * piece_chunks * H,)](
+            q, k, g, b_logit, v, w, delta0, mm_store, gq_store, kend_store, gl_store, kp, pk, gk, a_store, y_store,
+            u, delta_store, piece, piece_chunks, *strides, H, VALUE_GATE=w.dim() == 4, SOLVE=not has_content,
+            **common, **PREP_LAUNCH)
+        # a later piece starts from the state, o_sum and delta the previous one left (read, then rewritten)
+        start = (S, o_sum, delta, True) if i > 0 else (S_in, o_sum_in, delta0, use_initial)
+        with _after_current(walk_stream):   # behind this piece's prep kernel
+            if has_content:
+                _chunk_fwd_kernel[(N * H,)](
+                    q, k, g, b_logit, v, w, D, U, o, *start[:3], *out[1:], kp, pk, gk, piece, *strides, H, scale,
+                    PREPPED=True, USE_INITIAL=start[3], **walk)
+            else:
+                _chunk_fwd_gdn2_walk[(n_walks,)](
+                    u, y_store, kend_store, gl_store, *start[:3], S, o_sum, delta, h_store, r_store, piece, H,
+                    BV=BV, USE_INITIAL=start[3], **common, **GDN2_WALK_LAUNCH)
+    if walk_stream is not None:
+        torch.cuda.current_stream(dev).wait_stream(walk_stream)
+    if not has_content:
         _chunk_fwd_output[(N * max_chunks * H,)](
             o, h_store, r_store, mm_store, gq_store, o_sum, seqs, max_chunks, H, scale, **common, **CHUNK_LAUNCH)
     return out
@@ -834,7 +859,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     BV = _walk_bv(N, H, V, dev)
     n_walks = N * H * (V // BV)
     dots = _dot_operands(q.dtype)
-    pieces = _backward_pieces(table, n_walks, chunk_size, dev)
+    pieces = _walk_pieces(table, n_walks, chunk_size, dev)[::-1]   # the last piece first
     seqs, *piece_seqs = torch.split(_to_device(sum(pieces, table), dev), [len(table)] * (1 + len(pieces)))
     # the walk carries dS through this buffer from the end of each sequence to its start
     dS0 = dS_end.float().clone() if dS_end is not None else torch.zeros(N, H, K, V, dtype=f32, device=dev)
@@ -842,11 +867,9 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     ds_store = torch.empty(n_blocks, H, K, V, dtype=_operand_dtype(q.dtype), device=dev)
     d_gl = torch.empty(n_blocks, H, V // BV, K, dtype=f32, device=dev)
     walked = []   # an event after each piece's walk (None on the CPU or for one piece)
-    walk_stream = _walk_stream(dev) if len(pieces) > 1 else None
-    if walk_stream is not None:
-        walk_stream.wait_stream(torch.cuda.current_stream(dev))
+    walk_stream = _walk_stream(dev, pieces)
     for piece in piece_seqs:
-        with torch.cuda.stream(walk_stream) if walk_stream is not None else contextlib.nullcontext():
+        with _after_current(walk_stream):
             _chunk_bwd_walk[(n_walks,)](
                 do, h_store, mm_store, y_store, gq_store, kend_store, gl_store, dS0, dr_store, ds_store, d_gl,
                 piece, H, scale, K=K, V=V, BV=BV, C=chunk_size, BT=CHUNK_BT, **dots,

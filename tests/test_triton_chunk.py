@@ -28,7 +28,7 @@ def forward_form(request, monkeypatch):
     The backward goes with it as on a GPU: the split form's shapes (few walk programs) walk the
     sequence in pieces of chunks, here three."""
     monkeypatch.setattr(carve_triton_chunk, "FORWARD_SPLIT", request.param)
-    monkeypatch.setattr(carve_triton_chunk, "BACKWARD_PIECES", 3 if request.param else 1)
+    monkeypatch.setattr(carve_triton_chunk, "PIECES", 3 if request.param else 1)
     return request.param
 
 
