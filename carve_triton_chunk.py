@@ -46,6 +46,11 @@ from carve_triton import _interpreted, _packed_bt
 #      value-summed pieces (dO S^T, dR S^T, R dS^T, dO R^T, dR R^T) for the next kernel.
 #   3. _chunk_bwd_keys, parallel over (chunk, head): the chain through A, T and M to dq, dk, dg,
 #      db_logit and dDelta.
+# When the walks leave half the card idle (long sequences, few of them), the split forward and the
+# backward cut each sequence into pieces of chunks: the walk of one piece runs on a high-priority
+# stream beside the parallel kernel of another (the forward's prep kernel of the next piece, the
+# backward's value side of the piece just walked). Each piece is a sequence table of its own, so the
+# kernels are the same.
 # Dot operands are in the input dtype with fp32 accumulation (_dot_operands); the 16 x 16 inverse is
 # exact fp32.
 
@@ -64,8 +69,8 @@ FORWARD_SPLIT = None  # True / False forces one form (tests); None: by the count
 # When the walk programs leave half the card idle, the split forward and the backward walk each sequence
 # in pieces of chunks (_walk_pieces), so that the parallel kernels run on the idle SMs beside the walk:
 # the prep kernel of the next piece, the value side of the piece the reverse walk has just finished.
-WALK_PIECES = 8
-PIECES = None  # an int forces the number of pieces (tests); None: WALK_PIECES or 1, by the walk programs
+WALK_PIECES, PIECE_CHUNKS = 8, 16   # at most 8 pieces, none shorter than 16 chunks
+PIECES = None  # an int forces the number of pieces (tests); None: by the walk programs and the length
 
 
 def _sm_count(device):
@@ -90,12 +95,14 @@ def _walk_bv(N, H, V, device):
 def _walk_pieces(table, n_walks, chunk_size, device):
     """The sequence table cut into pieces of whole chunks, in order: each a table of its own, a row per
     sequence (empty where a sequence has no chunks left) pointing into the same stores. One piece, the
-    table itself, unless the walk programs leave at least half the SMs idle."""
-    n = PIECES if PIECES is not None else \
-        WALK_PIECES if device.type == "cuda" and 2 * n_walks <= _sm_count(device) else 1
+    table itself, unless the walk programs leave at least half the SMs idle; no piece shorter than
+    PIECE_CHUNKS, whose launches would cost the host more than the overlap saves."""
     rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
     most = max(r[4] for r in rows)
-    if n == 1 or most < 2:
+    n = PIECES
+    if n is None:
+        n = min(WALK_PIECES, most // PIECE_CHUNKS) if device.type == "cuda" and 2 * n_walks <= _sm_count(device) else 1
+    if n <= 1 or most < 2:
         return [table]
     per_piece = -(-most // n)
     pieces = []
@@ -103,7 +110,7 @@ def _walk_pieces(table, n_walks, chunk_size, device):
         piece = []
         for bos, length, off, chunk0, n_chunks, block0 in rows:
             lo, hi = min(i0, n_chunks), min(i0 + per_piece, n_chunks)   # the sequence's chunks lo .. hi - 1
-            start = off if lo == 0 else (off // chunk_size + lo) * chunk_size
+            start = off if lo == 0 else min(off + length, (off // chunk_size + lo) * chunk_size)
             end = max(start, min(off + length, (off // chunk_size + hi) * chunk_size))
             piece += [bos + start - off, end - start, start, chunk0 + lo, hi - lo,
                       block0 + start // CHUNK_BT - off // CHUNK_BT]

@@ -215,6 +215,31 @@ def test_continuation(mode, T1):
             assert_rel(s2.delta, s_full.delta, TOL_FWD, f"{tag} delta")
 
 
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_walk_pieces_partition_the_table(monkeypatch, n):
+    """The pieces a long walk is cut into (carve_triton_chunk._walk_pieces) cover every sequence's
+    tokens, chunks and blocks once, in order, each piece starting on a chunk boundary (or where its
+    sequence starts), with the stores' indices of the whole table."""
+    monkeypatch.setattr(carve_triton_chunk, "PIECES", n)
+    C, BT, F = 32, carve_triton_chunk.CHUNK_BT, carve_triton_chunk.SEQ_FIELDS
+    table = carve_triton_chunk._sequence_table(4, 0, [5, 0, 70, 32], [0, 300, 310, 310, 500], C)
+    pieces = carve_triton_chunk._walk_pieces(table, 1, C, torch.device("cpu"))
+    most = max(table[4::F])        # chunks of the longest sequence, in pieces of equal whole chunks
+    assert len(pieces) == -(-most // -(-most // n)) <= n
+    for i in range(0, len(table), F):
+        bos, length, off, chunk0, n_chunks, block0 = table[i:i + F]
+        rows = [p[i:i + F] for p in pieces]
+        assert sum(r[1] for r in rows) == length and sum(r[4] for r in rows) == n_chunks
+        token, chunk = bos, chunk0
+        for r_bos, r_len, r_off, r_chunk0, r_chunks, r_block0 in rows:
+            assert (r_bos, r_chunk0) == (token, chunk) and r_off == off + token - bos
+            assert r_chunks == carve_triton_chunk._pieces(r_off, r_len, C)
+            assert r_block0 == block0 + r_off // BT - off // BT
+            if r_len and token > bos:
+                assert r_off % C == 0
+            token, chunk = token + r_len, chunk + r_chunks
+
+
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
 def test_continuation_many_pieces(mode, forward_form):
     """Pieces of 3, 1, 17, 1, 1, 29 and 5 tokens (C = 16), alternating the Triton chunk kernels and the
