@@ -101,7 +101,8 @@ def _walk_pieces(table, n_walks, chunk_size, device):
     most = max(r[4] for r in rows)
     n = PIECES
     if n is None:
-        n = min(WALK_PIECES, most // PIECE_CHUNKS) if device.type == "cuda" and 2 * n_walks <= _sm_count(device) else 1
+        idle = device.type == "cuda" and 2 * n_walks <= _sm_count(device)
+        n = min(WALK_PIECES, most // PIECE_CHUNKS) if idle else 1
     if n <= 1 or most < 2:
         return [table]
     per_piece = -(-most // n)
@@ -867,9 +868,10 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     n_walks = N * H * (V // BV)
     dots = _dot_operands(q.dtype)
     pieces = _walk_pieces(table, n_walks, chunk_size, dev)[::-1]   # the last piece first
-    seqs, *piece_seqs = torch.split(_to_device(sum(pieces, table), dev), [len(table)] * (1 + len(pieces)))
+    seqs, *piece_seqs = torch.split(_to_device(sum(pieces, table), dev), len(table))
     # the walk carries dS through this buffer from the end of each sequence to its start
-    dS0 = dS_end.float().clone() if dS_end is not None else torch.zeros(N, H, K, V, dtype=f32, device=dev)
+    dS0 = dS_end.float().clone(memory_format=torch.contiguous_format) if dS_end is not None else \
+        torch.zeros(N, H, K, V, dtype=f32, device=dev)
     dr_store = torch.empty(B, T, H, V, dtype=_operand_dtype(q.dtype), device=dev)  # only read as an operand
     ds_store = torch.empty(n_blocks, H, K, V, dtype=_operand_dtype(q.dtype), device=dev)
     d_gl = torch.empty(n_blocks, H, V // BV, K, dtype=f32, device=dev)
