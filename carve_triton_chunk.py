@@ -119,6 +119,13 @@ def _walk_pieces(table, n_walks, chunk_size, device):
     return pieces
 
 
+def _pieces_on_device(pieces, seqs, device):
+    """The pieces' tables on the device, in one copy; `seqs` (the whole table there) when there is one."""
+    if len(pieces) == 1:
+        return [seqs]
+    return list(torch.split(_to_device(sum(pieces, []), device), len(pieces[0])))
+
+
 _WALK_STREAMS = {}
 
 
@@ -821,7 +828,7 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         BV = _walk_bv(N, H, V, dev)
         n_walks = N * H * (V // BV)
     pieces = _walk_pieces(table, n_walks, chunk_size, dev)
-    piece_seqs = torch.split(_to_device(sum(pieces, []), dev), len(table)) if len(pieces) > 1 else [seqs]
+    piece_seqs = _pieces_on_device(pieces, seqs, dev)
     walk_stream = _walk_stream(dev, pieces)
     for i, (piece_table, piece) in enumerate(zip(pieces, piece_seqs)):
         piece_chunks = _table_sizes(piece_table)[3]
@@ -868,7 +875,8 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     n_walks = N * H * (V // BV)
     dots = _dot_operands(q.dtype)
     pieces = _walk_pieces(table, n_walks, chunk_size, dev)[::-1]   # the last piece first
-    seqs, *piece_seqs = torch.split(_to_device(sum(pieces, table), dev), len(table))
+    seqs = _to_device(table, dev)
+    piece_seqs = _pieces_on_device(pieces, seqs, dev)
     # the walk carries dS through this buffer from the end of each sequence to its start
     dS0 = dS_end.float().clone(memory_format=torch.contiguous_format) if dS_end is not None else \
         torch.zeros(N, H, K, V, dtype=f32, device=dev)
