@@ -48,9 +48,9 @@ from carve_triton import _interpreted, _packed_bt
 #      db_logit and dDelta.
 # When the walks leave half the card idle (long sequences, few of them), the split forward and the
 # backward cut each sequence into pieces of chunks: the walk of one piece runs on a high-priority
-# stream beside the parallel kernel of another (the forward's prep kernel of the next piece, the
-# backward's value side of the piece just walked). Each piece is a sequence table of its own, so the
-# kernels are the same.
+# stream beside the parallel kernels of others (the forward's prep kernel of the next piece and GDN-2's
+# outputs of the piece just walked; the backward's value and key sides of the piece just walked). Each
+# piece is a sequence table of its own, so the kernels are the same.
 # Dot operands are in the input dtype with fp32 accumulation (_dot_operands); the 16 x 16 inverse is
 # exact fp32.
 
@@ -68,7 +68,7 @@ KEYS_LAUNCH = dict(num_warps=8, num_stages=3)
 FORWARD_SPLIT = None  # True / False forces one form (tests); None: by the count of walk programs
 # When the walk programs leave half the card idle, the split forward and the backward walk each sequence
 # in pieces of chunks (_walk_pieces), so that the parallel kernels run on the idle SMs beside the walk:
-# the prep kernel of the next piece, the value side of the piece the reverse walk has just finished.
+# the prep kernel of the next piece, the kernels that read what the walk of a piece has just written.
 WALK_PIECES, PIECE_CHUNKS = 8, 16   # at most 8 pieces, none shorter than 16 chunks
 PIECES = None  # an int forces the number of pieces (tests); None: by the walk programs and the length
 
@@ -376,10 +376,9 @@ def _chunk_prep_kernel(q, k, g, b_logit, v, w, delta_in, mm_store, gq_store, ken
 
 
 @triton.jit
-def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in, delta_in, S_out, o_sum_out,
-                         delta_out, h_store, r_store, seqs, H, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                         C: tl.constexpr, USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                         BT: tl.constexpr):
+def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, delta_in, S_out, delta_out, h_store, r_store,
+                         seqs, H, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                         USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """GDN-2's walk, one program per (sequence, head, value block): with A, Y and U = A Z solved in
     parallel beforehand, a block is _walk_block, as in the CARVE walk. Stores the state at every block
     start and R; the outputs come from _chunk_fwd_output."""
@@ -392,10 +391,8 @@ def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in,
     p_S = i_nh * K * V + p_kv
     if USE_INITIAL:
         S = tl.load(S_in + p_S)
-        tl.store(o_sum_out + i_nh * V + o_v, tl.load(o_sum_in + i_nh * V + o_v))   # _chunk_fwd_output
-    else:                                                                          # updates it
+    else:
         S = tl.zeros([K, BV], dtype=tl.float32)
-        tl.store(o_sum_out + i_nh * V + o_v, tl.zeros([BV], dtype=tl.float32))
     if i_v == 0:
         tl.store(delta_out + i_nh * K + o_k, tl.load(delta_in + i_nh * K + o_k))
     for a in range(blk_first, blk_last + 1):
@@ -414,21 +411,23 @@ def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in,
 
 
 @triton.jit
-def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, max_chunks, H, scale,
+def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, piece, seqs, max_chunks, H, scale,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                       BT: tl.constexpr):
-    """GDN-2's outputs, one program per (sequence, chunk, head): O = (gamma q S + M R) scale from the
-    stored block states and R, as the CARVE walk computes it; the last chunk of a sequence also adds
-    its rows into the final o_sum (which _chunk_fwd_gdn2_walk set to the initial one)."""
+    """GDN-2's outputs, one program per (sequence, chunk, head) of a piece of the sequence table (the
+    whole table, seqs, says which chunk is a sequence's first and last): O = (gamma q S + M R) scale from
+    the stored block states and R, as the CARVE walk computes it; the last chunk of a sequence also adds
+    its rows into the final o_sum (which holds the initial one until then)."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
-    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(piece, i_n, C, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
         o_k = tl.arange(0, K)
         o_v = tl.arange(0, V)
         i_nh = i_n * H + i_h
-        last = j == n_chunks - 1
-        if last & (j == 0):
+        _, seq_length, seq_offset, seq_chunk0, seq_chunks, _, _, _ = _sequence(seqs, i_n, C, BT)
+        last = chunk0 + j == seq_chunk0 + seq_chunks - 1
+        if last & (chunk0 + j == seq_chunk0):
             o_acc = tl.load(o_sum_out + i_nh * V + o_v)
         else:
             o_acc = tl.zeros([V], dtype=tl.float32)
@@ -446,7 +445,7 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, 
             tl.store(o + p_v, O.to(o.dtype.element_ty), mask=m_row)
             o_acc += tl.sum(O, axis=0)
         if last:
-            complete = (offset + length) % C == 0
+            complete = (seq_offset + seq_length) % C == 0
             tl.store(o_sum_out + i_nh * V + o_v, tl.where(complete, 0.0, o_acc))
 
 
@@ -608,7 +607,8 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, d
             else:
                 w_t = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None]
             tl.store(d_gq + p_k, tl.dot(dO, tl.trans(S_dt), input_precision=PREC) * scale, mask=m_row)
-            tl.store(d_y + p_k, -tl.dot(dR, tl.trans(S_dt), input_precision=PREC), mask=m_row)
+            tl.store(d_y + p_k, (-tl.dot(dR, tl.trans(S_dt), input_precision=PREC)).to(d_y.dtype.element_ty),
+                     mask=m_row)
             tl.store(d_kend + p_k, tl.dot(R, tl.trans(dS_dt), input_precision=PREC), mask=m_row)
             p_16 = (tok[:, None] * H + i_h) * BT + o_t[None, :]
             tl.store(d_m + p_16, tl.dot(dO, tl.trans(R), input_precision=PREC) * scale, mask=m_row)
@@ -803,7 +803,7 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     delta0 = delta0.float().contiguous() if delta0 is not None else torch.zeros(N, H, K, dtype=f32, device=dev)
     has_content = D is not None
     seqs = _to_device(table, dev)
-    V, max_chunks = v.shape[-1], _table_sizes(table)[3]
+    V = v.shape[-1]
     o, S, o_sum, delta, h_store, delta_store, _, r_store, a_store, mm_store, y_store, gq_store, kend_store, \
         gl_store = out
     S_in, o_sum_in = (S0, o_sum0) if use_initial else (S, o_sum)
@@ -827,9 +827,15 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         kp = gk = pk = u   # (not written)
         BV = _walk_bv(N, H, V, dev)
         n_walks = N * H * (V // BV)
+    if not has_content:   # the initial o_sum, to which _chunk_fwd_output adds a sequence's last rows
+        if use_initial:
+            o_sum.copy_(o_sum0)
+        else:
+            o_sum.zero_()
     pieces = _walk_pieces(table, n_walks, chunk_size, dev)
     piece_seqs = _pieces_on_device(pieces, seqs, dev)
     walk_stream = _walk_stream(dev, pieces)
+    walked = []   # an event after each piece's walk (None on the CPU or for one piece)
     for i, (piece_table, piece) in enumerate(zip(pieces, piece_seqs)):
         piece_chunks = _table_sizes(piece_table)[3]
         _chunk_prep_kernel[(N * piece_chunks * H,)](
@@ -845,13 +851,19 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                     PREPPED=True, USE_INITIAL=start[3], **walk)
             else:
                 _chunk_fwd_gdn2_walk[(n_walks,)](
-                    u, y_store, kend_store, gl_store, *start[:3], S, o_sum, delta, h_store, r_store, piece, H,
+                    u, y_store, kend_store, gl_store, start[0], start[2], S, delta, h_store, r_store, piece, H,
                     BV=BV, USE_INITIAL=start[3], **common, **GDN2_WALK_LAUNCH)
+            walked.append(walk_stream.record_event() if walk_stream is not None else None)
+    if not has_content:   # each piece's outputs beside the walk of the next pieces
+        for piece_table, piece, event in zip(pieces, piece_seqs, walked):
+            if event is not None:
+                torch.cuda.current_stream(dev).wait_event(event)
+            piece_chunks = _table_sizes(piece_table)[3]
+            _chunk_fwd_output[(N * piece_chunks * H,)](
+                o, h_store, r_store, mm_store, gq_store, o_sum, piece, seqs, piece_chunks, H, scale, **common,
+                **CHUNK_LAUNCH)
     if walk_stream is not None:
         torch.cuda.current_stream(dev).wait_stream(walk_stream)
-    if not has_content:
-        _chunk_fwd_output[(N * max_chunks * H,)](
-            o, h_store, r_store, mm_store, gq_store, o_sum, seqs, max_chunks, H, scale, **common, **CHUNK_LAUNCH)
     return out
 
 
@@ -892,26 +904,29 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                 piece, H, scale, K=K, V=V, BV=BV, C=chunk_size, BT=CHUNK_BT, **dots,
                 num_warps=_reverse_walk_warps(n_walks, dev), num_stages=2)
             walked.append(walk_stream.record_event() if walk_stream is not None else None)
-    d_gq, d_y, d_kend = (torch.empty(B, T, H, K, dtype=f32, device=dev) for _ in range(3))
+    d_gq, d_kend = (torch.empty(B, T, H, K, dtype=f32, device=dev) for _ in range(2))
+    d_y = torch.empty(B, T, H, K, dtype=_operand_dtype(q.dtype), device=dev)   # only read as a dot operand
     d_m, d_rr = (torch.empty(B, T, H, CHUNK_BT, dtype=f32, device=dev) for _ in range(2))
     dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     dw = torch.empty(B, T, H, *w.shape[3:], dtype=w.dtype if w.dim() == 4 else f32, device=dev)
-    for piece_table, piece, event in zip(pieces, piece_seqs, walked):
-        if event is not None:   # this piece's value side runs beside the walk of the next pieces
+    for i, (piece_table, piece, event) in enumerate(zip(pieces, piece_seqs, walked)):
+        if event is not None:   # this piece's value and key sides run beside the walk of the next pieces
             torch.cuda.current_stream(dev).wait_event(event)
         piece_chunks = _table_sizes(piece_table)[3]
         _chunk_bwd_values[(N * piece_chunks * H,)](
             v, w, do, r_store, dr_store, h_store, ds_store, a_store, dv, dw, d_gq, d_y, d_kend, d_m, d_rr, piece,
             piece_chunks, v.stride(1), w.stride(1), H, scale,
             K=K, V=V, C=chunk_size, VALUE_GATE=w.dim() == 4, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
-    del dr_store, ds_store  # the key-side kernel does not read them: their memory takes its outputs
-    dq, dk, db_logit = (torch.empty(B, T, H, K, dtype=x.dtype, device=dev) for x in (q, k, b_logit))
-    dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)
-    d_delta = torch.empty(n_chunks, H, K, dtype=f32, device=dev)
-    _chunk_bwd_keys[(N * max_chunks * H,)](
-        q, k, g, b_logit, delta_store, a_store, gl_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr, dq, dk, dg, db_logit,
-        d_delta, seqs, max_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), H,
-        NV=V // BV, K=K, C=chunk_size, BT=CHUNK_BT, **dots, **KEYS_LAUNCH)
+        if i == len(pieces) - 1:
+            del dr_store, ds_store   # read for the last time (the key side does not read them)
+        if i == 0:   # made here so that, with one piece, they take the memory of the stores just freed
+            dq, dk, db_logit = (torch.empty(B, T, H, K, dtype=x.dtype, device=dev) for x in (q, k, b_logit))
+            dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)
+            d_delta = torch.empty(n_chunks, H, K, dtype=f32, device=dev)
+        _chunk_bwd_keys[(N * piece_chunks * H,)](
+            q, k, g, b_logit, delta_store, a_store, gl_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr, dq, dk, dg,
+            db_logit, d_delta, piece, piece_chunks, q.stride(1), k.stride(1), g.stride(1), b_logit.stride(1), H,
+            NV=V // BV, K=K, C=chunk_size, BT=CHUNK_BT, **dots, **KEYS_LAUNCH)
     return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0]
 
 
