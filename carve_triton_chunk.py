@@ -48,9 +48,9 @@ from carve_triton import _interpreted, _packed_bt
 #      db_logit and dDelta.
 # When the walks leave half the card idle (long sequences, few of them), the split forward and the
 # backward cut each sequence into pieces of chunks: the walk of one piece runs on a high-priority
-# stream beside the parallel kernels of others (the forward's prep kernel of the next piece and GDN-2's
-# outputs of the piece just walked; the backward's value and key sides of the piece just walked). Each
-# piece is a sequence table of its own, so the kernels are the same.
+# stream beside the parallel kernels of others (the forward's prep kernel of the next piece, the
+# backward's value and key sides of the piece just walked). Each piece is a sequence table of its own,
+# so the kernels are the same.
 # Dot operands are in the input dtype with fp32 accumulation (_dot_operands); the 16 x 16 inverse is
 # exact fp32.
 
@@ -68,8 +68,9 @@ KEYS_LAUNCH = dict(num_warps=8, num_stages=3)
 FORWARD_SPLIT = None  # True / False forces one form (tests); None: by the count of walk programs
 # When the walk programs leave half the card idle, the split forward and the backward walk each sequence
 # in pieces of chunks (_walk_pieces), so that the parallel kernels run on the idle SMs beside the walk:
-# the prep kernel of the next piece, the kernels that read what the walk of a piece has just written.
-WALK_PIECES, PIECE_CHUNKS = 8, 16   # at most 8 pieces, none shorter than 16 chunks
+# the prep kernel of the next piece, the value and key sides of the piece the reverse walk has just
+# finished.
+WALK_PIECES, PIECE_CHUNKS = 8, 32   # at most 8 pieces, none shorter than 32 chunks
 PIECES = None  # an int forces the number of pieces (tests); None: by the walk programs and the length
 
 
@@ -92,11 +93,23 @@ def _walk_bv(N, H, V, device):
     return min(V, 32 if _split_forward(N * H * (V // 64), device) else 64)
 
 
+def _reverse_walk_bv(table, H, V, chunk_size, device):
+    """The reverse walk's value columns: 64 when a walk of 64 columns is cut into pieces, else _walk_bv's
+    choice. With pieces the value and key sides run on the SMs the walk leaves idle, and twice the idle
+    SMs gained more than 32 columns' faster walk: fwd+bwd 8.20 -> 7.96 ms (GDN-2 mode) and 15.98 ->
+    15.73 (CARVE) at 1 x 32768, 5.45 -> 5.28 (CARVE) at 2 x 8192 on an H200 (docs/BENCHMARKS.md)."""
+    N = len(table) // SEQ_FIELDS
+    if V >= 64 and len(_walk_pieces(table, N * H * (V // 64), chunk_size, device)) > 1:
+        return 64
+    return _walk_bv(N, H, V, device)
+
+
 def _walk_pieces(table, n_walks, chunk_size, device):
     """The sequence table cut into pieces of whole chunks, in order: each a table of its own, a row per
     sequence (empty where a sequence has no chunks left) pointing into the same stores. One piece, the
     table itself, unless the walk programs leave at least half the SMs idle; no piece shorter than
-    PIECE_CHUNKS, whose launches would cost the host more than the overlap saves."""
+    PIECE_CHUNKS: at 2 x 8192 on an H200, pieces of 16 chunks made fwd+bwd slower and its time erratic
+    (5.3 to 7.4 ms from one run to the next), pieces of 32 chunks did not (docs/BENCHMARKS.md)."""
     rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
     most = max(r[4] for r in rows)
     n = PIECES
@@ -376,9 +389,10 @@ def _chunk_prep_kernel(q, k, g, b_logit, v, w, delta_in, mm_store, gq_store, ken
 
 
 @triton.jit
-def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, delta_in, S_out, delta_out, h_store, r_store,
-                         seqs, H, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                         USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in, delta_in, S_out, o_sum_out,
+                         delta_out, h_store, r_store, seqs, H, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                         C: tl.constexpr, USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                         BT: tl.constexpr):
     """GDN-2's walk, one program per (sequence, head, value block): with A, Y and U = A Z solved in
     parallel beforehand, a block is _walk_block, as in the CARVE walk. Stores the state at every block
     start and R; the outputs come from _chunk_fwd_output."""
@@ -391,8 +405,10 @@ def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, delta_in,
     p_S = i_nh * K * V + p_kv
     if USE_INITIAL:
         S = tl.load(S_in + p_S)
-    else:
+        tl.store(o_sum_out + i_nh * V + o_v, tl.load(o_sum_in + i_nh * V + o_v))   # _chunk_fwd_output
+    else:                                                                          # updates it
         S = tl.zeros([K, BV], dtype=tl.float32)
+        tl.store(o_sum_out + i_nh * V + o_v, tl.zeros([BV], dtype=tl.float32))
     if i_v == 0:
         tl.store(delta_out + i_nh * K + o_k, tl.load(delta_in + i_nh * K + o_k))
     for a in range(blk_first, blk_last + 1):
@@ -411,23 +427,21 @@ def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, delta_in,
 
 
 @triton.jit
-def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, piece, seqs, max_chunks, H, scale,
+def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, max_chunks, H, scale,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                       BT: tl.constexpr):
-    """GDN-2's outputs, one program per (sequence, chunk, head) of a piece of the sequence table (the
-    whole table, seqs, says which chunk is a sequence's first and last): O = (gamma q S + M R) scale from
-    the stored block states and R, as the CARVE walk computes it; the last chunk of a sequence also adds
-    its rows into the final o_sum (which holds the initial one until then)."""
+    """GDN-2's outputs, one program per (sequence, chunk, head): O = (gamma q S + M R) scale from the
+    stored block states and R, as the CARVE walk computes it; the last chunk of a sequence also adds
+    its rows into the final o_sum (which _chunk_fwd_gdn2_walk set to the initial one)."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
-    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(piece, i_n, C, BT)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
         o_k = tl.arange(0, K)
         o_v = tl.arange(0, V)
         i_nh = i_n * H + i_h
-        _, seq_length, seq_offset, seq_chunk0, seq_chunks, _, _, _ = _sequence(seqs, i_n, C, BT)
-        last = chunk0 + j == seq_chunk0 + seq_chunks - 1
-        if last & (chunk0 + j == seq_chunk0):
+        last = j == n_chunks - 1
+        if last & (j == 0):
             o_acc = tl.load(o_sum_out + i_nh * V + o_v)
         else:
             o_acc = tl.zeros([V], dtype=tl.float32)
@@ -445,7 +459,7 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, piece,
             tl.store(o + p_v, O.to(o.dtype.element_ty), mask=m_row)
             o_acc += tl.sum(O, axis=0)
         if last:
-            complete = (seq_offset + seq_length) % C == 0
+            complete = (offset + length) % C == 0
             tl.store(o_sum_out + i_nh * V + o_v, tl.where(complete, 0.0, o_acc))
 
 
@@ -803,7 +817,7 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     delta0 = delta0.float().contiguous() if delta0 is not None else torch.zeros(N, H, K, dtype=f32, device=dev)
     has_content = D is not None
     seqs = _to_device(table, dev)
-    V = v.shape[-1]
+    V, max_chunks = v.shape[-1], _table_sizes(table)[3]
     o, S, o_sum, delta, h_store, delta_store, _, r_store, a_store, mm_store, y_store, gq_store, kend_store, \
         gl_store = out
     S_in, o_sum_in = (S0, o_sum0) if use_initial else (S, o_sum)
@@ -827,15 +841,9 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         kp = gk = pk = u   # (not written)
         BV = _walk_bv(N, H, V, dev)
         n_walks = N * H * (V // BV)
-    if not has_content:   # the initial o_sum, to which _chunk_fwd_output adds a sequence's last rows
-        if use_initial:
-            o_sum.copy_(o_sum0)
-        else:
-            o_sum.zero_()
     pieces = _walk_pieces(table, n_walks, chunk_size, dev)
     piece_seqs = _pieces_on_device(pieces, seqs, dev)
     walk_stream = _walk_stream(dev, pieces)
-    walked = []   # an event after each piece's walk (None on the CPU or for one piece)
     for i, (piece_table, piece) in enumerate(zip(pieces, piece_seqs)):
         piece_chunks = _table_sizes(piece_table)[3]
         _chunk_prep_kernel[(N * piece_chunks * H,)](
@@ -851,19 +859,13 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                     PREPPED=True, USE_INITIAL=start[3], **walk)
             else:
                 _chunk_fwd_gdn2_walk[(n_walks,)](
-                    u, y_store, kend_store, gl_store, start[0], start[2], S, delta, h_store, r_store, piece, H,
+                    u, y_store, kend_store, gl_store, *start[:3], S, o_sum, delta, h_store, r_store, piece, H,
                     BV=BV, USE_INITIAL=start[3], **common, **GDN2_WALK_LAUNCH)
-            walked.append(walk_stream.record_event() if walk_stream is not None else None)
-    if not has_content:   # each piece's outputs beside the walk of the next pieces
-        for piece_table, piece, event in zip(pieces, piece_seqs, walked):
-            if event is not None:
-                torch.cuda.current_stream(dev).wait_event(event)
-            piece_chunks = _table_sizes(piece_table)[3]
-            _chunk_fwd_output[(N * piece_chunks * H,)](
-                o, h_store, r_store, mm_store, gq_store, o_sum, piece, seqs, piece_chunks, H, scale, **common,
-                **CHUNK_LAUNCH)
     if walk_stream is not None:
         torch.cuda.current_stream(dev).wait_stream(walk_stream)
+    if not has_content:
+        _chunk_fwd_output[(N * max_chunks * H,)](
+            o, h_store, r_store, mm_store, gq_store, o_sum, seqs, max_chunks, H, scale, **common, **CHUNK_LAUNCH)
     return out
 
 
@@ -880,10 +882,10 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     h_store, delta_store, _, r_store, a_store, mm_store, y_store, gq_store, kend_store, gl_store = saved
     B, T, H, K = q.shape
     V = v.shape[-1]
-    N, n_chunks, n_blocks, max_chunks = _table_sizes(table)
+    N, n_chunks, n_blocks, _ = _table_sizes(table)
     dev, f32 = q.device, torch.float32
     q, k, v, g, b_logit, w, do = (_token_rows(x) for x in (q, k, v, g, b_logit, w, do))
-    BV = _walk_bv(N, H, V, dev)
+    BV = _reverse_walk_bv(table, H, V, chunk_size, dev)
     n_walks = N * H * (V // BV)
     dots = _dot_operands(q.dtype)
     pieces = _walk_pieces(table, n_walks, chunk_size, dev)[::-1]   # the last piece first
