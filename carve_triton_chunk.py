@@ -70,7 +70,7 @@ FORWARD_SPLIT = None  # True / False forces one form (tests); None: by the count
 # in pieces of chunks (_walk_pieces), so that the parallel kernels run on the idle SMs beside the walk:
 # the prep kernel of the next piece, the value and key sides of the piece the reverse walk has just
 # finished.
-WALK_PIECES, PIECE_CHUNKS = 8, 32   # at most 8 pieces, none shorter than 32 chunks
+WALK_PIECES, PIECE_CHUNKS = 8, 16   # at most 8 pieces, none shorter than 16 chunks
 PIECES = None  # an int forces the number of pieces (tests); None: by the walk programs and the length
 
 
@@ -94,22 +94,24 @@ def _walk_bv(N, H, V, device):
 
 
 def _reverse_walk_bv(table, H, V, chunk_size, device):
-    """The reverse walk's value columns: 64 when a walk of 64 columns is cut into pieces, else _walk_bv's
-    choice. With pieces the value and key sides run on the SMs the walk leaves idle, and twice the idle
-    SMs gained more than 32 columns' faster walk: fwd+bwd 8.20 -> 7.96 ms (GDN-2 mode) and 15.98 ->
-    15.73 (CARVE) at 1 x 32768, 5.45 -> 5.28 (CARVE) at 2 x 8192 on an H200 (docs/BENCHMARKS.md)."""
+    """The reverse walk's value columns: _walk_bv's choice, widened to 64 when even that walk is cut into
+    pieces (the value and key sides then run on the SMs the walk leaves idle, and twice as many idle SMs
+    gained more than 32 columns' faster walk: fwd+bwd 8.20 -> 7.96 ms in GDN-2 mode and 15.98 -> 15.73
+    in CARVE at 1 x 32768 on an H200). Where 64 columns would first bring the pieces (2 x 8192), the
+    time became erratic from run to run (3.7 to 5.7 ms in GDN-2 mode), so there the width stays
+    (docs/BENCHMARKS.md)."""
     N = len(table) // SEQ_FIELDS
-    if V >= 64 and len(_walk_pieces(table, N * H * (V // 64), chunk_size, device)) > 1:
+    BV = _walk_bv(N, H, V, device)
+    if BV < 64 <= V and len(_walk_pieces(table, N * H * (V // BV), chunk_size, device)) > 1:
         return 64
-    return _walk_bv(N, H, V, device)
+    return BV
 
 
 def _walk_pieces(table, n_walks, chunk_size, device):
     """The sequence table cut into pieces of whole chunks, in order: each a table of its own, a row per
     sequence (empty where a sequence has no chunks left) pointing into the same stores. One piece, the
     table itself, unless the walk programs leave at least half the SMs idle; no piece shorter than
-    PIECE_CHUNKS: at 2 x 8192 on an H200, pieces of 16 chunks made fwd+bwd slower and its time erratic
-    (5.3 to 7.4 ms from one run to the next), pieces of 32 chunks did not (docs/BENCHMARKS.md)."""
+    PIECE_CHUNKS, whose launches would cost the host more than the overlap saves."""
     rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
     most = max(r[4] for r in rows)
     n = PIECES
