@@ -112,7 +112,7 @@ def _walk_pieces(table, n_walks, chunk_size, device):
     sequence (empty where a sequence has no chunks left) pointing into the same stores. One piece, the
     table itself, unless the walk programs leave at least half the SMs idle; no piece shorter than
     PIECE_CHUNKS, whose launches would cost the host more than the overlap saves."""
-    rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
+    rows = _table_rows(table)
     most = max(r[4] for r in rows)
     n = PIECES
     if n is None:
@@ -738,9 +738,14 @@ def _sequence_table(B, T, offset, cu_seqlens, chunk_size):
     return table
 
 
+def _table_rows(table):
+    """The flattened sequence table as a list of its rows (SEQ_FIELDS ints each)."""
+    return [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
+
+
 def _table_sizes(table):
     """(sequences, stored chunks, stored blocks, most chunks of one sequence)."""
-    rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
+    rows = _table_rows(table)
     last = rows[-1]
     return len(rows), last[3] + last[4], last[5] + _pieces(last[2], last[1], CHUNK_BT), max(r[4] for r in rows)
 
@@ -972,7 +977,7 @@ def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size, lik
     U and the initial delta. Chunk i's Delta is the initial delta for a sequence's first chunk and
     U D m_{i-1} after it; the final delta is U D m of the last chunk if that chunk is complete, else
     the last chunk's Delta. m is data here (stop-gradient, SPEC section 1)."""
-    rows = [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
+    rows = _table_rows(table)
     dev, H, K = like.device, like.shape[2], like.shape[3]
     final = d_delta_final if d_delta_final is not None else torch.zeros(len(rows), H, K, device=dev)
     walked = [n for n, r in enumerate(rows) if r[4] > 0]       # sequences with at least one chunk
