@@ -100,26 +100,34 @@ def _reverse_walk_bv(table, H, V, chunk_size, device):
     in CARVE at 1 x 32768 on an H200). Where 64 columns would first bring the pieces (2 x 8192), the
     time became erratic from run to run (3.7 to 5.7 ms in GDN-2 mode), so there the width stays
     (docs/BENCHMARKS.md)."""
-    N = len(table) // SEQ_FIELDS
-    BV = _walk_bv(N, H, V, device)
-    if BV < 64 <= V and len(_walk_pieces(table, N * H * (V // BV), chunk_size, device)) > 1:
+    rows = _table_rows(table)
+    BV = _walk_bv(len(rows), H, V, device)
+    if BV < 64 <= V and _pieces_wanted(rows, len(rows) * H * (V // BV), device) > 1:
         return 64
     return BV
 
 
-def _walk_pieces(table, n_walks, chunk_size, device):
-    """The sequence table cut into pieces of whole chunks, in order: each a table of its own, a row per
-    sequence (empty where a sequence has no chunks left) pointing into the same stores. One piece, the
-    table itself, unless the walk programs leave at least half the SMs idle; no piece shorter than
-    PIECE_CHUNKS, whose launches would cost the host more than the overlap saves."""
-    rows = _table_rows(table)
+def _pieces_wanted(rows, n_walks, device):
+    """How many pieces _walk_pieces aims for (1: none): PIECES if set; else up to WALK_PIECES when the
+    walk programs leave at least half the SMs idle, none shorter than PIECE_CHUNKS, whose launches would
+    cost the host more than the overlap saves."""
     most = max(r[4] for r in rows)
     n = PIECES
     if n is None:
         idle = device.type == "cuda" and 2 * n_walks <= _sm_count(device)
         n = min(WALK_PIECES, most // PIECE_CHUNKS) if idle else 1
-    if n <= 1 or most < 2:
+    return n if most >= 2 else 1
+
+
+def _walk_pieces(table, n_walks, chunk_size, device):
+    """The sequence table cut into _pieces_wanted pieces of whole chunks, in order: each a table of its
+    own, a row per sequence (empty where a sequence has no chunks left) pointing into the same stores;
+    one piece is the table itself."""
+    rows = _table_rows(table)
+    n = _pieces_wanted(rows, n_walks, device)
+    if n <= 1:
         return [table]
+    most = max(r[4] for r in rows)
     per_piece = -(-most // n)
     pieces = []
     for i0 in range(0, most, per_piece):
@@ -134,9 +142,10 @@ def _walk_pieces(table, n_walks, chunk_size, device):
     return pieces
 
 
-def _pieces_on_device(pieces, seqs, device):
-    """The pieces' tables on the device, in one copy; `seqs` (the whole table there) when there is one."""
-    if len(pieces) == 1:
+def _pieces_on_device(pieces, device, seqs=None):
+    """The pieces' tables on the device, in one copy; for one piece, `seqs` if the caller already has the
+    whole table there."""
+    if len(pieces) == 1 and seqs is not None:
         return [seqs]
     return list(torch.split(_to_device(sum(pieces, []), device), len(pieces[0])))
 
@@ -849,7 +858,7 @@ def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         BV = _walk_bv(N, H, V, dev)
         n_walks = N * H * (V // BV)
     pieces = _walk_pieces(table, n_walks, chunk_size, dev)
-    piece_seqs = _pieces_on_device(pieces, seqs, dev)
+    piece_seqs = _pieces_on_device(pieces, dev, seqs)
     walk_stream = _walk_stream(dev, pieces)
     for i, (piece_table, piece) in enumerate(zip(pieces, piece_seqs)):
         piece_chunks = _table_sizes(piece_table)[3]
@@ -896,8 +905,7 @@ def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     n_walks = N * H * (V // BV)
     dots = _dot_operands(q.dtype)
     pieces = _walk_pieces(table, n_walks, chunk_size, dev)[::-1]   # the last piece first
-    seqs = _to_device(table, dev)
-    piece_seqs = _pieces_on_device(pieces, seqs, dev)
+    piece_seqs = _pieces_on_device(pieces, dev)
     # the walk carries dS through this buffer from the end of each sequence to its start
     dS0 = dS_end.float().clone(memory_format=torch.contiguous_format) if dS_end is not None else \
         torch.zeros(N, H, K, V, dtype=f32, device=dev)
