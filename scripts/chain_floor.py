@@ -78,7 +78,7 @@ def chain_floor_kernel(logit, kg, ki, ke, zd, ms, qs, gc, U, delta_out, NT,
         tl.store(delta_out + chunk * K + rk, delta)
 
 
-def chain_inputs(walks, NT, device, seed=0):
+def inputs(walks, NT, device, seed=0):
     """Random tiles at the scale of unit keys (so that I + T is well conditioned), bf16 where a walk
     would read bf16."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -90,17 +90,17 @@ def chain_inputs(walks, NT, device, seed=0):
                 U=r(walks, K, R))
 
 
-def chain_floor(x, level, num_warps=4):
+def walk(x, level, num_warps=4):
     """Delta after every chunk, [walks, NT, K], from the kernel at `level`."""
     walks, NT = x["zd"].shape[:2]
     delta = torch.full((walks, NT, K), float("nan"), device=x["zd"].device)
-    chain_floor_kernel[(walks,)](x["logit"], x["kg"], x["ki"], x["ke"], x["zd"], x["ms"], x["qs"], x["gc"], x["U"],
-                                 delta, NT, C=C, K=K, R=R, LEVEL=level, num_warps=num_warps, num_stages=1)
+    tiles = [x[n] for n in ("logit", "kg", "ki", "ke", "zd", "ms", "qs", "gc", "U")]
+    chain_floor_kernel[(walks,)](*tiles, delta, NT, C=C, K=K, R=R, LEVEL=level, num_warps=num_warps, num_stages=1)
     return delta
 
 
-def chain_reference(x):
-    """The same chain in fp32 torch, with a triangular solve: what chain_floor computes at level 3."""
+def reference(x):
+    """The same chain in fp32 torch, with a triangular solve: what walk computes at level 3."""
     walks, NT = x["zd"].shape[:2]
     out = torch.empty(walks, NT, K)
     eye = torch.eye(C)
@@ -119,10 +119,10 @@ def chain_reference(x):
 
 
 def time_one(walks, NT, level, num_warps):
-    x = chain_inputs(walks, NT, "cuda")
-    chain_floor(x, level, num_warps)
+    x = inputs(walks, NT, "cuda")
+    walk(x, level, num_warps)
     torch.cuda.synchronize()
-    return triton.testing.do_bench(lambda: chain_floor(x, level, num_warps), warmup=25, rep=200,
+    return triton.testing.do_bench(lambda: walk(x, level, num_warps), warmup=25, rep=200,
                                    return_mode="median")
 
 

@@ -16,11 +16,11 @@ pytestmark = needs_triton
 
 
 def test_chain_floor_kernel_computes_the_whole_chain():
-    x = chain_floor.chain_inputs(2, 3, DEVICE, seed=4)
-    ref = chain_floor.chain_reference(x)
+    x = chain_floor.inputs(2, 3, DEVICE, seed=4)
+    ref = chain_floor.reference(x)
     # 3e-7 in the interpreter (exact fp32 products); the tolerance leaves room for tf32 on a GPU.
-    assert_rel(chain_floor.chain_floor(x, 3).cpu(), ref, 2e-3, "chain floor, level 3")
-    assert rel_err(chain_floor.chain_floor(x, 2).cpu(), ref) > 2e-2  # measured 8e-2
+    assert_rel(chain_floor.walk(x, 3).cpu(), ref, 2e-3, "chain floor, level 3")
+    assert rel_err(chain_floor.walk(x, 2).cpu(), ref) > 2e-2  # measured 8e-2
 
     # Random keys make T's high powers negligible. Here T is minus the subdiagonal (b = 1, keys one-hot),
     # so (I + T)^-1 is all ones on and below the diagonal and every factor of the product counts.
@@ -28,4 +28,4 @@ def test_chain_floor_kernel_computes_the_whole_chain():
     x["logit"].fill_(30.0)
     x["ki"].copy_(eye)
     x["kg"].copy_(-torch.roll(eye, 1, 0))
-    assert_rel(chain_floor.chain_floor(x, 3).cpu(), chain_floor.chain_reference(x), 2e-3, "chain floor, level 3")
+    assert_rel(chain_floor.walk(x, 3).cpu(), chain_floor.reference(x), 2e-3, "chain floor, level 3")
