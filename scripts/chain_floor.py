@@ -57,7 +57,8 @@ def chain_floor_kernel(logit, kg, ki, ke, zd, ms, qs, gc, U, delta_out, NT,
         qs_c = tl.load(qs + chunk * K + rk)
         gc_c = tl.load(gc + chunk * K + rk)
         if LEVEL == 0:
-            delta = 0.5 * delta + 1e-3 * (tl.sum(lg + kg_c + ki_c + ke_c, 0) + qs_c + gc_c) + tl.sum(zd_c) + tl.sum(ms_c)
+            delta = (0.5 * delta + 1e-3 * (tl.sum(lg + kg_c + ki_c + ke_c, 0) + qs_c + gc_c)
+                     + tl.sum(zd_c) + tl.sum(ms_c))
         elif LEVEL == 1:
             Bk = tl.sigmoid(lg + delta[None, :]) * kg_c
             delta = 1e-3 * (tl.sum(Bk + ki_c + ke_c, 0) + qs_c + gc_c) + tl.sum(zd_c) + tl.sum(ms_c)
@@ -126,12 +127,16 @@ def time_one(walks, NT, level, num_warps):
                                    return_mode="median")
 
 
+def row_start(walks, NT, level, warps, no_wgmma):
+    """The table row's cells that name the configuration."""
+    return f"| {walks} x {NT} | {level} | {warps} | {'mma.sync' if no_wgmma else 'wgmma'} | "
+
+
 def main():
     if len(sys.argv) == 6:
         walks, NT, level, warps, no_wgmma = map(int, sys.argv[1:])
         ms = time_one(walks, NT, level, warps)
-        print(f"| {walks} x {NT} | {level} | {warps} | {'mma.sync' if no_wgmma else 'wgmma'} | {ms:.3f} | "
-              f"{1e3 * ms / NT:.2f} |", flush=True)
+        print(f"{row_start(walks, NT, level, warps, no_wgmma)}{ms:.3f} | {1e3 * ms / NT:.2f} |", flush=True)
         return
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"C = {C}, K = {K}, r = {R}; median of do_bench")
@@ -143,7 +148,7 @@ def main():
         run = subprocess.run([sys.executable, __file__, str(walks), str(NT), str(level), str(warps), str(no_wgmma)],
                              env=env, capture_output=True, text=True, timeout=300)
         row = [line for line in run.stdout.splitlines() if line.startswith("|")]
-        print(row[0] if row else f"| {walks} x {NT} | {level} | {warps} | {'mma.sync' if no_wgmma else 'wgmma'} | "
+        print(row[0] if row else f"{row_start(walks, NT, level, warps, no_wgmma)}"
               f"failed: {(run.stderr.strip().splitlines() or ['?'])[-1][:80]} | |", flush=True)
 
 
