@@ -1,5 +1,5 @@
 """
-The CARVE and GDN-2 language models (SPEC sections 1, 3, 4), in one file.
+The CARVE and GDN-2 language models (docs/DESIGN.md sections 1 and 11), in one file.
 
     embedding -> n_layer x [x += Mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))] -> RMSNorm -> head
 
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from carve_kernel import backend_for, chunk_carve, fused_decode_step, recurrent_carve, zero_state
+from carve_kernel import backend_for, chunk_carve, decay_gate, fused_decode_step, recurrent_carve, zero_state
 
 MIXERS = ("carve", "gdn2", "attn")
 
@@ -36,7 +36,7 @@ class ModelConfig:
     conv_size: int = 4            # depthwise causal short convolution on q, k, v
     chunk_size: int = 64          # C: CARVE's content gate changes once per chunk of C tokens
     content_rank: int = 16        # r of CARVE's content projection U_h D_h
-    a_log_min: float = -5.0       # floor on A_log before exp (SPEC section 5: a vanishing decay overflows)
+    a_log_min: float = -5.0       # floor on A_log before exp (docs/DESIGN.md section 7: a vanishing decay overflows)
     attn_window: int = 0          # sliding window of the attn mixer in tokens; 0 = full causal
     rope_theta: float = 10000.0
     gate_act: str = "silu"        # output gate activation: silu (the paper's) or sigmoid
@@ -144,7 +144,7 @@ class DeltaMixer(nn.Module):
         dt = torch.empty(H * K).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))         # inverse softplus
         # zero write-gate projection: sigmoid(0) = 0.5 in both models, and U = 0 makes Delta = 0,
-        # so a fresh CARVE computes exactly GDN-2 (SPEC section 1)
+        # so a fresh CARVE computes exactly GDN-2 (docs/DESIGN.md section 9)
         if self.kind == "gdn2":
             nn.init.zeros_(self.w_proj.weight)
         else:
@@ -168,7 +168,7 @@ class DeltaMixer(nn.Module):
         w_raw = self.w_proj(x) if self.kind == "gdn2" else self.beta_proj(x)
         content = None if self.kind == "gdn2" else (self.content_down, self.content_up)
         if cache is not None and T == 1 and self.fused_decode(x):
-            # decode: the conv, the gates and the recurrence in one kernel (carve_kernel.decode_step_triton)
+            # decode: the conv, the gates and the recurrence in one kernel
             o, state, conv_cache = fused_decode_step(qkv[:, 0], self.conv_weight, cache["conv"], f[:, 0],
                                                      self.A_log, self.dt_bias, b_logit[:, 0], w_raw[:, 0],
                                                      cache["state"], content, cfg.a_log_min, cfg.chunk_size)
@@ -177,8 +177,7 @@ class DeltaMixer(nn.Module):
                                           doc_start if doc_id is not None else None)
             q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
             q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
-            decay_rate = self.A_log.float().clamp(min=cfg.a_log_min).exp()[:, None]
-            g = -decay_rate * F.softplus(f.float().reshape(B, T, H, K) + self.dt_bias.float().view(H, K))
+            g = decay_gate(f.view(B, T, H, K), self.A_log, self.dt_bias.view(H, K), cfg.a_log_min)
             w = torch.sigmoid(w_raw).view(B, T, H, V) if self.kind == "gdn2" else torch.sigmoid(w_raw)
             kernel = recurrent_carve if (cache is not None and T == 1) else chunk_carve
             o, state = kernel(q, k, v, g, b_logit.view(B, T, H, K), w, content,
@@ -384,7 +383,7 @@ class LM(nn.Module):
                 context = (W * (W + 1) / 2 + (seq_len - W) * W) / seq_len if seq_len > W else (seq_len + 1) / 2
                 forward += 2 * 2 * H * K * context
             else:
-                # per head and token of the chunk form (SPEC section 2): T and M rows (2*C/2*K each),
+                # per head and token of the chunk form (docs/DESIGN.md section 3): T and M rows (2*C/2*K each),
                 # the triangular solve for Y and U (C/2*(K+V)*2), M R (C/2*V*2), and three K x V
                 # state products (Y S0, (gamma Q) S0, K^T R)
                 forward += H * (2 * C * K + C * (K + V) + C * V + 6 * K * V)

@@ -13,9 +13,11 @@ A run is resumable exactly: `--init_from=resume` continues from out_dir/ckpt.pt.
 """
 import ast
 import difflib
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -88,6 +90,33 @@ def resolve_config_path(arg):
     close = difflib.get_close_matches(stem, known, n=1, cutoff=0.0)
     hint = f" Did you mean configs/{close[0]}.py?" if close else ""
     raise SystemExit(f"error: config file {arg!r} not found.{hint} Available: {', '.join(known)}")
+
+
+USAGE = """usage: python train.py [CONFIG] [--key=value ...]
+
+CONFIG is a config file; a bare name such as carve_1b3 resolves in configs/. --key=value overrides a key
+after the config (values are Python literals; anything else is a string). Keys and their defaults:"""
+
+
+def print_help():
+    # The comments beside the keys in DEFAULTS (and beside ModelConfig's fields in model.py, which DEFAULTS
+    # takes in one line) are the documentation. Reading them from the source keeps one copy of each, where
+    # a parallel table of help texts would drift from the code it describes.
+    key_line = re.compile(r"\s*(\w+)\s*(?::[^=]*)?=[^#]*(?:#\s*(.*))?")
+    model_comments = {m[1]: m[2] for m in map(key_line.match, inspect.getsource(ModelConfig).splitlines()) if m}
+    block = open(__file__).read().split("\nDEFAULTS = dict(\n", 1)[1].split("\n)\n", 1)[0]
+    print(USAGE)
+    lines = [line.strip() for line in block.splitlines()]
+    for previous, line in zip([""] + lines, lines):
+        if line.startswith("#"):  # a group heading, perhaps over several lines
+            print(line if previous.startswith("#") else "\n" + line)
+            continue
+        if line.startswith("**"):  # the ModelConfig fields
+            entries = [(key, model_comments.get(key)) for key in MODEL_KEYS if key in DEFAULTS]
+        else:
+            entries = [key_line.match(line).groups()]
+        for key, comment in entries:
+            print(f"  {f'--{key}={DEFAULTS[key]!r}':<38}  {comment or ''}".rstrip())
 
 
 def check_key(key, source):
@@ -289,6 +318,9 @@ def evaluate(model, data, config, rank, world, device, autocast):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return
     config = load_config(argv)
     ddp = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)

@@ -1,10 +1,11 @@
-"""Shared test helpers. Run the suite from the repository root: `python -m pytest -q tests`.
+"""Test set-up and fixtures. Run the suite from the repository root: `python -m pytest -q tests`.
+What the test files share (the float64 oracle, inputs, tolerances, rel_err / assert_rel) is in
+reference.py.
 
 `CARVE_ERR_REPORT=1 python -m pytest -q tests` prints the largest relative error observed per
 check at the end of the run, which is what the tolerances in the tests are set against."""
 import os
 import sys
-from collections import defaultdict
 
 import pytest
 import torch
@@ -14,46 +15,25 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+for path in (TESTS, ROOT):  # the repository's modules, and tests/reference.py for the test files
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 # The tests use tiny tensors: one intra-op thread is as fast, and with the default (one per core) a
 # busy machine makes OpenMP's spinning threads 10-50x slower (measured on 2 cores with 2 busy processes).
 torch.set_num_threads(1)
 
-_OBSERVED = defaultdict(float)  # check name -> largest relative error seen
-
-
-def rel_err(out, ref):
-    """||out - ref|| / ||ref|| in float64. Fails on any NaN/Inf in either tensor, so NaN never passes.
-    A zero reference gives ||out|| / tiny, i.e. anything non-zero fails."""
-    out, ref = out.detach().double(), ref.detach().double()
-    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), "output has NaN/Inf"
-    assert torch.isfinite(ref).all(), "reference has NaN/Inf"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def assert_rel(out, ref, tol, what):
-    err = rel_err(out, ref)
-    _OBSERVED[what] = max(_OBSERVED[what], err)
-    assert err <= tol, f"{what}: relative error {err:.3e} > tolerance {tol:.1e}"
-    return err
-
-
-def record(what, value):
-    """Record a value that a test requires to be *large* (a control); reported as the smallest seen."""
-    key = what + " (min)"
-    _OBSERVED[key] = min(_OBSERVED.get(key, float("inf")), value)
+from reference import OBSERVED  # noqa: E402  (after the environment and sys.path above)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not os.environ.get("CARVE_ERR_REPORT") or not _OBSERVED:
+    if not os.environ.get("CARVE_ERR_REPORT") or not OBSERVED:
         return
     terminalreporter.write_sep("-", "largest relative error observed per check")
-    for what in sorted(_OBSERVED):
-        terminalreporter.write_line(f"{_OBSERVED[what]:10.3e}  {what}")
+    for what in sorted(OBSERVED):
+        terminalreporter.write_line(f"{OBSERVED[what]:10.3e}  {what}")
 
 
 @pytest.fixture

@@ -1,37 +1,12 @@
-"""Model-level tests (SPEC sections 1, 3, 4): parameter count, CARVE = GDN-2 at initialisation,
-prefill + decode = one forward, optimiser groups, FLOP count, config validation, finite gradients."""
+"""Model-level tests (docs/DESIGN.md sections 6, 9 and 11): parameter count, CARVE = GDN-2 at
+initialisation, prefill + decode = one forward, optimiser groups, FLOP count, config validation,
+finite gradients."""
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_rel, record, rel_err
 from model import LM, ModelConfig
-
-# fp32 logits of the tiny models below: chunk vs per-token paths and prefill splits agree to
-# ~1e-7 relative; 1e-5 is ~50x above that and far below what any state or cache bug produces.
-TOL_LOGITS = 1e-5
-
-
-def tiny(mixer="carve", **kw):
-    cfg = dict(vocab_size=61, n_layer=2, d_model=32, n_head=2, head_k_dim=8, head_v_dim=12, mlp_hidden=48,
-               chunk_size=8, content_rank=4, mixer=mixer)
-    cfg.update(kw)
-    return ModelConfig(**cfg)
-
-
-@torch.no_grad()
-def perturb(model, seed=0):
-    """Give the zero-initialised parameters (CARVE's U and beta, GDN-2's write gate, the output-gate
-    bias) random values, so the content gate, the write gate and Delta are all exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith(("content_up", "beta_proj.weight", "w_proj.weight", "g_proj.1.bias")):
-            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if "content_up" in name else 0.3))
-    return model
-
-
-def tokens(B, T, vocab, seed=0):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+from reference import TOL_LOGITS, assert_rel, perturb, prefill_then_decode, record, rel_err, tiny, tokens
 
 
 # ----------------------------------------------------------------------------- parameter count
@@ -43,7 +18,7 @@ def test_param_count_1b3():
     cfg = gdn2.cfg
     assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, cfg.mlp_hidden) == \
         (18, 2304, 16, 128, 128, 6208)
-    assert gdn2.num_params() == 1_302_638_112  # SPEC section 4
+    assert gdn2.num_params() == 1_302_638_112  # docs/DESIGN.md section 11
     d, H, K, V, r = cfg.d_model, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, cfg.content_rank
     per_layer = d * H * V - H * (d + r * (V + K))  # CARVE drops W_w, adds w_h, D_h, U_h
     assert gdn2.num_params() - carve.num_params() == cfg.n_layer * per_layer == 18 * 4_616_192
@@ -58,7 +33,7 @@ def test_param_count_1b3():
 @pytest.mark.parametrize("pattern", [("gdn2", "carve"), ("gdn2,attn", "carve,attn")], ids=["pure", "hybrid"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_identity_at_init(pattern, autocast):
-    """Fresh GDN-2 weights copied into a fresh CARVE model give bit-identical logits (SPEC section 1),
+    """Fresh GDN-2 weights copied into a fresh CARVE model give bit-identical logits (docs/DESIGN.md section 9),
     over several chunks (so Delta = U D m is computed, and is exactly 0 because U = 0)."""
     torch.manual_seed(0)
     gdn2 = LM(tiny(pattern[0]))
@@ -101,20 +76,10 @@ DECODE_CONFIGS = [
 ]
 
 
-@torch.no_grad()
-def prefill_then_decode(model, idx, T1):
-    """(logits of one forward from position T1-1 on, the same logits from a prefill of T1 tokens
-    followed by one cached step per token)."""
-    cache = model.init_cache(idx.shape[0])
-    steps = [model(idx[:, :T1], cache=cache)[0]]
-    steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(T1, idx.shape[1])]
-    return model(idx)[0][:, T1 - 1:], torch.cat(steps, dim=1)
-
-
 @pytest.mark.parametrize("mixer,window", DECODE_CONFIGS)
 @pytest.mark.parametrize("T1", [1, 7, 8, 9, 17])
 def test_prefill_then_decode(mixer, window, T1):
-    """model(idx[:, :T1], cache) then one token at a time equals model(idx)[0][:, T1-1:] (SPEC section 3);
+    """model(idx[:, :T1], cache) then one token at a time equals model(idx)[0][:, T1-1:] (docs/DESIGN.md section 6);
     C = 8, T = 21: splits before, on and after chunk boundaries, and T1 = 1."""
     torch.manual_seed(0)
     model = perturb(LM(tiny(mixer, attn_window=window))).eval()

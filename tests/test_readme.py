@@ -2,7 +2,7 @@
 import os
 import re
 
-from conftest import ROOT
+from reference import ROOT
 
 
 def readme_commands():

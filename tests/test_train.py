@@ -197,3 +197,19 @@ def test_activation_checkpointing_trains_the_same(shakespeare, tmp_path):
     run_in_process([*common, f"--out_dir={tmp_path / 'plain'}"])
     run_in_process([*common, f"--out_dir={tmp_path / 'ckpt'}", "--activation_checkpointing=True"])
     assert losses(tmp_path / "plain") == losses(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["carve_shakespeare", "-h", "--data_dir=nowhere", "--lr=fast"]])
+def test_help_lists_every_key_with_its_default_and_comment(args):
+    # help anywhere in argv wins over the config, the data and even a bad value: it reads none of them
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "usage: python train.py [CONFIG] [--key=value ...]" in out and "configs/" in out
+    for key, value in train.DEFAULTS.items():
+        assert f"--{key}={value!r}" in out, key
+    lines = out.splitlines()
+    for key, comment in (("init_from", "'scratch' or 'resume' (from out_dir/ckpt.pt)"),  # from DEFAULTS
+                         ("mixer", "comma-separated pattern repeated over the layers")):  # from ModelConfig
+        assert any(f"--{key}=" in line and line.endswith(comment) for line in lines), (key, comment)
+    assert "# optimiser: AdamW, linear warm-up then cosine from lr to min_lr over lr_decay_steps" in lines

@@ -1,41 +1,59 @@
-"""The Triton chunk kernels (`chunk_carve_triton`: carve::chunk_fwd and its registered backward)
-against the float64 per-token reference of test_kernel.py: outputs, every field of the final state
-and every gradient (inputs, content projection, initial S and delta), fp32 and bf16, with and without
-an initial state at an offset, packed sequences (cu_seqlens), continuation, gates below the floor,
-poisoned outputs, torch.compile, and the model on the Triton path.
+"""The Triton chunk kernels (`chunk_carve_triton`: carve::chunk_fwd and its registered backward,
+carve::chunk_bwd) against the float64 per-token reference of tests/reference.py: outputs, every field
+of the final state and every gradient (inputs, content projection, initial S and delta), fp32, bf16
+and fp16, both forms of the forward (docs/DESIGN.md section 4) and value-block walks of every width,
+with and without an initial state at an offset, packed sequences (cu_seqlens), continuation, gates
+below the floor, poisoned outputs, torch.compile, and the model on the Triton path.
 
 Without a GPU the kernels run on CPU tensors in the Triton interpreter (conftest.py), so the shapes
-are small; with a GPU the same tests run the compiled kernels."""
+are small; with a GPU the same tests run the compiled kernels, and test_parity_fp16 adds longer
+sequences and wider heads."""
 import pytest
 import torch
 
 import carve_kernel
-import carve_triton_chunk
-from carve_kernel import CarveState, chunk_carve, chunk_carve_torch, chunk_carve_triton
-from conftest import assert_rel
+from carve_kernel import (CarveState, ChunkSchedule, chunk_carve, chunk_carve_torch, chunk_carve_triton,
+                          chunk_triton_supports, recurrent_carve_triton)
 from model import LM
-from test_kernel import TOL_BF16, TOL_FWD, TOL_GRAD, make_inputs, make_state, model_style_gates, reference
-from test_model import perturb, tiny, tokens
-from test_triton_kernel import DEVICE, NAMES, needs_triton
+from reference import (DEVICE, NAMES, TOL_BF16, TOL_FWD, TOL_GRAD, assert_rel, make_inputs, make_state,
+                       model_style_gates, needs_triton, perturb, reference, tiny, tokens)
 
 pytestmark = needs_triton
 
+# The forms a chunk call can be launched in (a ChunkSchedule; chunk_schedule picks one by shape, on
+# a CPU always the first; docs/DESIGN.md section 4): the forward as the walk alone, or split around the
+# parallel prep kernel (for GDN-2 also a value-block walk and the output kernel); the value-block walks
+# (GDN-2's split walk, the backward's reverse walk) over all V columns at once or over several
+# narrower blocks; and each sequence walked whole or in pieces of chunks (here three, in both
+# directions, as when a GPU has idle SMs):
+#   walk          the walk alone; the reverse walk over all V columns, whole
+#   split         split forward, GDN-2's walk over all V columns; the reverse walk over V / 2; in pieces
+#   split-narrow  split forward, GDN-2's walk over V / 2 columns; the reverse walk over all V; in pieces
+FORMS = ["walk", "split", "split-narrow"]
 
-@pytest.fixture(params=[False, True], ids=["walk", "split"])
-def forward_form(request, monkeypatch):
-    """Both forms of the forward (carve_triton_chunk._split_forward picks one by shape): the walk alone, and
-    split into the parallel prep kernel, the walk (GDN-2: its value-block walk and the output kernel).
-    The backward goes with it as on a GPU: the split form's shapes (few walk programs) walk the
-    sequence in pieces of chunks, here three."""
-    monkeypatch.setattr(carve_triton_chunk, "FORWARD_SPLIT", request.param)
-    monkeypatch.setattr(carve_triton_chunk, "PIECES", 3 if request.param else 1)
-    return request.param
+
+def schedule(form, V):
+    """The ChunkSchedule of `form` for value width V (for V = 16, V / 2 is 16: a block has 16 columns or more)."""
+    half = V // 2 if V >= 32 else V
+    if form == "walk":
+        return ChunkSchedule(split_forward=False, walk_columns=V, forward_pieces=1, backward_columns=V,
+                             backward_pieces=1)
+    narrow = form == "split-narrow"
+    return ChunkSchedule(split_forward=True, walk_columns=half if narrow else V, forward_pieces=3,
+                         backward_columns=V if narrow else half, backward_pieces=3)
 
 
-def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, offsets=None, used=("o", "S", "delta")):
-    """The Triton chunk kernel on `dtype` leaves (g, D, U fp32) and the float64 reference on the same
-    rounded values, each with a random cotangent on those of o, the final S and the final delta that
-    are `used` (the others get none, as when a loss ignores them). Returns
+def forms_for(V):
+    """FORMS, without split-narrow where V = 16 would make it the split form."""
+    return [f for f in FORMS if V >= 32 or f != "split-narrow"]
+
+
+def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, used=("o", "S", "delta"), form=None, scale=None,
+             kernel=chunk_carve_triton, ref_device="cpu"):
+    """The Triton chunk kernel (or `kernel`) on `dtype` leaves (g, D, U fp32), launched in `form`
+    (None: chunk_schedule's choice), and the float64 reference on the same rounded values, on
+    ref_device, each with a random cotangent on those of o, the final S and the final delta that are
+    `used` (the others get none, as when a loss ignores them). Returns
     (kernel output, final state, reference output, reference final states, gradient pairs)."""
     leaves = {n: t.detach().to(DEVICE, torch.float32 if n in ("g", "D", "U") else dtype).requires_grad_()
               for n, t in x.items()}
@@ -43,32 +61,34 @@ def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, offsets=None, us
     if state is not None:
         state = CarveState(state.S.to(DEVICE).requires_grad_(), state.o_sum.to(DEVICE),
                            state.delta.to(DEVICE).requires_grad_(), state.offset)
-    o, final = chunk_carve_triton(*(leaves[n] for n in NAMES), content, state, True, None, C, cu_seqlens)
+    kw = {} if form is None else dict(schedule=schedule(form, x["v"].shape[-1]))
+    o, final = kernel(*(leaves[n] for n in NAMES), content, state, True, scale, C, cu_seqlens, **kw)
     # the reference, one sequence at a time
-    ref = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
+    ref = {n: t.detach().to(ref_device, torch.float64).requires_grad_() for n, t in leaves.items()}
     ref_content = (ref["D"], ref["U"]) if content is not None else None
     bounds = [0, o.shape[1]] if cu_seqlens is None else list(cu_seqlens)
     rows = o.shape[0] if cu_seqlens is None else len(bounds) - 1
-    S0 = state.S.detach().cpu().double().requires_grad_() if state is not None else None
-    delta0 = state.delta.detach().cpu().double().requires_grad_() if state is not None else None
+    S0 = state.S.detach().to(ref_device, torch.float64).requires_grad_() if state is not None else None
+    delta0 = state.delta.detach().to(ref_device, torch.float64).requires_grad_() if state is not None else None
     outs, finals = [], []
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
         sl = slice(None) if cu_seqlens is None else slice(i, i + 1)
         kw = {}
         if state is not None:
             off = state.offset[i] if isinstance(state.offset, tuple) else state.offset
-            kw = dict(S0=S0[sl], o_sum0=state.o_sum[sl].cpu().double(), delta0=delta0[sl], offset=off)
+            kw = dict(S0=S0[sl], o_sum0=state.o_sum[sl].to(ref_device, torch.float64), delta0=delta0[sl], offset=off)
         if a == b:  # an empty sequence: its state passes through
             finals.append((kw["S0"], kw["o_sum0"], kw["delta0"]))
             continue
-        o_i, fin = reference(*(ref[n][:, a:b] for n in NAMES), ref_content, chunk_size=C, **kw)
+        o_i, fin = reference(*(ref[n][:, a:b] for n in NAMES), ref_content, chunk_size=C, scale=scale, **kw)
         outs.append(o_i)
         finals.append(fin[:3])
     o_ref = torch.cat(outs, dim=1)
     S_ref, o_sum_ref, delta_ref = (torch.cat([f[j] for f in finals]) for j in range(3))
     assert o_ref.shape == o.shape and S_ref.shape[0] == rows
     gen = torch.Generator().manual_seed(2)
-    do, dS, dd = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (o_ref, S_ref, delta_ref))
+    do, dS, dd = (torch.randn(t.shape, generator=gen, dtype=torch.float64).to(ref_device)
+                  for t in (o_ref, S_ref, delta_ref))
     if dtype != torch.float32:
         do = do.to(dtype).double()  # the same cotangent for both
     def loss(o_, S_, d_):
@@ -110,15 +130,18 @@ SHAPES = [
     pytest.param(2, 2, 37, 16, 32, 16, id="T=2C+5"),
     pytest.param(2, 1, 5, 16, 16, 16, id="T<16"),
     pytest.param(1, 2, 61, 32, 16, 32, id="C32-T=2C-3-K>V"),
-    pytest.param(1, 1, 70, 16, 128, 64, id="C64-V128-two-value-blocks"),
+    pytest.param(1, 1, 70, 16, 128, 64, id="C64-V128"),
     pytest.param(1, 1, 40, 64, 64, 32, id="C32-K64-V64"),
 ]
+# each shape in every form it has
+SHAPES_AND_FORMS = [pytest.param(*p.values, form, id=f"{p.id}-{form}")
+                    for p in SHAPES for form in forms_for(p.values[4])]
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "init-state"])
-@pytest.mark.parametrize("B,H,T,K,V,C", SHAPES)
-def test_parity_fp32(mode, with_state, B, H, T, K, V, C, forward_form):
+@pytest.mark.parametrize("B,H,T,K,V,C,form", SHAPES_AND_FORMS)
+def test_parity_fp32(mode, with_state, B, H, T, K, V, C, form):
     """make_state's prefix is C + 5 tokens, so the call starts 5 tokens into a chunk (and inside a
     16-token block): the first block is partly masked, o_sum and delta carry over."""
     x = make_inputs(B, T, H, K, V, mode)
@@ -127,7 +150,7 @@ def test_parity_fp32(mode, with_state, B, H, T, K, V, C, forward_form):
         state, prefix_content = make_state(B, H, K, V, mode, C)
         if mode == "carve":
             x["D"], x["U"] = prefix_content
-    _, final = check(x, state, C, tag=f"triton chunk {mode} fp32")
+    _, final = check(x, state, C, tag=f"triton chunk {mode} fp32", form=form)
     assert final.offset == (state.offset if state else 0) + T
 
 
@@ -142,9 +165,10 @@ def test_gradients_when_one_output_is_used(used):
     check(x, state, C, tag=f"triton chunk, only {used} used", used=(used,))
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
 @pytest.mark.parametrize("prefix", [69, 85, 101, 117, 128])
-def test_parity_offsets(mode, prefix, forward_form):
+def test_parity_offsets(mode, prefix, form):
     """From a state at every kind of offset in a 64-token chunk: inside its first block, at a block
     start, in the middle of a later block (the first block of the call does not start the chunk, so
     the chunk's state is stored from there), and on a chunk boundary."""
@@ -154,7 +178,7 @@ def test_parity_offsets(mode, prefix, forward_form):
         _state_on_boundary(B, H, K, V, mode, C, prefix)
     if mode == "carve":
         x["D"], x["U"] = prefix_content
-    check(x, state, C, tag=f"triton chunk {mode} offset {prefix}")
+    check(x, state, C, tag=f"triton chunk {mode} offset {prefix}", form=form)
 
 
 def _state_on_boundary(B, H, K, V, mode, C, prefix):
@@ -166,8 +190,9 @@ def _state_on_boundary(B, H, K, V, mode, C, prefix):
     return CarveState(S.float(), o_sum.float(), delta.float(), offset), content
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
-def test_parity_bf16(mode, forward_form):
+def test_parity_bf16(mode, form):
     """bf16 q, k, v, b_logit, w: the kernels use them as bf16 dot operands (fp32 accumulation), so
     outputs, states and gradients all carry bf16 rounding, like flash-linear-attention's."""
     B, H, T, K, V, C = 2, 2, 45, 32, 32, 16
@@ -175,11 +200,54 @@ def test_parity_bf16(mode, forward_form):
     state, prefix_content = make_state(B, H, K, V, mode, C)
     if mode == "carve":
         x["D"], x["U"] = prefix_content
-    check(x, state, C, torch.bfloat16, tag=f"triton chunk {mode} bf16")
+    check(x, state, C, torch.bfloat16, tag=f"triton chunk {mode} bf16", form=form)
+
+
+# (B, H, T, K, V, chunk_size, scale, gates, with_state); scale None is K^-1/2; gates "masked" sets half
+# of g's entries to -30, far below the floor of -5 (zero gradient there).
+FP16_CASES = [
+    pytest.param(1, 2, 37, 16, 32, 16, None, "logsigmoid", True, id="T37-C16-init-state"),
+    pytest.param(2, 1, 45, 32, 16, 16, 0.1, "logsigmoid", False, id="T45-K32-V16-scale0.1"),
+    pytest.param(1, 2, 40, 16, 16, 32, 1.0, "masked", False, id="T40-C32-masked-scale1"),
+]
+if torch.cuda.is_available():  # the compiled kernels take flash-linear-attention's test shapes too
+    FP16_CASES += [
+        pytest.param(2, 2, T, D, D, 64, scale, gates, with_state, id=f"gpu-T{T}-D{D}-scale{scale}-{gates}"
+                     + ("-init-state" if with_state else ""))
+        for T, D, scale, gates, with_state in [
+            (63, 64, 1.0, "logsigmoid", False), (500, 64, 0.1, "masked", False),
+            (1000, 128, 1.0, "logsigmoid", True), (1500, 128, 0.1, "masked", False),
+            (2048, 64, 1.0, "masked", True), (2048, 128, 0.1, "logsigmoid", False),
+            (500, 100, 1.0, "logsigmoid", False), (1000, 60, 0.1, "masked", False)]]
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
-def test_cu_seqlens(mode, forward_form):
+@pytest.mark.parametrize("B,H,T,K,V,C,scale,gates,with_state", FP16_CASES)
+def test_parity_fp16(mode, B, H, T, K, V, C, scale, gates, with_state):
+    """fp16 q, k, v, b_logit, w (g fp32) through chunk_carve_triton: outputs and gradients in fp16, the
+    final state in fp32, all within the bf16 tolerance of the float64 reference. On a GPU the chunk kernels
+    take bf16 dot operands for fp16 inputs (fp16 cannot hold the block decay factors, up to e^40) and
+    chunk_schedule picks the form; in the interpreter the operands are fp32 (docs/DESIGN.md section 7).
+    Head widths the kernels do not take (60, 100: powers of two only) go through chunk_carve, which
+    sends them to the torch path, and are checked the same way."""
+    x = make_inputs(B, T, H, K, V, mode, seed=17)
+    if gates == "masked":
+        x["g"][torch.rand(x["g"].shape, generator=torch.Generator().manual_seed(18)) < 0.5] = -30.0
+    state = None
+    if with_state:
+        state, prefix_content = make_state(B, H, K, V, mode, C)
+        if mode == "carve":
+            x["D"], x["U"] = prefix_content
+    triton_path = chunk_triton_supports(K, V, C)
+    assert triton_path or DEVICE == "cuda"
+    o, _ = check(x, state, C, torch.float16, tag=f"{'triton' if triton_path else 'torch'} chunk {mode} fp16",
+                 scale=scale, kernel=chunk_carve_triton if triton_path else chunk_carve, ref_device=DEVICE)
+    assert o.dtype == torch.float16
+
+
+@pytest.mark.parametrize("form", forms_for(16))
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+def test_cu_seqlens(mode, form):
     """Packed sequences of 21, 0, 16, 1 and 33 tokens, each from its own state at its own offset
     (a tuple): every sequence equals the reference run on it alone, gradients included."""
     bounds = [0, 21, 21, 37, 38, 71]
@@ -189,8 +257,28 @@ def test_cu_seqlens(mode, forward_form):
     offsets = (0, 3, 7, 16, 30)
     state = CarveState(torch.randn(N, H, K, V, generator=gen), torch.randn(N, H, V, generator=gen),
                        torch.randn(N, H, K, generator=gen), offsets)
-    _, final = check(x, state, C, tag=f"triton chunk {mode} cu_seqlens", cu_seqlens=bounds)
+    _, final = check(x, state, C, tag=f"triton chunk {mode} cu_seqlens", cu_seqlens=bounds, form=form)
     assert final.offset == tuple(off + b - a for off, a, b in zip(offsets, bounds, bounds[1:]))
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_walk_pieces(mode, n):
+    """Each sequence walked in n pieces of whole chunks, forward and backward (the split forward; the
+    pieces' sequence tables, docs/DESIGN.md section 4): packed sequences of 150, 10, 0 and 95 tokens from
+    offsets 5, 0, 70 and 37 (C = 16: 10, 1, 0 and 7 chunks, so the shorter sequences run out of chunks
+    before the last pieces, and most start mid-chunk) equal the reference, every state and gradient
+    included."""
+    bounds = [0, 150, 160, 160, 255]
+    N, T, H, K, V, C = len(bounds) - 1, bounds[-1], 2, 16, 32, 16
+    x = make_inputs(1, T, H, K, V, mode, seed=19)
+    gen = torch.Generator().manual_seed(20)
+    state = CarveState(torch.randn(N, H, K, V, generator=gen), torch.randn(N, H, V, generator=gen),
+                       torch.randn(N, H, K, generator=gen), (5, 0, 70, 37))
+    pieced = ChunkSchedule(split_forward=True, walk_columns=16, forward_pieces=n, backward_columns=16,
+                           backward_pieces=n)
+    check(x, state, C, tag=f"triton chunk {mode} {n} pieces", cu_seqlens=bounds,
+          kernel=lambda *a, **kw: chunk_carve_triton(*a, **kw, schedule=pieced))
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
@@ -205,7 +293,7 @@ def test_continuation(mode, T1):
     content = tuple(c.to(DEVICE) for c in content) if content else None
     o_full, s_full = chunk_carve_triton(*args(slice(None)), content, output_final_state=True, chunk_size=C)
     o1, s1 = chunk_carve_triton(*args(slice(0, T1)), content, output_final_state=True, chunk_size=C)
-    for name, second in (("chunk", chunk_carve_triton), ("decode", carve_kernel.recurrent_carve_triton)):
+    for name, second in (("chunk", chunk_carve_triton), ("decode", recurrent_carve_triton)):
         o2, s2 = second(*args(slice(T1, T)), content, initial_state=s1, output_final_state=True, chunk_size=C)
         tag = f"triton continuation chunk+{name}"
         assert_rel(torch.cat([o1, o2], dim=1), o_full, TOL_FWD, f"{tag} o")
@@ -215,33 +303,9 @@ def test_continuation(mode, T1):
             assert_rel(s2.delta, s_full.delta, TOL_FWD, f"{tag} delta")
 
 
-@pytest.mark.parametrize("n", [2, 3, 7])
-def test_walk_pieces_partition_the_table(monkeypatch, n):
-    """The pieces a long walk is cut into (carve_triton_chunk._walk_pieces) cover every sequence's
-    tokens, chunks and blocks once, in order, each piece starting on a chunk boundary (or where its
-    sequence starts), with the stores' indices of the whole table."""
-    monkeypatch.setattr(carve_triton_chunk, "PIECES", n)
-    C, BT, F = 32, carve_triton_chunk.CHUNK_BT, carve_triton_chunk.SEQ_FIELDS
-    table = carve_triton_chunk._sequence_table(4, 0, [5, 0, 70, 32], [0, 300, 310, 310, 500], C)
-    pieces = carve_triton_chunk._walk_pieces(table, 1, C, torch.device("cpu"))
-    most = max(table[4::F])        # chunks of the longest sequence, in pieces of equal whole chunks
-    assert len(pieces) == -(-most // -(-most // n)) <= n
-    for i in range(0, len(table), F):
-        bos, length, off, chunk0, n_chunks, block0 = table[i:i + F]
-        rows = [p[i:i + F] for p in pieces]
-        assert sum(r[1] for r in rows) == length and sum(r[4] for r in rows) == n_chunks
-        token, chunk = bos, chunk0
-        for r_bos, r_len, r_off, r_chunk0, r_chunks, r_block0 in rows:
-            assert (r_bos, r_chunk0) == (token, chunk) and r_off == off + token - bos
-            assert r_chunks == carve_triton_chunk._pieces(r_off, r_len, C)
-            assert r_block0 == block0 + r_off // BT - off // BT
-            if r_len and token > bos:
-                assert r_off % C == 0
-            token, chunk = token + r_len, chunk + r_chunks
-
-
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
-def test_continuation_many_pieces(mode, forward_form):
+def test_continuation_many_pieces(mode, form):
     """Pieces of 3, 1, 17, 1, 1, 29 and 5 tokens (C = 16), alternating the Triton chunk kernels and the
     Triton decode kernel, most pieces starting and ending inside a chunk and a block: the outputs and
     the final state equal one call over all 57 tokens."""
@@ -250,10 +314,11 @@ def test_continuation_many_pieces(mode, forward_form):
     x = make_inputs(B, sum(pieces), H, K, V, mode, seed=4)
     content = (x["D"].to(DEVICE), x["U"].to(DEVICE)) if mode == "carve" else None
     args = [x[n].to(DEVICE) for n in NAMES]
-    o_full, s_full = chunk_carve_triton(*args, content, output_final_state=True, chunk_size=C)
+    chunk = lambda *a, **kw: chunk_carve_triton(*a, **kw, schedule=schedule(form, V))  # noqa: E731
+    o_full, s_full = chunk(*args, content, output_final_state=True, chunk_size=C)
     outs, state, start = [], None, 0
     for i, n in enumerate(pieces):
-        kernel = chunk_carve_triton if i % 2 == 0 else carve_kernel.recurrent_carve_triton
+        kernel = chunk if i % 2 == 0 else recurrent_carve_triton
         o, state = kernel(*[a[:, start:start + n] for a in args], content, initial_state=state,
                           output_final_state=True, chunk_size=C)
         outs.append(o)
@@ -301,7 +366,7 @@ def test_l2norm_eps_convention():
 
 def test_stop_gradient_through_m():
     """m is a stop-gradient read: the reference (which detaches m) matches, and a reference where the
-    gradient flows through m would not (checked in test_kernel.py for the same construction)."""
+    gradient flows through m would not (checked in test_torch_paths.py for the same construction)."""
     B, H, T, K, V, C = 1, 2, 48, 16, 16, 16
     x = make_inputs(B, T, H, K, V, "carve", seed=7, content_scale=1.5)
     _, _, _, _, pairs = run_both(x, None, C)
@@ -310,8 +375,9 @@ def test_stop_gradient_through_m():
     assert_rel(leaves, ref, TOL_GRAD, "triton chunk stop-grad")
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
-def test_every_output_element_is_written(poisoned_empty, mode, forward_form):
+def test_every_output_element_is_written(poisoned_empty, mode, form):
     """The launchers allocate every output with torch.empty, NaN-filled here: an element the kernels
     miss (a masked row, a value block, a chunk's stored state, a gradient) shows up as NaN. GDN-2 has
     its own forward kernels (the solve in parallel, a walk over value blocks, then the outputs)."""
@@ -320,7 +386,7 @@ def test_every_output_element_is_written(poisoned_empty, mode, forward_form):
     state, content = make_state(B, H, K, V, mode, C, prefix=53)  # the call starts mid-chunk
     if mode == "carve":
         x["D"], x["U"] = content
-    o, final = check(x, state, C, tag=f"triton chunk poisoned {mode}")
+    o, final = check(x, state, C, tag=f"triton chunk poisoned {mode}", form=form)
     assert any(p is o for p in poisoned_empty) and any(p is final.S for p in poisoned_empty)
     assert len(poisoned_empty) >= 10  # forward and backward buffers (o, S, stored states, v_new, dv, dS0, ...)
 
@@ -346,7 +412,8 @@ def test_dispatch(monkeypatch):
 
 def test_compiles_without_graph_breaks():
     """carve::chunk_fwd with its registered backward: torch.compile(fullgraph=True) of forward and
-    backward gives the eager values; opcheck checks the schema, fake and autograd registration."""
+    backward gives the eager values; opcheck checks the schema, fake and autograd registration of
+    carve::chunk_fwd in both forms of the forward, and of carve::chunk_bwd."""
     x = make_inputs(1, 20, 2, 16, 16, "carve", seed=4)
     leaves = [x[n].to(DEVICE).requires_grad_() for n in NAMES]
     content = (x["D"].to(DEVICE), x["U"].to(DEVICE))
@@ -362,15 +429,21 @@ def test_compiles_without_graph_breaks():
     assert torch.equal(compiled, eager)
     for a, b in zip(compiled_grads, eager_grads):
         assert torch.equal(a, b)
-    table = carve_triton_chunk._sequence_table(1, 20, 0, None, 16)
-    torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
-                          (*leaves, *content, None, None, None, table, 0.25, 16))
+    # the sequence table (docs/DESIGN.md section 10) of one sequence of 20 tokens from offset 0 in chunks
+    # of 16: first token 0, length 20, offset 0, stored chunks from 0, 2 chunks, stored blocks from 0
+    table = [0, 20, 0, 0, 2, 0]
+    # the schedule's fields: split_forward, walk_columns, forward_pieces, backward_columns, backward_pieces
+    for plan in ((False, 16, 1, 16, 1), (True, 16, 2, 16, 2)):
+        torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
+                              (*leaves, *content, None, None, None, table, 0.25, 16, *plan))
     with torch.no_grad():
-        out = torch.ops.carve.chunk_fwd(*leaves, *content, None, None, None, table, 0.25, 16)
+        out = torch.ops.carve.chunk_fwd(*leaves, *content, None, None, None, table, 0.25, 16, False, 16, 1, 16, 1)
     do = torch.randn_like(out[0])
     # inputs in another memory layout (as inductor may pass them): the outputs are still contiguous
     strided = [t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in leaves]
-    torch.library.opcheck(torch.ops.carve.chunk_bwd.default, (strided + [do, None, out[4:], table, 0.25, 16]))
+    for pieces in (1, 2):  # the reverse walk's columns and pieces
+        torch.library.opcheck(torch.ops.carve.chunk_bwd.default,
+                              (strided + [do, None, out[4:], table, 0.25, 16, 16, pieces]))
 
 
 @pytest.mark.parametrize("mixer", ["carve", "gdn2,attn"])
@@ -397,14 +470,18 @@ def test_model_compiles_without_graph_breaks(monkeypatch, mixer):
 
 # ----------------------------------------------------------------------------- the model on the Triton path
 
-def test_model_identity_at_init(monkeypatch, forward_form):
-    """SPEC section 1: fresh GDN-2 weights in a fresh CARVE model give bit-identical logits on the
-    Triton path too."""
+@pytest.mark.parametrize("form", FORMS)
+def test_model_identity_at_init(monkeypatch, form):
+    """docs/DESIGN.md section 9: fresh GDN-2 weights in a fresh CARVE model give bit-identical logits
+    on the Triton path too, in every form of the forward (GDN-2 and CARVE run different kernels in the
+    split form), the form forced through chunk_schedule."""
     monkeypatch.setenv("CARVE_BACKEND", "triton")
+    forced = schedule(form, 32)
+    monkeypatch.setattr(carve_kernel, "chunk_schedule", lambda *args, **kwargs: forced)
     torch.manual_seed(0)
-    gdn2 = LM(tiny("gdn2", head_k_dim=16, head_v_dim=16, chunk_size=16)).to(DEVICE)
+    gdn2 = LM(tiny("gdn2", head_k_dim=16, head_v_dim=32, chunk_size=16)).to(DEVICE)
     torch.manual_seed(1)
-    carve = LM(tiny("carve", head_k_dim=16, head_v_dim=16, chunk_size=16)).to(DEVICE)
+    carve = LM(tiny("carve", head_k_dim=16, head_v_dim=32, chunk_size=16)).to(DEVICE)
     carve.load_state_dict(gdn2.state_dict(), strict=False)
     idx = tokens(2, 3 * 16 + 5, 61).to(DEVICE)
     with torch.no_grad():

@@ -1,103 +1,22 @@
-"""Parity tests of carve_kernel against an independent float64 per-token recurrence (SPEC sections 1-3).
+"""The torch paths of carve_kernel (chunk_carve_torch behind chunk_carve, recurrent_carve_torch
+behind recurrent_carve, and the decay gate decay_gate) against the independent float64 per-token
+recurrence `reference` of tests/reference.py (docs/DESIGN.md sections 1-3).
 
-`recurrent_carve_torch` is also the decode path, so it is tested here, not trusted: the gold
-standard is `reference` below, written in the matrix form of SPEC section 1,
-
-    S_t = (I - k_t (b_t * k_t)^T) Diag(alpha_t) S_{t-1} + k_t (w_t * v_t)^T,   o_t = S_t^T q_t * scale,
-
-in float64, with an explicit K x K erase matrix. Both torch paths (chunk_carve, recurrent_carve) are
-compared with it on the output, every field of the final state, and every input gradient.
+`recurrent_carve_torch` is also the decode path, so it is tested here, not trusted. Both torch paths
+(chunk_carve, recurrent_carve) are compared with the reference on the output, every field of the final
+state, and every input gradient.
 """
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
-from carve_kernel import CarveState, chunk_carve, recurrent_carve
-from conftest import assert_rel, record, rel_err
+from carve_kernel import CarveState, chunk_carve, decay_gate, recurrent_carve
+from reference import (TOL_BF16, TOL_FWD, TOL_GRAD, assert_error, assert_rel, gate_sweep, make_inputs,
+                       make_state, model_style_gates, record, reference, rel_err, run_reference)
 
 KERNELS = {"chunk": chunk_carve, "recurrent": recurrent_carve}
 
-# fp32 tolerances, ~10-100x above the largest relative errors observed on CPU (torch 2.13):
-# outputs and states <= 3.2e-7, gradients <= 7e-7 (`CARVE_ERR_REPORT=1` prints them).
-TOL_FWD = 1e-5
-TOL_GRAD = 2e-5
-# bf16 inputs: the output and the gradients of bf16 inputs are rounded to bf16 (2^-9 = 2e-3 relative
-# per element; observed <= 2e-3 overall); fp32 states and fp32-input gradients keep the fp32 tolerances.
-TOL_BF16 = 1e-2
 
-
-# ----------------------------------------------------------------------------- the reference
-
-def l2norm(x, eps=1e-6):
-    """x / max(||x||, eps): F.normalize's convention, which carve_kernel uses (eps = 1e-6)."""
-    return x / torch.sqrt(torch.clamp((x * x).sum(-1, keepdim=True), min=eps * eps))
-
-
-def reference(q, k, v, g, b_logit, w, content=None, S0=None, o_sum0=None, delta0=None, offset=0,
-              chunk_size=64, scale=None, detach_m=True):
-    """Naive per-token recurrence from SPEC section 1, in whatever dtype it is given (float64 in
-    the tests). Returns o [B, T, H, V] and (S, o_sum, delta, offset) after the last token."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = K ** -0.5 if scale is None else scale
-    q, k = l2norm(q), l2norm(k)
-    g = g.clamp(min=-5.0)  # the per-token floor on the log-decay (SPEC section 5 bounds the gate)
-    zeros = lambda *s: torch.zeros(*s, dtype=q.dtype)  # noqa: E731
-    S = zeros(B, H, K, V) if S0 is None else S0
-    o_sum = zeros(B, H, V) if o_sum0 is None else o_sum0
-    delta = zeros(B, H, K) if delta0 is None else delta0
-    eye = torch.eye(K, dtype=q.dtype)
-    outs = []
-    for t in range(T):
-        kt, qt = k[:, t], q[:, t]                                                  # [B, H, K]
-        wv = w[:, t] * v[:, t] if w.dim() == 4 else w[:, t, :, None] * v[:, t]    # [B, H, V]
-        b = torch.sigmoid(b_logit[:, t] + delta)                                  # [B, H, K]
-        erase = eye - kt[..., :, None] * (b * kt)[..., None, :]                   # I - k (b*k)^T
-        S = erase @ (torch.exp(g[:, t])[..., None] * S) + kt[..., :, None] * wv[..., None, :]
-        o = (S.transpose(-1, -2) @ qt[..., None])[..., 0] * scale                 # S^T q * scale
-        outs.append(o)
-        o_sum = o_sum + (o.detach() if detach_m else o)
-        if (offset + t + 1) % chunk_size == 0:          # absolute chunk c finished: m_c, Delta_{c+1}
-            if content is not None:
-                D, U = content
-                m = o_sum / chunk_size
-                delta = torch.einsum("hkr,hrv,bhv->bhk", U, D, m)                 # U_h D_h m_c
-            o_sum = torch.zeros_like(o_sum)
-    return torch.stack(outs, dim=1), (S, o_sum, delta, offset + T)
-
-
-# ----------------------------------------------------------------------------- inputs
-
-def make_inputs(B, T, H, K, V, mode, rank=4, seed=0, content_scale=2.0):
-    """Random fp32 inputs with realistic ranges: g = logsigmoid(..) in about [-4, 0), gates in (0, 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    x = dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V),
-             g=F.logsigmoid(1.5 * r(B, T, H, K) + 2.5), b_logit=r(B, T, H, K))
-    if mode == "carve":
-        x["w"] = torch.sigmoid(r(B, T, H))
-        x["D"] = content_scale * r(H, rank, V)
-        x["U"] = content_scale * r(H, K, rank)
-    else:
-        x["w"] = torch.sigmoid(r(B, T, H, V))
-    return x
-
-
-def make_state(B, H, K, V, mode, chunk_size, seed=1, prefix=None):
-    """A consistent initial state: the reference run over a random prefix whose length is NOT a
-    multiple of chunk_size (so offset, o_sum and, for CARVE, delta are all non-zero)."""
-    prefix = chunk_size + 5 if prefix is None else prefix
-    x = make_inputs(B, prefix, H, K, V, mode, seed=seed)
-    content = (x["D"], x["U"]) if mode == "carve" else None
-    _, (S, o_sum, delta, offset) = reference(x["q"], x["k"], x["v"], x["g"], x["b_logit"], x["w"],
-                                             content, chunk_size=chunk_size)
-    assert offset % chunk_size != 0 and o_sum.abs().sum() > 0
-    assert mode != "carve" or delta.abs().sum() > 0
-    # the content projection of the prefix must be the one the test uses: return it with the state
-    return CarveState(S.float(), o_sum.float(), delta.float(), offset), content
-
+# ----------------------------------------------------------------------------- running a path
 
 def run_kernel(kernel, x, state, chunk_size, dtype=torch.float32):
     """Leaves of `dtype` (g stays fp32, as documented), the kernel's output and final state."""
@@ -109,19 +28,6 @@ def run_kernel(kernel, x, state, chunk_size, dtype=torch.float32):
     o, final = kernel(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["b_logit"], leaves["w"],
                       content, initial_state=state, output_final_state=True, chunk_size=chunk_size)
     return leaves, state, o, final
-
-
-def run_reference(leaves, state, chunk_size, detach_m=True):
-    """The float64 reference on exactly the kernel's (possibly bf16-rounded) inputs."""
-    ref = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
-    content = (ref["D"], ref["U"]) if "D" in ref else None
-    kw = {}
-    if state is not None:
-        ref["S0"] = state.S.detach().double().requires_grad_()
-        kw = dict(S0=ref["S0"], o_sum0=state.o_sum.double(), delta0=state.delta.double(), offset=state.offset)
-    o, final = reference(ref["q"], ref["k"], ref["v"], ref["g"], ref["b_logit"], ref["w"], content,
-                         chunk_size=chunk_size, detach_m=detach_m, **kw)
-    return ref, o, final
 
 
 def cotangents(o, S, seed=2):
@@ -326,20 +232,6 @@ def test_continuation_many_pieces(mode):
 
 # ----------------------------------------------------------------------------- realistic gates
 
-def model_style_gates(B, T, H, K, seed, fast_channels=0, fast_value=-20.0):
-    """g = -exp(A_log) * softplus(f + dt_bias) as the model computes it (A_log ~ log U(1, 16), dt_bias
-    the inverse softplus of a log-uniform dt in [1e-3, 1e-1]); the first `fast_channels` key
-    channels of every head are set to `fast_value` per token (a decay of e^-20 per step)."""
-    gen = torch.Generator().manual_seed(seed)
-    A_log = torch.empty(H).uniform_(1, 16, generator=gen).log()
-    dt = torch.empty(H * K).uniform_(math.log(1e-3), math.log(1e-1), generator=gen).exp()
-    dt_bias = (dt + torch.log(-torch.expm1(-dt))).view(H, K)
-    f = torch.randn(B, T, H, K, generator=gen)
-    g = -A_log.exp()[:, None] * F.softplus(f + dt_bias)
-    g[..., :fast_channels] = fast_value
-    return g
-
-
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
 @pytest.mark.parametrize("gates", ["fast-decay", "near-zero"])
 @pytest.mark.parametrize("C", [16, 64])
@@ -357,6 +249,24 @@ def test_gates_realistic(mode, gates, C):
         x["g"] = -1e-4 * torch.rand(B, T, H, K, generator=torch.Generator().manual_seed(6))
     for kernel in ("chunk", "recurrent"):
         check_zero_state_parity(KERNELS[kernel], x, C, f"gates {gates} {kernel}")
+
+
+# ----------------------------------------------------------------------------- the decay gate
+
+def test_decay_gate_formula():
+    """decay_gate (model.py's log-decay, in fp32) against g = -exp(max(A_log, a_log_min)) * log1p(exp(x)),
+    x = f + dt_bias, written here in float64: within 1e-6 relative element by element, from softplus
+    ~ e^-30 to past the threshold 20 where it is x itself (log1p(exp(x)) - x < 3e-9 there); heads
+    whose A_log lies below a_log_min decay at the floor's rate exactly."""
+    f, A_log, dt_bias, a_log_min = gate_sweep()
+    g = decay_gate(f, A_log, dt_bias, a_log_min)
+    assert g.dtype == torch.float32 and g.shape == f.shape
+    x = (f + dt_bias).double()  # exact: multiples of 1/16 for the most part
+    want = -A_log.double().clamp(min=a_log_min).exp()[:, None] * torch.log1p(torch.exp(x))
+    assert_error(((g.double() - want).abs() / want.abs()).max().item(), 1e-6,
+                 "decay_gate vs float64 formula, elementwise rel")
+    assert torch.equal(g[:, 0], g[:, 2]) and torch.equal(g[:, 1], g[:, 2])  # A_log = -9, -5.5 floored at -5
+    assert not torch.equal(g[:, 3], g[:, 2])
 
 
 # ----------------------------------------------------------------------------- L2 norm convention
@@ -377,7 +287,7 @@ def test_l2norm_eps_convention(kernel):
 
 @pytest.mark.parametrize("kernel", ["chunk", "recurrent"])
 def test_stop_gradient_through_m(kernel):
-    """m is a stop-gradient read (SPEC section 1): the kernel's gradients equal the reference with m
+    """m is a stop-gradient read (docs/DESIGN.md section 2): the kernel's gradients equal the reference with m
     detached, and differ clearly from the reference where gradients flow through m."""
     B, H, T, K, V, C = 1, 2, 24, 16, 24, 8
     x = make_inputs(B, T, H, K, V, "carve", seed=7, content_scale=1.5)

@@ -1,5 +1,7 @@
-"""Packed documents: cu_seqlens in chunk_carve, doc_start_token in the model, reset_at_eot in train.py.
-Documents packed into one row must compute exactly what they compute alone."""
+"""Packed documents (docs/DESIGN.md section 10): cu_seqlens in chunk_carve's torch path
+(packed_sequences_torch; the Triton kernels' cu_seqlens are in test_triton_chunk.py), doc_start_token
+in the model on both paths, reset_at_eot in train.py. Documents packed into one row must compute
+exactly what they compute alone."""
 import os
 import subprocess
 import sys
@@ -9,11 +11,9 @@ import torch
 
 import train
 from carve_kernel import CarveState, chunk_carve
-from conftest import ROOT, assert_rel
-from test_kernel import TOL_FWD, TOL_GRAD, make_inputs, reference
-from test_model import TOL_LOGITS, perturb, tiny
-from test_triton_kernel import DEVICE
 from model import LM
+from reference import (DEVICE, NAMES, ROOT, TOL_FWD, TOL_GRAD, TOL_LOGITS, assert_rel, make_inputs, needs_triton,
+                       perturb, reference, tiny)
 
 BOUNDS = [0, 5, 5, 21, 40, 41]  # includes an empty sequence, a 1-token one, chunk-crossing ones (C = 8)
 
@@ -28,13 +28,12 @@ def test_cu_seqlens_equals_each_sequence_alone(mode, with_state):
     N, T, H, K, V, C = len(BOUNDS) - 1, BOUNDS[-1], 2, 16, 24, 8
     x = make_inputs(1, T, H, K, V, mode)
     leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
-    names = ("q", "k", "v", "g", "b_logit", "w")
     content = (leaves["D"], leaves["U"]) if mode == "carve" else None
     gen = torch.Generator().manual_seed(3)
     offsets = (0, 3, 7, 9, 0)
     state = CarveState(torch.randn(N, H, K, V, generator=gen), torch.randn(N, H, V, generator=gen),
                        torch.randn(N, H, K, generator=gen), offsets) if with_state else None
-    o, final = chunk_carve(*(leaves[n] for n in names), content, state, True, None, C,
+    o, final = chunk_carve(*(leaves[n] for n in NAMES), content, state, True, None, C,
                            cu_seqlens=torch.tensor(BOUNDS))
     assert final.offset == tuple((offsets[i] if with_state else 0) + b - a
                                  for i, (a, b) in enumerate(zip(BOUNDS, BOUNDS[1:])))
@@ -49,7 +48,7 @@ def test_cu_seqlens_equals_each_sequence_alone(mode, with_state):
             continue
         kw = dict(S0=state.S[i:i + 1].double(), o_sum0=state.o_sum[i:i + 1].double(),
                   delta0=state.delta[i:i + 1].double(), offset=offsets[i]) if with_state else {}
-        o_i, (S_i, o_sum_i, delta_i, _) = reference(*(ref_leaves[n][:, a:b] for n in names), ref_content,
+        o_i, (S_i, o_sum_i, delta_i, _) = reference(*(ref_leaves[n][:, a:b] for n in NAMES), ref_content,
                                                     chunk_size=C, **kw)
         outs.append(o_i)
         assert_rel(final.S[i:i + 1], S_i, TOL_FWD, "packed S")
@@ -65,7 +64,7 @@ def test_cu_seqlens_equals_each_sequence_alone(mode, with_state):
 
 def test_cu_seqlens_errors():
     x = make_inputs(2, 10, 2, 16, 16, "gdn2")
-    args = [x[n] for n in ("q", "k", "v", "g", "b_logit", "w")]
+    args = [x[n] for n in NAMES]
     with pytest.raises(ValueError, match="batch size must be 1"):
         chunk_carve(*args, cu_seqlens=torch.tensor([0, 10]))
     one = [a[:1] for a in args]
@@ -107,7 +106,7 @@ def test_packed_documents_see_nothing_of_each_other(pattern, window):
                            doc)
 
 
-@pytest.mark.usefixtures("triton_installed")
+@needs_triton
 @pytest.mark.parametrize("pattern", ["carve", "gdn2,attn"])
 def test_packed_documents_on_the_triton_path(monkeypatch, pattern):
     """The same with the Triton chunk kernels (cu_seqlens inside the kernels): K = V = 16, C = 16."""

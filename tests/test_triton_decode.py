@@ -1,10 +1,12 @@
-"""The Triton decode kernel (`recurrent_carve_triton`) against the float64 reference of
-test_kernel.py, the backend dispatch rules of `backend_for` / `recurrent_carve`, and the model's
-prefill + Triton decode against one forward.
+"""The Triton decode kernels against the float64 reference of tests/reference.py: the per-token kernel
+behind `recurrent_carve` (`recurrent_carve_triton`, custom op carve::recurrent), the fused decode step
+of a layer (`decode_step_triton` behind `fused_decode_step`, custom op carve::decode_step) with its
+decay gate, the model's prefill + Triton decode against one forward, and the backend dispatch rules
+of `backend_for` / `recurrent_carve` (docs/DESIGN.md sections 6 and 8).
 
-Without a GPU the kernel runs on CPU tensors in the Triton interpreter (conftest.py sets
+Without a GPU the kernels run on CPU tensors in the Triton interpreter (conftest.py sets
 TRITON_INTERPRET=1 before triton is imported), so the shapes are small. With a GPU the same tests
-run the compiled kernel on CUDA tensors.
+run the compiled kernels on CUDA tensors.
 """
 import importlib.util
 import sys
@@ -13,20 +15,15 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import carve_kernel
-import carve_triton
-from carve_kernel import CarveState, backend_for, chunk_carve, chunk_carve_torch, recurrent_carve, \
-    recurrent_carve_torch, recurrent_carve_triton
-from conftest import assert_rel
+from carve_kernel import CarveState, backend_for, chunk_carve, chunk_carve_torch, decay_gate, decode_step_triton, \
+    recurrent_carve, recurrent_carve_torch, recurrent_carve_triton, runs_in_interpreter
 from model import LM
-from test_kernel import TOL_BF16, TOL_FWD, make_inputs, make_state, reference, run_reference
-from test_model import TOL_LOGITS, perturb, prefill_then_decode, tiny, tokens
-
-needs_triton = pytest.mark.usefixtures("triton_installed")  # the fixture is in conftest.py
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NAMES = ("q", "k", "v", "g", "b_logit", "w")
+from reference import (DEVICE, NAMES, TOL_BF16, TOL_FWD, TOL_LOGITS, assert_error, assert_rel, gate_sweep,
+                       make_inputs, make_state, needs_triton, perturb, prefill_then_decode, reference, run_reference,
+                       tiny, tokens)
 
 
 def on_device(x, state, dtype):
@@ -108,25 +105,19 @@ def test_decode_steps_equal_one_sequence(mode):
                             f"triton {mode} decode steps")
 
 
-def narrow_tiles(monkeypatch, BV):
-    """Force value blocks of BV columns, so that V spans several programs (the default tile covers
-    the small V of these tests in one)."""
-    default = carve_triton._decode_config
-    monkeypatch.setattr(carve_triton, "_decode_config", lambda bh, k, v: (default(bh, k, v)[0], BV, 1))
-
-
 @needs_triton
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
-def test_parity_narrow_tiles(monkeypatch, mode):
-    """V = 24 in value blocks of 8: three programs per head, over four chunk boundaries."""
+def test_parity_narrow_tiles(mode):
+    """V = 24 in value blocks of 8 (value_columns; the default tile covers the small V of these tests
+    in one): three programs per head, over four chunk boundaries."""
     B, H, T, K, V, C = 2, 2, 29, 32, 24, 8
-    narrow_tiles(monkeypatch, 8)
     x = make_inputs(B, T, H, K, V, mode, seed=16)
     state, prefix_content = make_state(B, H, K, V, mode, C, prefix=13)
     if mode == "carve":
         x["D"], x["U"] = prefix_content
     args, content, state = on_device(x, state, torch.float32)
-    o, final = recurrent_carve_triton(*args, content, initial_state=state, output_final_state=True, chunk_size=C)
+    o, final = recurrent_carve_triton(*args, content, initial_state=state, output_final_state=True, chunk_size=C,
+                                      value_columns=8)
     check_against_reference(o, final, args, content, state, C, torch.float32, f"triton {mode} BV=8")
 
 
@@ -145,17 +136,17 @@ def test_l2norm_eps_convention():
 
 
 @needs_triton
-def test_every_output_element_is_written(monkeypatch, poisoned_empty):
+def test_every_output_element_is_written(poisoned_empty):
     """The launcher allocates o and the state with torch.empty, NaN-filled here: any element the
     kernel misses (a segment, a value block, the half-masked last block of V = 24 in blocks of 16)
     would show up as NaN."""
     B, H, T, K, V, C = 1, 2, 13, 16, 24, 8
-    narrow_tiles(monkeypatch, 16)
     x = make_inputs(B, T, H, K, V, "carve", seed=12)
     state, (x["D"], x["U"]) = make_state(B, H, K, V, "carve", C, prefix=13)
     args, content, state = on_device(x, state, torch.float32)
     poisoned_empty.clear()
-    o, final = recurrent_carve_triton(*args, content, initial_state=state, output_final_state=True, chunk_size=C)
+    o, final = recurrent_carve_triton(*args, content, initial_state=state, output_final_state=True, chunk_size=C,
+                                      value_columns=16)
     assert any(p is o for p in poisoned_empty) and any(p is final.S for p in poisoned_empty)
     assert any(p is final.o_sum for p in poisoned_empty)
     for t in (o, final.S, final.o_sum, final.delta):
@@ -163,11 +154,25 @@ def test_every_output_element_is_written(monkeypatch, poisoned_empty):
     check_against_reference(o, final, args, content, state, C, torch.float32, "triton poisoned")
 
 
+class CloneLog(TorchDispatchMode):
+    """Records the storage of every tensor that aten.clone (what Tensor.contiguous calls to copy) copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.clone.default:
+            self.sources.add(args[0].untyped_storage().data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
 @needs_triton
 def test_strided_inputs():
     """q, k, v as views of one fused projection (as model.py passes them: batch and time strides
     but packed heads) run without a copy; a [B, H, T, D] tensor transposed to [B, T, H, D] is not
-    packed and is copied. Both give exactly the result of contiguous inputs."""
+    packed and is copied. Both give exactly the result of contiguous inputs. The copies are seen as
+    the aten.clone calls the launcher makes (a dispatch mode records them)."""
     B, H, T, K, V, C = 2, 2, 11, 16, 32, 8
     x = make_inputs(B, T, H, K, V, "gdn2", seed=13)
     args, _, _ = on_device(x, None, torch.float32)
@@ -176,10 +181,13 @@ def test_strided_inputs():
     fused = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)        # [B, T, H*(2K+V)]
     fq, fk, fv = fused.split([H * K, H * K, H * V], dim=-1)
     fq, fk, fv = fq.view(B, T, H, K), fk.view(B, T, H, K), fv.view(B, T, H, V)
-    assert not fq.is_contiguous() and carve_triton._packed_bt(fq) is fq
+    assert not fq.is_contiguous()
     bhtd = b_logit.transpose(1, 2).contiguous().transpose(1, 2)                   # heads not packed
-    assert carve_triton._packed_bt(bhtd) is not bhtd
-    got, got_state = recurrent_carve_triton(fq, fk, fv, g, bhtd, w, output_final_state=True, chunk_size=C)
+    with CloneLog() as clones:
+        got, got_state = recurrent_carve_triton(fq, fk, fv, g, bhtd, w, output_final_state=True, chunk_size=C)
+    storage = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    assert storage(fused) not in clones.sources, "a view of the fused projection was copied"
+    assert storage(bhtd) in clones.sources, "the [B, H, T, D] layout was not made packed"
     assert torch.equal(got, want) and torch.equal(got_state.S, want_state.S)
 
 
@@ -217,10 +225,10 @@ def test_backend_default_and_override(monkeypatch):
     assert backend_for(cpu) == "torch" and backend_for(cuda) == "torch"
     monkeypatch.setenv("CARVE_BACKEND", "triton")
     assert backend_for(cuda) == "triton"
-    if carve_triton._interpreted():
+    if runs_in_interpreter():
         assert backend_for(cpu) == "triton"
-    # CPU tensors without the interpreter: a clear error (simulated by a kernel that is not interpreted)
-    monkeypatch.setattr(carve_triton, "_recurrent_fwd_kernel", lambda: None)
+    # CPU tensors without the interpreter: a clear error (simulated)
+    monkeypatch.setattr(carve_kernel, "runs_in_interpreter", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         backend_for(cpu)
     monkeypatch.setenv("CARVE_BACKEND", "cuda")
@@ -239,29 +247,37 @@ def test_backend_without_triton(monkeypatch):
 
 
 def test_module_imports_without_triton(monkeypatch):
-    """carve_kernel loads, and its torch path runs, where `import triton` fails."""
+    """carve_kernel loads, and its torch paths run, where `import triton` fails: every call dispatches
+    to torch, and CARVE_BACKEND=triton says why it cannot be followed."""
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
     monkeypatch.delenv("CARVE_BACKEND", raising=False)
     spec = importlib.util.spec_from_file_location("carve_kernel_without_triton", carve_kernel.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.triton is None and not hasattr(module, "recurrent_carve_triton")
-    x = make_inputs(1, 3, 2, 16, 16, "gdn2")
+    assert module.triton is None and not module.runs_in_interpreter()
+    cuda = types.SimpleNamespace(is_cuda=True)  # backend_for reads x.is_cuda only
+    assert module.backend_for(cuda) == "torch"
+    x = make_inputs(1, 20, 2, 16, 16, "gdn2")
     o, _ = module.recurrent_carve(*[x[n] for n in NAMES])
     assert torch.equal(o, recurrent_carve_torch(*[x[n] for n in NAMES])[0])
+    o, _ = module.chunk_carve(*[x[n] for n in NAMES], chunk_size=16)  # a shape the Triton kernels take
+    assert torch.equal(o, chunk_carve_torch(*[x[n] for n in NAMES], chunk_size=16)[0])
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="triton cannot be imported"):
+        module.chunk_carve(*[x[n] for n in NAMES], chunk_size=16)
 
 
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the calls of the two recurrent implementations behind recurrent_carve."""
     counts = {"torch": 0, "triton": 0}
-    for name, fn, module in (("torch", recurrent_carve_torch, carve_kernel),  # called by recurrent_carve
-                             ("triton", recurrent_carve_triton, carve_triton)):  # by the custom op
+    for name, fn in (("torch", recurrent_carve_torch),     # called by recurrent_carve
+                     ("triton", recurrent_carve_triton)):  # by the custom op carve::recurrent
         def counted(*a, _fn=fn, _name=name, **kw):
             counts[_name] += 1
             return _fn(*a, **kw)
-        monkeypatch.setattr(module, f"recurrent_carve_{name}", counted)
+        monkeypatch.setattr(carve_kernel, f"recurrent_carve_{name}", counted)
     return counts
 
 
@@ -325,12 +341,13 @@ def test_caller_autocast(monkeypatch):
 def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims):
     """With CARVE_BACKEND=triton, prefill (chunk_carve: torch path for C = 8) and then one token at a time
     (the fused Triton decode step: conv, gates and recurrence in one kernel) equals one forward over the
-    whole sequence (SPEC section 3): C = 8, T = 21, prefill 6 tokens, so the decode steps cross two
+    whole sequence (docs/DESIGN.md section 6): C = 8, T = 21, prefill 6 tokens, so the decode steps cross two
     chunk boundaries."""
     monkeypatch.setenv("CARVE_BACKEND", "triton")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the conv of a GPU run in fp32
-    fused, real = [], carve_triton.decode_step_triton
-    monkeypatch.setattr(carve_triton, "decode_step_triton", lambda *a, **kw: fused.append(1) or real(*a, **kw))
+    fused = []  # the custom op carve::decode_step calls carve_kernel.decode_step_triton
+    monkeypatch.setattr(carve_kernel, "decode_step_triton",
+                        lambda *a, **kw: fused.append(1) or decode_step_triton(*a, **kw))
     torch.manual_seed(0)
     model = perturb(LM(tiny(mixer, head_k_dim=dims[0], head_v_dim=dims[1]))).eval().to(DEVICE)
     B, T, T1 = 2, 21, 6
@@ -361,7 +378,7 @@ def test_fused_decode_step(mode, dtype):
     content = (r(H, 4, V), r(H, K, 4)) if mode == "carve" else None
     state = CarveState(0.3 * r(B, H, K, V), r(B, H, V), 0.3 * r(B, H, K), 7)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    o, final, cache = carve_triton.decode_step_triton(
+    o, final, cache = decode_step_triton(
         dev(x[:, 0]), dev(conv_weight), dev(conv_cache), dev(f[:, 0]), dev(A_log), dev(dt_bias), dev(b_logit[:, 0]),
         dev(w_raw[:, 0]), CarveState(*map(dev, state[:3]), 7), tuple(map(dev, content)) if content else None,
         -5.0, chunk_size=C)
@@ -377,7 +394,7 @@ def test_fused_decode_step(mode, dtype):
     # interpreter converts fp32 to bf16 by truncation (half of random values land one bf16 step from
     # torch's round-to-nearest; compiled kernels round to nearest), so on a CPU those roundings add up
     # to ~1e-2; a wrong tap, gate or activation is off by far more
-    tol = TOL_FWD if dtype == torch.float32 else (2 * TOL_BF16 if carve_triton._interpreted() else TOL_BF16)
+    tol = TOL_FWD if dtype == torch.float32 else (2 * TOL_BF16 if runs_in_interpreter() else TOL_BF16)
     assert_rel(o.cpu(), o_ref, tol, f"fused decode o {mode} {dtype}")
     assert_rel(final.S.cpu(), final_ref.S, tol, f"fused decode S {mode} {dtype}")
     assert final.offset == 8 and not final.o_sum.any()  # the chunk finished: o_sum reset
@@ -385,9 +402,55 @@ def test_fused_decode_step(mode, dtype):
         assert_rel(final.delta.cpu(), final_ref.delta, tol, f"fused decode delta {dtype}")
 
 
+if carve_kernel.triton is not None:
+    tl = carve_kernel.triton.language
+
+    @carve_kernel.triton.jit
+    def _decay_gate_probe(x, A_log, out, n, a_log_min, BLOCK: tl.constexpr):
+        """out = _decay_gate(x, A_log, a_log_min) for n values of x = f + dt_bias, each with its A_log."""
+        o = tl.arange(0, BLOCK)
+        m = o < n
+        g = carve_kernel._decay_gate(tl.load(x + o, mask=m, other=0.0), tl.load(A_log + o, mask=m, other=0.0),
+                                     a_log_min)
+        tl.store(out + o, g, mask=m)
+
+
+@needs_triton
+def test_decay_gate_triton_twin():
+    """_decay_gate, decay_gate's Triton twin inside the fused decode step (a private helper: a kernel is
+    its only caller, so this test runs it through a probe kernel of its own), against decay_gate over
+    gate_sweep's regimes: x from -30 to 40 and A_log below, at and above a_log_min.
+
+    Norm-wise within 1e-6 relative. Element by element:
+    - softplus(x) > 1 (up to and past the threshold 20, where it is x): within 1e-6 relative.
+    - softplus(x) <= 1 (the twin's log1p form): within 1e-6 * max(1, |x| / 5) relative. exp's
+      condition number is |x|: a compiled kernel's exp (exp2 of x log2(e)) rounds that product,
+      ~|x| 2^-24 relative (measured on an H200: up to 7e-8 |x|, 1.6e-6 at x = -27.4).
+    Heads with A_log below a_log_min give the floor's values bit for bit."""
+    f, A_log, dt_bias, a_log_min = gate_sweep()
+    want = decay_gate(f, A_log, dt_bias, a_log_min)[0]                       # [H, K] fp32
+    H, K = want.shape
+    x = (f[0] + dt_bias).to(DEVICE).contiguous()  # the fp32 sum, as decay_gate and the decode kernel form it
+    heads = A_log[:, None].expand(H, K).to(DEVICE).contiguous()
+    got = torch.empty(H, K, device=DEVICE)
+    _decay_gate_probe[(1,)](x, heads, got, H * K, a_log_min, BLOCK=carve_kernel.triton.next_power_of_2(H * K))
+    got = got.cpu()
+    assert_rel(got, want, 1e-6, "decay gate triton twin vs decay_gate")
+    assert torch.equal(got[0], got[2]) and torch.equal(got[1], got[2])    # A_log = -9, -5.5 floored at -5
+    err = (got.double() - want.double()).abs()
+    rel = err / want.double().abs()
+    rate = A_log.double().clamp(min=a_log_min).exp()[:, None].expand(H, K)
+    softplus = want.double() / -rate
+    large = softplus > 1
+    assert large.any() and (softplus < 1e-4).any() and ((softplus > 1e-4) & ~large).any()  # every regime
+    assert_error(rel[large].max().item(), 1e-6, "decay gate twin, elementwise rel (softplus > 1)")
+    scaled = rel / (x.cpu().double().abs() / 5).clamp(min=1)
+    assert_error(scaled[~large].max().item(), 1e-6, "decay gate twin, elementwise rel / max(1, |x|/5) (softplus <= 1)")
+
+
 @needs_triton
 def test_decode_op_compiles_without_graph_breaks(monkeypatch):
-    """The decode step is the custom op carve::recurrent_triton: torch.compile with fullgraph=True
+    """The decode step is the custom op carve::recurrent: torch.compile with fullgraph=True
     traces a step through it (a raw Triton launch would break the graph) and computes the same values;
     opcheck validates the op's schema and fake (meta) implementation."""
     monkeypatch.setenv("CARVE_BACKEND", "triton")
@@ -406,7 +469,7 @@ def test_decode_op_compiles_without_graph_breaks(monkeypatch):
         assert torch.equal(a, b)
     assert not torch.equal(eager[3], state.delta)  # the chunk-end content update happened inside the op
     D, U = content
-    torch.library.opcheck(torch.ops.carve.recurrent_triton.default,
+    torch.library.opcheck(torch.ops.carve.recurrent.default,
                           (*args, state.S, state.o_sum, state.delta, D, U, state.offset, 0.25, 8))
     # the fused decode step (conv and gates included), with a layer's shapes: 2HK + HV = 128 channels
     gen = torch.Generator().manual_seed(0)
