@@ -9,6 +9,7 @@ design; its section numbers are cited below.
                                output_final_state=False, scale=None, chunk_size=64)
     o, state, conv_cache = fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
                                              state, content, a_log_min, chunk_size=64)
+    y = output_norm_gate(o, gate, weight, eps, activation="silu")
 
     q, k     [B, T, H, K]  L2-normalised here, inside the kernel
     v        [B, T, H, V]
@@ -29,7 +30,8 @@ The file reads top to bottom:
   3. Triton chunk forward: the schedule, the sequence table, the forward's two forms and its kernels.
   4. Triton chunk backward: one reverse walk and two parallel kernels, and the content gradients.
   5. Triton decode: the per-token kernel behind recurrent_carve and a layer's fused decode step.
-  6. The torch.library custom ops around the Triton launchers, so torch.compile keeps one graph.
+  6. Triton output norm and gate: the layer's RMSNorm(o) * act(gate), forward and backward.
+  7. The torch.library custom ops around the Triton launchers, so torch.compile keeps one graph.
 Triton is optional: without it (a CPU-only install, macOS) every call takes the torch path.
 """
 from __future__ import annotations  # the kernels' tl.constexpr annotations stay strings without triton
@@ -149,6 +151,15 @@ def fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
     return o, CarveState(S, o_sum, delta, state.offset + 1), cache
 
 
+def output_norm_gate(o, gate, weight, eps, activation="silu"):
+    """The layer's output: RMSNorm(o) * weight * act(gate) over the last axis (per head), act = SiLU or
+    sigmoid; o and gate [..., V] in one dtype, weight [V]; the result in o's dtype, fp32 inside. One
+    Triton kernel each way (section 6) where backend_for says so, else output_norm_gate_torch."""
+    if backend_for(o) == "triton":
+        return torch.ops.carve.norm_gate(o, gate, weight, float(eps), activation == "silu")[0]
+    return output_norm_gate_torch(o, gate, weight, eps, activation)
+
+
 # ============================================================================================
 # 2. Torch definitions (docs/DESIGN.md sections 1-3 and 10)
 # ============================================================================================
@@ -159,6 +170,12 @@ def decay_gate(f, A_log, dt_bias, a_log_min):
     vanishing (docs/DESIGN.md section 7). _decay_gate is its Triton twin (the fused decode step)."""
     rate = A_log.float().clamp(min=a_log_min).exp()[:, None]
     return -rate * F.softplus(f.float() + dt_bias.float(), threshold=SOFTPLUS_THRESHOLD)
+
+
+def output_norm_gate_torch(o, gate, weight, eps, activation="silu"):
+    """output_norm_gate's definition: the norm and the gate in fp32, one rounding to o's dtype."""
+    normed = F.rms_norm(o.float(), (o.shape[-1],), weight.float(), eps)
+    return (normed * (F.silu(gate.float()) if activation == "silu" else torch.sigmoid(gate.float()))).to(o.dtype)
 
 
 def _check_inputs(q, k, v, g, b_logit, w, content, initial_state, state_rows=None):
@@ -1606,7 +1623,90 @@ def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit
 
 
 # ============================================================================================
-# 6. Custom ops: each Triton launcher behind a torch.library op, so torch.compile sees one opaque
+# 6. Triton output norm and gate (docs/DESIGN.md section 6)
+# ============================================================================================
+# RMSNorm(o) * weight * act(gate) for rows of one head's V values, forward and backward, so that the
+# layer's output keeps no fp32 copy of o and runs two kernels instead of some ten elementwise passes.
+# The backward recomputes the normalised row from o (one more read) rather than storing it.
+
+NORM_GATE_ROWS = 32  # rows a program: [32, 128] tiles keep every value of a row in one program
+
+
+def norm_gate_triton(o, gate, weight, eps, silu):
+    """output_norm_gate's forward with the Triton kernel; returns (y, rstd [rows] fp32)."""
+    V = o.shape[-1]
+    o2, gate2 = o.reshape(-1, V), gate.reshape(-1, V)
+    y = torch.empty(o2.shape, dtype=o2.dtype, device=o.device)
+    rstd = torch.empty(o2.shape[0], dtype=torch.float32, device=o.device)
+    _norm_gate_fwd_kernel[(triton.cdiv(o2.shape[0], NORM_GATE_ROWS),)](
+        o=o2, gate=gate2, weight=weight, y=y, rstd=rstd, n_rows=o2.shape[0], eps=eps, V=V,
+        BV=triton.next_power_of_2(V), ROWS=NORM_GATE_ROWS, SILU=silu)
+    return y.view(o.shape), rstd
+
+
+def norm_gate_backward_triton(dy, o, gate, weight, rstd, silu):
+    """output_norm_gate's backward with the Triton kernel: (do, dgate, dweight)."""
+    V = o.shape[-1]
+    o2, gate2, dy2 = o.reshape(-1, V), gate.reshape(-1, V), dy.reshape(-1, V).contiguous()
+    n_programs = triton.cdiv(o2.shape[0], NORM_GATE_ROWS)
+    do, dgate = (torch.empty(o2.shape, dtype=x.dtype, device=o.device) for x in (o2, gate2))
+    dweight_parts = torch.empty(n_programs, V, dtype=torch.float32, device=o.device)  # summed below: no atomics
+    _norm_gate_bwd_kernel[(n_programs,)](
+        dy=dy2, o=o2, gate=gate2, weight=weight, rstd=rstd, do=do, dgate=dgate, dweight_parts=dweight_parts,
+        n_rows=o2.shape[0], V=V, BV=triton.next_power_of_2(V), ROWS=NORM_GATE_ROWS, SILU=silu)
+    return do.view(o.shape), dgate.view(gate.shape), dweight_parts.sum(0).to(weight.dtype)
+
+
+@triton_jit
+def _norm_gate_rows(o, gate, weight, n_rows, V: tl.constexpr, BV: tl.constexpr, ROWS: tl.constexpr):
+    """This program's rows: offsets, mask, o and gate in fp32, the weight row."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BV)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < V)
+    offsets = rows[:, None] * V + cols[None, :]
+    x = tl.load(o + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate + offsets, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(weight + cols, mask=cols < V, other=0.0).to(tl.float32)
+    return rows, offsets, mask, x, g, w
+
+
+@triton_jit
+def _norm_gate_fwd_kernel(o, gate, weight, y, rstd, n_rows, eps, V: tl.constexpr, BV: tl.constexpr,
+                          ROWS: tl.constexpr, SILU: tl.constexpr):
+    rows, offsets, mask, x, g, w = _norm_gate_rows(o, gate, weight, n_rows, V, BV, ROWS)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / V + eps)
+    act = g * tl.sigmoid(g) if SILU else tl.sigmoid(g)
+    tl.store(y + offsets, (x * r[:, None] * w[None, :] * act).to(y.dtype.element_ty), mask=mask)
+    tl.store(rstd + rows, r, mask=rows < n_rows)
+
+
+@triton_jit
+def _norm_gate_bwd_kernel(dy, o, gate, weight, rstd, do, dgate, dweight_parts, n_rows, V: tl.constexpr,
+                          BV: tl.constexpr, ROWS: tl.constexpr, SILU: tl.constexpr):
+    """With n = o rstd, y = n w act(g): dg = dy n w act'(g); dw = sum over rows of dy act(g) n;
+    do = rstd (dn - n mean(dn n)) with dn = dy act(g) w."""
+    rows, offsets, mask, x, g, w = _norm_gate_rows(o, gate, weight, n_rows, V, BV, ROWS)
+    r = tl.load(rstd + rows, mask=rows < n_rows, other=0.0)
+    d = tl.load(dy + offsets, mask=mask, other=0.0).to(tl.float32)
+    n = x * r[:, None]
+    s = tl.sigmoid(g)
+    if SILU:
+        act = g * s
+        act_grad = s * (1.0 + g * (1.0 - s))
+    else:
+        act = s
+        act_grad = s * (1.0 - s)
+    tl.store(dgate + offsets, (d * n * w[None, :] * act_grad).to(dgate.dtype.element_ty), mask=mask)
+    d_normed = d * act
+    tl.store(dweight_parts + tl.program_id(0) * V + tl.arange(0, BV), tl.sum(d_normed * n, axis=0),
+             mask=tl.arange(0, BV) < V)
+    dn = d_normed * w[None, :]
+    dx = r[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / V)[:, None])
+    tl.store(do + offsets, dx.to(do.dtype.element_ty), mask=mask)
+
+
+# ============================================================================================
+# 7. Custom ops: each Triton launcher behind a torch.library op, so torch.compile sees one opaque
 #    node instead of a launch it cannot trace, and the graph does not break
 # ============================================================================================
 
@@ -1708,3 +1808,36 @@ if triton is not None:
         return (x.new_empty(B, 1, H, V), S.new_empty(S.shape, dtype=f32), o_sum.new_empty(o_sum.shape, dtype=f32),
                 delta.new_empty(delta.shape, dtype=f32), x.new_empty(B, x.shape[1], conv_weight.shape[-1] - 1))
 
+    @torch.library.custom_op("carve::norm_gate", mutates_args=())
+    def _norm_gate_op(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                      silu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(y, rstd): rstd [rows] fp32 is kept for the backward."""
+        return norm_gate_triton(o.contiguous(), gate.contiguous(), weight, eps, silu)
+
+    @_norm_gate_op.register_fake
+    def _(o, gate, weight, eps, silu):
+        return (torch.empty_like(o, memory_format=torch.contiguous_format),
+                o.new_empty(o.numel() // o.shape[-1], dtype=torch.float32))
+
+    def _norm_gate_setup_context(ctx, inputs, output):
+        o, gate, weight, eps, silu = inputs
+        ctx.save_for_backward(o, gate, weight, output[1])
+        ctx.set_materialize_grads(False)
+        ctx.silu = silu
+
+    def _norm_gate_backward(ctx, dy, _):   # rstd is the op's own bookkeeping: no gradient flows into it
+        o, gate, weight, rstd = ctx.saved_tensors
+        do, dgate, dweight = torch.ops.carve.norm_gate_bwd(dy, o, gate, weight, rstd, ctx.silu)
+        return do, dgate, dweight, None, None
+
+    torch.library.register_autograd("carve::norm_gate", _norm_gate_backward, setup_context=_norm_gate_setup_context)
+
+    @torch.library.custom_op("carve::norm_gate_bwd", mutates_args=())
+    def _norm_gate_bwd_op(dy: torch.Tensor, o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
+                          rstd: torch.Tensor, silu: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return norm_gate_backward_triton(dy, o.contiguous(), gate.contiguous(), weight, rstd, silu)
+
+    @_norm_gate_bwd_op.register_fake
+    def _(dy, o, gate, weight, rstd, silu):
+        return (torch.empty_like(o, memory_format=torch.contiguous_format),
+                torch.empty_like(gate, memory_format=torch.contiguous_format), torch.empty_like(weight))

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from carve_kernel import backend_for, chunk_carve, decay_gate, fused_decode_step, recurrent_carve, zero_state
+from carve_kernel import (backend_for, chunk_carve, decay_gate, fused_decode_step, output_norm_gate,
+                          recurrent_carve, zero_state)
 
 MIXERS = ("carve", "gdn2", "attn")
 
@@ -185,9 +186,7 @@ class DeltaMixer(nn.Module):
                               chunk_size=cfg.chunk_size, **packed)
         if cache is not None:
             cache["conv"], cache["state"] = conv_cache, state
-        o = F.rms_norm(o.float(), (V,), self.o_norm_weight.float(), cfg.norm_eps).to(x.dtype)
-        gate = self.g_proj(x).view(B, T, H, V)
-        o = o * (F.silu(gate) if cfg.gate_act == "silu" else torch.sigmoid(gate))
+        o = output_norm_gate(o, self.g_proj(x).view(B, T, H, V), self.o_norm_weight, cfg.norm_eps, cfg.gate_act)
         return self.o_proj(o.reshape(B, T, H * V)).view(batch_shape)
 
     def fused_decode(self, x):
@@ -295,6 +294,57 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+LOSS_CHUNK_ROWS = 4096  # rows of logits alive at once in the loss: 4096 x 50304 fp32 is 0.8 GB
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight^T against targets (-1: ignored), over chunks of rows,
+    so that the [tokens, vocab] logits (fp32 for the softmax: 3.3 GB at 4 x 4096 tokens and a 50304
+    vocabulary, and as much again for their gradient) never exist whole. Each chunk's logits are made,
+    reduced to its loss and, when a gradient is wanted, turned into its gradients at once: the loss is
+    the graph's last node, so the backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows, need_grad):
+        acc = torch.promote_types(x.dtype, torch.float32)   # the softmax in fp32 (fp64 for fp64 inputs)
+        n_valid = (targets != -1).sum().clamp(min=1)
+        loss = torch.zeros((), dtype=acc, device=x.device)
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_grad else None
+        for start in range(0, x.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            xc, tc = x[rows], targets[rows]
+            logits = (xc @ weight.t()).to(acc)
+            valid = tc != -1
+            target = tc.clamp(min=0)[:, None]
+            loss += ((torch.logsumexp(logits, dim=-1) - logits.gather(1, target)[:, 0]) * valid).sum()
+            if need_grad:  # d loss / d logits = (softmax - onehot(target)) / n_valid on the valid rows
+                grad = torch.softmax(logits, dim=-1)
+                grad.scatter_add_(1, target, torch.full_like(grad[:, :1], -1.0))
+                grad = (grad * (valid[:, None].to(acc) / n_valid)).to(x.dtype)
+                grad_x[rows] = grad @ weight
+                grad_w += (grad.t() @ xc).to(acc)
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+
+
+def linear_cross_entropy(x, weight, targets, chunk_rows=LOSS_CHUNK_ROWS):
+    """F.cross_entropy(x @ weight^T, targets, ignore_index=-1) over fp32 logits, without the logits
+    (LinearCrossEntropy). x [N, d], weight [vocab, d], targets [N]; under autocast in its dtype, as a
+    Linear layer would be."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    with torch.autocast(device, enabled=False):
+        return LinearCrossEntropy.apply(x.to(dtype), weight.to(dtype), targets, chunk_rows, need_grad)
+
+
 def _cache_offset(layer_cache):
     return layer_cache["offset"] if "offset" in layer_cache else layer_cache["state"].offset
 
@@ -326,7 +376,8 @@ class LM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)  # after the head: a tied head keeps N(0, 0.02)
 
     def forward(self, idx, targets=None, cache=None):
-        """idx [B, T] token ids. Training: returns (logits, mean cross-entropy over targets != -1);
+        """idx [B, T] token ids. Training: returns (None, mean cross-entropy over targets != -1), never
+        making the logits (linear_cross_entropy); without targets, (logits, None);
         with cfg.doc_start_token set, each row may hold several documents that never see each other.
         With a cache (generation): returns the logits of the last position only and updates the cache."""
         doc_id = None
@@ -347,11 +398,9 @@ class LM(nn.Module):
         x = self.norm(x)
         if cache is not None:
             return self.head(x[:, -1:]), None
-        logits = self.head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return self.head(x), None
+        return None, linear_cross_entropy(x.flatten(0, 1), self.head.weight, targets.flatten())
 
     def init_cache(self, batch_size, device=None):
         device = device or self.embed.weight.device

@@ -1,11 +1,12 @@
 """Model-level tests (docs/DESIGN.md sections 6, 9 and 11): parameter count, CARVE = GDN-2 at
 initialisation, prefill + decode = one forward, optimiser groups, FLOP count, config validation,
-finite gradients."""
+finite gradients, the chunked loss."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from model import LM, ModelConfig
+from model import LM, ModelConfig, linear_cross_entropy
 from reference import TOL_LOGITS, assert_rel, perturb, prefill_then_decode, record, rel_err, tiny, tokens
 
 
@@ -205,3 +206,67 @@ def test_activation_checkpointing_changes_nothing(mixer):
     assert (calls_a, calls_b) == (1, 2)  # the checkpointed block really ran again in the backward
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+@pytest.mark.parametrize("chunk_rows", [7, 16, 1000])
+def test_linear_cross_entropy(chunk_rows):
+    """linear_cross_entropy (the logits made chunk by chunk, gradients in the forward) equals
+    F.cross_entropy over the full logits in float64, loss and both gradients, with ignored rows, chunks
+    that do not divide the rows, and one chunk larger than all of them; a gradient other than 1 reaches
+    both inputs scaled; without a gradient it computes the same loss."""
+    gen = torch.Generator().manual_seed(0)
+    N, d, V = 45, 12, 37
+    x = torch.randn(N, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(V, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[::4] = -1
+    want = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
+    want_grads = torch.autograd.grad(3 * want, (x, weight))
+    got = linear_cross_entropy(x, weight, targets, chunk_rows)
+    got_grads = torch.autograd.grad(3 * got, (x, weight))
+    assert_rel(got, want, 1e-12, "linear cross-entropy loss (fp64)")
+    for name, g, w in zip(("x", "weight"), got_grads, want_grads):
+        assert_rel(g, w, 1e-12, f"linear cross-entropy grad {name} (fp64)")
+    with torch.no_grad():
+        assert_rel(linear_cross_entropy(x, weight, targets, chunk_rows), want, 1e-12, "linear cross-entropy no grad")
+
+
+if torch.cuda.is_available():  # the 1.3B recipe's head: a GPU check, not collected on a CPU
+    def test_linear_cross_entropy_at_the_1b3_shape():
+        """At the 1.3B recipe's micro-batch on a GPU: 16384 tokens, d_model 2304, vocabulary 50304, bf16
+        autocast; against the head's bf16 product and F.cross_entropy over its fp32 logits."""
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(16384, 2304, device="cuda", generator=gen).requires_grad_()
+        weight = (0.02 * torch.randn(50304, 2304, device="cuda", generator=gen)).requires_grad_()
+        targets = torch.randint(0, 50304, (16384,), device="cuda", generator=gen)
+        targets[:100] = -1
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            want = F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-1)
+            got = linear_cross_entropy(x, weight, targets)
+        want_grads = torch.autograd.grad(want, (x, weight))
+        got_grads = torch.autograd.grad(got, (x, weight))
+        assert_rel(got, want, 1e-4, "linear cross-entropy loss, 1.3B head (bf16)")
+        for name, g, w in zip(("x", "weight"), got_grads, want_grads):
+            assert_rel(g, w, 1e-2, f"linear cross-entropy grad {name}, 1.3B head (bf16)")
+
+
+@pytest.mark.parametrize("mixer", ["carve", "attn"])
+def test_model_loss_is_the_cross_entropy_of_its_logits(mixer):
+    """The model's training loss (no logits made) equals F.cross_entropy over its fp32 logits, in fp32
+    and under bf16 autocast (where both round the head's product to bf16 first), with the same gradients."""
+    model = perturb(LM(tiny(mixer)))
+    idx, targets = tokens(2, 40, model.cfg.vocab_size), tokens(2, 40, model.cfg.vocab_size, seed=1)
+    targets[1, 5:9] = -1
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(idx)[0]
+            want = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+            got = model(idx, targets)[1]
+        assert got.dtype == torch.float32
+        assert_rel(got, want, tol / 10, f"model loss vs cross-entropy of its logits ({dtype})")
+        want_grads = torch.autograd.grad(want, list(model.parameters()))
+        got_grads = torch.autograd.grad(got, list(model.parameters()))
+        for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads):
+            assert_rel(g, w, tol, f"model loss grad {name} ({dtype})")

@@ -1,0 +1,100 @@
+"""The layer's output, RMSNorm(o) * weight * act(gate) (carve_kernel.output_norm_gate): its torch
+definition and its Triton kernels (forward and backward, in Triton's interpreter on a CPU, compiled on a
+GPU) against a float64 formula written here, forward and every gradient."""
+import pytest
+import torch
+
+import carve_kernel
+from carve_kernel import output_norm_gate, output_norm_gate_torch
+from reference import DEVICE, TOL_BF16, TOL_FWD, TOL_GRAD, assert_rel, needs_triton
+
+EPS = 1e-5
+
+
+def formula(o, gate, weight, activation):
+    """float64: o / sqrt(mean(o^2) + eps) * weight * act(gate)."""
+    o, gate, weight = o.double(), gate.double(), weight.double()
+    normed = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + EPS)
+    act = gate * torch.sigmoid(gate) if activation == "silu" else torch.sigmoid(gate)
+    return normed * weight * act
+
+
+def inputs(shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    o = (3 * torch.randn(*shape, generator=gen)).to(dtype)
+    gate = (2 * torch.randn(*shape, generator=gen)).to(dtype)
+    weight = 1 + 0.3 * torch.randn(shape[-1], generator=gen)
+    return [t.to(DEVICE).requires_grad_() for t in (o, gate, weight)]
+
+
+def check(fn, shape, dtype, activation, tag):
+    o, gate, weight = inputs(shape, dtype)
+    y = fn(o, gate, weight, EPS, activation)
+    assert y.dtype == dtype and y.shape == o.shape
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (o, gate, weight)]
+    want = formula(*leaves, activation)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(y, (o, gate, weight), dy.to(DEVICE, dtype))
+    want_grads = torch.autograd.grad(want, leaves, dy)
+    fp32 = dtype == torch.float32
+    assert_rel(y.cpu(), want, TOL_FWD if fp32 else TOL_BF16, f"{tag} y")
+    for name, got, ref in zip(("o", "gate", "weight"), grads, want_grads):
+        assert got.dtype == (torch.float32 if name == "weight" else dtype)
+        assert_rel(got.cpu(), ref, TOL_GRAD if fp32 else TOL_BF16, f"{tag} grad {name}")
+
+
+# rows (all but the last axis) not a multiple of a program's 32 rows; V = 24 is masked to 32 columns
+SHAPES = [pytest.param((2, 5, 3, 16), id="30rows-V16"), pytest.param((1, 40, 2, 24), id="80rows-V24-masked"),
+          pytest.param((1, 3, 2, 128), id="6rows-V128")]
+if torch.cuda.is_available():  # the 1.3B recipe's micro-batch, 4 x 4096 tokens of 16 heads of 128 (GPU only)
+    SHAPES.append(pytest.param((4, 4096, 16, 128), id="1.3B-4x4096"))
+
+
+@pytest.mark.parametrize("activation", ["silu", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_torch_definition(shape, dtype, activation):
+    check(output_norm_gate_torch, shape, dtype, activation, f"norm gate torch {dtype}")
+
+
+@needs_triton
+@pytest.mark.parametrize("activation", ["silu", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_kernels(monkeypatch, shape, dtype, activation):
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    calls = []
+    real = carve_kernel.norm_gate_triton
+    monkeypatch.setattr(carve_kernel, "norm_gate_triton", lambda *a: calls.append(1) or real(*a))
+    check(output_norm_gate, shape, dtype, activation, f"norm gate triton {dtype}")
+    assert calls, "the Triton kernel did not run"
+
+
+@needs_triton
+def test_every_output_element_is_written(poisoned_empty):
+    """Every output the launchers allocate (poisoned with NaN) is written: y, rstd, do, dgate and the
+    per-program dweight parts."""
+    o, gate, weight = inputs((1, 40, 2, 24), torch.float32)
+    y, rstd = carve_kernel.norm_gate_triton(o.detach(), gate.detach(), weight.detach(), EPS, True)
+    grads = carve_kernel.norm_gate_backward_triton(torch.ones_like(y), o.detach(), gate.detach(), weight.detach(),
+                                                   rstd, True)
+    assert len(poisoned_empty) >= 5
+    for t in (y, rstd, *grads, *poisoned_empty):
+        assert torch.isfinite(t).all()
+
+
+@needs_triton
+def test_compiles_without_graph_breaks(monkeypatch):
+    """carve::norm_gate is a custom op with registered autograd: torch.compile(fullgraph=True) traces
+    the forward and backward through it and computes the same values."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    o, gate, weight = inputs((1, 40, 2, 16), torch.float32)
+
+    def loss(o, gate, weight):
+        return output_norm_gate(o, gate, weight, EPS).square().sum()
+
+    want = torch.autograd.grad(loss(o, gate, weight), (o, gate, weight))
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(o, gate, weight),
+                              (o, gate, weight))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
