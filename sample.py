@@ -11,7 +11,6 @@ token; everything else (checkpoint, model, speed) goes to stderr, so `> out.txt`
 """
 import argparse
 import codecs
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from model import LM, ModelConfig
+from train import checkpoint_records, load_newest_checkpoint
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -81,7 +81,7 @@ def fail(message):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out_dir", default="out/carve_shakespeare",
-                        help="run directory holding ckpt.pt and meta.json (default: %(default)s)")
+                        help="run directory of train.py: its newest good checkpoint is used (default: %(default)s)")
     parser.add_argument("--prompt", default=None, help="prompt text (default: a newline)")
     parser.add_argument("--prompt_file", default=None, help="read the prompt from this UTF-8 file instead")
     parser.add_argument("--max_new_tokens", type=int, default=500, help="(default: %(default)s)")
@@ -123,17 +123,18 @@ def main(argv=None):
     if prompt == "":
         fail("the prompt is empty; the model needs at least one token to condition on (try --prompt='\\n')")
 
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    meta_path = os.path.join(args.out_dir, "meta.json")
     how_to_train = (f"train a model into it first, e.g. "
                     f"python train.py configs/carve_shakespeare.py --out_dir={args.out_dir}")
     if not os.path.isdir(args.out_dir):
         fail(f"run directory {args.out_dir!r} does not exist; {how_to_train}")
-    for path in (ckpt_path, meta_path):
-        if not os.path.isfile(path):
-            fail(f"{path!r} not found (train.py writes ckpt.pt and meta.json into --out_dir); {how_to_train}")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    if not checkpoint_records(args.out_dir):
+        fail(f"no checkpoint in {args.out_dir!r} (train.py writes ckpt_<step>.pt and ckpt_<step>.json there); "
+             f"{how_to_train}")
+    # the newest checkpoint whose sha256 matches its record, to CPU memory first (straight onto the GPU
+    # it can run out of memory); a corrupt newer one is reported and skipped
+    checkpoint, meta = load_newest_checkpoint(args.out_dir, lambda line: print(line, file=sys.stderr))
+    meta_path = os.path.join(args.out_dir, meta["checkpoint"][:-3] + ".json")
+    ckpt_path = os.path.join(args.out_dir, meta["checkpoint"])
 
     from prepare_data import get_tokenizer
     try:
@@ -167,8 +168,6 @@ def main(argv=None):
         torch.backends.cuda.enable_cudnn_sdp(False)
     torch.manual_seed(args.seed)
 
-    # the checkpoint goes to CPU memory first: straight onto the GPU it can run out of memory
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     model = LM(ModelConfig.from_dict(meta["model_config"]))
     state_dict = checkpoint["model"]
     for prefix in ("_orig_mod.", "module."):  # torch.compile / DDP wrappers, in case they slipped in

@@ -13,6 +13,8 @@ A run is resumable exactly: `--init_from=resume` continues from out_dir/ckpt.pt.
 """
 import ast
 import difflib
+import glob
+import hashlib
 import inspect
 import json
 import math
@@ -35,7 +37,8 @@ DEFAULTS = dict(
     # I/O
     out_dir="out/carve_shakespeare",
     data_dir="data/shakespeare_byte",   # train.bin, val.bin, meta.json written by prepare_data.py
-    init_from="scratch",                # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from="scratch",                # 'scratch' or 'resume' (from the newest good checkpoint in out_dir)
+    keep_checkpoints=3,                 # checkpoints kept in out_dir (ckpt_<step>.pt), the newest ones
     tokenizer="",                       # if set, must match the data's tokenizer (a guard, not a choice)
     # model: every ModelConfig field (vocab_size 0 = take it from the data's meta.json; doc_start_token
     # is set from the data by reset_at_eot)
@@ -55,6 +58,7 @@ DEFAULTS = dict(
     beta1=0.9,
     beta2=0.95,
     grad_clip=1.0,
+    max_skipped_steps=10,               # steps skipped for a non-finite loss or gradient before the run stops
     # evaluation, logging, checkpoints (a checkpoint is written at every evaluation and at the end)
     eval_interval=250,
     eval_tokens=65536,                  # validation tokens per evaluation (a fixed set of windows)
@@ -87,7 +91,7 @@ def resolve_config_path(arg):
             return path
     known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
     stem = os.path.splitext(os.path.basename(arg))[0]
-    close = difflib.get_close_matches(stem, known, n=1, cutoff=0.0)
+    close = difflib.get_close_matches(stem, known, n=1, cutoff=0.6)  # no suggestion beats a far-fetched one
     hint = f" Did you mean configs/{close[0]}.py?" if close else ""
     raise SystemExit(f"error: config file {arg!r} not found.{hint} Available: {', '.join(known)}")
 
@@ -162,6 +166,10 @@ def load_config(argv):
                     continue
                 check_key(key, path)
                 config[key] = check_type(key, value, path)
+    try:  # the model's own checks (mixer names, gate activation), as one line
+        ModelConfig.from_dict(config)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     return config
 
 
@@ -178,9 +186,22 @@ class TokenData:
         if not os.path.isfile(meta_path):
             raise SystemExit(f"error: {meta_path} not found (data_dir={data_dir!r}). "
                              f"Prepare data first, e.g.: python prepare_data.py")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: {meta_path} is not valid JSON ({e}); re-run prepare_data.py for {data_dir!r}")
+        missing = [key for key in ("tokenizer", "vocab_size", "dtype", "val") if key not in self.meta]
+        if missing or not isinstance(self.meta.get("vocab_size"), int) or self.meta.get("dtype") not in ("uint16",
+                                                                                                          "uint32"):
+            raise SystemExit(f"error: {meta_path} lacks or mangles {', '.join(missing) or 'vocab_size or dtype'} "
+                             f"(expected prepare_data.py's keys: tokenizer, vocab_size, dtype uint16/uint32, val); "
+                             f"re-run prepare_data.py for {data_dir!r}")
+        if self.meta["vocab_size"] > np.iinfo(self.meta["dtype"]).max + 1:
+            raise SystemExit(f"error: {meta_path} says vocab_size {self.meta['vocab_size']} in {self.meta['dtype']} "
+                             f"tokens, which cannot hold it; re-run prepare_data.py for {data_dir!r}")
         self.seq_len, self.seed = seq_len, seed
+        self.paths = {}
         self.splits = {}
         for split in ("train", "val"):
             path = os.path.join(data_dir, f"{split}.bin")
@@ -193,8 +214,20 @@ class TokenData:
             tokens = np.memmap(path, dtype=dtype, mode="r")
             if len(tokens) < 2 * seq_len + 2:
                 raise SystemExit(f"error: {path} holds {len(tokens)} tokens, too few for seq_len={seq_len}")
-            self.splits[split] = tokens
+            self.splits[split], self.paths[split] = tokens, path
+        # val.bin is read whole at every evaluation: check it now rather than at the first evaluation
+        val = self.splits["val"]
+        self.check_ids(max(int(np.max(val[i:i + (1 << 24)])) for i in range(0, len(val), 1 << 24)), "val")
         self.n_windows = (len(self.splits["train"]) - 1) // seq_len - 1
+
+    def check_ids(self, top, split):
+        """The largest token id read must be below the data's vocab_size: a bad file (random bytes, another
+        tokenizer's tokens) would otherwise index past the embedding. val.bin is checked whole at the start,
+        in chunks; train.bin batch by batch (a scan of 100B tokens would hold up the start)."""
+        if top >= self.meta["vocab_size"]:
+            raise SystemExit(f"error: {self.paths[split]} holds token id {top}, not below the vocab_size "
+                             f"{self.meta['vocab_size']} of its meta.json: the file is damaged or from another "
+                             f"tokenizer; re-run prepare_data.py")
 
     def _window(self, tokens, start):
         chunk = torch.from_numpy(tokens[start:start + self.seq_len + 1].astype(np.int64))
@@ -213,7 +246,9 @@ class TokenData:
     def train_batch(self, first, count):
         """Training sequences first .. first+count-1 as (x, y) [count, seq_len] int64."""
         pairs = [self._window(self.splits["train"], self.train_window_start(i)) for i in range(first, first + count)]
-        return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+        x, y = torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+        self.check_ids(int(max(x.max(), y.max())), "train")
+        return x, y
 
     def val_windows(self, n):
         """n fixed, evenly spaced validation windows (the same at every evaluation)."""
@@ -248,30 +283,105 @@ def check_data_matches(config, data, resumed_model_config=None):
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
-def atomic_save(obj, path, as_json=False):
+def atomic_write(path, write):
+    """write(tmp_path), flushed to disk, then renamed over path: a crash at any moment (kill -9, power)
+    leaves either the old file or the new one, never a part of either."""
     tmp = path + ".tmp"
-    if as_json:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself on disk
+    finally:
+        os.close(directory)
 
 
-def save_checkpoint(config, model, optimizer, step, data_position, wandb_run_id, last_eval, tokenizer):
+def write_json(obj, path):
+    atomic_write(path, lambda tmp: json.dump(obj, open(tmp, "w"), indent=2))
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def non_finite_tensors(state, prefix=""):
+    """Names of the floating-point tensors in a nested dict/list that hold NaN or Inf."""
+    if torch.is_tensor(state):
+        return [prefix] if state.is_floating_point() and not torch.isfinite(state).all() else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else []
+    return [name for key, value in items for name in non_finite_tensors(value, f"{prefix}.{key}".strip("."))]
+
+
+def save_checkpoint(config, model, optimizer, step, data_position, wandb_run_id, last_eval, tokenizer, log):
+    """out_dir/ckpt_<step>.pt, then its record ckpt_<step>.json (sha256 of the .pt, step, val loss, model
+    config) and a copy of that record as out_dir/meta.json; then the oldest beyond keep_checkpoints go.
+    The record is written after the checkpoint, so a checkpoint without one was never finished. Weights
+    or optimiser state that are not finite are never written: the run stops, the last good checkpoint stays."""
     out_dir = config["out_dir"]
-    model_config = {k: config[k] for k in MODEL_KEYS}
-    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "data_position": data_position, "config": config, "model_config": model_config,
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                 "wandb_run_id": wandb_run_id}, os.path.join(out_dir, "ckpt.pt"))
-    atomic_save({"model_config": model_config, "tokenizer": tokenizer, "data_dir": config["data_dir"],
-                 "step": step, "tokens_seen": step * config["batch_tokens"], "data_position": data_position,
-                 "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
-                 "num_params": model.num_params(), "torch_version": torch.__version__,
-                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-                os.path.join(out_dir, "meta.json"), as_json=True)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "data_position": data_position, "config": config, "model_config": {k: config[k] for k in MODEL_KEYS},
+             "rng": {"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+             "wandb_run_id": wandb_run_id}
+    bad = non_finite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
+    if bad:
+        kept = checkpoint_records(out_dir)
+        raise SystemExit(f"error: at step {step} {len(bad)} tensors are not finite (first: {bad[0]}); no checkpoint "
+                         f"written, the newest one stays ({kept[0] if kept else 'none yet'})")
+    path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    record = {"checkpoint": os.path.basename(path), "sha256": sha256_of(path), "model_config": state["model_config"],
+              "tokenizer": tokenizer, "data_dir": config["data_dir"], "step": step,
+              "tokens_seen": step * config["batch_tokens"], "data_position": data_position,
+              "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
+              "num_params": model.num_params(), "torch_version": torch.__version__,
+              "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(record, path[:-3] + ".json")
+    write_json(record, os.path.join(out_dir, "meta.json"))
+    for old in checkpoint_records(out_dir)[config["keep_checkpoints"]:]:
+        for stale in (old[:-5] + ".pt", old):   # the checkpoint first: a record never points at nothing
+            if os.path.exists(stale):
+                os.remove(stale)
+    log(f"checkpoint: {path}")
+
+
+def checkpoint_records(out_dir):
+    """The records ckpt_<step>.json in out_dir, newest first."""
+    return sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.json")), reverse=True)
+
+
+def load_newest_checkpoint(out_dir, log=print):
+    """(checkpoint, record) of the newest checkpoint in out_dir whose file matches the sha256 in its record
+    and loads; each newer one that does not is reported in one line. SystemExit if none is good."""
+    records, problems = checkpoint_records(out_dir), []
+    if not records:
+        raise SystemExit(f"error: no checkpoint in {out_dir} (train.py writes ckpt_<step>.pt and its record "
+                         f"ckpt_<step>.json there)")
+    for record_path in records:
+        try:
+            with open(record_path) as f:
+                record = json.load(f)
+            path = os.path.join(out_dir, record["checkpoint"])
+            if not os.path.isfile(path):
+                raise ValueError(f"{path} is missing")
+            if sha256_of(path) != record["sha256"]:
+                raise ValueError(f"{path} is corrupt (its sha256 differs from the one in {record_path})")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # CPU first: no GPU OOM
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError) as e:
+            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+            problems.append(problem if out_dir in problem else f"{record_path}: {problem}")
+            log(f"warning: {problems[-1]}; trying an older checkpoint")
+            continue
+        if problems:
+            log(f"using {path} (step {record['step']}), the newest good checkpoint")
+        return checkpoint, record
+    raise SystemExit(f"error: no good checkpoint in {out_dir}: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,20 +448,21 @@ def main(argv):
 
     tokens_per_micro = config["micro_batch_size"] * config["seq_len"]
     if config["batch_tokens"] % (tokens_per_micro * world):
+        fits = [m for m in range(config["micro_batch_size"], 0, -1)
+                if config["batch_tokens"] % (m * config["seq_len"] * world) == 0][:4]
+        hint = (f"; --micro_batch_size={' or '.join(map(str, fits))} fits" if fits else
+                f"; no micro_batch_size fits: change batch_tokens or seq_len")
         raise SystemExit(f"error: batch_tokens={config['batch_tokens']} must be a multiple of micro_batch_size * "
-                         f"seq_len * world_size = {config['micro_batch_size']} * {config['seq_len']} * {world}")
+                         f"seq_len * world_size = {config['micro_batch_size']} * {config['seq_len']} * {world}{hint}")
     accum = config["batch_tokens"] // (tokens_per_micro * world)
     if config["init_from"] not in ("scratch", "resume"):
         raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {config['init_from']!r}")
-    ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
     checkpoint = None
     if config["init_from"] == "resume":
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"error: --init_from=resume but {ckpt_path} does not exist")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # CPU first: no GPU OOM
-    elif os.path.exists(ckpt_path):
-        raise SystemExit(f"error: {ckpt_path} already exists; pass --init_from=resume to continue that run, "
-                         f"or choose another --out_dir (nothing was overwritten)")
+        checkpoint, _ = load_newest_checkpoint(config["out_dir"], log)
+    elif checkpoint_records(config["out_dir"]):
+        raise SystemExit(f"error: {config['out_dir']} already holds checkpoints; pass --init_from=resume to continue "
+                         f"that run, or choose another --out_dir (nothing was overwritten)")
 
     data = TokenData(config["data_dir"], config["seq_len"], config["seed"])
     check_data_matches(config, data, checkpoint and checkpoint["config"])
@@ -359,8 +470,14 @@ def main(argv):
         changed = {k: (checkpoint["model_config"][k], config[k]) for k in MODEL_KEYS
                    if checkpoint["model_config"][k] != config[k]}
         if changed:
-            raise SystemExit(f"error: model config differs from the checkpoint in {ckpt_path}: "
+            raise SystemExit(f"error: model config differs from the checkpoint in {config['out_dir']}: "
                              + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items()))
+        old = checkpoint["config"]
+        if (old["lr_decay_steps"] or old["max_steps"]) != (config["lr_decay_steps"] or config["max_steps"]):
+            at = checkpoint["step"]
+            log(f"note: the learning-rate schedule changes: it decays over {config['lr_decay_steps'] or config['max_steps']} "
+                f"steps, not {old['lr_decay_steps'] or old['max_steps']} (lr at step {at}: {lr_at(at, old):.2e} -> "
+                f"{lr_at(at, config):.2e}); --lr_decay_steps={old['lr_decay_steps'] or old['max_steps']} keeps it")
     config["tokenizer"] = data.meta["tokenizer"]
 
     torch.manual_seed(config["seed"])
@@ -418,7 +535,7 @@ def main(argv):
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             if config["wandb_log"]:
                 wandb.log(metrics, step=step)
-    t_last, tokens_since = time.time(), 0
+    t_last, tokens_since, skipped = time.time(), 0, 0
     seqs_per_micro = config["micro_batch_size"]
     while step < config["max_steps"]:
         lr = lr_at(step, config)
@@ -437,7 +554,22 @@ def main(argv):
                 (loss / accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        optimizer.step()
+        # the gradients are the same on every rank after DDP's all-reduce, so is their norm; the loss is not.
+        # One host sync a step: the price of never applying a NaN update.
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
+        if ddp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item():
+            optimizer.step()
+        else:
+            skipped += 1
+            log(f"step {step + 1}: non-finite {'loss' if not torch.isfinite(loss_sum) else 'gradient'}, "
+                f"update skipped ({skipped} of at most max_skipped_steps={config['max_skipped_steps']})")
+            publish({"skipped_steps": skipped})
+            if skipped > config["max_skipped_steps"]:
+                raise SystemExit(f"error: {skipped} steps had a non-finite loss or gradient (max_skipped_steps="
+                                 f"{config['max_skipped_steps']}); stopped at step {step + 1}. The newest checkpoint "
+                                 f"in {config['out_dir']} is from before; try a lower lr or a longer warm-up")
         optimizer.zero_grad(set_to_none=True)
         step += 1
         data_position += config["batch_tokens"] // config["seq_len"]
@@ -465,10 +597,10 @@ def main(argv):
             publish(last_eval)
             if master:
                 save_checkpoint(config, raw_model, optimizer, step, data_position, wandb_run_id, last_eval,
-                                data.meta["tokenizer"])
-            t_last = time.time()  # evaluation time is not training throughput
+                                data.meta["tokenizer"], log)
+            t_last, tokens_since = time.time(), 0  # evaluation is not training: count from here
         if stop_requested:
-            log(f"stopped at step {step}; checkpoint in {ckpt_path}; continue with --init_from=resume")
+            log(f"stopped at step {step}; checkpoint in {config['out_dir']}; continue with --init_from=resume")
             break
     if master and config["wandb_log"]:
         wandb.finish()
@@ -478,7 +610,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except SystemExit as e:
+        if e.code not in (None, 0) and int(os.environ.get("RANK", 0)) > 0:
+            os._exit(1)  # under torchrun every rank meets the same error: rank 0 prints it, once
+        raise
     if "RANK" in os.environ:
         # Under torchrun on CPU (gloo), a rank sometimes aborts in the interpreter's teardown after all
         # work is done ("terminate called without an active exception": about 1 suite run in 4 here),

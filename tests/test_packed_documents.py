@@ -142,7 +142,7 @@ def test_train_resets_at_eot(shakespeare_gpt2, tmp_path):
     out = tmp_path / "run"
     train.main(["carve_shakespeare", *small, f"--data_dir={shakespeare_gpt2}", f"--out_dir={out}",
                 "--reset_at_eot=True"])
-    meta = torch.load(out / "ckpt.pt", weights_only=True)["model_config"]
+    meta = train.load_newest_checkpoint(str(out), log=lambda line: None)[0]["model_config"]
     assert meta["doc_start_token"] == 50256
 
 

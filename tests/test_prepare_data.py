@@ -204,6 +204,7 @@ def test_missing_bpe_file_offline_says_how_to_fix(tmp_path):
     )
     assert result.returncode != 0
     assert "scripts/fetch_bpe.py" in result.stderr and "TIKTOKEN_CACHE_DIR" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_fineweb_without_datasets(monkeypatch, tmp_path):

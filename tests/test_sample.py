@@ -13,6 +13,7 @@ sys.path.insert(0, REPO)
 from model import LM, ModelConfig  # noqa: E402
 from prepare_data import get_tokenizer  # noqa: E402
 from sample import generate, main, sample_next  # noqa: E402
+import train  # noqa: E402
 
 TINY = dict(vocab_size=256, n_layer=2, d_model=32, n_head=2, head_k_dim=8, head_v_dim=8, mlp_hidden=64,
             chunk_size=8, mixer="carve,attn")
@@ -46,12 +47,12 @@ def save_run(out_dir, model, tokenizer="byte"):
     """A run directory in the layout train.py writes."""
     os.makedirs(out_dir, exist_ok=True)
     model_config = dict(TINY, **{k: getattr(model.cfg, k) for k in TINY})
+    path = os.path.join(out_dir, "ckpt_00000007.pt")
     torch.save({"model": model.state_dict(), "optimizer": {}, "step": 7, "data_position": 0, "rng": {},
-                "config": {"out_dir": str(out_dir)}, "model_config": model_config},
-               os.path.join(out_dir, "ckpt.pt"))
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump({"model_config": model_config, "tokenizer": tokenizer, "data_dir": "data/none", "step": 7,
-                   "val_loss": 3.21, "val_bpb": None}, f)
+                "config": {"out_dir": str(out_dir)}, "model_config": model_config}, path)
+    with open(os.path.join(out_dir, "ckpt_00000007.json"), "w") as f:
+        json.dump({"checkpoint": "ckpt_00000007.pt", "sha256": train.sha256_of(path), "model_config": model_config,
+                   "tokenizer": tokenizer, "data_dir": "data/none", "step": 7, "val_loss": 3.21, "val_bpb": None}, f)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_main_errors(tmp_path, run_dir):
     # run directory present but without a checkpoint
     with pytest.raises(SystemExit) as e:
         main(["--out_dir", str(tmp_path), "--device", "cpu"])
-    assert os.path.join(str(tmp_path), "ckpt.pt") in str(e.value.code)
+    assert f"no checkpoint in {str(tmp_path)!r}" in str(e.value.code)
     with pytest.raises(SystemExit) as e:
         main(["--out_dir", str(run_dir), "--prompt", "", "--device", "cpu"])
     assert "empty" in str(e.value.code)

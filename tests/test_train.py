@@ -46,8 +46,12 @@ def losses(out_dir):
     return {r["step"]: r["loss"] for r in train_log(out_dir) if "loss" in r}
 
 
+def newest_checkpoint(out_dir):
+    return train.load_newest_checkpoint(str(out_dir), log=lambda line: None)[0]
+
+
 def weights(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)["model"]
+    return newest_checkpoint(out_dir)["model"]
 
 
 def test_resume_is_exact(shakespeare, tmp_path):
@@ -60,7 +64,7 @@ def test_resume_is_exact(shakespeare, tmp_path):
     assert losses(split) == losses(full)  # the same floats, not merely close
     a, b = weights(full), weights(split)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ckpt = torch.load(os.path.join(split, "ckpt.pt"), map_location="cpu", weights_only=True)
+    ckpt = newest_checkpoint(split)
     assert ckpt["step"] == 8 and ckpt["data_position"] == 8 * 384 // 48
     meta = json.load(open(os.path.join(split, "meta.json")))
     assert meta["tokenizer"] == "byte" and meta["step"] == 8 and meta["val_bpb"] > 0
@@ -123,7 +127,7 @@ def test_interrupted_run_checkpoints_and_resumes_exactly(shakespeare, tmp_path):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert "stopped at step" in stdout
-    stopped_at = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)["step"]
+    stopped_at = newest_checkpoint(interrupted)["step"]
     assert 3 <= stopped_at < 150
     run_in_process([*common, f"--out_dir={interrupted}", "--init_from=resume"])
     a, b = weights(reference), weights(interrupted)
@@ -153,7 +157,7 @@ def test_config_errors(shakespeare, tmp_path):
     expect_error([str(bad_config), out], "unknown config key 'learning_rate'", str(bad_config))
     expect_error(["carve_shakespeare", f"--data_dir={shakespeare}", "--batch_tokens=1000", out],
                  "batch_tokens=1000", "micro_batch_size")
-    expect_error(["carve_shakespeare", f"--data_dir={shakespeare}", "--init_from=resume", out], "does not exist")
+    expect_error(["carve_shakespeare", f"--data_dir={shakespeare}", "--init_from=resume", out], "no checkpoint in")
 
 
 def test_data_errors(shakespeare, tmp_path):
@@ -176,10 +180,10 @@ def test_data_errors(shakespeare, tmp_path):
 def test_existing_checkpoint_is_never_overwritten(shakespeare, tmp_path):
     out = str(tmp_path / "run")
     run_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=1"])
-    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    before = open(os.path.join(out, "ckpt_00000001.pt"), "rb").read()
     expect_error(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}"],
-                 "already exists", "--init_from=resume")
-    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+                 "already holds checkpoints", "--init_from=resume")
+    assert open(os.path.join(out, "ckpt_00000001.pt"), "rb").read() == before
     expect_error(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--n_layer=3",
                   "--init_from=resume"], "n_layer: checkpoint 2 vs now 3")
 
@@ -209,7 +213,7 @@ def test_help_lists_every_key_with_its_default_and_comment(args):
     for key, value in train.DEFAULTS.items():
         assert f"--{key}={value!r}" in out, key
     lines = out.splitlines()
-    for key, comment in (("init_from", "'scratch' or 'resume' (from out_dir/ckpt.pt)"),  # from DEFAULTS
+    for key, comment in (("init_from", "'scratch' or 'resume' (from the newest good checkpoint in out_dir)"),  # from DEFAULTS
                          ("mixer", "comma-separated pattern repeated over the layers")):  # from ModelConfig
         assert any(f"--{key}=" in line and line.endswith(comment) for line in lines), (key, comment)
     assert "# optimiser: AdamW, linear warm-up then cosine from lr to min_lr over lr_decay_steps" in lines

@@ -1,0 +1,258 @@
+"""Faults a long run meets, each injected on a tiny model on the CPU: corrupt and truncated checkpoints,
+kill -9 at any moment (while a checkpoint is written too), non-finite losses, non-finite weights at a
+save, and the figures a run prints around them."""
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import sample
+import train
+from model import LM, ModelConfig
+from reference import ROOT
+
+TINY = ["--n_layer=2", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_v_dim=16", "--mlp_hidden=64",
+        "--chunk_size=16", "--content_rank=4", "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=192",
+        "--warmup_steps=2", "--lr=3e-3", "--eval_tokens=192", "--log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shakespeare_byte"
+    subprocess.run([sys.executable, "prepare_data.py", "--out_dir", str(out)], cwd=ROOT, check=True,
+                   capture_output=True)
+    return str(out)
+
+
+def train_run(args, capsys=None):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    return capsys.readouterr().out if capsys else None
+
+
+def checkpoints(out_dir):
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+
+
+def corrupt(path, how):
+    data = bytearray(open(path, "rb").read())
+    if how == "random bytes":   # 4 KB in the middle: the zip still opens, the tensors are garbage
+        middle = len(data) // 2
+        data[middle:middle + 4096] = os.urandom(4096)
+    else:                       # a copy cut short
+        data = data[:len(data) // 2]
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["random bytes", "truncated"])
+def test_corrupt_newest_checkpoint_falls_back(shakespeare, tmp_path, capsys, how):
+    """The newest checkpoint damaged: resume and sample.py say so in one line and use the one before;
+    the run then continues from that one exactly as the undamaged run would have."""
+    out = str(tmp_path / "run")
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--eval_interval=2"]
+    train_run([*common, "--max_steps=4"])
+    assert checkpoints(out) == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
+    good = torch.load(os.path.join(out, "ckpt_00000002.pt"), weights_only=True)
+    corrupt(os.path.join(out, "ckpt_00000004.pt"), how)
+    capsys.readouterr()
+    sample.main(["--out_dir", out, "--device", "cpu", "--max_new_tokens=5", "--no_stream"])
+    err = capsys.readouterr().err
+    assert "ckpt_00000004.pt" in err and "trying an older checkpoint" in err and "(step 2)" in err
+    printed = train_run([*common, "--max_steps=6", "--init_from=resume"], capsys)
+    warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "ckpt_00000004.pt is corrupt" in warnings[0], printed
+    assert "resuming at step 2" in printed
+    # the steps after the fallback equal a run that went 2 -> 6 from the good checkpoint
+    ref = str(tmp_path / "ref")
+    train_run(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={ref}", "--eval_interval=2",
+               "--max_steps=6"])
+    a = train.load_newest_checkpoint(out, log=lambda line: None)[0]["model"]
+    b = train.load_newest_checkpoint(ref, log=lambda line: None)[0]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and good["step"] == 2
+
+
+def test_every_checkpoint_bad_is_one_line(shakespeare, tmp_path):
+    out = str(tmp_path / "run")
+    train_run(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=2",
+               "--eval_interval=2"])
+    corrupt(os.path.join(out, "ckpt_00000002.pt"), "truncated")
+    with pytest.raises(SystemExit) as info:
+        train.load_newest_checkpoint(out, log=lambda line: None)
+    message = str(info.value)
+    assert message.startswith("error: no good checkpoint in") and "\n" not in message
+
+
+def test_only_the_newest_checkpoints_are_kept(shakespeare, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    printed = train_run(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}",
+                         "--max_steps=5", "--eval_interval=1", "--keep_checkpoints=2"], capsys)
+    assert checkpoints(out) == ["ckpt_00000004.pt", "ckpt_00000005.pt"]
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "ckpt_*.json"))) == \
+        ["ckpt_00000004.json", "ckpt_00000005.json"]
+    assert printed.count("checkpoint: ") == 5 and os.path.join(out, "ckpt_00000005.pt") in printed
+    assert json.load(open(os.path.join(out, "meta.json")))["checkpoint"] == "ckpt_00000005.pt"
+
+
+def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(shakespeare, tmp_path):
+    """SIGKILL at random moments of a run that checkpoints every step (so some kills land inside a
+    save): afterwards the newest good checkpoint loads and resume finishes the run."""
+    out = str(tmp_path / "run")
+    common = ["train.py", "carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}",
+              "--max_steps=400", "--eval_interval=1", "--eval_tokens=48"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(4):
+        args = common + (["--init_from=resume"] if checkpoints(out) else [])
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while not checkpoints(out) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+        checkpoint, record = train.load_newest_checkpoint(out, log=lambda line: None)
+        assert checkpoint["step"] == record["step"] >= 1
+    assert kills >= 3
+    finish = subprocess.run([sys.executable, *common, "--max_steps=" + str(record["step"] + 2), "--init_from=resume"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(shakespeare, tmp_path, capsys):
+    """An absurd learning rate makes every loss after the first step non-finite: each such update is
+    skipped and counted, the run stops after max_skipped_steps with one line and a non-zero exit, and
+    no checkpoint with non-finite weights is written."""
+    out = str(tmp_path / "run")
+    args = ["train.py", "carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}",
+            "--max_steps=20", "--eval_interval=1", "--lr=1e30", "--warmup_steps=1", "--max_skipped_steps=3"]
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    skipped = [line for line in result.stdout.splitlines() if "update skipped" in line]
+    assert len(skipped) == 4, result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 4 steps had a non-finite loss or gradient")
+    assert "Traceback" not in result.stderr
+    for name in checkpoints(out):
+        state = torch.load(os.path.join(out, name), weights_only=True)
+        assert not train.non_finite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    config = {**train.DEFAULTS, "out_dir": str(tmp_path), "vocab_size": 64, "n_layer": 1, "d_model": 16,
+              "n_head": 2, "head_k_dim": 8, "head_v_dim": 8, "mlp_hidden": 32, "chunk_size": 16, "content_rank": 2,
+              "doc_start_token": -1}
+    model = LM(ModelConfig(**{k: config[k] for k in train.MODEL_KEYS}))
+    optimizer = torch.optim.AdamW(model.parameters())
+    with torch.no_grad():
+        model.head.weight[3, 2] = float("nan")
+    with pytest.raises(SystemExit) as info:
+        train.save_checkpoint(config, model, optimizer, 7, 0, None, {}, "byte", log=print)
+    assert "not finite" in str(info.value) and "head.weight" in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_tokens_per_s_after_an_evaluation(shakespeare, tmp_path, capsys):
+    """An evaluation between two log lines resets the timer and the token count together, so the
+    next line reports the training rate (it once reported ~2.6x too much)."""
+    out = str(tmp_path / "run")
+    printed = train_run(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}",
+                         "--max_steps=12", "--log_interval=4", "--eval_interval=6", "--eval_tokens=4800"], capsys)
+    rates = {int(line.split()[1].split("/")[0]): float(line.split(" tok/s")[0].rsplit("| ", 1)[1].replace(",", ""))
+             for line in printed.splitlines() if "tok/s" in line}
+    assert rates[8] < 2.0 * rates[4] and rates[8] < 2.0 * rates[12], rates
+
+
+def test_resume_with_a_longer_run_says_how_the_schedule_changes(shakespeare, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--eval_interval=3"]
+    train_run([*common, "--max_steps=3"])
+    printed = train_run([*common, "--max_steps=6", "--init_from=resume"], capsys)
+    assert "note: the learning-rate schedule changes: it decays over 6 steps, not 3" in printed
+    assert "--lr_decay_steps=3 keeps it" in printed
+
+
+def copy_data(shakespeare, to):
+    os.makedirs(to)
+    for name in ("meta.json", "train.bin", "val.bin"):
+        open(os.path.join(to, name), "wb").write(open(os.path.join(shakespeare, name), "rb").read())
+    return str(to)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_token_ids_past_the_vocabulary(shakespeare, tmp_path, split):
+    """Random bytes in train.bin or val.bin (uint16 ids past the byte vocabulary): one line naming the
+    file, before any training for val.bin and at the first batch that reads them for train.bin."""
+    data = copy_data(shakespeare, tmp_path / "data")
+    path = os.path.join(data, f"{split}.bin")
+    raw = bytearray(open(path, "rb").read())
+    for start in range(0, len(raw) - 8192, 65536):  # 8 KB of every 64 KB: every batch of a few windows meets some
+        raw[start:start + 8192] = os.urandom(8192)
+    open(path, "wb").write(bytes(raw))
+    args = ["carve_shakespeare", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--max_steps=50",
+            "--eval_interval=200"]
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path} holds token id") and "vocab_size 256" in last, result.stderr
+    if split == "val":
+        assert "step 1/" not in result.stdout  # stopped before training
+
+
+@pytest.mark.parametrize("content, expected", [("{not json", "is not valid JSON"),
+                                               ('{"tokenizer": "byte"}', "lacks or mangles vocab_size, dtype, val"),
+                                               ('{"tokenizer": "byte", "vocab_size": 70000, "dtype": "uint16", '
+                                                '"val": {}}', "cannot hold it")])
+def test_bad_data_meta_json(shakespeare, tmp_path, content, expected):
+    data = copy_data(shakespeare, tmp_path / "data")
+    open(os.path.join(data, "meta.json"), "w").write(content)
+    with pytest.raises(SystemExit) as info:
+        train.main(["carve_shakespeare", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"])
+    message = str(info.value)
+    assert expected in message and os.path.join(data, "meta.json") in message and "\n" not in message
+
+
+def test_one_line_config_errors(shakespeare, tmp_path):
+    out = f"--out_dir={tmp_path / 'out'}"
+    cases = [(["carve_shakespeare", "--mixer=carv", out], "unknown mixer 'carv'"),
+             (["no_such_config_anywhere", out], "not found."),
+             (["carve_shakespeare", f"--data_dir={shakespeare}", "--batch_tokens=1000", out],
+              "no micro_batch_size fits"),
+             (["carve_shakespeare", f"--data_dir={shakespeare}", "--micro_batch_size=12", "--seq_len=128",
+               "--batch_tokens=2048", out], "--micro_batch_size=8 or 4 or 2 or 1 fits")]
+    for args, fragment in cases:
+        with pytest.raises(SystemExit) as info:
+            train.main(args)
+        message = str(info.value)
+        assert fragment in message and "\n" not in message, message
+    with pytest.raises(SystemExit) as info:
+        train.main(["no_such_config_anywhere", out])
+    assert "Did you mean" not in str(info.value)
+
+
+def test_torchrun_error_is_printed_once(shakespeare, tmp_path):
+    """Two ranks meet the same bad batch size: the message appears once, with what would work."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", "carve_shakespeare", f"--data_dir={shakespeare}",
+                             f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert text.count("error: batch_tokens=2048 must be a multiple") == 1, text
+    assert "--micro_batch_size=8 or 4 or 2 or 1 fits" in text
