@@ -256,3 +256,26 @@ def test_torchrun_error_is_printed_once(shakespeare, tmp_path):
     text = result.stdout + result.stderr
     assert text.count("error: batch_tokens=2048 must be a multiple") == 1, text
     assert "--micro_batch_size=8 or 4 or 2 or 1 fits" in text
+
+
+def test_a_rank_that_dies_stops_the_run(shakespeare, tmp_path):
+    """kill -9 of one of two gloo ranks mid-run: the run ends within a bounded time (torchrun stops the
+    other rank; it does not hang in a collective), with a non-zero exit, and the newest checkpoint loads."""
+    out = str(tmp_path / "out")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", "carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}",
+                             "--batch_tokens=384", "--max_steps=100000", "--eval_interval=5", "--eval_tokens=96"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(checkpoints(out)) < 2:
+        assert proc.poll() is None and time.time() < deadline, "the run did not get going"
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGKILL)
+    killed_at = time.time()
+    returncode = proc.wait(timeout=120)
+    assert returncode != 0 and time.time() - killed_at < 120
+    checkpoint, record = train.load_newest_checkpoint(out, log=lambda line: None)
+    assert checkpoint["step"] == record["step"] >= 10
