@@ -53,6 +53,13 @@ class ModelConfig:
                              f"comma-separated, e.g. 'carve' or 'gdn2,attn'")
         if self.gate_act not in ("silu", "sigmoid"):
             raise ValueError(f"gate_act={self.gate_act!r}: expected 'silu' or 'sigmoid'")
+        for key in ("vocab_size", "n_layer", "d_model", "n_head", "head_k_dim", "head_v_dim", "mlp_hidden", "conv_size",
+                    "chunk_size", "content_rank"):
+            if getattr(self, key) < 1 and not (key == "vocab_size" and self.vocab_size == 0):
+                raise ValueError(f"{key}={getattr(self, key)}: must be at least 1")
+        if "attn" in self.mixer_pattern() and self.head_k_dim % 2:
+            raise ValueError(f"head_k_dim={self.head_k_dim}: attention layers rotate pairs of channels (RoPE), "
+                             f"so it must be even")
 
     def mixer_pattern(self):
         return [m.strip() for m in self.mixer.split(",")]

@@ -98,6 +98,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="autocast dtype; auto = bfloat16 on cuda (float16 without bf16 support), float32 on cpu")
     parser.add_argument("--no_stream", action="store_true", help="print each sample once it is complete")
+    parser.add_argument("--max_prompt_tokens", type=int, default=65536,
+                        help="refuse longer prompts: one pass over them holds all their activations, and attention "
+                             "layers grow with the square of the length (default: %(default)s)")
     args = parser.parse_args(argv)
 
     # -- check the arguments and the run directory before loading anything big
@@ -146,6 +149,11 @@ def main(argv=None):
     prompt_ids = tokenizer.encode(prompt)
     if len(prompt_ids) == 0:
         fail(f"the prompt {prompt!r} encodes to no tokens")
+    if len(prompt_ids) > args.max_prompt_tokens:
+        trained = checkpoint.get("config", {}).get("seq_len")
+        fail(f"the prompt is {len(prompt_ids):,} tokens, more than --max_prompt_tokens={args.max_prompt_tokens:,}"
+             f"{f' (the model trained on {trained:,}-token sequences)' if trained else ''}; shorten it, or raise "
+             f"--max_prompt_tokens to prefill it in one pass anyway")
     if tokenizer.eot is not None:
         # prepare_data.py starts every document with eot: so does the prompt, as at the start of a text
         prompt_ids = [tokenizer.eot] + prompt_ids

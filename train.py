@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from carve_kernel import chunk_triton_supports
 from model import LM, ModelConfig
 
 DEFAULTS = dict(
@@ -451,7 +452,7 @@ def main(argv):
         fits = [m for m in range(config["micro_batch_size"], 0, -1)
                 if config["batch_tokens"] % (m * config["seq_len"] * world) == 0][:4]
         hint = (f"; --micro_batch_size={' or '.join(map(str, fits))} fits" if fits else
-                f"; no micro_batch_size fits: change batch_tokens or seq_len")
+                "; no micro_batch_size fits: change batch_tokens or seq_len")
         raise SystemExit(f"error: batch_tokens={config['batch_tokens']} must be a multiple of micro_batch_size * "
                          f"seq_len * world_size = {config['micro_batch_size']} * {config['seq_len']} * {world}{hint}")
     accum = config["batch_tokens"] // (tokens_per_micro * world)
@@ -480,6 +481,11 @@ def main(argv):
                 f"{lr_at(at, config):.2e}); --lr_decay_steps={old['lr_decay_steps'] or old['max_steps']} keeps it")
     config["tokenizer"] = data.meta["tokenizer"]
 
+    if device.type == "cuda" and not chunk_triton_supports(config["head_k_dim"], config["head_v_dim"],
+                                                           config["chunk_size"]):
+        log(f"note: head_k_dim={config['head_k_dim']}, head_v_dim={config['head_v_dim']}, chunk_size="
+            f"{config['chunk_size']}: the Triton chunk kernels take head dims 16, 32, 64 or 128 and chunk sizes that "
+            f"are multiples of 16; this run takes the much slower torch path")
     torch.manual_seed(config["seed"])
     model = LM(ModelConfig(**{k: config[k] for k in MODEL_KEYS})).to(device)
     model.activation_checkpointing = config["activation_checkpointing"]

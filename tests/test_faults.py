@@ -231,6 +231,8 @@ def test_one_line_config_errors(shakespeare, tmp_path):
     out = f"--out_dir={tmp_path / 'out'}"
     cases = [(["carve_shakespeare", "--mixer=carv", out], "unknown mixer 'carv'"),
              (["no_such_config_anywhere", out], "not found."),
+             (["carve_shakespeare", "--chunk_size=0", out], "chunk_size=0: must be at least 1"),
+             (["carve_shakespeare", "--mixer=carve,attn", "--head_k_dim=15", out], "must be even"),
              (["carve_shakespeare", f"--data_dir={shakespeare}", "--batch_tokens=1000", out],
               "no micro_batch_size fits"),
              (["carve_shakespeare", f"--data_dir={shakespeare}", "--micro_batch_size=12", "--seq_len=128",
@@ -279,3 +281,14 @@ def test_a_rank_that_dies_stops_the_run(shakespeare, tmp_path):
     assert returncode != 0 and time.time() - killed_at < 120
     checkpoint, record = train.load_newest_checkpoint(out, log=lambda line: None)
     assert checkpoint["step"] == record["step"] >= 10
+
+
+def test_sample_refuses_a_prompt_too_long(shakespeare, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train_run(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=1",
+               "--eval_interval=1"])
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--out_dir", out, "--device", "cpu", "--prompt", "x" * 101, "--max_prompt_tokens=100"])
+    message = str(info.value.code)
+    assert "the prompt is 101 tokens, more than --max_prompt_tokens=100 (the model trained on 48-token sequences)" \
+        in message and "\n" not in message
