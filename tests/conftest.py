@@ -5,6 +5,7 @@ reference.py.
 `CARVE_ERR_REPORT=1 python -m pytest -q tests` prints the largest relative error observed per
 check at the end of the run, which is what the tolerances in the tests are set against."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -59,3 +60,12 @@ def poisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty_nan)
     return made
+
+
+@pytest.fixture(scope="session")
+def shakespeare(tmp_path_factory):
+    """The embedded default corpus, byte-tokenised, exactly as the README's first command makes it."""
+    out = tmp_path_factory.mktemp("data") / "shakespeare_byte"
+    subprocess.run([sys.executable, "prepare_data.py", "--out_dir", str(out)], cwd=ROOT, check=True,
+                   capture_output=True)
+    return str(out)

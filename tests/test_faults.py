@@ -23,14 +23,6 @@ TINY = ["--n_layer=2", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_
         "--warmup_steps=2", "--lr=3e-3", "--eval_tokens=192", "--log_interval=1"]
 
 
-@pytest.fixture(scope="module")
-def shakespeare(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "shakespeare_byte"
-    subprocess.run([sys.executable, "prepare_data.py", "--out_dir", str(out)], cwd=ROOT, check=True,
-                   capture_output=True)
-    return str(out)
-
-
 def train_run(args, capsys=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
