@@ -46,32 +46,44 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 @torch.inference_mode()
-def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-             eot=None, vocab_size=None, on_token=None):
-    """Continue one sequence. prompt_ids: a non-empty list of token ids. Returns the new ids (at most
-    max_new_tokens; fewer when `eot` is sampled, which ends the text and is not returned).
-    on_token(id) is called as each token is produced. vocab_size: sample only ids below it (a
+def generate_samples(model, prompt_ids, num_samples, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                     generator=None, eot=None, vocab_size=None, on_token=None):
+    """Continue one prompt num_samples times as one batch: the prompt prefilled in one pass for every
+    row, then one decode step for all rows per token. Returns a list of num_samples lists of new ids
+    (each at most max_new_tokens; a row ends early when it samples `eot`, which is not returned).
+    on_token(row, id) is called as each token is produced. vocab_size: sample only ids below it (a
     model's vocab is often padded past the tokenizer's, e.g. 50257 -> 50304)."""
     if len(prompt_ids) == 0:
         raise ValueError("generate() needs a non-empty prompt")
     device = model.embed.weight.device
-    cache = model.init_cache(1, device)
+    cache = model.init_cache(num_samples, device)
     # prefill: the whole prompt in one pass; logits come back for the last position only
-    logits, _ = model(torch.tensor([prompt_ids], dtype=torch.long, device=device), cache=cache)
-    new_ids = []
-    for _ in range(max_new_tokens):
+    logits, _ = model(torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device), cache=cache)
+    samples, finished = [[] for _ in range(num_samples)], [False] * num_samples
+    for step in range(max_new_tokens):
         last = logits[:, -1, :vocab_size] if vocab_size else logits[:, -1]
-        next_id = sample_next(last, temperature, top_k, top_p, generator)
-        token = next_id.item()
-        if eot is not None and token == eot:
-            break
-        new_ids.append(token)
-        if on_token is not None:
-            on_token(token)
-        if len(new_ids) == max_new_tokens:
-            break  # no forward for a token that would never be used
-        logits, _ = model(next_id[:, None], cache=cache)  # one token on top of the cached state
-    return new_ids
+        next_ids = sample_next(last, temperature, top_k, top_p, generator)
+        for row, token in enumerate(next_ids.tolist()):
+            if finished[row]:
+                continue  # a finished row still steps with the batch; its tokens are dropped
+            if eot is not None and token == eot:
+                finished[row] = True
+                continue
+            samples[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+        if all(finished) or step == max_new_tokens - 1:
+            break  # no forward for tokens that would never be used
+        logits, _ = model(next_ids[:, None], cache=cache)  # one token a row on top of the cached state
+    return samples
+
+
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+             eot=None, vocab_size=None, on_token=None):
+    """generate_samples for one sample: its new ids; on_token(id)."""
+    on_row_token = None if on_token is None else (lambda row, token: on_token(token))
+    return generate_samples(model, prompt_ids, 1, max_new_tokens, temperature, top_k, top_p, generator, eot,
+                            vocab_size, on_row_token)[0]
 
 
 def fail(message):
@@ -204,38 +216,49 @@ def main(argv=None):
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # never crash on a terminal that can't show a character
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    for i in range(args.num_samples):
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        times = []
+    n = args.num_samples
+    stream = n == 1 and not args.no_stream   # the samples of a batch grow together: each is printed whole
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    step_times = []   # when each decode step's tokens arrived
 
-        def on_token(token):
-            times.append(time.perf_counter())
-            if not args.no_stream:
-                sys.stdout.write(decoder.decode(tokenizer.token_bytes(token)))
-                sys.stdout.flush()
+    def on_token(row, token):
+        produced[row] += 1
+        if produced[row] > len(step_times):   # the first row to reach this step
+            step_times.append(time.perf_counter())
+        if stream:
+            sys.stdout.write(decoder.decode(tokenizer.token_bytes(token)))
+            sys.stdout.flush()
 
-        if i > 0:
-            sys.stdout.write("---------------\n")
+    produced = [0] * n
+    if stream:
         sys.stdout.write(prompt)
         sys.stdout.flush()
-        t0 = time.perf_counter()
-        with autocast:
-            new_ids = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k or None,
-                               args.top_p, generator, eot=tokenizer.eot, vocab_size=tokenizer.vocab_size,
-                               on_token=on_token)
-        if args.no_stream:
-            sys.stdout.write(decoder.decode(b"".join(tokenizer.token_bytes(t) for t in new_ids)))
+    t0 = time.perf_counter()
+    with autocast:
+        samples = generate_samples(model, prompt_ids, n, args.max_new_tokens, args.temperature, args.top_k or None,
+                                   args.top_p, generator, eot=tokenizer.eot, vocab_size=tokenizer.vocab_size,
+                                   on_token=on_token)
+    for i, new_ids in enumerate(samples):
+        if not stream:
+            if i > 0:
+                sys.stdout.write("---------------\n")
+            sys.stdout.write(prompt + decoder.decode(b"".join(tokenizer.token_bytes(t) for t in new_ids)))
         sys.stdout.write(decoder.decode(b"", final=True) + "\n")
-        sys.stdout.flush()
+        decoder.reset()
+    sys.stdout.flush()
 
-        # the first token comes from the prefill logits; each later one costs one decode step
-        stopped = " (stopped at eot)" if len(new_ids) < args.max_new_tokens else ""
-        report = f"sample {i + 1}/{args.num_samples}: {len(new_ids)} new tokens{stopped}"
-        if times:
-            report += f"; prefill {len(prompt_ids)} tokens in {(times[0] - t0) * 1e3:.1f} ms"
-        if len(times) > 2:  # from the second decode step: the first one compiles the kernels on a GPU
-            report += f"; decode {(len(times) - 2) / (times[-1] - times[1]):.1f} tokens/s"
-        print(report, file=sys.stderr)
+    # tokens/s counts generated tokens only; the first step's come from the prefill logits, and the
+    # rate starts from the second decode step (the first one compiles the kernels on a GPU)
+    generated = sum(len(ids) for ids in samples)
+    stopped = sum(len(ids) < args.max_new_tokens for ids in samples)
+    report = (f"{n} sample{'s' if n > 1 else ''}{' in one batch' if n > 1 else ''}: {generated} new tokens"
+              f"{f' ({stopped} stopped at eot)' if stopped else ''}")
+    if step_times:
+        report += f"; prefill {len(prompt_ids)} tokens{f' x {n}' if n > 1 else ''} in {(step_times[0] - t0) * 1e3:.1f} ms"
+    if len(step_times) > 2:
+        later = sum(max(0, len(ids) - 2) for ids in samples)
+        report += f"; decode {later / (step_times[-1] - step_times[1]):.1f} tokens/s"
+    print(report, file=sys.stderr)
 
 
 if __name__ == "__main__":

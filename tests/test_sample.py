@@ -196,3 +196,31 @@ def test_main_no_stream_and_num_samples(run_dir, tmp_path, capsys):
     main(common + ["--no_stream", "--num_samples", "2"])
     both = capsys.readouterr().out
     assert both == streamed + "---------------\n" + streamed  # greedy: both samples are the same
+
+
+def test_batched_samples_equal_single_ones():
+    """generate_samples runs the samples as one batch: greedy, every row equals the one-sample run; a
+    row that samples eot ends alone while the others go on; sampled rows differ from each other and
+    repeat with the seed."""
+    from sample import generate_samples
+    model = tiny_model()
+    prompt = [3, 1, 4, 1, 5]
+    single = generate(model, prompt, 25, temperature=0)
+    assert generate_samples(model, prompt, 3, 25, temperature=0) == [single] * 3
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    rows = generate_samples(model, prompt, 4, 30, temperature=1.5, generator=gen())
+    assert rows == generate_samples(model, prompt, 4, 30, temperature=1.5, generator=gen())
+    assert len({tuple(r) for r in rows}) > 1
+    stop = rows[0][3]
+    cut = generate_samples(model, prompt, 4, 30, temperature=1.5, generator=gen(), eot=stop)
+    for row, full in zip(cut, rows):  # each row is its uncut self up to its own first eot
+        assert row == (full[:full.index(stop)] if stop in full else full)
+
+
+def test_main_reports_generated_tokens(run_dir, capsys):
+    main(["--out_dir", str(run_dir), "--max_new_tokens", "9", "--device", "cpu", "--num_samples", "3",
+          "--temperature", "1.0"])
+    captured = capsys.readouterr()
+    assert captured.out.count("---------------\n") == 2
+    report = captured.err.strip().splitlines()[-1]
+    assert report.startswith("3 samples in one batch: 27 new tokens") and "decode" in report, report
