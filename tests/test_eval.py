@@ -1,0 +1,75 @@
+"""eval.py: perplexity and bits per byte of a checkpoint on token files and on raw text."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as evaluate_script
+import train
+from model import LM, ModelConfig
+
+TINY = ["--n_layer=2", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_v_dim=16", "--mlp_hidden=64",
+        "--chunk_size=16", "--content_rank=4", "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=192",
+        "--warmup_steps=2", "--lr=3e-3", "--eval_tokens=192", "--log_interval=1", "--eval_interval=3"]
+
+
+@pytest.fixture(scope="module")
+def run(shakespeare, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    train.main(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=3"])
+    return out
+
+
+def result_of(args, capsys):
+    evaluate_script.main([*args, "--json", "--device", "cpu"])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def model_of(out_dir):
+    checkpoint, record = train.load_newest_checkpoint(out_dir, log=lambda line: None)
+    model = LM(ModelConfig.from_dict(record["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+@pytest.mark.parametrize("seq_len", [7, 48, 1000])
+def test_text_windows_against_the_model(run, tmp_path, capsys, seq_len):
+    """Raw text scored in windows of seq_len tokens (the last one shorter) equals the model's own
+    cross-entropy over the same windows, summed; with the byte tokenizer bits per byte is the loss
+    in bits, and the bytes are the file's."""
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:\nAy me.\n" * 3
+    (tmp_path / "scene.txt").write_text(text)
+    result = result_of(["--out_dir", run, "--text", str(tmp_path / "scene.txt"), f"--seq_len={seq_len}"], capsys)
+    ids = torch.tensor(list(text.encode()))
+    model = model_of(run)
+    nats = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, seq_len):
+            window = ids[start:start + seq_len + 1]
+            logits = model(window[None, :-1])[0]
+            nats += F.cross_entropy(logits[0].double(), window[1:], reduction="sum").item()
+    assert result["tokens"] == len(ids) - 1 and result["bytes"] == len(ids) - 1
+    assert abs(result["loss"] - nats / (len(ids) - 1)) < 1e-5 * result["loss"]
+    assert abs(result["bits_per_byte"] - result["loss"] / math.log(2)) < 1e-9
+    assert abs(result["perplexity"] - math.exp(result["loss"])) < 1e-9 * result["perplexity"]
+
+
+def test_token_files(run, shakespeare, capsys):
+    """The run's own val.bin (the default) and a capped train split; the model beats uniform bytes."""
+    val = result_of(["--out_dir", run, "--max_tokens=3000"], capsys)
+    assert val["tokens"] == 3000 and val["source"] == os.path.join(shakespeare, "val.bin")
+    assert val["loss"] < math.log(256)
+    assert result_of(["--out_dir", run, "--split=train", "--max_tokens=500"], capsys)["tokens"] == 500
+
+
+def test_errors(run, tmp_path):
+    for args, fragment in ((["--out_dir", str(tmp_path / "none")], "does not exist"),
+                           (["--out_dir", run, "--data_dir", str(tmp_path)], "meta.json not found"),
+                           (["--out_dir", run, "--text", str(tmp_path / "missing.txt")], "no such file"),
+                           (["--out_dir", run, "--batch_size=0"], "--batch_size must be at least 1")):
+        with pytest.raises(SystemExit) as info:
+            evaluate_script.main([*args, "--device", "cpu"])
+        assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
