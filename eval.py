@@ -4,6 +4,7 @@ Evaluate a checkpoint: perplexity and bits per byte on held-out token files or o
     python eval.py --out_dir=out/carve_shakespeare                          # the run's own val.bin
     python eval.py --out_dir=out/carve_shakespeare --data_dir=data/other_byte --split=train --max_tokens=1e6
     python eval.py --out_dir=out/carve_shakespeare --text=notes/ book.txt   # files, folders of .txt/.md
+    python eval.py --out_dir=out/carve_shakespeare --task=passkey --contexts=1024,2048 --depths=0,50,100
 
 The newest good checkpoint of --out_dir is used (train.py's rule: its sha256 must match its record).
 Tokens are scored in windows of --seq_len (default: the length the model trained on); each window
@@ -14,6 +15,13 @@ each file one document starting with eot where the tokenizer has one (as prepare
 Bits per byte = the summed loss in nats / ln 2 / the UTF-8 bytes the scored tokens spell: comparable
 across tokenizers, unlike perplexity. Progress goes to stderr; the result is one line on stdout
 (--json for a JSON object).
+
+--task=passkey is an S-NIAH-style probe (RULER's single needle): a five-digit pass key stated once at
+a given depth of repeated filler sentences, asked for at the end; the model's greedy continuation (the
+prompt prefilled in one pass, then one decode step a token) must contain the number. Accuracy per
+context length (in tokens) and depth (0% = the needle first, 100% = just before the question), over
+--trials keys drawn from --seed. A model trained only on plays will fail it; the tool is for models
+trained on such data, and for reporting that failure honestly.
 """
 import argparse
 import json
@@ -28,7 +36,12 @@ import torch
 
 from model import LM, ModelConfig
 from prepare_data import get_tokenizer, local_documents
+from sample import generate
 from train import load_newest_checkpoint
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "What is the pass key? The pass key is"
 
 
 def fail(message):
@@ -54,6 +67,37 @@ def token_stream(args, record, tokenizer):
         fail(f"{meta_path} holds {meta.get('tokenizer')!r} tokens, the checkpoint was trained on "
              f"{record['tokenizer']!r}")
     return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r"), path
+
+
+def passkey_prompt(tokenizer, context, depth, key):
+    """Token ids of a passkey prompt of `context` tokens (within one filler sentence): filler with the
+    needle at `depth` percent of it, then the question."""
+    encode = tokenizer.encode
+    fixed = len(encode(NEEDLE.format(key=key))) + len(encode(QUESTION))
+    sentence = len(encode(FILLER))
+    sentences = max(0, (context - fixed) // sentence)
+    before = round(sentences * depth / 100)
+    text = FILLER * before + NEEDLE.format(key=key) + FILLER * (sentences - before) + QUESTION
+    return ([tokenizer.eot] if tokenizer.eot is not None else []) + encode(text)
+
+
+def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
+    """{(context, depth): accuracy} of the passkey probe; five digits a key, drawn from seed."""
+    rng = np.random.default_rng(seed)
+    keys = [str(k) for k in rng.integers(10000, 100000, size=trials)]
+    accuracy = {}
+    for context in contexts:
+        for depth in depths:
+            hits = 0
+            for key in keys:
+                prompt = passkey_prompt(tokenizer, context, depth, key)
+                with autocast:
+                    answer = generate(model, prompt, 8, temperature=0, eot=tokenizer.eot,
+                                      vocab_size=getattr(tokenizer, "vocab_size", None))
+                hits += key in tokenizer.decode(answer)
+            accuracy[(context, depth)] = hits / trials
+            log(f"  context {context}, depth {depth}%: {hits}/{trials}")
+    return accuracy
 
 
 @torch.inference_mode()
@@ -92,6 +136,11 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="windows a forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     parser.add_argument("--json", action="store_true", help="print the result as a JSON object")
+    parser.add_argument("--task", default="lm", choices=["lm", "passkey"], help="(default: %(default)s)")
+    parser.add_argument("--contexts", default="1024,2048,4096,8192", help="passkey: context lengths in tokens")
+    parser.add_argument("--depths", default="0,25,50,75,100", help="passkey: needle depths in percent")
+    parser.add_argument("--trials", type=int, default=5, help="passkey: keys per setting (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="passkey: seed of the keys (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.seq_len < 0 or args.max_tokens < 0:
         fail("--batch_size must be at least 1, --seq_len and --max_tokens at least 0")
@@ -104,11 +153,6 @@ def main(argv=None):
     except (ValueError, RuntimeError) as e:
         fail(str(e))
     seq_len = args.seq_len or checkpoint["config"]["seq_len"]
-    tokens, source = token_stream(args, record, tokenizer)
-    if args.max_tokens:
-        tokens = tokens[:int(args.max_tokens) + 1]
-    if len(tokens) < 2:
-        fail(f"{source} holds {len(tokens)} tokens: nothing to score")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -116,6 +160,30 @@ def main(argv=None):
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
     del checkpoint
+    if args.task == "passkey":
+        try:
+            contexts = [int(c) for c in args.contexts.split(",")]
+            depths = [float(d) for d in args.depths.split(",")]
+        except ValueError:
+            fail(f"--contexts and --depths take numbers separated by commas, got {args.contexts!r}, {args.depths!r}")
+        if args.trials < 1 or not all(0 <= d <= 100 for d in depths) or min(contexts) < 1:
+            fail("--trials must be at least 1, --depths within 0..100, --contexts at least 1")
+        print(f"passkey: {args.out_dir} (step {record['step']}), {args.trials} keys a setting, {device}", file=sys.stderr)
+        accuracy = passkey(model, tokenizer, contexts, depths, args.trials, args.seed, autocast,
+                           lambda line: print(line, file=sys.stderr))
+        if args.json:
+            print(json.dumps({"checkpoint_step": record["step"], "trials": args.trials, "accuracy":
+                              [{"context": c, "depth": d, "accuracy": a} for (c, d), a in accuracy.items()]}))
+        else:
+            print("context \\ depth " + " ".join(f"{d:>6g}%" for d in depths))
+            for c in contexts:
+                print(f"{c:>15} " + " ".join(f"{accuracy[(c, d)]:7.0%}" for d in depths))
+        return
+    tokens, source = token_stream(args, record, tokenizer)
+    if args.max_tokens:
+        tokens = tokens[:int(args.max_tokens) + 1]
+    if len(tokens) < 2:
+        fail(f"{source} holds {len(tokens)} tokens: nothing to score")
     # bytes each token spells (eot none), for bits per byte over exactly the scored tokens
     token_lengths = np.array([len(tokenizer.token_bytes(i)) for i in range(model.cfg.vocab_size)], dtype=np.int64)
     if tokenizer.eot is not None:
