@@ -300,7 +300,10 @@ def atomic_write(path, write):
 
 
 def write_json(obj, path):
-    atomic_write(path, lambda tmp: json.dump(obj, open(tmp, "w"), indent=2))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
 
 
 def sha256_of(path):
