@@ -38,7 +38,6 @@ import os
 import sys
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 
 import torch
 from torch.autograd import DeviceType
@@ -136,20 +135,12 @@ def synthetic_batches(config, vocab_size, accum):
 
 
 def make_step(model, optimizer, batches, config):
-    """One optimizer step exactly as train.py's loop takes it (less the learning-rate schedule and DDP)."""
-    use_bf16 = config["dtype"] in ("auto", "bfloat16")  # train.py's choice on a GPU
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    """One optimizer step with train.py's own functions (less the learning-rate schedule and DDP)."""
+    autocast = train.autocast_for(config, torch.device("cuda"))
 
     def step():
-        loss_sum = torch.zeros((), device="cuda")
-        for x, y in batches:
-            with autocast:
-                _, loss = model(x, y)
-            (loss / len(batches)).backward()
-            loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum = train.accumulate_gradients(model, batches, len(batches), autocast, ddp=False)
+        train.apply_update(model, optimizer, loss_sum, config["grad_clip"], ddp=False)
     return step
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from model import LM, ModelConfig
-from prepare_data import get_tokenizer, local_documents
+from prepare_data import get_tokenizer, local_documents, token_byte_lengths
 from sample import generate
 from train import load_newest_checkpoint
 
@@ -93,7 +93,7 @@ def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
                 prompt = passkey_prompt(tokenizer, context, depth, key)
                 with autocast:
                     answer = generate(model, prompt, 8, temperature=0, eot=tokenizer.eot,
-                                      vocab_size=getattr(tokenizer, "vocab_size", None))
+                                      vocab_size=tokenizer.vocab_size)
                 hits += key in tokenizer.decode(answer)
             accuracy[(context, depth)] = hits / trials
             log(f"  context {context}, depth {depth}%: {hits}/{trials}")
@@ -184,10 +184,7 @@ def main(argv=None):
         tokens = tokens[:int(args.max_tokens) + 1]
     if len(tokens) < 2:
         fail(f"{source} holds {len(tokens)} tokens: nothing to score")
-    # bytes each token spells (eot none), for bits per byte over exactly the scored tokens
-    token_lengths = np.array([len(tokenizer.token_bytes(i)) for i in range(model.cfg.vocab_size)], dtype=np.int64)
-    if tokenizer.eot is not None:
-        token_lengths[tokenizer.eot] = 0
+    token_lengths = token_byte_lengths(tokenizer)   # for bits per byte over exactly the scored tokens
     print(f"eval: {args.out_dir} (step {record['step']}) on {source}: {len(tokens) - 1:,} tokens to score in windows "
           f"of {seq_len}, {device}", file=sys.stderr)
     last_report = [0.0]

@@ -99,6 +99,15 @@ class TiktokenTokenizer:
             return b""
 
 
+def token_byte_lengths(tokenizer):
+    """The UTF-8 bytes each token id spells, eot none: bytes are counted from the tokens (each spells a
+    fixed byte string), so bits per byte measures the text, whatever the tokenizer."""
+    lengths = np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)], dtype=np.int64)
+    if tokenizer.eot is not None:
+        lengths[tokenizer.eot] = 0
+    return lengths
+
+
 def get_tokenizer(name):
     """name: byte | gpt2 | cl100k_base."""
     if name == "byte":
@@ -274,10 +283,7 @@ def main(argv=None):
     (out_dir / "meta.json").unlink(missing_ok=True)  # a stale meta.json must not vouch for half-written .bins
     dtype = token_dtype(tok.vocab_size)
 
-    # Bytes are counted from the tokens: each token spells a fixed byte string, eot spells none.
-    token_lengths = np.array([len(tok.token_bytes(i)) for i in range(tok.vocab_size)], dtype=np.int64)
-    if tok.eot is not None:
-        token_lengths[tok.eot] = 0
+    token_lengths = token_byte_lengths(tok)
 
     # Everything goes to one stream first; val is cut off its end afterwards. Files are written
     # under .tmp names and renamed at the end, so an interrupted run never looks finished.

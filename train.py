@@ -410,6 +410,42 @@ def peak_flops(config, device):
     return None
 
 
+def autocast_for(config, device):
+    """bf16 autocast for dtype 'bfloat16', or 'auto' on a GPU; none (fp32) otherwise."""
+    use_bf16 = config["dtype"] == "bfloat16" or (config["dtype"] == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def accumulate_gradients(model, micro_batches, accum, autocast, ddp):
+    """Forward and backward of a step's `accum` micro-batches (x, y), each loss divided by accum; returns
+    their summed loss. Under DDP the gradients are all-reduced with the last micro-batch only."""
+    loss_sum = 0.0
+    for micro, (x, y) in enumerate(micro_batches):
+        sync = nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
+        with sync:  # no_sync must cover the forward too, or DDP syncs anyway
+            with autocast:
+                _, loss = model(x, y)
+            (loss / accum).backward()
+        loss_sum = loss_sum + loss.detach()
+    return loss_sum
+
+
+def apply_update(model, optimizer, loss_sum, grad_clip, ddp):
+    """Clips the gradients and steps the optimiser, unless the loss or the gradient norm is not finite
+    on some rank; returns (grad_norm, whether the update was applied). The gradients are the same on
+    every rank after DDP's all-reduce, so is their norm; the loss is not. One host sync a step: the
+    price of never applying a NaN update."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
+    if ddp:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    applied = bool(finite.item())
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, applied
+
+
 @torch.no_grad()
 def evaluate(model, data, config, rank, world, device, autocast):
     """Mean validation loss (nats/token) over a fixed window set, summed over ranks, and bits/byte."""
@@ -508,8 +544,7 @@ def main(argv):
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    use_bf16 = config["dtype"] == "bfloat16" or (config["dtype"] == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    autocast = autocast_for(config, device)
 
     os.makedirs(config["out_dir"], exist_ok=True)
     if master and config["wandb_log"]:
@@ -550,27 +585,16 @@ def main(argv):
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            # the step's sequences data_position .. +batch_tokens/seq_len are dealt out micro-major, rank-minor
-            first = data_position + (micro * world + rank) * seqs_per_micro
-            x, y = data.train_batch(first, seqs_per_micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
-            with sync:  # no_sync must cover the forward too, or DDP syncs anyway
-                with autocast:
-                    _, loss = model(x, y)
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        # the gradients are the same on every rank after DDP's all-reduce, so is their norm; the loss is not.
-        # One host sync a step: the price of never applying a NaN update.
-        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
-        if ddp:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item():
-            optimizer.step()
-        else:
+
+        def micro_batches():
+            for micro in range(accum):
+                # the step's sequences data_position .. +batch_tokens/seq_len are dealt out micro-major, rank-minor
+                first = data_position + (micro * world + rank) * seqs_per_micro
+                x, y = data.train_batch(first, seqs_per_micro)
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss_sum = accumulate_gradients(model, micro_batches(), accum, autocast, ddp)
+        grad_norm, applied = apply_update(model, optimizer, loss_sum, config["grad_clip"], ddp)
+        if not applied:
             skipped += 1
             log(f"step {step + 1}: non-finite {'loss' if not torch.isfinite(loss_sum) else 'gradient'}, "
                 f"update skipped ({skipped} of at most max_skipped_steps={config['max_skipped_steps']})")
@@ -579,7 +603,6 @@ def main(argv):
                 raise SystemExit(f"error: {skipped} steps had a non-finite loss or gradient (max_skipped_steps="
                                  f"{config['max_skipped_steps']}); stopped at step {step + 1}. The newest checkpoint "
                                  f"in {config['out_dir']} is from before; try a lower lr or a longer warm-up")
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         data_position += config["batch_tokens"] // config["seq_len"]
         tokens_since += config["batch_tokens"]
