@@ -10,6 +10,7 @@ design; its section numbers are cited below.
     o, state, conv_cache = fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
                                              state, content, a_log_min, chunk_size=64)
     y = output_norm_gate(o, gate, weight, eps, activation="silu")
+    y, new_cache = causal_conv_silu(x, weight, cache=None, doc_start=None)
 
     q, k     [B, T, H, K]  L2-normalised here, inside the kernel
     v        [B, T, H, V]
@@ -30,7 +31,8 @@ The file reads top to bottom:
   3. Triton chunk forward: the schedule, the sequence table, the forward's two forms and its kernels.
   4. Triton chunk backward: one reverse walk and two parallel kernels, and the content gradients.
   5. Triton decode: the per-token kernel behind recurrent_carve and a layer's fused decode step.
-  6. Triton output norm and gate: the layer's RMSNorm(o) * act(gate), forward and backward.
+  6. Triton layer pieces: the short causal conv + SiLU over the q, k, v projection, and the layer's
+     RMSNorm(o) * act(gate), each forward and backward.
   7. The torch.library custom ops around the Triton launchers, so torch.compile keeps one graph.
 Triton is optional: without it (a CPU-only install, macOS) every call takes the torch path.
 """
@@ -160,6 +162,18 @@ def output_norm_gate(o, gate, weight, eps, activation="silu"):
     return output_norm_gate_torch(o, gate, weight, eps, activation)
 
 
+def causal_conv_silu(x, weight, cache=None, doc_start=None):
+    """SiLU of the depthwise causal conv over x [B, T, C] with weight [C, 1, W]: (y [B, T, C] in x's
+    dtype, the new cache or None). `cache` [B, C, W - 1] holds the last W - 1 inputs before x (a
+    prompt continued); the new one is returned only when it is given. `doc_start` [T] (a packed row,
+    B = 1): where each token's document starts; taps before it read zeros. One Triton kernel each way
+    (section 6) where backend_for says so, else causal_conv_silu_torch."""
+    if backend_for(x) != "triton":
+        return causal_conv_silu_torch(x, weight, cache, doc_start)
+    y = torch.ops.carve.conv_silu(x, weight, None if cache is None else cache.to(x.dtype), doc_start)
+    return y, None if cache is None else _next_conv_cache(x, cache, weight.shape[-1])
+
+
 # ============================================================================================
 # 2. Torch definitions (docs/DESIGN.md sections 1-3 and 10)
 # ============================================================================================
@@ -176,6 +190,29 @@ def output_norm_gate_torch(o, gate, weight, eps, activation="silu"):
     """output_norm_gate's definition: the norm and the gate in fp32, one rounding to o's dtype."""
     normed = F.rms_norm(o.float(), (o.shape[-1],), weight.float(), eps)
     return (normed * (F.silu(gate.float()) if activation == "silu" else torch.sigmoid(gate.float()))).to(o.dtype)
+
+
+def causal_conv_silu_torch(x, weight, cache=None, doc_start=None):
+    """causal_conv_silu's definition in torch ops, in x's dtype as autocast would run them: the weights
+    rounded to it, the conv rounded once, then SiLU."""
+    width = weight.shape[-1]
+    xt = x.transpose(1, 2)
+    history = cache.to(x.dtype) if cache is not None else x.new_zeros(x.shape[0], x.shape[2], width - 1)
+    xt = torch.cat([history, xt], dim=-1)
+    if doc_start is None:
+        y = F.conv1d(xt, weight.to(x.dtype), groups=xt.shape[1])
+    else:
+        T = doc_start.shape[0]
+        tap_pos = torch.arange(T, device=x.device)[:, None] - (width - 1) + torch.arange(width, device=x.device)
+        windows = xt.unfold(-1, width, 1) * (tap_pos >= doc_start[:, None]).to(x.dtype)       # [B, C, T, W]
+        y = (windows * weight.to(x.dtype)[:, None, 0, :]).sum(-1)
+    return F.silu(y).transpose(1, 2), None if cache is None else _next_conv_cache(x, cache, width)
+
+
+def _next_conv_cache(x, cache, width):
+    """The last width - 1 inputs of cache followed by x [B, T, C], as a cache [B, C, width - 1]."""
+    joined = torch.cat([cache.to(x.dtype), x.transpose(1, 2)], dim=-1)
+    return joined[..., joined.shape[-1] - (width - 1):].contiguous()
 
 
 def _check_inputs(q, k, v, g, b_logit, w, content, initial_state, state_rows=None):
@@ -1447,7 +1484,7 @@ def decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w
     (q, k, v before the conv), conv_weight [2HK + HV, 1, W], conv_cache [B, 2HK + HV, W - 1], f and
     b_logit [B, H*K], w [B, H*V] (GDN-2) or [B, H] (CARVE), all before their activations, and the
     layer's A_log [H] and dt_bias [H*K]. Returns o [B, 1, H, V] in x's dtype, the new CarveState and
-    the new conv cache. It computes what causal_conv, the gates and recurrent_carve_triton compute in
+    the new conv cache. It computes what causal_conv_silu, the gates and recurrent_carve_triton compute in
     model.py, in one launch (plus the Delta einsum in torch once every chunk_size tokens). Inference only."""
     B, n_ch = x.shape
     H = A_log.shape[0]
@@ -1557,7 +1594,7 @@ def _conv_silu(x, conv_w, conv_in, conv_out, i_b, ch, m_ch, n_ch, WIDTH: tl.cons
     p_cache = (i_b * n_ch + ch[:, None]) * (WIDTH - 1) + o_w[None, :]
     hist = tl.load(conv_in + p_cache, mask=m_w, other=0.0).to(tl.float32)
     cur = tl.load(x + i_b * n_ch + ch, mask=m_ch, other=0.0)
-    # the weights in x's dtype too, as causal_conv casts them
+    # the weights in x's dtype too, as causal_conv_silu_torch casts them
     taps = tl.load(conv_w + ch[:, None] * WIDTH + o_w[None, :], mask=m_w, other=0.0).to(cur.dtype)
     last = tl.load(conv_w + ch * WIDTH + WIDTH - 1, mask=m_ch, other=0.0).to(cur.dtype)
     y = tl.sum(hist * taps.to(tl.float32), axis=1) + cur.to(tl.float32) * last.to(tl.float32)
@@ -1623,8 +1660,140 @@ def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit
 
 
 # ============================================================================================
-# 6. Triton output norm and gate (docs/DESIGN.md section 6)
+# 6. Triton layer pieces: the causal conv + SiLU, the output norm and gate (docs/DESIGN.md section 6)
 # ============================================================================================
+# Each replaces some ten torch kernels and their fp32 intermediates by one kernel each way; each
+# backward recomputes what its forward computed from the inputs (one more read) rather than storing it.
+#
+# The conv: the W taps of a token read rows t - W + 1 .. t of its batch row, zeros before the row (or
+# the cache, a prompt continued) and before the token's document (doc_start). The backward gives an
+# input row the gradient of the W outputs that read it, recomputing each output's pre-activation, and
+# per-program parts of the weight gradient (summed in torch: deterministic, no atomics).
+
+CONV_ROWS, CONV_CHANNELS = 32, 128   # a program's tile of tokens x channels
+
+
+def _unit_channel_stride(x):
+    """x [B, T, C] as the conv kernels read it: any B and T strides, channels packed."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _contiguous_or_none(x):
+    return None if x is None else x.contiguous()
+
+
+def conv_silu_triton(x, weight, history, doc_start):
+    """causal_conv_silu's y with the Triton kernel; x [B, T, C] with unit channel stride, history
+    [B, C, W - 1] in x's dtype or None, doc_start [T] or None."""
+    B, T, C = x.shape
+    y = torch.empty((B, T, C), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(T, CONV_ROWS), triton.cdiv(C, CONV_CHANNELS), B)
+    _conv_silu_fwd_kernel[grid](x=x, weight=weight, history=history, doc_start=doc_start, y=y, T=T, C=C,
+                                sb=x.stride(0), st=x.stride(1), WIDTH=weight.shape[-1], HAS_HISTORY=history is not None,
+                                HAS_DOCS=doc_start is not None, BT=CONV_ROWS, BC=CONV_CHANNELS)
+    return y
+
+
+def conv_silu_backward_triton(dy, x, weight, history, doc_start):
+    """causal_conv_silu's backward with the Triton kernel: (dx, dweight); no gradient reaches the cache."""
+    B, T, C = x.shape
+    width = weight.shape[-1]
+    dy = dy.contiguous()
+    dx = torch.empty((B, T, C), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(T, CONV_ROWS), triton.cdiv(C, CONV_CHANNELS), B)
+    dweight_parts = torch.empty(B * grid[0], C, width, dtype=torch.float32, device=x.device)
+    _conv_silu_bwd_kernel[grid](dy=dy, x=x, weight=weight, history=history, doc_start=doc_start, dx=dx,
+                                dweight_parts=dweight_parts, T=T, C=C, sb=x.stride(0), st=x.stride(1),
+                                WIDTH=width, HAS_HISTORY=history is not None, HAS_DOCS=doc_start is not None,
+                                BT=CONV_ROWS, BC=CONV_CHANNELS)
+    return dx, dweight_parts.sum(0).view(weight.shape).to(weight.dtype)
+
+
+@triton_jit
+def _conv_input(x, history, doc_start, i_b, src, out_rows, ch, m_ch, T, C, sb, st, WIDTH: tl.constexpr,
+                HAS_HISTORY: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """The conv's input at rows `src` of batch row i_b, channels ch, as read by the outputs at
+    `out_rows` (rows past T read zeros): x where src >= 0, the history before it (or zeros), zeros
+    before the output's document start."""
+    m = (out_rows < T) & (src < T)
+    if HAS_DOCS:
+        m &= src >= tl.load(doc_start + out_rows, mask=out_rows < T, other=0)
+    m_x = (m & (src >= 0))[:, None] & m_ch[None, :]
+    xs = tl.load(x + i_b * sb + src[:, None] * st + ch[None, :], mask=m_x, other=0.0)
+    if HAS_HISTORY:
+        m_h = (m & (src < 0))[:, None] & m_ch[None, :]
+        p_h = (i_b * C + ch[None, :]) * (WIDTH - 1) + (WIDTH - 1 + src)[:, None]
+        xs += tl.load(history + p_h, mask=m_h, other=0.0)
+    return xs.to(tl.float32)
+
+
+@triton_jit
+def _conv_tap(weight, x, ch, m_ch, i, WIDTH: tl.constexpr):
+    """Tap i of the channels' weights, rounded to x's dtype as the torch definition rounds them."""
+    return tl.load(weight + ch * WIDTH + i, mask=m_ch, other=0.0).to(x.dtype.element_ty).to(tl.float32)
+
+
+@triton_jit
+def _conv_pre(x, weight, history, doc_start, i_b, rows, ch, m_ch, T, C, sb, st, WIDTH: tl.constexpr,
+              HAS_HISTORY: tl.constexpr, HAS_DOCS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """The conv at output rows `rows` before SiLU, rounded to x's dtype (as the torch conv rounds)."""
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for i in tl.static_range(WIDTH):
+        xs = _conv_input(x, history, doc_start, i_b, rows - (WIDTH - 1) + i, rows, ch, m_ch, T, C, sb, st, WIDTH,
+                         HAS_HISTORY, HAS_DOCS)
+        acc += xs * _conv_tap(weight, x, ch, m_ch, i, WIDTH)[None, :]
+    return acc.to(x.dtype.element_ty).to(tl.float32)
+
+
+@triton_jit
+def _conv_silu_fwd_kernel(x, weight, history, doc_start, y, T, C, sb, st, WIDTH: tl.constexpr,
+                          HAS_HISTORY: tl.constexpr, HAS_DOCS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rows = i_t * BT + tl.arange(0, BT)
+    ch = i_c * BC + tl.arange(0, BC)
+    m_ch = ch < C
+    pre = _conv_pre(x, weight, history, doc_start, i_b, rows, ch, m_ch, T, C, sb, st, WIDTH, HAS_HISTORY, HAS_DOCS,
+                    BT, BC)
+    p_y = (i_b * T + rows[:, None]) * C + ch[None, :]
+    tl.store(y + p_y, (pre * tl.sigmoid(pre)).to(y.dtype.element_ty), mask=(rows < T)[:, None] & m_ch[None, :])
+
+
+@triton_jit
+def _conv_silu_bwd_kernel(dy, x, weight, history, doc_start, dx, dweight_parts, T, C, sb, st, WIDTH: tl.constexpr,
+                          HAS_HISTORY: tl.constexpr, HAS_DOCS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """Input row s feeds output s + j through tap W - 1 - j: dx(s) = sum_j w_{W-1-j} dpre(s + j), with
+    dpre = dy silu'(pre) and only where that output reads s (its document started at or before s).
+    dweight_parts[program, c, i] = sum over this program's output rows t of dpre(t) x(t - W + 1 + i)."""
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rows = i_t * BT + tl.arange(0, BT)
+    ch = i_c * BC + tl.arange(0, BC)
+    m_ch = ch < C
+    dx_acc = tl.zeros([BT, BC], dtype=tl.float32)
+    dpre_own = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(WIDTH):
+        out_rows = rows + j
+        m_out = (out_rows < T)[:, None] & m_ch[None, :]
+        pre = _conv_pre(x, weight, history, doc_start, i_b, out_rows, ch, m_ch, T, C, sb, st, WIDTH, HAS_HISTORY,
+                        HAS_DOCS, BT, BC)
+        d = tl.load(dy + (i_b * T + out_rows[:, None]) * C + ch[None, :], mask=m_out, other=0.0).to(tl.float32)
+        s = tl.sigmoid(pre)
+        dpre = d * s * (1.0 + pre * (1.0 - s))
+        if HAS_DOCS:
+            reads = rows >= tl.load(doc_start + out_rows, mask=out_rows < T, other=0)
+            dpre_in = tl.where(reads[:, None], dpre, 0.0)
+        else:
+            dpre_in = dpre
+        dx_acc += dpre_in * _conv_tap(weight, x, ch, m_ch, WIDTH - 1 - j, WIDTH)[None, :]
+        if j == 0:
+            dpre_own = dpre
+    m_own = (rows < T)[:, None] & m_ch[None, :]
+    tl.store(dx + (i_b * T + rows[:, None]) * C + ch[None, :], dx_acc.to(dx.dtype.element_ty), mask=m_own)
+    part = (i_b * tl.num_programs(0) + i_t) * C * WIDTH
+    for i in tl.static_range(WIDTH):
+        xs = _conv_input(x, history, doc_start, i_b, rows - (WIDTH - 1) + i, rows, ch, m_ch, T, C, sb, st, WIDTH,
+                         HAS_HISTORY, HAS_DOCS)
+        tl.store(dweight_parts + part + ch * WIDTH + i, tl.sum(dpre_own * xs, axis=0), mask=m_ch)
+
 # RMSNorm(o) * weight * act(gate) for rows of one head's V values, forward and backward, so that the
 # layer's output keeps no fp32 copy of o and runs two kernels instead of some ten elementwise passes.
 # The backward recomputes the normalised row from o (one more read) rather than storing it.
@@ -1807,6 +1976,36 @@ if triton is not None:
         f32 = torch.float32
         return (x.new_empty(B, 1, H, V), S.new_empty(S.shape, dtype=f32), o_sum.new_empty(o_sum.shape, dtype=f32),
                 delta.new_empty(delta.shape, dtype=f32), x.new_empty(B, x.shape[1], conv_weight.shape[-1] - 1))
+
+    @torch.library.custom_op("carve::conv_silu", mutates_args=())
+    def _conv_silu_op(x: torch.Tensor, weight: torch.Tensor, history: Optional[torch.Tensor],
+                      doc_start: Optional[torch.Tensor]) -> torch.Tensor:
+        return conv_silu_triton(_unit_channel_stride(x), weight.contiguous(), _contiguous_or_none(history),
+                                _contiguous_or_none(doc_start))
+
+    @_conv_silu_op.register_fake
+    def _(x, weight, history, doc_start):
+        return x.new_empty(x.shape)
+
+    def _conv_silu_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _conv_silu_backward(ctx, dy):
+        x, weight, history, doc_start = ctx.saved_tensors
+        dx, dweight = torch.ops.carve.conv_silu_bwd(dy, x, weight, history, doc_start)
+        return dx, dweight, None, None
+
+    torch.library.register_autograd("carve::conv_silu", _conv_silu_backward, setup_context=_conv_silu_setup_context)
+
+    @torch.library.custom_op("carve::conv_silu_bwd", mutates_args=())
+    def _conv_silu_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, history: Optional[torch.Tensor],
+                          doc_start: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return conv_silu_backward_triton(dy, _unit_channel_stride(x), weight.contiguous(),
+                                         _contiguous_or_none(history), _contiguous_or_none(doc_start))
+
+    @_conv_silu_bwd_op.register_fake
+    def _(dy, x, weight, history, doc_start):
+        return x.new_empty(x.shape), torch.empty_like(weight)
 
     @torch.library.custom_op("carve::norm_gate", mutates_args=())
     def _norm_gate_op(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from carve_kernel import (backend_for, chunk_carve, decay_gate, fused_decode_step, output_norm_gate,
-                          recurrent_carve, zero_state)
+from carve_kernel import (backend_for, causal_conv_silu, chunk_carve, decay_gate, fused_decode_step,
+                          output_norm_gate, recurrent_carve, zero_state)
 
 MIXERS = ("carve", "gdn2", "attn")
 
@@ -80,24 +80,6 @@ def init_linear(layer):
         nn.init.zeros_(layer.bias)
 
 
-def causal_conv(x, weight, cache=None, doc_start=None):
-    """Depthwise causal conv + SiLU over [B, T, C]. `cache` holds the last W-1 inputs of the
-    sequence so far ([B, C, W-1]); the new one is returned for the next call. `doc_start` [T]: the
-    position where each position's document starts; taps before it read zeros."""
-    width = weight.shape[-1]
-    x = x.transpose(1, 2)
-    history = cache if cache is not None else x.new_zeros(x.shape[0], x.shape[1], width - 1)
-    x = torch.cat([history.to(x.dtype), x], dim=-1)
-    if doc_start is None:
-        y = F.conv1d(x, weight.to(x.dtype), groups=x.shape[1])
-    else:
-        T = doc_start.shape[0]
-        tap_pos = torch.arange(T, device=x.device)[:, None] - (width - 1) + torch.arange(width, device=x.device)
-        windows = x.unfold(-1, width, 1) * (tap_pos >= doc_start[:, None]).to(x.dtype)       # [B, C, T, W]
-        y = (windows * weight.to(x.dtype)[:, None, 0, :]).sum(-1)
-    return F.silu(y).transpose(1, 2), x[..., -(width - 1):]
-
-
 def packed_documents(doc_id):
     """From per-token document numbers [B, T] to the packed view of all B*T tokens as one row:
     (cu_seqlens [N + 1] of the N documents, doc_start [B*T] where each token's document starts).
@@ -122,9 +104,8 @@ class DeltaMixer(nn.Module):
         super().__init__()
         self.kind, self.cfg = kind, cfg
         H, K, V, d = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, cfg.d_model
-        self.q_proj = nn.Linear(d, H * K, bias=False)
-        self.k_proj = nn.Linear(d, H * K, bias=False)
-        self.v_proj = nn.Linear(d, H * V, bias=False)
+        # q, k and v from one product: one launch, and the conv reads them as one [B, T, 2HK + HV] tensor
+        self.qkv_proj = nn.Linear(d, 2 * H * K + H * V, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(2 * H * K + H * V, 1, cfg.conv_size))
         # channel-wise decay g = -exp(A_log) * softplus(W_f x + dt_bias), W_f low rank d -> K -> H*K
         self.f_proj = nn.Sequential(nn.Linear(d, K, bias=False), nn.Linear(K, H * K, bias=False))
@@ -143,10 +124,12 @@ class DeltaMixer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        H, K = self.cfg.n_head, self.cfg.head_k_dim
+        H, K, V = self.cfg.n_head, self.cfg.head_k_dim, self.cfg.head_v_dim
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m is not self.qkv_proj:
                 init_linear(m)
+        for part in self.qkv_proj.weight.split([H * K, H * K, H * V]):   # as q, k, v layers of their own
+            nn.init.xavier_uniform_(part, gain=2 ** -2.5)
         nn.init.kaiming_uniform_(self.conv_weight, a=math.sqrt(5))  # nn.Conv1d's default
         self.A_log.copy_(torch.empty(H).uniform_(1, 16).log())
         dt = torch.empty(H * K).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
@@ -171,7 +154,7 @@ class DeltaMixer(nn.Module):
             x, packed = x.reshape(1, -1, x.shape[-1]), {"cu_seqlens": cu_seqlens}
         B, T, _ = x.shape
         H, K, V = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = self.qkv_proj(x)
         f, b_logit = self.f_proj(x), self.b_proj(x)
         w_raw = self.w_proj(x) if self.kind == "gdn2" else self.beta_proj(x)
         content = None if self.kind == "gdn2" else (self.content_down, self.content_up)
@@ -181,8 +164,8 @@ class DeltaMixer(nn.Module):
                                                      self.A_log, self.dt_bias, b_logit[:, 0], w_raw[:, 0],
                                                      cache["state"], content, cfg.a_log_min, cfg.chunk_size)
         else:
-            qkv, conv_cache = causal_conv(qkv, self.conv_weight, cache["conv"] if cache else None,
-                                          doc_start if doc_id is not None else None)
+            qkv, conv_cache = causal_conv_silu(qkv, self.conv_weight, cache["conv"] if cache else None,
+                                               doc_start if doc_id is not None else None)
             q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
             q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
             g = decay_gate(f.view(B, T, H, K), self.A_log, self.dt_bias.view(H, K), cfg.a_log_min)
@@ -191,8 +174,11 @@ class DeltaMixer(nn.Module):
             o, state = kernel(q, k, v, g, b_logit.view(B, T, H, K), w, content,
                               initial_state=cache["state"] if cache else None, output_final_state=cache is not None,
                               chunk_size=cfg.chunk_size, **packed)
-        if cache is not None:
-            cache["conv"], cache["state"] = conv_cache, state
+        if cache is not None:   # in place: the cache's tensors stay where a CUDA graph reads them
+            old = cache["state"]
+            for buffer, new in zip((cache["conv"], old.S, old.o_sum, old.delta), (conv_cache, *state[:3])):
+                buffer.copy_(new)
+            cache["state"] = old._replace(offset=state.offset)
         o = output_norm_gate(o, self.g_proj(x).view(B, T, H, V), self.o_norm_weight, cfg.norm_eps, cfg.gate_act)
         return self.o_proj(o.reshape(B, T, H * V)).view(batch_shape)
 
@@ -202,18 +188,19 @@ class DeltaMixer(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         return backend_for(x) == "triton" and self.cfg.conv_size > 1 and not needs_grad
 
-    def empty_cache(self, batch_size, device):
+    def empty_cache(self, batch_size, device, max_len=None, dtype=None):
         cfg = self.cfg
         channels = self.conv_weight.shape[0]
-        return {"conv": torch.zeros(batch_size, channels, cfg.conv_size - 1, device=device),
+        # the conv cache in the compute dtype: the inputs it keeps are projections, exact in it
+        return {"conv": torch.zeros(batch_size, channels, cfg.conv_size - 1, device=device, dtype=dtype or torch.float32),
                 "state": zero_state(batch_size, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, device)}
 
 
-def rope(x, offset, theta):
-    """Rotary position embedding on [B, T, H, D] for absolute positions offset .. offset+T-1."""
-    T, D = x.shape[1], x.shape[-1]
+def rope(x, positions, theta):
+    """Rotary position embedding on [B, T, H, D] for the absolute positions [T] (a tensor)."""
+    D = x.shape[-1]
     inv_freq = theta ** -(torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    angles = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    angles = positions.float()[:, None] * inv_freq
     cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
@@ -242,9 +229,26 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, D = cfg.n_head, cfg.head_k_dim
         offset = cache["offset"] if cache else 0
-        q = rope(self.q_proj(x).view(B, T, H, D), offset, cfg.rope_theta).transpose(1, 2)
-        k = rope(self.k_proj(x).view(B, T, H, D), offset, cfg.rope_theta).transpose(1, 2)
+        static = cache is not None and "position" in cache
+        # a static cache keeps the position on the device too, so a CUDA graph's replays read the current one
+        positions = (cache["position"] if static else offset) + torch.arange(T, device=x.device)
+        q = rope(self.q_proj(x).view(B, T, H, D), positions, cfg.rope_theta).transpose(1, 2)
+        k = rope(self.k_proj(x).view(B, T, H, D), positions, cfg.rope_theta).transpose(1, 2)
         v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
+        if static:   # write into the buffers; attend over all of them, masked to the positions written
+            if offset + T > cache["k"].shape[2]:
+                raise ValueError(f"the KV cache holds {cache['k'].shape[2]} positions (init_cache's max_len); "
+                                 f"{offset + T} needed")
+            cache["k"].index_copy_(2, positions, k.to(cache["k"].dtype))
+            cache["v"].index_copy_(2, positions, v.to(cache["v"].dtype))
+            cache["position"] += T
+            cache["offset"] = offset + T
+            key_pos = torch.arange(cache["k"].shape[2], device=x.device)[None, :]
+            allowed = key_pos <= positions[:, None]
+            if cfg.attn_window > 0:
+                allowed &= key_pos > positions[:, None] - cfg.attn_window
+            o = F.scaled_dot_product_attention(q, cache["k"].to(q.dtype), cache["v"].to(q.dtype), attn_mask=allowed)
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
         if cache is not None:
             k = torch.cat([cache["k"].to(k.dtype), k], dim=2)
             v = torch.cat([cache["v"].to(v.dtype), v], dim=2)
@@ -271,10 +275,16 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
 
-    def empty_cache(self, batch_size, device):
+    def empty_cache(self, batch_size, device, max_len=None, dtype=torch.float32):
+        """Keys and values that grow with each call, or with max_len, buffers of max_len positions
+        written in place (static: what a CUDA graph needs)."""
         H, D = self.cfg.n_head, self.cfg.head_k_dim
-        return {"k": torch.zeros(batch_size, H, 0, D, device=device),
-                "v": torch.zeros(batch_size, H, 0, D, device=device), "offset": 0}
+        if max_len is None:
+            return {"k": torch.zeros(batch_size, H, 0, D, device=device),
+                    "v": torch.zeros(batch_size, H, 0, D, device=device), "offset": 0}
+        return {"k": torch.zeros(batch_size, H, max_len, D, device=device, dtype=dtype),
+                "v": torch.zeros(batch_size, H, max_len, D, device=device, dtype=dtype), "offset": 0,
+                "position": torch.zeros((), dtype=torch.long, device=device)}
 
 
 class SwiGLU(nn.Module):
@@ -391,9 +401,12 @@ class LM(nn.Module):
         if self.cfg.doc_start_token >= 0:
             starts = idx == self.cfg.doc_start_token
             if cache is not None:
-                if starts[:, 1:].any() or (starts[:, 0].any() and self.blocks and _cache_offset(cache[0]) > 0):
+                # prompts only: a decode step's check would cost a host sync, which a CUDA graph cannot
+                # hold, and a batch feeds the rows that sampled eot on with it
+                if idx.shape[1] > 1 and (starts[:, 1:].any() or (starts[:, 0].any() and self.blocks
+                                                                  and _cache_offset(cache[0]) > 0)):
                     raise ValueError(f"generation with a cache runs one document: token {self.cfg.doc_start_token} "
-                                     f"(doc_start_token) may only come first")
+                                     f"(doc_start_token) may only come first in a prompt")
             elif starts[:, 1:].any():
                 doc_id = starts.cumsum(dim=1)
         x = self.embed(idx)
@@ -409,9 +422,12 @@ class LM(nn.Module):
             return self.head(x), None
         return None, linear_cross_entropy(x.flatten(0, 1), self.head.weight, targets.flatten())
 
-    def init_cache(self, batch_size, device=None):
+    def init_cache(self, batch_size, device=None, max_len=None, dtype=torch.float32):
+        """An empty per-layer cache for generation, updated in place by each call. Attention layers grow
+        their keys and values, or with max_len (a CUDA graph's static buffers) hold max_len positions
+        of `dtype` from the start."""
         device = device or self.embed.weight.device
-        return [block.mixer.empty_cache(batch_size, device) for block in self.blocks]
+        return [block.mixer.empty_cache(batch_size, device, max_len, dtype) for block in self.blocks]
 
     def num_params(self, non_embedding=True):
         """Parameters in the blocks (the paper's non-embedding count) or everything."""

@@ -42,27 +42,94 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    # an exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p (what torch.multinomial does
+    # for one sample), and unlike multinomial it records into a CUDA graph; the floor keeps p = 0 at 0
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(dim=-1)
+
+
+class CudaGraphStep:
+    """`step(ids) -> next ids` (the model's one-token step on `cache`: every layer, the head, the
+    sampling) replayed from CUDA graphs: one launch a token instead of some twenty a layer from Python,
+    which is what bounds a plain step at small batches.
+
+    The cache's tensors are static buffers, updated in place; its host-side counters (each layer's
+    offset) are advanced here after a replay, as the step itself advances them. A recurrent layer's step
+    takes one of two host paths (the step that completes a chunk also computes CARVE's next Delta), so
+    there are up to two graphs, each captured the second time its kind of step comes: the first runs
+    as is, which compiles and warms up the kernels."""
+
+    def __init__(self, step, cache, chunk_size, generator=None):
+        self.step, self.cache, self.chunk_size, self.generator = step, cache, chunk_size, generator
+        self.recurrent = any("state" in layer for layer in cache)
+        self.ids, self.graphs, self.outputs, self.seen = None, {}, {}, set()
+
+    def offsets(self):
+        return [layer["state"].offset if "state" in layer else layer["offset"] for layer in self.cache]
+
+    def set_offsets(self, offsets):
+        for layer, offset in zip(self.cache, offsets):
+            if "state" in layer:
+                layer["state"] = layer["state"]._replace(offset=offset)
+            else:
+                layer["offset"] = offset
+
+    def __call__(self, ids):
+        offsets = self.offsets()
+        completes_chunk = self.recurrent and (offsets[0] + 1) % self.chunk_size == 0
+        if completes_chunk not in self.seen:
+            self.seen.add(completes_chunk)
+            return self.step(ids)
+        if self.ids is None:
+            self.ids = torch.empty_like(ids)
+        self.ids.copy_(ids)
+        if completes_chunk not in self.graphs:
+            graph = torch.cuda.CUDAGraph()
+            if self.generator is not None:
+                graph.register_generator_state(self.generator)
+            with torch.cuda.graph(graph):
+                self.outputs[completes_chunk] = self.step(self.ids)
+            self.set_offsets(offsets)   # the capture ran the host side only: undo its counting
+            self.graphs[completes_chunk] = graph
+        self.graphs[completes_chunk].replay()
+        self.set_offsets([offset + 1 for offset in offsets])
+        return self.outputs[completes_chunk]
+
+
+def decode_step(model, cache, pick, generator=None, cuda_graph=True):
+    """generate_samples' step, ids [B] -> next ids [B]: one token a row on top of the cached state, then
+    pick(logits); replayed from CUDA graphs (CudaGraphStep) on a GPU unless cuda_graph=False."""
+    def step(ids):
+        return pick(model(ids[:, None], cache=cache)[0])
+    if cuda_graph and model.embed.weight.is_cuda:
+        return CudaGraphStep(step, cache, model.cfg.chunk_size, generator)
+    return step
 
 
 @torch.inference_mode()
 def generate_samples(model, prompt_ids, num_samples, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                     generator=None, eot=None, vocab_size=None, on_token=None):
+                     generator=None, eot=None, vocab_size=None, on_token=None, cuda_graph=True):
     """Continue one prompt num_samples times as one batch: the prompt prefilled in one pass for every
-    row, then one decode step for all rows per token. Returns a list of num_samples lists of new ids
-    (each at most max_new_tokens; a row ends early when it samples `eot`, which is not returned).
-    on_token(row, id) is called as each token is produced. vocab_size: sample only ids below it (a
-    model's vocab is often padded past the tokenizer's, e.g. 50257 -> 50304)."""
+    row, then one decode step for all rows per token (on a GPU replayed from a CUDA graph, CudaGraphStep,
+    unless cuda_graph=False). Returns a list of num_samples lists of new ids (each at most
+    max_new_tokens; a row ends early when it samples `eot`, which is not returned). on_token(row, id)
+    is called as each token is produced. vocab_size: sample only ids below it (a model's vocab is often
+    padded past the tokenizer's, e.g. 50257 -> 50304)."""
     if len(prompt_ids) == 0:
         raise ValueError("generate() needs a non-empty prompt")
     device = model.embed.weight.device
-    cache = model.init_cache(num_samples, device)
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
+    cache = model.init_cache(num_samples, device, max_len=len(prompt_ids) + max_new_tokens, dtype=dtype)
+
+    def pick(logits):
+        return sample_next(logits[:, -1, :vocab_size] if vocab_size else logits[:, -1], temperature, top_k, top_p,
+                           generator)
+
+    step = decode_step(model, cache, pick, generator, cuda_graph)
     # prefill: the whole prompt in one pass; logits come back for the last position only
-    logits, _ = model(torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device), cache=cache)
+    next_ids = pick(model(torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device), cache=cache)[0])
     samples, finished = [[] for _ in range(num_samples)], [False] * num_samples
-    for step in range(max_new_tokens):
-        last = logits[:, -1, :vocab_size] if vocab_size else logits[:, -1]
-        next_ids = sample_next(last, temperature, top_k, top_p, generator)
+    for i in range(max_new_tokens):
         for row, token in enumerate(next_ids.tolist()):
             if finished[row]:
                 continue  # a finished row still steps with the batch; its tokens are dropped
@@ -72,9 +139,9 @@ def generate_samples(model, prompt_ids, num_samples, max_new_tokens, temperature
             samples[row].append(token)
             if on_token is not None:
                 on_token(row, token)
-        if all(finished) or step == max_new_tokens - 1:
+        if all(finished) or i == max_new_tokens - 1:
             break  # no forward for tokens that would never be used
-        logits, _ = model(next_ids[:, None], cache=cache)  # one token a row on top of the cached state
+        next_ids = step(next_ids)
     return samples
 
 
@@ -84,6 +151,15 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     on_row_token = None if on_token is None else (lambda row, token: on_token(token))
     return generate_samples(model, prompt_ids, 1, max_new_tokens, temperature, top_k, top_p, generator, eot,
                             vocab_size, on_row_token)[0]
+
+
+def inference_weights(model, dtype):
+    """The matrices of the Linear layers in `dtype`, so a decode step reads each once at half the bytes
+    (under autocast, fp32 weights are read and cast every step); the embedding, the norms, the gates'
+    parameters and the conv taps stay fp32 (a tied head stays with the embedding)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight is not model.embed.weight:
+            module.to(dtype)
 
 
 def fail(message):
@@ -197,6 +273,8 @@ def main(argv=None):
     del checkpoint, state_dict
     model.to(device).eval()
     cfg = model.cfg
+    if ptdtype != torch.float32:
+        inference_weights(model, ptdtype)
 
     def fmt(x):
         return "n/a" if x is None else f"{x:.4f}"

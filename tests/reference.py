@@ -224,10 +224,10 @@ def tokens(B, T, vocab, seed=0):
 
 
 @torch.no_grad()
-def prefill_then_decode(model, idx, T1):
+def prefill_then_decode(model, idx, T1, max_len=None):
     """(logits of one forward from position T1-1 on, the same logits from a prefill of T1 tokens
-    followed by one cached step per token)."""
-    cache = model.init_cache(idx.shape[0])
+    followed by one cached step per token; with max_len, on init_cache's static buffers)."""
+    cache = model.init_cache(idx.shape[0], max_len=max_len)
     steps = [model(idx[:, :T1], cache=cache)[0]]
     steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(T1, idx.shape[1])]
     return model(idx)[0][:, T1 - 1:], torch.cat(steps, dim=1)

@@ -77,17 +77,26 @@ DECODE_CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("max_len", [None, 30], ids=["growing", "static-cache"])
 @pytest.mark.parametrize("mixer,window", DECODE_CONFIGS)
 @pytest.mark.parametrize("T1", [1, 7, 8, 9, 17])
-def test_prefill_then_decode(mixer, window, T1):
+def test_prefill_then_decode(mixer, window, T1, max_len):
     """model(idx[:, :T1], cache) then one token at a time equals model(idx)[0][:, T1-1:] (docs/DESIGN.md section 6);
-    C = 8, T = 21: splits before, on and after chunk boundaries, and T1 = 1."""
+    C = 8, T = 21: splits before, on and after chunk boundaries, and T1 = 1; attention keys and values
+    growing, or in static buffers of 30 positions (what the CUDA-graph decode step runs on)."""
     torch.manual_seed(0)
     model = perturb(LM(tiny(mixer, attn_window=window))).eval()
     B, T = 2, 21
     idx = tokens(B, T, model.cfg.vocab_size, seed=T1)
-    full, stepped = prefill_then_decode(model, idx, T1)
-    assert_rel(stepped, full, TOL_LOGITS, f"prefill+decode logits ({mixer}, w={window})")
+    full, stepped = prefill_then_decode(model, idx, T1, max_len)
+    assert_rel(stepped, full, TOL_LOGITS, f"prefill+decode logits ({mixer}, w={window}, max_len={max_len})")
+
+
+def test_static_cache_refuses_positions_past_max_len():
+    model = LM(tiny("carve,attn")).eval()
+    cache = model.init_cache(1, max_len=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="holds 4 positions"):
+        model(tokens(1, 5, model.cfg.vocab_size), cache=cache)
 
 
 @pytest.mark.parametrize("mixer,window", DECODE_CONFIGS)

@@ -224,3 +224,35 @@ def test_main_reports_generated_tokens(run_dir, capsys):
     assert captured.out.count("---------------\n") == 2
     report = captured.err.strip().splitlines()[-1]
     assert report.startswith("3 samples in one batch: 27 new tokens") and "decode" in report, report
+
+
+def test_sample_next_draws_from_the_distribution():
+    """The exponential race draws each token with its probability, and never one of probability 0."""
+    logits = torch.tensor([[0.5, 0.3, 0.2, 0.0]]).log().expand(40000, 4)
+    ids = sample_next(logits, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).double() / len(ids)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64), atol=0.01), freq
+    assert freq[3] == 0
+
+
+if torch.cuda.is_available():  # CUDA graphs need a GPU: collected there only
+    @pytest.mark.parametrize("mixer", ["carve", "gdn2", "attn", "carve,attn"])
+    @pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+    def test_cuda_graph_step_generates_the_plain_tokens(monkeypatch, mixer, temperature):
+        """generate_samples with the step replayed from CUDA graphs (both kinds: 40 tokens cross chunks
+        of 8 five times) gives the tokens of the plain step, for the same seed, in a batch of 3 under
+        bf16 autocast."""
+        from reference import perturb, tiny
+        from sample import generate_samples
+        model = perturb(LM(tiny(mixer, head_k_dim=16, head_v_dim=16, vocab_size=256))).cuda().eval()
+        replays = []
+        real_replay = torch.cuda.CUDAGraph.replay
+        monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or real_replay(graph))
+        runs = []
+        for graph in (False, True):
+            gen = torch.Generator(device="cuda").manual_seed(3)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                runs.append(generate_samples(model, [5, 9, 2, 7, 1], 3, 40, temperature, top_k=50, top_p=0.95,
+                                             generator=gen, cuda_graph=graph))
+        assert len(replays) >= 30
+        assert runs[1] == runs[0]

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import carve_kernel
-from carve_kernel import CarveState, backend_for, chunk_carve, chunk_carve_torch, decay_gate, decode_step_triton, \
-    recurrent_carve, recurrent_carve_torch, recurrent_carve_triton, runs_in_interpreter
+from carve_kernel import CarveState, backend_for, causal_conv_silu_torch, chunk_carve, chunk_carve_torch, decay_gate, \
+    decode_step_triton, recurrent_carve, recurrent_carve_torch, recurrent_carve_triton, runs_in_interpreter
 from model import LM
 from reference import (DEVICE, NAMES, TOL_BF16, TOL_FWD, TOL_LOGITS, assert_error, assert_rel, gate_sweep,
                        make_inputs, make_state, needs_triton, perturb, prefill_then_decode, reference, run_reference,
@@ -362,11 +362,10 @@ def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims):
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_decode_step(mode, dtype):
-    """decode_step_triton against what model.py does without it (causal_conv, the gates in torch,
+    """decode_step_triton against what model.py does without it (causal_conv_silu_torch, the gates in torch,
     recurrent_carve_torch) on the same projections: bf16 projections round the conv, SiLU and
     sigmoid outputs to bf16 as torch's bf16 ops do. The step finishes a chunk (offset 7, C = 8), so
     the content update runs; V = 24 masks part of a value block."""
-    from model import causal_conv
     B, H, K, V, C, W = 3, 2, 16, 24, 8, 4
     gen = torch.Generator().manual_seed(21)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
@@ -382,7 +381,7 @@ def test_fused_decode_step(mode, dtype):
         dev(x[:, 0]), dev(conv_weight), dev(conv_cache), dev(f[:, 0]), dev(A_log), dev(dt_bias), dev(b_logit[:, 0]),
         dev(w_raw[:, 0]), CarveState(*map(dev, state[:3]), 7), tuple(map(dev, content)) if content else None,
         -5.0, chunk_size=C)
-    qkv, cache_ref = causal_conv(x, conv_weight, conv_cache)
+    qkv, cache_ref = causal_conv_silu_torch(x, conv_weight, conv_cache)
     q, k, v = (t.reshape(B, 1, H, -1) for t in qkv.split([H * K, H * K, H * V], dim=-1))
     g = -A_log.exp()[:, None] * F.softplus(f.float().reshape(B, 1, H, K) + dt_bias.view(H, K))
     w = torch.sigmoid(w_raw).view(B, 1, H, V) if mode == "gdn2" else torch.sigmoid(w_raw)

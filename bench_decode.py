@@ -1,0 +1,165 @@
+"""Decode benchmark on one GPU: tokens/s and ms per step of sample.py's one-token step for whole models,
+at several batch sizes and context lengths, beside the limit that reading the weights sets.
+
+    python bench_decode.py carve_1b3 transformer_1b3                       # batch 1, 8, 64; context 1K and 16K
+    python bench_decode.py carve_1b3 --batch 1 --context 1024 --no_graph   # also the plain (un-captured) step
+
+Configs load exactly as in train.py (a path, or a bare name in configs/; `--key=value` overrides apply
+to every config). The model has random weights (vocab_size 0 means 50304), its Linear weights in bf16 as
+sample.py holds them (inference_weights), under bf16 autocast. The step is sample.py's (decode_step:
+the model's one-token step on the cache, sample_next at temperature 0.8 with top-k 200, replayed from
+CUDA graphs unless --no_graph), followed by the `.tolist()` generate_samples does each step.
+
+The cache is set as after `context` tokens instead of prefilling them: a recurrent layer's state and
+an attention layer's keys and values random, its offset at `context`. A step's work does not depend
+on the values, so this times what a step costs at that context without the prefill's memory (64 x 16K
+tokens). The first 2 * chunk_size + 2 steps are not timed: they compile the kernels and capture both
+graphs; then --steps steps are.
+
+Limits beside each row, from the copy bandwidth measured in the same run (a 2 GiB device-to-device
+copy): "weights" = batch x bandwidth / the bytes of the Linear weights, what reading them once a step
+allows; "all bytes" adds what a step must also move: a recurrent layer's fp32 state read and written,
+an attention layer's keys and values read.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import train
+from model import LM, ModelConfig
+from sample import decode_step, inference_weights, sample_next
+
+SYNTHETIC_VOCAB = 50304
+DTYPE = torch.bfloat16
+
+
+def copy_bandwidth():
+    """Bytes per second of a 2 GiB device-to-device copy (read + write counted), best of 5."""
+    src = torch.empty(2 ** 30, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def fill_cache(cache, context, gen):
+    """The cache as after `context` tokens: random recurrent states and attention keys and values."""
+    for layer in cache:
+        if "state" in layer:
+            state = layer["state"]
+            for tensor in (state.S, state.o_sum, state.delta):
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen, device="cuda"))
+            layer["state"] = state._replace(offset=context)
+        else:
+            for key in ("k", "v"):
+                layer[key][:, :, :context].normal_(generator=gen)
+            layer["position"].fill_(context)
+            layer["offset"] = context
+
+
+def step_bytes(model, cache, context):
+    """(bytes of the Linear weights, bytes a step must move in all: weights, states, keys and values)."""
+    weights = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                  if isinstance(m, torch.nn.Linear))
+    moved = weights
+    for layer in cache:
+        if "state" in layer:
+            moved += 2 * layer["state"].S.numel() * 4
+        else:
+            moved += 2 * layer["k"][:, :, :context].numel() * layer["k"].element_size()
+    return weights, moved
+
+
+def measure(model, batch, context, steps, graph):
+    """(ms per step, tokens per s, weight bytes, all bytes) of `steps` timed decode steps."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    warmup = 2 * model.cfg.chunk_size + 2
+    cache = model.init_cache(batch, max_len=context + warmup + steps + 1, dtype=DTYPE)
+    fill_cache(cache, context, gen)
+    step = decode_step(model, cache, lambda logits: sample_next(logits[:, -1], 0.8, 200, None, gen), gen, graph)
+    ids = torch.randint(model.cfg.vocab_size, (batch,), device="cuda", generator=gen)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=DTYPE):
+        for _ in range(warmup):
+            ids = step(ids)
+            ids.tolist()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            ids = step(ids)
+            ids.tolist()   # generate_samples reads each step's tokens on the host
+        seconds = time.perf_counter() - start
+    weights, moved = step_bytes(model, cache, context)
+    return seconds / steps * 1e3, batch * steps / seconds, weights, moved
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(usage="python bench_decode.py CONFIG [CONFIG ...] [--key=value ...] [options]",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--batch", default="1,8,64", help="comma-separated batch sizes (default: %(default)s)")
+    parser.add_argument("--context", default="1024,16384",
+                        help="comma-separated context lengths in tokens (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps (default: %(default)s)")
+    parser.add_argument("--no_graph", action="store_true", help="also time the plain step, without CUDA graphs")
+    args, rest = parser.parse_known_args()
+    overrides = [arg for arg in rest if arg.startswith("--")]
+    configs = [arg for arg in rest if not arg.startswith("--")]
+    if not configs:
+        parser.error("give at least one config, e.g. configs/carve_1b3.py or carve_1b3")
+    try:
+        args.batch = [int(b) for b in args.batch.split(",")]
+        args.context = [int(c) for c in args.context.split(",")]
+    except ValueError:
+        parser.error(f"--batch and --context take comma-separated integers, e.g. --batch 1,8,64; got "
+                     f"{args.batch!r}, {args.context!r}")
+    if min(args.batch) < 1 or min(args.context) < 0 or args.steps < 1:
+        parser.error("--batch and --steps must be at least 1, --context at least 0")
+    return args, configs, overrides
+
+
+def main():
+    args, config_args, overrides = parse_args()
+    configs = [(os.path.splitext(os.path.basename(arg))[0], train.load_config([arg] + overrides))
+               for arg in config_args]
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode.py needs a CUDA GPU")
+    import triton
+    torch.backends.cuda.enable_cudnn_sdp(False)   # as sample.py: cuDNN attention rebuilds per key length
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+          f"triton {triton.__version__}, {time.strftime('%Y-%m-%d')}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"python bench_decode.py {' '.join(sys.argv[1:])}\n")
+    print("| config | step | batch | context | ms / step | tokens/s | weights limit | all-bytes limit |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for name, config in configs:
+        model_config = ModelConfig.from_dict({**config, "vocab_size": config["vocab_size"] or SYNTHETIC_VOCAB})
+        torch.manual_seed(config["seed"])
+        with torch.device("cuda"):
+            model = LM(model_config).eval()
+        inference_weights(model, DTYPE)
+        for graph in ([True, False] if args.no_graph else [True]):
+            for context in args.context:
+                for batch in args.batch:
+                    row = f"| {name} | {'graph' if graph else 'plain'} | {batch} | {context:,} |"
+                    try:
+                        ms, tokens_per_s, weights, moved = measure(model, batch, context, args.steps, graph)
+                    except torch.OutOfMemoryError:   # e.g. a Transformer's keys and values at 64 x 16K
+                        print(f"{row} out of memory | - | - | - |", flush=True)
+                    else:
+                        print(f"{row} {ms:.2f} | {tokens_per_s:,.0f} | {batch * bandwidth / weights:,.0f} | "
+                              f"{batch * bandwidth / moved:,.0f} |", flush=True)
+                    torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
