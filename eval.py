@@ -5,6 +5,7 @@ Evaluate a checkpoint: perplexity and bits per byte on held-out token files or o
     python eval.py --out_dir=out/carve_shakespeare --data_dir=data/other_byte --split=train --max_tokens=1e6
     python eval.py --out_dir=out/carve_shakespeare --text=notes/ book.txt   # files, folders of .txt/.md
     python eval.py --out_dir=out/carve_shakespeare --task=passkey --contexts=1024,2048 --depths=0,50,100
+    python eval.py --out_dir=out/mqar_carve --task=mqar --mqar_pairs=32
 
 The newest good checkpoint of --out_dir is used (train.py's rule: its sha256 must match its record).
 Tokens are scored in windows of --seq_len (default: the length the model trained on); each window
@@ -15,6 +16,15 @@ each file one document starting with eot where the tokenizer has one (as prepare
 Bits per byte = the summed loss in nats / ln 2 / the UTF-8 bytes the scored tokens spell: comparable
 across tokenizers, unlike perplexity. Progress goes to stderr; the result is one line on stdout
 (--json for a JSON object).
+
+--task=mqar scores multi-query associative recall (train.py --task=mqar trains on it): the fraction of
+queried values the model predicts exactly (argmax at the query), over examples of prepare_data.py's
+mqar_examples. By default the checkpoint's own test set (its seq_len, mqar_pairs, mqar_seed); --seq_len,
+--mqar_pairs and --examples ask for other settings (the test stream of the same seed).
+
+--task=harness runs lm-evaluation-harness tasks (pip install lm-eval) through HarnessAdapter, e.g.
+--harness_tasks=wikitext,lambada_openai,piqa,hellaswag,arc_easy,winogrande; the harness downloads their
+datasets (--harness_include: a folder of your own task YAML files, local data included).
 
 --task=passkey is an S-NIAH-style probe (RULER's single needle): a five-digit pass key stated once at
 a given depth of repeated filler sentences, asked for at the end; the model's greedy continuation (the
@@ -34,8 +44,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from model import LM, ModelConfig
-from prepare_data import get_tokenizer, local_documents, token_byte_lengths
+from model import LM, ModelConfig, repeat_cache
+from prepare_data import get_tokenizer, local_documents, mqar_examples, token_byte_lengths
 from sample import generate
 from train import load_newest_checkpoint
 
@@ -100,6 +110,119 @@ def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
     return accuracy
 
 
+class HarnessAdapter:
+    """lm-evaluation-harness's model interface for a checkpoint (its three request types; harness_model()
+    makes it a subclass of the harness's LM). Scores come from the model's cached state, so a context is
+    run once: its continuations (the choices of a multiple-choice question) go on from copies of the
+    state it left, as one batch, and a long text is scored piece by piece on one state, every token
+    conditioned on everything before it (no windows, no truncation).
+
+    Text is conditioned on the tokenizer's eot, as prepare_data.py starts every document; the byte
+    tokenizer has none, so there a newline stands in. A continuation's tokens are those the context plus
+    continuation encodes to past the context's own, so a BPE merge across the boundary scores as the
+    tokenizer would write the text."""
+
+    def __init__(self, model, tokenizer, autocast, piece_tokens=4096):
+        self.model, self.tokenizer, self.autocast, self.piece_tokens = model, tokenizer, autocast, piece_tokens
+        self.model_device = model.embed.weight.device
+        self.start = [tokenizer.eot] if tokenizer.eot is not None else tokenizer.encode("\n")
+
+    def _run(self, ids, cache, last_only=False):
+        """log-softmax of the logits [rows, T, V] (fp32) of ids [rows, T] on top of cache."""
+        with self.autocast:
+            logits, _ = self.model(torch.as_tensor(ids, device=self.model_device), cache=cache, last_only=last_only)
+        return torch.log_softmax(logits[..., :self.tokenizer.vocab_size].float(), dim=-1)
+
+    def _split(self, context, continuation):
+        context_ids = self.tokenizer.encode(context)
+        whole = self.tokenizer.encode(context + continuation)
+        if whole[:len(context_ids)] != context_ids:   # the boundary merged: score the two apart
+            return context_ids, self.tokenizer.encode(continuation)
+        return context_ids, whole[len(context_ids):]
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests):
+        """[(log p(continuation | context), whether greedy decoding gives the continuation)] per request."""
+        results = [None] * len(requests)
+        by_context = {}
+        for i, request in enumerate(requests):
+            by_context.setdefault(request.args[0], []).append(i)
+        for context, indices in by_context.items():
+            pairs = [self._split(context, requests[i].args[1]) for i in indices]
+            cache = self.model.init_cache(1, self.model_device)
+            first = self._run([self.start + pairs[0][0]], cache, last_only=True)[0, -1]   # predicts each first token
+            longest = max(len(continuation) for _, continuation in pairs)
+            rows = repeat_cache(cache, len(pairs))
+            # every continuation but its last token, padded: a position only sees those before it
+            batch = [continuation[:-1] + [0] * (longest - len(continuation)) for _, continuation in pairs]
+            rest = self._run(batch, rows) if longest > 1 else None
+            for row, (i, (_, continuation)) in enumerate(zip(indices, pairs)):
+                predictions = [first] + ([rest[row, t] for t in range(len(continuation) - 1)] if rest is not None else [])
+                logprob = sum(float(p[token]) for p, token in zip(predictions, continuation))
+                greedy = all(int(p.argmax()) == token for p, token in zip(predictions, continuation))
+                results[i] = (logprob, greedy)
+        return results
+
+    @torch.inference_mode()
+    def loglikelihood_rolling(self, requests):
+        """[log p(text)] per request: every token of the text given all before it, in pieces of
+        piece_tokens on one cached state."""
+        results = []
+        for request in requests:
+            ids = self.start + self.tokenizer.encode(request.args[0])
+            cache = self.model.init_cache(1, self.model_device)
+            total = 0.0
+            for start in range(0, len(ids) - 1, self.piece_tokens):
+                piece = ids[start:start + self.piece_tokens + 1]
+                logprobs = self._run([piece[:-1]], cache)[0]
+                total += float(logprobs.gather(-1, torch.tensor(piece[1:], device=self.model_device)[:, None]).sum())
+            results.append(total)
+        return results
+
+    def generate_until(self, requests):
+        """[the greedy continuation of the context, cut before the first of its stop strings] per request;
+        at most gen_kwargs' max_gen_toks tokens (default 256), stopping early at eot."""
+        results = []
+        for request in requests:
+            context, gen_kwargs = request.args
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else until
+            with self.autocast:
+                ids = generate(self.model, self.start + self.tokenizer.encode(context),
+                               gen_kwargs.get("max_gen_toks", 256), temperature=0, eot=self.tokenizer.eot,
+                               vocab_size=self.tokenizer.vocab_size)
+            text = self.tokenizer.decode(ids)
+            cut = min([text.index(stop) for stop in until if stop in text], default=len(text))
+            results.append(text[:cut])
+        return results
+
+
+def harness_model(model, tokenizer, autocast):
+    """HarnessAdapter as a subclass of lm-evaluation-harness's LM (pip install lm-eval), for simple_evaluate."""
+    from lm_eval.api.model import LM as HarnessLM
+
+    class CarveHarnessLM(HarnessAdapter, HarnessLM):
+        def __init__(self):
+            HarnessLM.__init__(self)
+            HarnessAdapter.__init__(self, model, tokenizer, autocast)
+
+    return CarveHarnessLM()
+
+
+@torch.inference_mode()
+def mqar_accuracy(model, inputs, targets, batch_size, device, autocast):
+    """(queries answered right, queries): the argmax at each scored position against its target."""
+    right = total = 0
+    for i in range(0, len(inputs), batch_size):
+        x = torch.from_numpy(inputs[i:i + batch_size]).to(device)
+        y = torch.from_numpy(targets[i:i + batch_size]).to(device)
+        with autocast:
+            predicted = model(x)[0].argmax(-1)
+        right += int((predicted == y).sum())
+        total += int((y >= 0).sum())
+    return right, total
+
+
 @torch.inference_mode()
 def score(model, tokens, seq_len, batch_size, device, autocast, token_lengths, progress):
     """(summed loss in nats, scored tokens, UTF-8 bytes they spell) over windows of seq_len + 1 tokens,
@@ -136,7 +259,15 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="windows a forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     parser.add_argument("--json", action="store_true", help="print the result as a JSON object")
-    parser.add_argument("--task", default="lm", choices=["lm", "passkey"], help="(default: %(default)s)")
+    parser.add_argument("--task", default="lm", choices=["lm", "passkey", "mqar", "harness"],
+                        help="(default: %(default)s)")
+    parser.add_argument("--harness_tasks", default="wikitext,lambada_openai",
+                        help="harness: lm-evaluation-harness task names, comma-separated (default: %(default)s)")
+    parser.add_argument("--harness_include", default=None, help="harness: a folder of your own task YAML files")
+    parser.add_argument("--limit", type=int, default=0, help="harness: examples a task; 0 = all")
+    parser.add_argument("--num_fewshot", type=int, default=None, help="harness: few-shot examples (task default)")
+    parser.add_argument("--mqar_pairs", type=int, default=0, help="mqar: key-value pairs; 0 = the run's")
+    parser.add_argument("--examples", type=int, default=0, help="mqar: examples; 0 = the run's mqar_test_examples")
     parser.add_argument("--contexts", default="1024,2048,4096,8192", help="passkey: context lengths in tokens")
     parser.add_argument("--depths", default="0,25,50,75,100", help="passkey: needle depths in percent")
     parser.add_argument("--trials", type=int, default=5, help="passkey: keys per setting (default: %(default)s)")
@@ -148,10 +279,15 @@ def main(argv=None):
         fail(f"run directory {args.out_dir!r} does not exist")
 
     checkpoint, record = load_newest_checkpoint(args.out_dir, lambda line: print(line, file=sys.stderr))
-    try:
-        tokenizer = get_tokenizer(record["tokenizer"])
-    except (ValueError, RuntimeError) as e:
-        fail(str(e))
+    trained_on_mqar = checkpoint["config"].get("task") == "mqar"
+    if (args.task == "mqar") != trained_on_mqar:
+        fail(f"the checkpoint was trained on {'MQAR' if trained_on_mqar else 'text'}: use "
+             f"{'--task=mqar' if trained_on_mqar else '--task=lm or --task=passkey'}")
+    if not trained_on_mqar:
+        try:
+            tokenizer = get_tokenizer(record["tokenizer"])
+        except (ValueError, RuntimeError) as e:
+            fail(str(e))
     seq_len = args.seq_len or checkpoint["config"]["seq_len"]
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -159,7 +295,39 @@ def main(argv=None):
     model = LM(ModelConfig.from_dict(record["model_config"]))
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
+    config = checkpoint["config"]
     del checkpoint
+    if args.task == "mqar":
+        pairs, count = args.mqar_pairs or config["mqar_pairs"], args.examples or config["mqar_test_examples"]
+        try:
+            inputs, targets = mqar_examples(count, seq_len, pairs, config["vocab_size"], [config["mqar_seed"], 1],
+                                            config["mqar_power_a"])
+        except ValueError as e:
+            fail(str(e))
+        print(f"mqar: {args.out_dir} (step {record['step']}), {count} examples of {seq_len} tokens, {pairs} pairs, "
+              f"{device}", file=sys.stderr)
+        right, total = mqar_accuracy(model, inputs, targets, args.batch_size, device, autocast)
+        result = {"checkpoint_step": record["step"], "seq_len": seq_len, "mqar_pairs": pairs, "examples": count,
+                  "accuracy": right / total}
+        print(json.dumps(result) if args.json else
+              f"mqar: accuracy {right / total:.4f} ({right:,} of {total:,} queries; seq_len {seq_len}, {pairs} pairs)")
+        return
+    if args.task == "harness":
+        try:
+            import lm_eval
+            from lm_eval.tasks import TaskManager
+        except ImportError:
+            fail("--task=harness needs lm-evaluation-harness: pip install lm-eval")
+        print(f"harness: {args.out_dir} (step {record['step']}), tasks {args.harness_tasks}, {device}", file=sys.stderr)
+        results = lm_eval.simple_evaluate(
+            model=harness_model(model, tokenizer, autocast), tasks=args.harness_tasks.split(","),
+            num_fewshot=args.num_fewshot, limit=args.limit or None,
+            task_manager=TaskManager(include_path=args.harness_include) if args.harness_include else None)
+        if args.json:
+            print(json.dumps({"checkpoint_step": record["step"], "results": results["results"]}, default=str))
+        else:
+            print(lm_eval.utils.make_table(results))
+        return
     if args.task == "passkey":
         try:
             contexts = [int(c) for c in args.contexts.split(",")]

@@ -362,6 +362,17 @@ def linear_cross_entropy(x, weight, targets, chunk_rows=LOSS_CHUNK_ROWS):
         return LinearCrossEntropy.apply(x.to(dtype), weight.to(dtype), targets, chunk_rows, need_grad)
 
 
+def repeat_cache(cache, n):
+    """A cache of batch 1 as n rows of copies: several continuations of one prompt, each on its own state."""
+    def repeat(value):
+        if isinstance(value, torch.Tensor):
+            return value.repeat(n, *[1] * (value.dim() - 1)) if value.dim() else value.clone()
+        if isinstance(value, tuple):   # CarveState: its tensors repeated, its offset kept
+            return type(value)(*map(repeat, value))
+        return value
+    return [{key: repeat(value) for key, value in layer.items()} for layer in cache]
+
+
 def _cache_offset(layer_cache):
     return layer_cache["offset"] if "offset" in layer_cache else layer_cache["state"].offset
 
@@ -392,11 +403,12 @@ class LM(nn.Module):
         init_linear(self.head)
         nn.init.normal_(self.embed.weight, std=0.02)  # after the head: a tied head keeps N(0, 0.02)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, last_only=True):
         """idx [B, T] token ids. Training: returns (None, mean cross-entropy over targets != -1), never
         making the logits (linear_cross_entropy); without targets, (logits, None);
         with cfg.doc_start_token set, each row may hold several documents that never see each other.
-        With a cache (generation): returns the logits of the last position only and updates the cache."""
+        With a cache (generation): returns the logits of the last position only (last_only=False: of every
+        position, to score a continuation) and updates the cache."""
         doc_id = None
         if self.cfg.doc_start_token >= 0:
             starts = idx == self.cfg.doc_start_token
@@ -417,7 +429,7 @@ class LM(nn.Module):
                 x = block(x, cache[i] if cache is not None else None, doc_id)
         x = self.norm(x)
         if cache is not None:
-            return self.head(x[:, -1:]), None
+            return self.head(x[:, -1:] if last_only else x), None
         if targets is None:
             return self.head(x), None
         return None, linear_cross_entropy(x.flatten(0, 1), self.head.weight, targets.flatten())

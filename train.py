@@ -33,11 +33,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from carve_kernel import chunk_triton_supports
 from model import LM, ModelConfig
+from prepare_data import mqar_examples
 
 DEFAULTS = dict(
     # I/O
     out_dir="out/carve_shakespeare",
     data_dir="data/shakespeare_byte",   # train.bin, val.bin, meta.json written by prepare_data.py
+    task="lm",                          # 'lm': the token files of data_dir; 'mqar': recall examples made from
+    #                                     mqar_seed (prepare_data.mqar_examples), seq_len tokens each
+    mqar_pairs=16,                      # MQAR: key-value pairs an example (each queried once)
+    mqar_train_examples=100000,         # MQAR: the training set, seen in epochs
+    mqar_test_examples=3000,            # MQAR: the evaluation set, drawn apart from the training set
+    mqar_power_a=0.01,                  # MQAR: query distances follow a power law of this exponent (Zoology's)
+    mqar_seed=0,                        # MQAR: the data's seed (seed is the model's and the order's)
     init_from="scratch",                # 'scratch' or 'resume' (from the newest good checkpoint in out_dir)
     keep_checkpoints=3,                 # checkpoints kept in out_dir (ckpt_<step>.pt), the newest ones
     tokenizer="",                       # if set, must match the data's tokenizer (a guard, not a choice)
@@ -259,6 +267,38 @@ class TokenData:
         return [self._window(tokens, int(s)) for s in starts]
 
 
+class MQARData:
+    """MQAR examples (prepare_data.mqar_examples) in TokenData's interface: training sequence i is
+    example i of a per-epoch shuffle of the training set; the evaluation windows are the test set.
+    Only the value after each query is a target (the others are -1), so the loss and the accuracy are
+    over the recalls."""
+
+    def __init__(self, config):
+        vocab = config["vocab_size"] or 8192
+        self.meta = {"tokenizer": "mqar", "vocab_size": vocab, "eot": None, "val": None}
+        self.seed = config["seed"]
+        make = lambda count, stream: mqar_examples(count, config["seq_len"], config["mqar_pairs"], vocab,  # noqa: E731
+                                                   [config["mqar_seed"], stream], config["mqar_power_a"])
+        try:
+            self.train, self.test = make(config["mqar_train_examples"], 0), make(config["mqar_test_examples"], 1)
+        except ValueError as e:
+            raise SystemExit(f"error: task='mqar': {e}")
+        self.order_epoch, self.order = -1, None
+
+    def train_batch(self, first, count):
+        rows = []
+        for i in range(first, first + count):
+            epoch, j = divmod(i, len(self.train[0]))
+            if epoch != self.order_epoch:
+                self.order_epoch, self.order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.train[0]))
+            rows.append(self.order[j])
+        return torch.from_numpy(self.train[0][rows]), torch.from_numpy(self.train[1][rows])
+
+    def val_windows(self, n):
+        """The whole test set, whatever n: accuracy is over all of it."""
+        return [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in zip(*self.test)]
+
+
 def check_data_matches(config, data, resumed_model_config=None):
     meta = data.meta
     if config["tokenizer"] and config["tokenizer"] != meta["tokenizer"]:
@@ -343,7 +383,8 @@ def save_checkpoint(config, model, optimizer, step, data_position, wandb_run_id,
     record = {"checkpoint": os.path.basename(path), "sha256": sha256_of(path), "model_config": state["model_config"],
               "tokenizer": tokenizer, "data_dir": config["data_dir"], "step": step,
               "tokens_seen": step * config["batch_tokens"], "data_position": data_position,
-              "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
+              "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"), "task": config["task"],
+              **({"val_acc": last_eval["val_acc"]} if "val_acc" in last_eval else {}), "config": config,
               "num_params": model.num_params(), "torch_version": torch.__version__,
               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(record, path[:-3] + ".json")
@@ -448,23 +489,28 @@ def apply_update(model, optimizer, loss_sum, grad_clip, ddp):
 
 @torch.no_grad()
 def evaluate(model, data, config, rank, world, device, autocast):
-    """Mean validation loss (nats/token) over a fixed window set, summed over ranks, and bits/byte."""
+    """Mean validation loss (nats per target) over a fixed window set, summed over ranks; bits per byte
+    for text, the fraction of targets predicted exactly (argmax) for a task with scored positions (MQAR)."""
     model.eval()
     windows = data.val_windows(max(1, config["eval_tokens"] // config["seq_len"]))[rank::world]
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, token count
+    scored = config["task"] != "lm"
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, targets, right predictions
     for i in range(0, len(windows), config["micro_batch_size"]):
         x = torch.stack([w[0] for w in windows[i:i + config["micro_batch_size"]]]).to(device)
         y = torch.stack([w[1] for w in windows[i:i + config["micro_batch_size"]]]).to(device)
+        targets = (y >= 0).sum()
         with autocast:
             _, loss = model(x, y)
-        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
+            right = (model(x)[0].argmax(-1) == y).sum() if scored else 0
+        total += torch.stack([loss.double() * targets, targets.double(), torch.as_tensor(right).double()]).to(device)
     if world > 1:
         dist.all_reduce(total)
     model.train()
     val_loss = (total[0] / total[1]).item()
+    if scored:
+        return {"val_loss": val_loss, "val_acc": (total[2] / total[1]).item()}
     val_meta = data.meta["val"]
-    bpb = val_loss / math.log(2) * val_meta["tokens"] / val_meta["bytes"]
-    return {"val_loss": val_loss, "val_bpb": bpb}
+    return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * val_meta["tokens"] / val_meta["bytes"]}
 
 
 def main(argv):
@@ -504,7 +550,9 @@ def main(argv):
         raise SystemExit(f"error: {config['out_dir']} already holds checkpoints; pass --init_from=resume to continue "
                          f"that run, or choose another --out_dir (nothing was overwritten)")
 
-    data = TokenData(config["data_dir"], config["seq_len"], config["seed"])
+    if config["task"] not in ("lm", "mqar"):
+        raise SystemExit(f"error: task={config['task']!r}: expected 'lm' (token files) or 'mqar' (recall examples)")
+    data = TokenData(config["data_dir"], config["seq_len"], config["seed"]) if config["task"] == "lm" else MQARData(config)
     check_data_matches(config, data, checkpoint and checkpoint["config"])
     if checkpoint is not None:
         changed = {k: (checkpoint["model_config"][k], config[k]) for k in MODEL_KEYS
@@ -625,7 +673,8 @@ def main(argv):
             t_last, tokens_since = time.time(), 0
         if step % config["eval_interval"] == 0 or step == config["max_steps"] or stop_requested:
             last_eval = evaluate(model, data, config, rank, world, device, autocast)
-            log(f"step {step} | val loss {last_eval['val_loss']:.4f} | val bpb {last_eval['val_bpb']:.4f}")
+            second = ("val acc", last_eval["val_acc"]) if "val_acc" in last_eval else ("val bpb", last_eval["val_bpb"])
+            log(f"step {step} | val loss {last_eval['val_loss']:.4f} | {second[0]} {second[1]:.4f}")
             publish(last_eval)
             if master:
                 save_checkpoint(config, raw_model, optimizer, step, data_position, wandb_run_id, last_eval,

@@ -231,3 +231,33 @@ def prefill_then_decode(model, idx, T1, max_len=None):
     steps = [model(idx[:, :T1], cache=cache)[0]]
     steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(T1, idx.shape[1])]
     return model(idx)[0][:, T1 - 1:], torch.cat(steps, dim=1)
+
+
+# ----------------------------------------------------------------------------- train.py runs
+
+# train.py arguments of a tiny CARVE model; each test file adds its own batch, schedule and data
+TINY_MODEL_ARGS = ["--n_layer=2", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_v_dim=16",
+                   "--mlp_hidden=64", "--chunk_size=16", "--content_rank=4"]
+
+
+def train_in_process(args):
+    """train.main(args) on one thread: bitwise-repeatable CPU arithmetic between runs."""
+    import train
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_log(out_dir):
+    """The records of out_dir/log.jsonl."""
+    import json
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def newest_checkpoint(out_dir):
+    import train
+    return train.load_newest_checkpoint(str(out_dir), log=lambda line: None)[0]

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 import eval as evaluate_script
 import train
 from model import LM, ModelConfig
+from reference import TINY_MODEL_ARGS
 
-TINY = ["--n_layer=2", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_v_dim=16", "--mlp_hidden=64",
-        "--chunk_size=16", "--content_rank=4", "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=192",
-        "--warmup_steps=2", "--lr=3e-3", "--eval_tokens=192", "--log_interval=1", "--eval_interval=3"]
+TINY = [*TINY_MODEL_ARGS, "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=192", "--warmup_steps=2",
+        "--lr=3e-3", "--eval_tokens=192", "--log_interval=1", "--eval_interval=3"]
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,14 @@ import torch
 import sample
 import train
 from model import LM, ModelConfig
-from reference import ROOT
+from reference import ROOT, TINY_MODEL_ARGS, train_in_process
 
-TINY = ["--n_layer=2", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_v_dim=16", "--mlp_hidden=64",
-        "--chunk_size=16", "--content_rank=4", "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=192",
-        "--warmup_steps=2", "--lr=3e-3", "--eval_tokens=192", "--log_interval=1"]
+TINY = [*TINY_MODEL_ARGS, "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=192", "--warmup_steps=2",
+        "--lr=3e-3", "--eval_tokens=192", "--log_interval=1"]
 
 
 def train_run(args, capsys=None):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main(args)
-    finally:
-        torch.set_num_threads(threads)
+    train_in_process(args)
     return capsys.readouterr().out if capsys else None
 
 

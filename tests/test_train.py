@@ -13,32 +13,14 @@ import torch
 import train
 from conftest import ROOT
 from model import LM, ModelConfig
+from reference import TINY_MODEL_ARGS, newest_checkpoint, train_in_process, train_log
 
-TINY = ["--n_layer=2", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_v_dim=16", "--mlp_hidden=64",
-        "--chunk_size=16", "--content_rank=4", "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=384",
-        "--warmup_steps=2", "--lr=3e-3", "--eval_tokens=480", "--log_interval=1", "--eval_interval=4"]
-
-
-def run_in_process(args):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise-repeatable CPU arithmetic between runs
-    try:
-        train.main(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def train_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+TINY = [*TINY_MODEL_ARGS, "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=384", "--warmup_steps=2",
+        "--lr=3e-3", "--eval_tokens=480", "--log_interval=1", "--eval_interval=4"]
 
 
 def losses(out_dir):
     return {r["step"]: r["loss"] for r in train_log(out_dir) if "loss" in r}
-
-
-def newest_checkpoint(out_dir):
-    return train.load_newest_checkpoint(str(out_dir), log=lambda line: None)[0]
 
 
 def weights(out_dir):
@@ -48,9 +30,9 @@ def weights(out_dir):
 def test_resume_is_exact(shakespeare, tmp_path):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--lr_decay_steps=8"]
-    run_in_process([*common, f"--out_dir={full}", "--max_steps=8"])
-    run_in_process([*common, f"--out_dir={split}", "--max_steps=4"])
-    run_in_process([*common, f"--out_dir={split}", "--max_steps=8", "--init_from=resume"])
+    train_in_process([*common, f"--out_dir={full}", "--max_steps=8"])
+    train_in_process([*common, f"--out_dir={split}", "--max_steps=4"])
+    train_in_process([*common, f"--out_dir={split}", "--max_steps=8", "--init_from=resume"])
     assert sorted(losses(full)) == list(range(1, 9))
     assert losses(split) == losses(full)  # the same floats, not merely close
     a, b = weights(full), weights(split)
@@ -63,7 +45,7 @@ def test_resume_is_exact(shakespeare, tmp_path):
 
 def test_content_projections_move_on_real_data(shakespeare, tmp_path):
     out = str(tmp_path / "run")
-    run_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=6"])
+    train_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=6"])
     trained = weights(out)
     torch.manual_seed(1337)  # train.py's default seed: this is the model the run started from
     fresh = LM(ModelConfig.from_dict(json.load(open(os.path.join(out, "meta.json")))["model_config"]))
@@ -104,7 +86,7 @@ def test_ddp_two_processes_match_one_with_double_accumulation(shakespeare, tmp_p
 def test_interrupted_run_checkpoints_and_resumes_exactly(shakespeare, tmp_path):
     common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--max_steps=150", "--eval_interval=1000"]
     reference = str(tmp_path / "reference")
-    run_in_process([*common, f"--out_dir={reference}"])
+    train_in_process([*common, f"--out_dir={reference}"])
     interrupted = str(tmp_path / "interrupted")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "train.py", *common, f"--out_dir={interrupted}"], cwd=ROOT, env=env,
@@ -120,7 +102,7 @@ def test_interrupted_run_checkpoints_and_resumes_exactly(shakespeare, tmp_path):
     assert "stopped at step" in stdout
     stopped_at = newest_checkpoint(interrupted)["step"]
     assert 3 <= stopped_at < 150
-    run_in_process([*common, f"--out_dir={interrupted}", "--init_from=resume"])
+    train_in_process([*common, f"--out_dir={interrupted}", "--init_from=resume"])
     a, b = weights(reference), weights(interrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)
     resumed = losses(interrupted)
@@ -170,7 +152,7 @@ def test_data_errors(shakespeare, tmp_path):
 
 def test_existing_checkpoint_is_never_overwritten(shakespeare, tmp_path):
     out = str(tmp_path / "run")
-    run_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=1"])
+    train_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=1"])
     before = open(os.path.join(out, "ckpt_00000001.pt"), "rb").read()
     expect_error(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}"],
                  "already holds checkpoints", "--init_from=resume")
@@ -183,14 +165,14 @@ def test_wandb_is_optional(shakespeare, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: the import fails
     expect_error(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={tmp_path / 'w'}",
                   "--max_steps=1", "--wandb_log=True"], "wandb_log=True", "pip install wandb")
-    run_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={tmp_path / 'off'}",
+    train_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={tmp_path / 'off'}",
                     "--max_steps=1"])  # off by default: never imported
 
 
 def test_activation_checkpointing_trains_the_same(shakespeare, tmp_path):
     common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--max_steps=3"]
-    run_in_process([*common, f"--out_dir={tmp_path / 'plain'}"])
-    run_in_process([*common, f"--out_dir={tmp_path / 'ckpt'}", "--activation_checkpointing=True"])
+    train_in_process([*common, f"--out_dir={tmp_path / 'plain'}"])
+    train_in_process([*common, f"--out_dir={tmp_path / 'ckpt'}", "--activation_checkpointing=True"])
     assert losses(tmp_path / "plain") == losses(tmp_path / "ckpt")
 
 

@@ -1,0 +1,194 @@
+"""
+Plots as PNG files from train.py runs and eval.py results (needs matplotlib: pip install matplotlib).
+
+    python plot.py curves out/carve_shakespeare out/gdn2_shakespeare -o curves.png
+    python plot.py mqar out/mqar_* -o mqar.png          # accuracy against key-value pairs and width
+    python plot.py passkey carve.json gdn2.json -o passkey.png
+
+curves: the training loss and the validation loss / bits per byte / accuracy against tokens seen,
+one line per run directory (its log.jsonl); runs whose names differ only in a trailing `_seedN` are
+one line, their mean, with the range of the seeds shaded.
+
+mqar: each run directory's newest record (meta.json of a train.py --task=mqar run): the final
+accuracy against mqar_pairs, one line per (mixer, d_model), and against d_model, one line per (mixer,
+mqar_pairs); several runs of one setting (seeds, learning rates: the best learning rate counts, as in
+Zoology) show as the mean over seeds of each seed's best, with error bars of their standard deviation.
+
+passkey: files of `eval.py --task=passkey --json` output; accuracy against context length (mean over
+depths), one line per file.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+SEED_SUFFIX = re.compile(r"_seed\d+$")
+
+
+def fail(message):
+    raise SystemExit(f"plot.py: error: {message}")
+
+
+def read_log(run_dir):
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        fail(f"{path} not found: give run directories of train.py")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_record(run_dir):
+    path = os.path.join(run_dir, "meta.json")
+    if not os.path.isfile(path):
+        fail(f"{path} not found: the run has no checkpoint yet")
+    with open(path) as f:
+        return json.load(f)
+
+
+def curves(run_dirs):
+    """{label: {metric: (tokens [n], values [seeds, n])}} of each group of runs that differ only in their
+    seed suffix; metrics: loss and the validation ones the runs logged. Runs of one group are cut to the
+    steps they all logged."""
+    groups = defaultdict(list)
+    for run_dir in run_dirs:
+        groups[SEED_SUFFIX.sub("", os.path.basename(os.path.normpath(run_dir)))].append(run_dir)
+    result = {}
+    for label, dirs in groups.items():
+        per_metric = defaultdict(list)
+        for run_dir in dirs:
+            rows = read_log(run_dir)
+            tokens_per_step = read_record(run_dir)["config"]["batch_tokens"]
+            series = defaultdict(dict)
+            for row in rows:
+                for metric in ("loss", "val_loss", "val_bpb", "val_acc"):
+                    if row.get(metric) is not None:
+                        series[metric][row["step"]] = row[metric]
+            for metric, points in series.items():
+                per_metric[metric].append((points, tokens_per_step))
+        result[label] = {}
+        for metric, runs in per_metric.items():
+            if len(runs) < len(dirs):
+                continue
+            steps = sorted(set.intersection(*(set(points) for points, _ in runs)))
+            values = np.array([[points[s] for s in steps] for points, _ in runs])
+            result[label][metric] = (np.array(steps) * runs[0][1], values)
+    return result
+
+
+def mqar_points(run_dirs):
+    """[(mixer, d_model, mqar_pairs, seed, lr, accuracy)] of the newest record of each MQAR run."""
+    points = []
+    for run_dir in run_dirs:
+        record = read_record(run_dir)
+        if record.get("task") != "mqar":
+            fail(f"{run_dir} is not a train.py --task=mqar run (its meta.json says task {record.get('task')!r})")
+        config = record["config"]
+        points.append((config["mixer"], config["d_model"], config["mqar_pairs"], config["seed"], config["lr"],
+                       record["val_acc"]))
+    return points
+
+
+def best_over_learning_rates(points):
+    """{(mixer, d_model, pairs): [the best accuracy over learning rates, one per seed]}."""
+    best = {}
+    for mixer, width, pairs, seed, lr, accuracy in points:
+        key = (mixer, width, pairs, seed)
+        best[key] = max(best.get(key, 0.0), accuracy)
+    by_setting = defaultdict(list)
+    for (mixer, width, pairs, seed), accuracy in sorted(best.items()):
+        by_setting[(mixer, width, pairs)].append(accuracy)
+    return by_setting
+
+
+def passkey_points(paths):
+    """{label: (contexts, mean accuracy over depths)} of eval.py --task=passkey --json files."""
+    result = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                rows = json.loads(f.read().strip().splitlines()[-1])["accuracy"]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            fail(f"{path}: not the JSON line of eval.py --task=passkey --json ({e})")
+        by_context = defaultdict(list)
+        for row in rows:
+            by_context[row["context"]].append(row["accuracy"])
+        contexts = sorted(by_context)
+        result[os.path.splitext(os.path.basename(path))[0]] = (contexts, [np.mean(by_context[c]) for c in contexts])
+    return result
+
+
+def draw(kind, inputs, output):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("matplotlib is not installed: pip install matplotlib")
+    if kind == "curves":
+        data = curves(inputs)
+        metrics = [m for m in ("loss", "val_loss", "val_bpb", "val_acc") if any(m in d for d in data.values())]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for label, series in data.items():
+                if metric in series:
+                    tokens, values = series[metric]
+                    n = len(values)
+                    line = ax.plot(tokens, values.mean(0), marker="." if len(tokens) < 30 else None,
+                                   label=label + (f" ({n} seeds)" if n > 1 else ""))[0]
+                    if n > 1:
+                        ax.fill_between(tokens, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+            ax.set_xlabel("tokens seen")
+            ax.set_title(metric.replace("_", " "))
+            ax.legend()
+    elif kind == "mqar":
+        settings = best_over_learning_rates(mqar_points(inputs))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, x_index, line_index, x_label, line_label in ((axes[0], 2, 1, "key-value pairs", "d_model"),
+                                                             (axes[1], 1, 2, "d_model", "pairs")):
+            lines = defaultdict(list)
+            for setting, accuracies in settings.items():
+                lines[(setting[0], setting[line_index])].append((setting[x_index], accuracies))
+            for (mixer, other), rows in sorted(lines.items()):
+                rows.sort()
+                ax.errorbar([r[0] for r in rows], [np.mean(r[1]) for r in rows], yerr=[np.std(r[1]) for r in rows],
+                            marker="o", capsize=3, label=f"{mixer}, {line_label} {other}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(-0.02, 1.02)
+            ax.legend(fontsize=8)
+        axes[0].set_title("MQAR: accuracy against key-value pairs")
+        axes[1].set_title("MQAR: accuracy against model width")
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, (contexts, accuracy) in passkey_points(inputs).items():
+            ax.plot(contexts, accuracy, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("accuracy (mean over depths)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("passkey retrieval")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("kind", choices=["curves", "mqar", "passkey"])
+    parser.add_argument("inputs", nargs="+", help="run directories (curves, mqar) or JSON files (passkey)")
+    parser.add_argument("-o", "--output", default=None, help="PNG file (default: KIND.png)")
+    args = parser.parse_args(argv)
+    output = args.output or f"{args.kind}.png"
+    draw(args.kind, args.inputs, output)
+    print(f"wrote {output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

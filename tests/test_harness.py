@@ -1,0 +1,118 @@
+"""eval.py's lm-evaluation-harness adapter: its three request types against the same numbers computed
+from one plain forward pass, and lm-eval's simple_evaluate on three local tasks (a multiple choice, a
+perplexity and a generation task) through it, on CPU."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from eval import HarnessAdapter, harness_model
+from model import LM
+from prepare_data import ByteTokenizer
+from reference import perturb, tiny
+from sample import generate
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    torch.manual_seed(0)
+    model = perturb(LM(tiny("carve,attn", vocab_size=256, chunk_size=8))).eval()
+    return HarnessAdapter(model, ByteTokenizer(), torch.autocast("cpu", enabled=False), piece_tokens=7)
+
+
+def requests(*args):
+    return [SimpleNamespace(args=a) for a in args]
+
+
+def plain_logprobs(adapter, ids):
+    """log-softmax of one full forward over ids (no cache): row t predicts ids[t + 1]."""
+    with torch.no_grad():
+        return torch.log_softmax(adapter.model(torch.tensor([ids]))[0][0].float(), dim=-1)
+
+
+def test_loglikelihood_from_the_shared_context_state(adapter):
+    """Three continuations of one context (run once, then as one batch of copies of its state), one of
+    another context and one of an empty context: each as log p and greedy from a full forward."""
+    asked = requests(("ROMEO: what", " light"), ("ROMEO: what", " is it"), ("ROMEO: what", "?"),
+                     ("To be", ", or not to be"), ("", "Hello"))
+    got = adapter.loglikelihood(asked)
+    newline = ByteTokenizer().encode("\n")
+    for (context, continuation), (logprob, greedy) in zip((r.args for r in asked), got):
+        context_ids, continuation_ids = list(context.encode()), list(continuation.encode())
+        logprobs = plain_logprobs(adapter, newline + context_ids + continuation_ids)
+        first = len(newline) + len(context_ids) - 1
+        rows = logprobs[first:first + len(continuation_ids)]
+        want = float(rows[torch.arange(len(continuation_ids)), continuation_ids].sum())
+        assert logprob == pytest.approx(want, rel=1e-5, abs=1e-5)
+        assert greedy == bool((rows.argmax(-1) == torch.tensor(continuation_ids)).all())
+    # the greedy next byte of a context (an ASCII one, so that it is a string of its own) is greedy
+    best = {c: int(plain_logprobs(adapter, newline + list(c.encode()))[-1].argmax()) for c in ("To be", "A", "B", "C")}
+    context, byte = next((c, b) for c, b in best.items() if b < 128)
+    assert adapter.loglikelihood(requests((context, chr(byte))))[0][1] is True
+
+
+def test_loglikelihood_rolling_scores_every_token_on_one_state(adapter):
+    """A 30-byte text in pieces of 7 tokens equals one forward over all of it: nothing truncated."""
+    text = "Now is the winter of our disco"
+    ids = ByteTokenizer().encode("\n") + list(text.encode())
+    logprobs = plain_logprobs(adapter, ids)
+    want = float(logprobs[torch.arange(len(ids) - 1), ids[1:]].sum())
+    assert adapter.loglikelihood_rolling(requests((text,)))[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_generate_until_cuts_at_the_first_stop_string(adapter):
+    context = "KING:"
+    full = adapter.tokenizer.decode(generate(adapter.model, ByteTokenizer().encode("\n" + context), 12, temperature=0))
+    stop = full[3:5]
+    got = adapter.generate_until(requests((context, {"until": [stop, "\x00never"], "max_gen_toks": 12}),
+                                          (context, {"until": "\x00never", "max_gen_toks": 12})))
+    assert got == [full[:full.index(stop)], full]
+
+
+def test_simple_evaluate_runs_local_tasks(adapter, tmp_path, monkeypatch):
+    """lm-eval's own evaluator through the adapter on three tasks made of local JSON files: the accuracy
+    of a multiple choice, a text's bits per byte, a generation's exact match, each as computed here."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        pytest.fail("lm-eval is not installed; the README's test set-up installs it: pip install lm-eval==0.4.13")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    questions = [("ROMEO: what", ["light", "is it", "?"], 1), ("To be", [", or not", "so"], 0)]
+    texts = ["Now is the winter of our discontent", "All the world's a stage"]
+    files = {"choice": [{"question": q, "choices": c, "answer": a} for q, c, a in questions],
+             "text": [{"text": t} for t in texts],
+             "gen": [{"question": "KING:", "answer": "x"}]}
+    for name, rows in files.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = "dataset_path: json\ntest_split: test\n"
+    (tmp_path / "choice.yaml").write_text(
+        f"task: carve_choice\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'choice.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    (tmp_path / "text.yaml").write_text(
+        f"task: carve_text\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'text.jsonl'}\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: bits_per_byte\n")
+    (tmp_path / "gen.yaml").write_text(
+        f"task: carve_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 6\nmetric_list:\n  - metric: exact_match\n")
+    model = harness_model(adapter.model, adapter.tokenizer, adapter.autocast)
+    evaluated = lm_eval.simple_evaluate(model=model, tasks=["carve_choice", "carve_text", "carve_gen"],
+                                        task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+    results = evaluated["results"]
+    # the harness joins context and choice with its target delimiter, a space
+    scores = [[adapter.loglikelihood(requests((q, " " + choice)))[0][0] for choice in c] for q, c, _ in questions]
+    for sample in evaluated["samples"]["carve_choice"]:
+        got = [float(response[0][0]) for response in sample["resps"]]
+        assert got == pytest.approx(scores[sample["doc_id"]], rel=1e-6)
+    want_acc = sum(max(range(len(s)), key=s.__getitem__) == a for s, (_, _, a) in zip(scores, questions)) / len(questions)
+    assert results["carve_choice"]["acc,none"] == pytest.approx(want_acc)
+    nats = -sum(adapter.loglikelihood_rolling(requests(*((t,) for t in texts))))
+    want_bpb = nats / math.log(2) / sum(len(t.encode()) for t in texts)
+    assert results["carve_text"]["bits_per_byte,none"] == pytest.approx(want_bpb, rel=1e-6)
+    generated = adapter.generate_until(requests(("KING:", {"until": ["\n"], "max_gen_toks": 6})))[0]
+    assert results["carve_gen"]["exact_match,none"] == float(generated.strip() == "x")

@@ -1,0 +1,107 @@
+"""MQAR (multi-query associative recall): the generator's examples, training on them with train.py
+--task=mqar (exact resume, accuracy at evaluation) and eval.py --task=mqar on the checkpoint."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import eval as evaluate_cli
+from prepare_data import MQAR_FILLER, mqar_examples
+from reference import TINY_MODEL_ARGS, newest_checkpoint, train_in_process, train_log
+
+
+@pytest.mark.parametrize("seq_len, pairs, vocab", [(64, 4, 256), (33, 8, 40), (512, 64, 8192)])
+def test_examples_hold_pairs_and_one_query_for_each_key(seq_len, pairs, vocab):
+    inputs, targets = mqar_examples(50, seq_len, pairs, vocab, seed=3)
+    assert inputs.shape == targets.shape == (50, seq_len)
+    for x, y in zip(inputs, targets):
+        keys, values = x[:2 * pairs:2], x[1:2 * pairs:2]
+        assert len(set(keys)) == pairs and keys.min() >= 1 and keys.max() < vocab // 2
+        assert values.min() >= vocab // 2 and values.max() < vocab
+        assert (y[:2 * pairs] == -1).all()
+        queries = np.flatnonzero(y >= 0)
+        assert len(queries) == pairs
+        answer = dict(zip(keys, values))
+        assert sorted(x[queries]) == sorted(keys)               # every key asked once
+        assert all(y[p] == answer[x[p]] == x[p + 1] for p in queries)
+        rest = np.ones(seq_len, dtype=bool)
+        rest[:2 * pairs] = False
+        rest[queries] = rest[queries + 1] = False
+        assert (x[rest] == MQAR_FILLER).all()
+
+
+def test_examples_are_reproducible_and_seeds_differ():
+    a, b, c = (mqar_examples(20, 64, 4, 256, seed) for seed in ([0, 0], [0, 0], [0, 1]))
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_query_distances_follow_the_power_law():
+    """Slot j is drawn with weight (j + 1)^(a - 1): with a = 0.01 the first slot is chosen far more often
+    than the last, and with a = 1 (uniform weights) about as often."""
+    def first_and_last(power_a):
+        _, targets = mqar_examples(4000, 72, 4, 256, seed=1, power_a=power_a)
+        slots = (np.argwhere(targets >= 0)[:, 1] - 8) // 2      # the 32 slots after 4 pairs
+        counts = np.bincount(slots, minlength=32)
+        return counts[0], counts[-1]
+    first, last = first_and_last(0.01)
+    assert first > 5 * last
+    first, last = first_and_last(1.0)
+    assert 0.7 < first / last < 1.4
+
+
+def test_examples_need_room_for_the_queries():
+    with pytest.raises(ValueError, match="seq_len >= 64"):
+        mqar_examples(1, 63, 16, 8192, seed=0)
+    with pytest.raises(ValueError, match="vocab_size >= 34"):
+        mqar_examples(1, 64, 16, 32, seed=0)
+
+
+MQAR = ["carve_shakespeare", *TINY_MODEL_ARGS, "--warmup_steps=2", "--lr=3e-3", "--log_interval=1",
+        "--eval_interval=4", "--task=mqar", "--seq_len=32", "--mqar_pairs=4", "--vocab_size=64",
+        "--mqar_train_examples=100", "--mqar_test_examples=40", "--batch_tokens=256", "--micro_batch_size=4",
+        "--lr_decay_steps=8"]
+
+
+def test_training_resumes_exactly_and_eval_scores_the_checkpoint(tmp_path, capsys):
+    """train.py --task=mqar: a run split at step 4 continues bit for bit (the example order is a function
+    of the step); the evaluation logs accuracy, the record keeps it; eval.py recomputes it on the same
+    test set, and checks its argument against the task."""
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    train_in_process([*MQAR, f"--out_dir={full}", "--max_steps=8"])
+    train_in_process([*MQAR, f"--out_dir={split}", "--max_steps=4"])
+    train_in_process([*MQAR, f"--out_dir={split}", "--max_steps=8", "--init_from=resume"])
+    losses = lambda out: {r["step"]: r["loss"] for r in train_log(out) if "loss" in r}  # noqa: E731
+    assert losses(split) == losses(full) and sorted(losses(full)) == list(range(1, 9))
+    a, b = newest_checkpoint(full)["model"], newest_checkpoint(split)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    record = json.load(open(tmp_path / "full" / "meta.json"))
+    assert record["task"] == "mqar" and 0 <= record["val_acc"] <= 1 and record["val_bpb"] is None
+    assert newest_checkpoint(full)["config"]["mqar_pairs"] == 4
+    capsys.readouterr()
+    evaluate_cli.main(["--out_dir", full, "--task", "mqar", "--json", "--device", "cpu"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == 40 and result["mqar_pairs"] == 4
+    assert result["accuracy"] == pytest.approx(record["val_acc"], abs=1e-9)
+    with pytest.raises(SystemExit, match="trained on MQAR"):
+        evaluate_cli.main(["--out_dir", full])
+    with pytest.raises(SystemExit, match="seq_len >= 64"):
+        evaluate_cli.main(["--out_dir", full, "--task", "mqar", "--mqar_pairs", "16"])
+
+
+def test_task_errors(tmp_path):
+    with pytest.raises(SystemExit, match="task='copy'"):
+        train_in_process([*MQAR, "--task=copy", f"--out_dir={tmp_path / 'a'}", "--max_steps=1"])
+    with pytest.raises(SystemExit, match="task='mqar'.*seq_len >= 64"):
+        train_in_process([*MQAR, "--mqar_pairs=16", f"--out_dir={tmp_path / 'b'}", "--max_steps=1"])
+
+
+def test_the_mqar_config_trains(tmp_path):
+    """configs/mqar.py as a user runs it, shrunk to one step: the examples, the model and the accuracy."""
+    out = str(tmp_path / "mqar")
+    train_in_process(["mqar", "--d_model=32", "--mlp_hidden=64", "--head_k_dim=16", "--head_v_dim=16",
+                      "--batch_tokens=512", "--micro_batch_size=2", "--max_steps=1", "--warmup_steps=1",
+                      "--mqar_train_examples=16", "--mqar_test_examples=4", f"--out_dir={out}"])
+    record = json.load(open(tmp_path / "mqar" / "meta.json"))
+    assert record["task"] == "mqar" and record["model_config"]["vocab_size"] == 8192 and 0 <= record["val_acc"] <= 1

@@ -1,0 +1,75 @@
+"""plot.py: what each plot reads from runs and results (seed groups, the best learning rate a seed,
+passkey means), and that each kind writes a PNG."""
+import json
+
+import numpy as np
+import pytest
+
+import plot
+from reference import TINY_MODEL_ARGS, train_in_process
+
+MQAR = ["carve_shakespeare", *TINY_MODEL_ARGS, "--task=mqar", "--seq_len=32", "--vocab_size=64",
+        "--mqar_train_examples=64", "--mqar_test_examples=8", "--batch_tokens=256", "--micro_batch_size=8",
+        "--max_steps=4", "--eval_interval=2", "--log_interval=1", "--warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Four MQAR runs: carve with 2 and 4 pairs at two seeds (two learning rates at 4 pairs), attn at 2."""
+    root = tmp_path_factory.mktemp("runs")
+    made = {}
+    for name, extra in {"carve_p2_seed1": ["--mqar_pairs=2", "--seed=1"],
+                        "carve_p2_seed2": ["--mqar_pairs=2", "--seed=2"],
+                        "carve_p4_lr_seed1": ["--mqar_pairs=4", "--seed=1", "--lr=1e-2"],
+                        "attn_p2_seed1": ["--mqar_pairs=2", "--seed=1", "--mixer=attn"]}.items():
+        made[name] = str(root / name)
+        train_in_process([*MQAR, *extra, f"--out_dir={made[name]}"])
+    return made
+
+
+def test_curves_group_seeds(runs):
+    data = plot.curves([runs["carve_p2_seed1"], runs["carve_p2_seed2"], runs["attn_p2_seed1"]])
+    assert set(data) == {"carve_p2", "attn_p2"}
+    tokens, values = data["carve_p2"]["loss"]
+    assert list(tokens) == [256, 512, 768, 1024] and values.shape == (2, 4)
+    logged = [[r["loss"] for r in plot.read_log(runs[name]) if "loss" in r] for name in ("carve_p2_seed1",
+                                                                                         "carve_p2_seed2")]
+    assert np.array_equal(values, np.array(logged))
+    assert data["carve_p2"]["val_acc"][1].shape == (2, 2) and "val_bpb" not in data["carve_p2"]
+
+
+def test_mqar_takes_the_best_learning_rate_of_each_seed():
+    points = [("carve", 64, 8, 1, 1e-3, 0.5), ("carve", 64, 8, 1, 3e-3, 0.7), ("carve", 64, 8, 2, 1e-3, 0.6),
+              ("gdn2", 64, 8, 1, 1e-3, 0.2)]
+    assert plot.best_over_learning_rates(points) == {("carve", 64, 8): [0.7, 0.6], ("gdn2", 64, 8): [0.2]}
+
+
+def test_mqar_points_read_the_records(runs):
+    points = plot.mqar_points([runs["carve_p4_lr_seed1"]])
+    (mixer, width, pairs, seed, lr, accuracy), = points
+    assert (mixer, width, pairs, seed, lr) == ("carve", 32, 4, 1, 1e-2) and 0 <= accuracy <= 1
+
+
+def test_passkey_means_over_depths(tmp_path):
+    path = tmp_path / "carve.json"
+    rows = [{"context": c, "depth": d, "accuracy": a} for c, d, a in
+            [(1024, 0, 1.0), (1024, 100, 0.5), (2048, 0, 0.0), (2048, 100, 0.5)]]
+    path.write_text("progress on stderr does not land here\n" + json.dumps({"accuracy": rows}) + "\n")
+    assert plot.passkey_points([str(path)]) == {"carve": ([1024, 2048], [0.75, 0.25])}
+
+
+def test_each_kind_writes_a_png(runs, tmp_path):
+    passkey = tmp_path / "p.json"
+    passkey.write_text(json.dumps({"accuracy": [{"context": 1024, "depth": 0, "accuracy": 1.0}]}))
+    for kind, inputs in (("curves", list(runs.values())), ("mqar", list(runs.values())), ("passkey", [str(passkey)])):
+        out = tmp_path / f"{kind}.png"
+        plot.main([kind, *inputs, "-o", str(out)])
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors(tmp_path, runs):
+    with pytest.raises(SystemExit, match="log.jsonl not found"):
+        plot.curves([str(tmp_path)])
+    with pytest.raises(SystemExit, match="not the JSON line"):
+        (tmp_path / "bad.json").write_text("{")
+        plot.passkey_points([str(tmp_path / "bad.json")])
