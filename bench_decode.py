@@ -22,17 +22,15 @@ allows; "all bytes" adds what a step must also move: a recurrent layer's fp32 st
 an attention layer's keys and values read.
 """
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-import train
-from model import LM, ModelConfig
+from bench_train import load_configs, model_config_of
+from model import LM
 from sample import decode_step, inference_weights, sample_next
 
-SYNTHETIC_VOCAB = 50304
 DTYPE = torch.bfloat16
 
 
@@ -56,7 +54,7 @@ def fill_cache(cache, context, gen):
         if "state" in layer:
             state = layer["state"]
             for tensor in (state.S, state.o_sum, state.delta):
-                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen, device="cuda"))
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen, device=tensor.device))
             layer["state"] = state._replace(offset=context)
         else:
             for key in ("k", "v"):
@@ -80,18 +78,18 @@ def step_bytes(model, cache, context):
 
 def measure(model, batch, context, steps, graph):
     """(ms per step, tokens per s, weight bytes, all bytes) of `steps` timed decode steps."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    device = model.embed.weight.device
+    gen = torch.Generator(device=device).manual_seed(0)
     warmup = 2 * model.cfg.chunk_size + 2
     cache = model.init_cache(batch, max_len=context + warmup + steps + 1, dtype=DTYPE)
     fill_cache(cache, context, gen)
     step = decode_step(model, cache, lambda logits: sample_next(logits[:, -1], 0.8, 200, None, gen), gen, graph)
-    ids = torch.randint(model.cfg.vocab_size, (batch,), device="cuda", generator=gen)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=DTYPE):
+    ids = torch.randint(model.cfg.vocab_size, (batch,), device=device, generator=gen)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=DTYPE):
         for _ in range(warmup):
             ids = step(ids)
             ids.tolist()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = time.perf_counter()   # the .tolist() above waited for the device
         for _ in range(steps):
             ids = step(ids)
             ids.tolist()   # generate_samples reads each step's tokens on the host
@@ -110,10 +108,6 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=100, help="timed steps (default: %(default)s)")
     parser.add_argument("--no_graph", action="store_true", help="also time the plain step, without CUDA graphs")
     args, rest = parser.parse_known_args()
-    overrides = [arg for arg in rest if arg.startswith("--")]
-    configs = [arg for arg in rest if not arg.startswith("--")]
-    if not configs:
-        parser.error("give at least one config, e.g. configs/carve_1b3.py or carve_1b3")
     try:
         args.batch = [int(b) for b in args.batch.split(",")]
         args.context = [int(c) for c in args.context.split(",")]
@@ -122,13 +116,11 @@ def parse_args():
                      f"{args.batch!r}, {args.context!r}")
     if min(args.batch) < 1 or min(args.context) < 0 or args.steps < 1:
         parser.error("--batch and --steps must be at least 1, --context at least 0")
-    return args, configs, overrides
+    return args, load_configs(parser, rest)
 
 
 def main():
-    args, config_args, overrides = parse_args()
-    configs = [(os.path.splitext(os.path.basename(arg))[0], train.load_config([arg] + overrides))
-               for arg in config_args]
+    args, configs = parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py needs a CUDA GPU")
     import triton
@@ -140,7 +132,7 @@ def main():
     print("| config | step | batch | context | ms / step | tokens/s | weights limit | all-bytes limit |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for name, config in configs:
-        model_config = ModelConfig.from_dict({**config, "vocab_size": config["vocab_size"] or SYNTHETIC_VOCAB})
+        model_config = model_config_of(config)
         torch.manual_seed(config["seed"])
         with torch.device("cuda"):
             model = LM(model_config).eval()

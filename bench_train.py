@@ -225,20 +225,23 @@ def parse_args():
     parser.add_argument("--fla", action="store_true", help="also an LM of each shape with fla's GatedDeltaNet2")
     parser.add_argument("--profile", action="store_true", help="device time of one step by kind of kernel")
     args, rest = parser.parse_known_args()
-    # what argparse does not know is train.py's to check: config files and --key=value overrides
-    overrides = [arg for arg in rest if arg.startswith("--")]
-    configs = [arg for arg in rest if not arg.startswith("--")]
-    if not configs:
-        parser.error("give at least one config, e.g. configs/carve_1b3.py or carve_1b3")
     if args.steps < 1 or args.warmup < 0 or args.accum < 1:
         parser.error("--steps and --accum must be at least 1, --warmup at least 0")
-    return args, configs, overrides
+    return args, load_configs(parser, rest)
+
+
+def load_configs(parser, rest):
+    """[(name, config)] of the config files among the arguments argparse did not know, each with the
+    --key=value overrides among them, as train.py loads and checks them (all before any GPU work)."""
+    overrides = [arg for arg in rest if arg.startswith("--")]
+    names = [arg for arg in rest if not arg.startswith("--")]
+    if not names:
+        parser.error("give at least one config, e.g. configs/carve_1b3.py or carve_1b3")
+    return [(os.path.splitext(os.path.basename(arg))[0], train.load_config([arg] + overrides)) for arg in names]
 
 
 def main():
-    args, config_args, overrides = parse_args()
-    configs = [(os.path.splitext(os.path.basename(arg))[0], train.load_config([arg] + overrides))
-               for arg in config_args]  # every config is checked before the GPU work starts
+    args, configs = parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
     import triton  # here, not at the top: a CPU-only install may lack it and should still get the line above
