@@ -110,6 +110,21 @@ def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
     return accuracy
 
 
+class Progress:
+    """A line on stderr at most every `seconds`: how many of `total` requests are done, and how fast."""
+
+    def __init__(self, what, total, seconds=10.0):
+        self.what, self.total, self.seconds = what, total, seconds
+        self.started = self.last = time.time()
+
+    def __call__(self, done):
+        now = time.time()
+        if now - self.last >= self.seconds:
+            self.last = now
+            print(f"  {self.what}: {done:,} of {self.total:,} requests, {done / (now - self.started):.1f}/s",
+                  file=sys.stderr)
+
+
 class HarnessAdapter:
     """lm-evaluation-harness's model interface for a checkpoint (its three request types; harness_model()
     makes it a subclass of the harness's LM). Scores come from the model's cached state, so a context is
@@ -147,6 +162,7 @@ class HarnessAdapter:
         by_context = {}
         for i, request in enumerate(requests):
             by_context.setdefault(request.args[0], []).append(i)
+        progress, done = Progress("loglikelihood", len(requests)), 0
         for context, indices in by_context.items():
             pairs = [self._split(context, requests[i].args[1]) for i in indices]
             cache = self.model.init_cache(1, self.model_device)
@@ -161,13 +177,15 @@ class HarnessAdapter:
                 logprob = sum(float(p[token]) for p, token in zip(predictions, continuation))
                 greedy = all(int(p.argmax()) == token for p, token in zip(predictions, continuation))
                 results[i] = (logprob, greedy)
+            done += len(indices)
+            progress(done)
         return results
 
     @torch.inference_mode()
     def loglikelihood_rolling(self, requests):
         """[log p(text)] per request: every token of the text given all before it, in pieces of
         piece_tokens on one cached state."""
-        results = []
+        results, progress = [], Progress("loglikelihood_rolling", len(requests))
         for request in requests:
             ids = self.start + self.tokenizer.encode(request.args[0])
             cache = self.model.init_cache(1, self.model_device)
@@ -177,12 +195,13 @@ class HarnessAdapter:
                 logprobs = self._run([piece[:-1]], cache)[0]
                 total += float(logprobs.gather(-1, torch.tensor(piece[1:], device=self.model_device)[:, None]).sum())
             results.append(total)
+            progress(len(results))
         return results
 
     def generate_until(self, requests):
         """[the greedy continuation of the context, cut before the first of its stop strings] per request;
         at most gen_kwargs' max_gen_toks tokens (default 256), stopping early at eot."""
-        results = []
+        results, progress = [], Progress("generate_until", len(requests))
         for request in requests:
             context, gen_kwargs = request.args
             until = gen_kwargs.get("until") or []
@@ -194,6 +213,7 @@ class HarnessAdapter:
             text = self.tokenizer.decode(ids)
             cut = min([text.index(stop) for stop in until if stop in text], default=len(text))
             results.append(text[:cut])
+            progress(len(results))
         return results
 
 

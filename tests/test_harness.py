@@ -116,3 +116,13 @@ def test_simple_evaluate_runs_local_tasks(adapter, tmp_path, monkeypatch):
     assert results["carve_text"]["bits_per_byte,none"] == pytest.approx(want_bpb, rel=1e-6)
     generated = adapter.generate_until(requests(("KING:", {"until": ["\n"], "max_gen_toks": 6})))[0]
     assert results["carve_gen"]["exact_match,none"] == float(generated.strip() == "x")
+
+
+def test_progress_lines(capsys):
+    from eval import Progress
+    progress = Progress("loglikelihood", 8, seconds=0.0)
+    progress(3)
+    assert capsys.readouterr().err.startswith("  loglikelihood: 3 of 8 requests, ")
+    quiet = Progress("loglikelihood", 8, seconds=3600.0)
+    quiet(3)
+    assert capsys.readouterr().err == ""
