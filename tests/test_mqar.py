@@ -105,3 +105,28 @@ def test_the_mqar_config_trains(tmp_path):
                       "--mqar_train_examples=16", "--mqar_test_examples=4", f"--out_dir={out}"])
     record = json.load(open(tmp_path / "mqar" / "meta.json"))
     assert record["task"] == "mqar" and record["model_config"]["vocab_size"] == 8192 and 0 <= record["val_acc"] <= 1
+
+
+def test_the_sweep_trains_each_cell_once_and_tables_the_best_learning_rate(tmp_path, capsys):
+    """scripts/mqar_sweep.py over two learning rates: each run trains once (a second sweep skips it),
+    the table keeps the better learning rate, and the plot is drawn."""
+    import importlib.util
+    from reference import ROOT
+    spec = importlib.util.spec_from_file_location("mqar_sweep", f"{ROOT}/scripts/mqar_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep"
+    argv = [f"--out_dir={out}", "--mixers=carve", "--widths=32", "--pairs=2", "--lrs=1e-3,1e-2", "--seeds=1",
+            "--parallel=2", "--seq_len=32", "--vocab_size=64", "--mqar_train_examples=64", "--mqar_test_examples=8",
+            "--batch_tokens=256", "--micro_batch_size=8", "--max_steps=2", "--mlp_hidden=64", "--chunk_size=16",
+            "--eval_interval=2", "--warmup_steps=1"]
+    sweep.main(argv)
+    rows = json.load(open(out / "results.json"))["rows"]
+    accuracies = [json.load(open(out / f"carve_d32_p2_lr{lr}_seed1" / "meta.json"))["val_acc"] for lr in ("0.001", "0.01")]
+    assert len(rows) == 1 and rows[0]["accuracy_mean"] == max(accuracies) and rows[0]["seeds"] == 1
+    assert (out / "mqar.png").read_bytes()[:4] == b"\x89PNG"
+    logs = {p: p.read_text() for p in out.glob("*/train.log")}
+    capsys.readouterr()
+    sweep.main(argv)
+    assert {p: p.read_text() for p in out.glob("*/train.log")} == logs   # nothing trained again
+    assert "| carve | 32 | 2 | 1 |" in capsys.readouterr().out

@@ -1,0 +1,132 @@
+"""
+A grid of MQAR runs (train.py --task=mqar) as in the Zoology benchmark: mixers x widths x key-value pairs
+x learning rates x seeds, each run in its own folder, then a table of the accuracy of each setting (the
+best learning rate of each seed; mean and standard deviation over seeds) and the plot.
+
+    python scripts/mqar_sweep.py --out_dir=out/mqar_sweep --mixers=carve,gdn2,attn,carve+attn \\
+        --widths=64,128,256 --pairs=4,8,16,32,64 --lrs=1e-4,3e-4,1e-3,3e-3 --seeds=1,2,3 --parallel=4
+    python scripts/mqar_sweep.py ... --max_steps=2000 --seq_len=512     # any train.py key, to every run
+
+Runs start from configs/mqar.py. A mixer is train.py's `mixer` with '+' for ',' (carve+attn: a hybrid);
+each run has head dimensions of 64 and d_model / 64 heads (at least one). A run that finished (its
+record at max_steps) is skipped and one that stopped resumes (train.py --init_from=resume), so the sweep
+can be stopped and started again, and spread over several sessions. --parallel runs that many at once
+(small models leave a GPU mostly idle). The table goes to stdout and OUT_DIR/results.json; the plot to
+OUT_DIR/mqar.png when matplotlib is installed.
+"""
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import plot  # noqa: E402
+import train  # noqa: E402
+
+HEAD_DIM = 64
+
+
+def numbers(text, kind, name):
+    try:
+        return [kind(item) for item in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"mqar_sweep.py: error: --{name} takes comma-separated numbers, got {text!r}")
+
+
+def run_dir(out_dir, mixer, width, pairs, lr, seed):
+    return os.path.join(out_dir, f"{mixer}_d{width}_p{pairs}_lr{lr:g}_seed{seed}")
+
+
+def run_args(mixer, width, pairs, lr, seed, directory, overrides):
+    heads = max(1, width // HEAD_DIM)
+    return ["mqar", f"--mixer={mixer.replace('+', ',')}", f"--d_model={width}", f"--n_head={heads}",
+            f"--head_k_dim={min(HEAD_DIM, width)}", f"--head_v_dim={min(HEAD_DIM, width)}",
+            f"--mqar_pairs={pairs}", f"--lr={lr}", f"--seed={seed}", f"--out_dir={directory}", *overrides]
+
+
+def finished(directory, max_steps):
+    path = os.path.join(directory, "meta.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f)["step"] >= max_steps
+
+
+def run_one(args, directory, max_steps, log):
+    """Trains one run to the end (resuming it if it has a checkpoint); its output goes to DIR/train.log."""
+    if finished(directory, max_steps):
+        return "done before"
+    os.makedirs(directory, exist_ok=True)
+    resume = ["--init_from=resume"] if any(name.endswith(".json") and name.startswith("ckpt_")
+                                           for name in os.listdir(directory)) else []
+    started = time.time()
+    with open(os.path.join(directory, "train.log"), "a") as out:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, *resume], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        return f"failed (exit {result.returncode}; see {os.path.join(directory, 'train.log')})"
+    log(f"{os.path.basename(directory)}: {time.time() - started:.0f} s")
+    return "trained"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="out/mqar_sweep")
+    parser.add_argument("--mixers", default="carve,gdn2,attn", help="'+' joins a hybrid's pattern: carve+attn")
+    parser.add_argument("--widths", default="64,128,256")
+    parser.add_argument("--pairs", default="4,8,16,32,64")
+    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (default: %(default)s)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--")]
+    if bad:
+        parser.error(f"unexpected {bad[0]!r}: train.py keys go as --key=value")
+    mixers = args.mixers.split(",")
+    widths, pairs = numbers(args.widths, int, "widths"), numbers(args.pairs, int, "pairs")
+    lrs, seeds = numbers(args.lrs, float, "lrs"), numbers(args.seeds, int, "seeds")
+    grid = list(itertools.product(mixers, widths, pairs, lrs, seeds))
+    # every run's config is checked before the first one starts
+    max_steps = None
+    for mixer, width, pair, lr, seed in grid:
+        config = train.load_config(run_args(mixer, width, pair, lr, seed, "unused", overrides))
+        max_steps = config["max_steps"]
+    print(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time", file=sys.stderr, flush=True)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        jobs = {pool.submit(run_one, run_args(*cell, run_dir(args.out_dir, *cell), overrides),
+                            run_dir(args.out_dir, *cell), max_steps, log): cell for cell in grid}
+    failures = [(cell, job.result()) for job, cell in jobs.items() if job.result().startswith("failed")]
+    for cell, why in failures:
+        log(f"{os.path.basename(run_dir(args.out_dir, *cell))}: {why}")
+    done = [run_dir(args.out_dir, *cell) for cell in grid if finished(run_dir(args.out_dir, *cell), max_steps)]
+    settings = plot.best_over_learning_rates(plot.mqar_points(done))
+    rows = [{"mixer": mixer, "d_model": width, "mqar_pairs": pair, "seeds": len(accuracies),
+             "accuracy_mean": sum(accuracies) / len(accuracies),
+             "accuracy_std": (sum((a - sum(accuracies) / len(accuracies)) ** 2 for a in accuracies)
+                              / len(accuracies)) ** 0.5}
+            for (mixer, width, pair), accuracies in sorted(settings.items())]
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump({"overrides": overrides, "lrs": lrs, "rows": rows}, f, indent=2)
+    print("| mixer | d_model | pairs | seeds | accuracy (best lr a seed), mean ± std |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['mixer']} | {row['d_model']} | {row['mqar_pairs']} | {row['seeds']} | "
+              f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} |")
+    try:
+        plot.draw("mqar", done, os.path.join(args.out_dir, "mqar.png"))
+    except SystemExit as e:   # no matplotlib: the table is still there
+        log(str(e))
+    if failures:
+        raise SystemExit(f"mqar_sweep.py: {len(failures)} of {len(grid)} runs failed (listed above)")
+
+
+if __name__ == "__main__":
+    main()
