@@ -58,7 +58,7 @@ def finished(directory, max_steps):
         return json.load(f)["step"] >= max_steps
 
 
-def run_one(args, directory, max_steps, log):
+def run_one(args, directory, max_steps, log, env):
     """Trains one run to the end (resuming it if it has a checkpoint); its output goes to DIR/train.log."""
     if finished(directory, max_steps):
         return "done before"
@@ -68,7 +68,7 @@ def run_one(args, directory, max_steps, log):
     started = time.time()
     with open(os.path.join(directory, "train.log"), "a") as out:
         result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, *resume], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         return f"failed (exit {result.returncode}; see {os.path.join(directory, 'train.log')})"
     log(f"{os.path.basename(directory)}: {time.time() - started:.0f} s")
@@ -100,9 +100,12 @@ def main(argv=None):
         max_steps = config["max_steps"]
     print(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time", file=sys.stderr, flush=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    # runs side by side share the CPU cores: each its share of threads (oversubscribed, OpenMP's spinning
+    # threads made two 2-thread runs on 2 cores 10x slower than one)
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, args.parallel))), **os.environ}
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         jobs = {pool.submit(run_one, run_args(*cell, run_dir(args.out_dir, *cell), overrides),
-                            run_dir(args.out_dir, *cell), max_steps, log): cell for cell in grid}
+                            run_dir(args.out_dir, *cell), max_steps, log, env): cell for cell in grid}
     failures = [(cell, job.result()) for job, cell in jobs.items() if job.result().startswith("failed")]
     for cell, why in failures:
         log(f"{os.path.basename(run_dir(args.out_dir, *cell))}: {why}")
