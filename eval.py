@@ -26,6 +26,11 @@ mqar_examples. By default the checkpoint's own test set (its seq_len, mqar_pairs
 --harness_tasks=wikitext,lambada_openai,piqa,hellaswag,arc_easy,winogrande; the harness downloads their
 datasets (--harness_include: a folder of your own task YAML files, local data included).
 
+--task=gates reports, per recurrent layer, what the erase gate does on the run's text: its mean (the
+erase rate) and, for CARVE, the distribution of the content shift Delta and the norms of U and D (U
+starts at zero). Run it on a CARVE and a GDN-2 checkpoint to compare their erase rates, and on
+checkpoints along a run (keep_checkpoints) to follow Delta over training.
+
 --task=passkey is an S-NIAH-style probe (RULER's single needle): a five-digit pass key stated once at
 a given depth of repeated filler sentences, asked for at the end; the model's greedy continuation (the
 prompt prefilled in one pass, then one decode step a token) must contain the number. Accuracy per
@@ -44,6 +49,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+import model as model_module
 from model import LM, ModelConfig, repeat_cache
 from prepare_data import get_tokenizer, local_documents, mqar_examples, token_byte_lengths
 from sample import generate
@@ -229,6 +235,66 @@ def harness_model(model, tokenizer, autocast):
     return CarveHarnessLM()
 
 
+def content_shift(o, content, chunk_size):
+    """CARVE's Delta at every token [B, T, H, K] of sequences that start at position 0, from the layer's
+    outputs o [B, T, H, V]: 0 in the first chunk, then U D m of the chunk before (m: its mean output)."""
+    B, T, H, _ = o.shape
+    D, U = (t.float().cpu() for t in content)
+    chunks = T // chunk_size
+    m = o[:, :chunks * chunk_size].reshape(B, chunks, chunk_size, H, -1).mean(2)        # [B, chunks, H, V]
+    shift = torch.einsum("hkr,hrv,bchv->bchk", U, D, m)                               # Delta after chunk c
+    delta = torch.zeros(B, T, H, U.shape[1])
+    for c in range(1, (T + chunk_size - 1) // chunk_size):
+        delta[:, c * chunk_size:(c + 1) * chunk_size] = shift[:, c - 1, None]
+    return delta
+
+
+@torch.inference_mode()
+def gate_statistics(model, windows, autocast):
+    """Per recurrent layer, over the token windows [n, T]: the erase gate b = sigmoid(b_logit + Delta)
+    (its mean, the erase rate), CARVE's content shift Delta = U D m_{c-1} (mean |Delta| and its 5/50/95th
+    percentiles over chunks, heads and channels) and the norms of U and D (U starts at 0: a norm above 0
+    means it moved). Delta is recomputed from what each layer's chunk_carve call got and returned: m of
+    a chunk is the mean of its outputs, as the kernels keep it."""
+    calls = []
+    real = model_module.chunk_carve
+
+    def recording(q, k, v, g, b_logit, w, content=None, *args, chunk_size=64, **kwargs):
+        if kwargs.get("cu_seqlens") is not None:
+            fail("--task=gates reads windows of one document each: a window holds a document start (eot) "
+                 "after its first token; evaluate on text without them (--text) or a run without reset_at_eot")
+        o, state = real(q, k, v, g, b_logit, w, content, *args, chunk_size=chunk_size, **kwargs)
+        calls.append((b_logit.float(), o.float(), content, chunk_size))
+        return o, state
+
+    model_module.chunk_carve = recording
+    try:
+        with autocast:
+            for window in windows:
+                model(torch.as_tensor(window, device=model.embed.weight.device)[None])
+    finally:
+        model_module.chunk_carve = real
+    layers = [i for i, block in enumerate(model.blocks) if hasattr(block.mixer, "kind")]
+    per_layer = {i: {"b": [], "delta": []} for i in layers}
+    for n, (b_logit, o, content, chunk_size) in enumerate(calls):
+        delta = content_shift(o.cpu(), content, chunk_size) if content is not None else torch.zeros(b_logit.shape)
+        per_layer[layers[n % len(layers)]]["b"].append(torch.sigmoid(b_logit.cpu() + delta).flatten())
+        if content is not None:
+            per_layer[layers[n % len(layers)]]["delta"].append(delta[:, chunk_size:].flatten())
+    result = []
+    for i in layers:
+        mixer, b = model.blocks[i].mixer, torch.cat(per_layer[i]["b"])
+        row = {"layer": i, "mixer": mixer.kind, "erase_rate": float(b.mean())}
+        if per_layer[i]["delta"]:
+            delta = torch.cat(per_layer[i]["delta"])
+            sample = delta[torch.randperm(len(delta), generator=torch.Generator().manual_seed(0))[:1 << 20]]
+            row.update(delta_abs_mean=float(delta.abs().mean()), **{
+                f"delta_p{q}": float(sample.quantile(q / 100)) for q in (5, 50, 95)},
+                U_norm=float(mixer.content_up.norm()), D_norm=float(mixer.content_down.norm()))
+        result.append(row)
+    return result
+
+
 @torch.inference_mode()
 def mqar_accuracy(model, inputs, targets, batch_size, device, autocast):
     """(queries answered right, queries): the argmax at each scored position against its target."""
@@ -279,7 +345,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="windows a forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     parser.add_argument("--json", action="store_true", help="print the result as a JSON object")
-    parser.add_argument("--task", default="lm", choices=["lm", "passkey", "mqar", "harness"],
+    parser.add_argument("--task", default="lm", choices=["lm", "passkey", "mqar", "harness", "gates"],
                         help="(default: %(default)s)")
     parser.add_argument("--harness_tasks", default="wikitext,lambada_openai",
                         help="harness: lm-evaluation-harness task names, comma-separated (default: %(default)s)")
@@ -370,6 +436,24 @@ def main(argv=None):
     tokens, source = token_stream(args, record, tokenizer)
     if args.max_tokens:
         tokens = tokens[:int(args.max_tokens) + 1]
+    if args.task == "gates":
+        count = min(len(tokens) // seq_len, max(1, int(args.max_tokens or 65536) // seq_len))
+        windows = [np.asarray(tokens[i * seq_len:(i + 1) * seq_len], dtype=np.int64) for i in range(count)]
+        if not windows:
+            fail(f"{source} holds fewer than seq_len={seq_len} tokens")
+        print(f"gates: {args.out_dir} (step {record['step']}) on {count} windows of {seq_len} tokens of {source}",
+              file=sys.stderr)
+        rows = gate_statistics(model, windows, autocast)
+        if args.json:
+            print(json.dumps({"checkpoint_step": record["step"], "layers": rows}))
+            return
+        print("layer mixer erase_rate " + ("mean|delta| delta_p5 delta_p50 delta_p95 |U| |D|"
+                                           if "delta_abs_mean" in rows[0] else ""))
+        for row in rows:
+            print(f"{row['layer']:>5} {row['mixer']:>5} {row['erase_rate']:10.4f}" + (
+                f" {row['delta_abs_mean']:11.4f} {row['delta_p5']:8.4f} {row['delta_p50']:9.4f} "
+                f"{row['delta_p95']:9.4f} {row['U_norm']:.3f} {row['D_norm']:.3f}" if "delta_abs_mean" in row else ""))
+        return
     if len(tokens) < 2:
         fail(f"{source} holds {len(tokens)} tokens: nothing to score")
     token_lengths = token_byte_lengths(tokenizer)   # for bits per byte over exactly the scored tokens

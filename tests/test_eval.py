@@ -3,6 +3,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +113,32 @@ def test_passkey_scores_the_continuation(run, capsys, monkeypatch):
                           "--device", "cpu"])
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 2 and table[1].split()[0] == "150" and len(table[1].split()) == 3
+
+
+def test_content_shift_is_the_kernels_delta():
+    """eval.content_shift's Delta of the last chunk equals the state's delta after the call, and the
+    first chunk has none; for 2 chunks and 3 tokens of a third (C = 8)."""
+    from carve_kernel import chunk_carve_torch
+    from eval import content_shift
+    from reference import make_inputs
+    x = make_inputs(2, 19, 2, 8, 12, "carve", rank=4)
+    q, k, v, g, b_logit, w, D, U = (x[name] for name in ("q", "k", "v", "g", "b_logit", "w", "D", "U"))
+    o, state = chunk_carve_torch(q, k, v, g, b_logit, w, (D, U), output_final_state=True, chunk_size=8)
+    delta = content_shift(o, (D, U), 8)
+    assert not delta[:, :8].any()
+    assert torch.allclose(delta[:, 16:], state.delta[:, None].expand(-1, 3, -1, -1), atol=1e-6)
+    assert not torch.equal(delta[:, 8:16], delta[:, 16:])
+
+
+def test_gate_statistics(run, capsys):
+    """--task=gates on the tiny CARVE run: an erase rate and a Delta distribution a layer, U and D norms;
+    against a GDN-2 model, an erase rate only."""
+    result = result_of(["--out_dir", run, "--task", "gates", "--max_tokens", "480"], capsys)
+    layers = result["layers"]
+    assert [row["layer"] for row in layers] == [0, 1] and all(0 < row["erase_rate"] < 1 for row in layers)
+    assert all(row["delta_p5"] <= row["delta_p50"] <= row["delta_p95"] and row["U_norm"] > 0 for row in layers)
+    from eval import gate_statistics
+    model = LM(ModelConfig(vocab_size=256, n_layer=1, d_model=32, n_head=2, head_k_dim=16, head_v_dim=16,
+                           mlp_hidden=64, chunk_size=16, mixer="gdn2")).eval()
+    rows = gate_statistics(model, [np.arange(40) % 256], torch.autocast("cpu", enabled=False))
+    assert len(rows) == 1 and set(rows[0]) == {"layer", "mixer", "erase_rate"}
