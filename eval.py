@@ -179,7 +179,8 @@ class HarnessAdapter:
             batch = [continuation[:-1] + [0] * (longest - len(continuation)) for _, continuation in pairs]
             rest = self._run(batch, rows) if longest > 1 else None
             for row, (i, (_, continuation)) in enumerate(zip(indices, pairs)):
-                predictions = [first] + ([rest[row, t] for t in range(len(continuation) - 1)] if rest is not None else [])
+                later = [rest[row, t] for t in range(len(continuation) - 1)] if rest is not None else []
+                predictions = [first] + later
                 logprob = sum(float(p[token]) for p, token in zip(predictions, continuation))
                 greedy = all(int(p.argmax()) == token for p, token in zip(predictions, continuation))
                 results[i] = (logprob, greedy)

@@ -192,7 +192,8 @@ class DeltaMixer(nn.Module):
         cfg = self.cfg
         channels = self.conv_weight.shape[0]
         # the conv cache in the compute dtype: the inputs it keeps are projections, exact in it
-        return {"conv": torch.zeros(batch_size, channels, cfg.conv_size - 1, device=device, dtype=dtype or torch.float32),
+        return {"conv": torch.zeros(batch_size, channels, cfg.conv_size - 1, device=device,
+                                    dtype=dtype or torch.float32),
                 "state": zero_state(batch_size, cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, device)}
 
 

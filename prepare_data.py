@@ -227,7 +227,8 @@ def mqar_examples(count, seq_len, num_pairs, vocab_size, seed, power_a=0.01):
         raise ValueError(f"MQAR with {num_pairs} key-value pairs needs seq_len >= {4 * max(num_pairs, 1)} (the pairs, "
                          f"then a key and its value for each query); got seq_len={seq_len}")
     if vocab_size // 2 - 1 < num_pairs:
-        raise ValueError(f"MQAR with {num_pairs} distinct keys needs vocab_size >= {2 * num_pairs + 2}; got {vocab_size}")
+        raise ValueError(f"MQAR with {num_pairs} distinct keys needs vocab_size >= {2 * num_pairs + 2}; "
+                         f"got {vocab_size}")
     rng = np.random.default_rng(seed)
     inputs = np.full((count, seq_len), MQAR_FILLER, dtype=np.int64)
     targets = np.full((count, seq_len), -1, dtype=np.int64)

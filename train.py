@@ -290,7 +290,8 @@ class MQARData:
         for i in range(first, first + count):
             epoch, j = divmod(i, len(self.train[0]))
             if epoch != self.order_epoch:
-                self.order_epoch, self.order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.train[0]))
+                self.order_epoch = epoch
+                self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train[0]))
             rows.append(self.order[j])
         return torch.from_numpy(self.train[0][rows]), torch.from_numpy(self.train[1][rows])
 
@@ -552,7 +553,10 @@ def main(argv):
 
     if config["task"] not in ("lm", "mqar"):
         raise SystemExit(f"error: task={config['task']!r}: expected 'lm' (token files) or 'mqar' (recall examples)")
-    data = TokenData(config["data_dir"], config["seq_len"], config["seed"]) if config["task"] == "lm" else MQARData(config)
+    if config["task"] == "lm":
+        data = TokenData(config["data_dir"], config["seq_len"], config["seed"])
+    else:
+        data = MQARData(config)
     check_data_matches(config, data, checkpoint and checkpoint["config"])
     if checkpoint is not None:
         changed = {k: (checkpoint["model_config"][k], config[k]) for k in MODEL_KEYS

@@ -109,7 +109,8 @@ def test_simple_evaluate_runs_local_tasks(adapter, tmp_path, monkeypatch):
     for sample in evaluated["samples"]["carve_choice"]:
         got = [float(response[0][0]) for response in sample["resps"]]
         assert got == pytest.approx(scores[sample["doc_id"]], rel=1e-6)
-    want_acc = sum(max(range(len(s)), key=s.__getitem__) == a for s, (_, _, a) in zip(scores, questions)) / len(questions)
+    picked = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    want_acc = sum(p == a for p, (_, _, a) in zip(picked, questions)) / len(questions)
     assert results["carve_choice"]["acc,none"] == pytest.approx(want_acc)
     nats = -sum(adapter.loglikelihood_rolling(requests(*((t,) for t in texts))))
     want_bpb = nats / math.log(2) / sum(len(t.encode()) for t in texts)
