@@ -28,7 +28,7 @@ import time
 import torch
 
 from bench_train import load_configs, model_config_of
-from model import LM
+from model import LM, set_cache_offset
 from sample import decode_step, inference_weights, sample_next
 
 DTYPE = torch.bfloat16
@@ -55,12 +55,11 @@ def fill_cache(cache, context, gen):
             state = layer["state"]
             for tensor in (state.S, state.o_sum, state.delta):
                 tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen, device=tensor.device))
-            layer["state"] = state._replace(offset=context)
         else:
             for key in ("k", "v"):
                 layer[key][:, :, :context].normal_(generator=gen)
             layer["position"].fill_(context)
-            layer["offset"] = context
+        set_cache_offset(layer, context)
 
 
 def step_bytes(model, cache, context):

@@ -51,9 +51,9 @@ import torch
 
 import model as model_module
 from model import LM, ModelConfig, repeat_cache
-from prepare_data import get_tokenizer, local_documents, mqar_examples, token_byte_lengths
+from prepare_data import get_tokenizer, local_documents, token_byte_lengths
 from sample import generate
-from train import load_newest_checkpoint
+from train import load_newest_checkpoint, mqar_split
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -387,8 +387,7 @@ def main(argv=None):
     if args.task == "mqar":
         pairs, count = args.mqar_pairs or config["mqar_pairs"], args.examples or config["mqar_test_examples"]
         try:
-            inputs, targets = mqar_examples(count, seq_len, pairs, config["vocab_size"], [config["mqar_seed"], 1],
-                                            config["mqar_power_a"])
+            inputs, targets = mqar_split(config, "test", count, pairs, seq_len)
         except ValueError as e:
             fail(str(e))
         print(f"mqar: {args.out_dir} (step {record['step']}), {count} examples of {seq_len} tokens, {pairs} pairs, "

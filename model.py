@@ -207,6 +207,15 @@ def rope(x, positions, theta):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def causal_window_mask(query_pos, key_pos, window):
+    """[queries, keys] of absolute positions: a key is seen when it is not after the query and, with a
+    window > 0, fewer than `window` tokens before it."""
+    allowed = key_pos[None, :] <= query_pos[:, None]
+    if window > 0:
+        allowed &= key_pos[None, :] > query_pos[:, None] - window
+    return allowed
+
+
 class Attention(nn.Module):
     """Causal softmax attention with RoPE (optionally a sliding window): the Transformer baseline
     and the attention layers of a hybrid."""
@@ -244,36 +253,25 @@ class Attention(nn.Module):
             cache["v"].index_copy_(2, positions, v.to(cache["v"].dtype))
             cache["position"] += T
             cache["offset"] = offset + T
-            key_pos = torch.arange(cache["k"].shape[2], device=x.device)[None, :]
-            allowed = key_pos <= positions[:, None]
-            if cfg.attn_window > 0:
-                allowed &= key_pos > positions[:, None] - cfg.attn_window
-            o = F.scaled_dot_product_attention(q, cache["k"].to(q.dtype), cache["v"].to(q.dtype), attn_mask=allowed)
-            return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
-        if cache is not None:
+            k, v = cache["k"].to(q.dtype), cache["v"].to(q.dtype)
+        elif cache is not None:
             k = torch.cat([cache["k"].to(k.dtype), k], dim=2)
             v = torch.cat([cache["v"].to(v.dtype), v], dim=2)
             # a sliding window needs only the last window-1 keys for the next query
             drop = 0 if cfg.attn_window == 0 else max(0, k.shape[2] - (cfg.attn_window - 1))
             cache["k"], cache["v"] = k[:, :, drop:], v[:, :, drop:]
             cache["offset"] = offset + T
-        S = k.shape[2]  # keys visible: the cached ones, then these T
+        S = k.shape[2]  # keys visible: the cached ones, then these T (static: every buffer position)
         if doc_id is not None:  # cache is None here: S == T
-            query_pos = torch.arange(T, device=x.device)
             same_doc = doc_id[:, None, :, None] == doc_id[:, None, None, :]
-            allowed = (query_pos[None, :] <= query_pos[:, None]) & same_doc
-            if cfg.attn_window > 0:
-                allowed &= query_pos[None, :] > query_pos[:, None] - cfg.attn_window
+            allowed = causal_window_mask(positions, positions, cfg.attn_window) & same_doc
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        elif cfg.attn_window == 0 and S == T:
+        elif not static and cfg.attn_window == 0 and S == T:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            query_pos = torch.arange(S - T, S, device=x.device)[:, None]
-            key_pos = torch.arange(S, device=x.device)[None, :]
-            allowed = key_pos <= query_pos
-            if cfg.attn_window > 0:
-                allowed &= key_pos > query_pos - cfg.attn_window
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        else:   # absolute key positions: the buffer's own, or the last S before these T ended
+            key_pos = torch.arange(S, device=x.device) + (0 if static else offset + T - S)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_window_mask(positions, key_pos,
+                                                                                       cfg.attn_window))
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
 
     def empty_cache(self, batch_size, device, max_len=None, dtype=torch.float32):
@@ -374,8 +372,17 @@ def repeat_cache(cache, n):
     return [{key: repeat(value) for key, value in layer.items()} for layer in cache]
 
 
-def _cache_offset(layer_cache):
+def cache_offset(layer_cache):
+    """The position of the next token of a layer's generation cache."""
     return layer_cache["offset"] if "offset" in layer_cache else layer_cache["state"].offset
+
+
+def set_cache_offset(layer_cache, offset):
+    """Moves a layer's cache to `offset` on the host side only (its tensors stay as they are)."""
+    if "offset" in layer_cache:
+        layer_cache["offset"] = offset
+    else:
+        layer_cache["state"] = layer_cache["state"]._replace(offset=offset)
 
 
 class LM(nn.Module):
@@ -417,7 +424,7 @@ class LM(nn.Module):
                 # prompts only: a decode step's check would cost a host sync, which a CUDA graph cannot
                 # hold, and a batch feeds the rows that sampled eot on with it
                 if idx.shape[1] > 1 and (starts[:, 1:].any() or (starts[:, 0].any() and self.blocks
-                                                                  and _cache_offset(cache[0]) > 0)):
+                                                                  and cache_offset(cache[0]) > 0)):
                     raise ValueError(f"generation with a cache runs one document: token {self.cfg.doc_start_token} "
                                      f"(doc_start_token) may only come first in a prompt")
             elif starts[:, 1:].any():

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from model import LM, ModelConfig
+from model import LM, ModelConfig, cache_offset, set_cache_offset
 from train import checkpoint_records, load_newest_checkpoint
 
 
@@ -64,18 +64,12 @@ class CudaGraphStep:
         self.recurrent = any("state" in layer for layer in cache)
         self.ids, self.graphs, self.outputs, self.seen = None, {}, {}, set()
 
-    def offsets(self):
-        return [layer["state"].offset if "state" in layer else layer["offset"] for layer in self.cache]
-
     def set_offsets(self, offsets):
         for layer, offset in zip(self.cache, offsets):
-            if "state" in layer:
-                layer["state"] = layer["state"]._replace(offset=offset)
-            else:
-                layer["offset"] = offset
+            set_cache_offset(layer, offset)
 
     def __call__(self, ids):
-        offsets = self.offsets()
+        offsets = [cache_offset(layer) for layer in self.cache]
         completes_chunk = self.recurrent and (offsets[0] + 1) % self.chunk_size == 0
         if completes_chunk not in self.seen:
             self.seen.add(completes_chunk)

@@ -267,6 +267,18 @@ class TokenData:
         return [self._window(tokens, int(s)) for s in starts]
 
 
+MQAR_VOCAB = 8192   # vocab_size 0 with task='mqar': Zoology's vocabulary
+
+
+def mqar_split(config, split, count=None, pairs=None, seq_len=None):
+    """(inputs, targets) of a run's MQAR 'train' or 'test' set: streams 0 and 1 of its mqar_seed, so the two
+    never share a draw; count, pairs and seq_len default to the run's (eval.py asks for other settings)."""
+    count = count or config[f"mqar_{split}_examples"]
+    return mqar_examples(count, seq_len or config["seq_len"], pairs or config["mqar_pairs"],
+                         config["vocab_size"] or MQAR_VOCAB, [config["mqar_seed"], ("train", "test").index(split)],
+                         config["mqar_power_a"])
+
+
 class MQARData:
     """MQAR examples (prepare_data.mqar_examples) in TokenData's interface: training sequence i is
     example i of a per-epoch shuffle of the training set; the evaluation windows are the test set.
@@ -274,13 +286,10 @@ class MQARData:
     over the recalls."""
 
     def __init__(self, config):
-        vocab = config["vocab_size"] or 8192
-        self.meta = {"tokenizer": "mqar", "vocab_size": vocab, "eot": None, "val": None}
+        self.meta = {"tokenizer": "mqar", "vocab_size": config["vocab_size"] or MQAR_VOCAB, "eot": None, "val": None}
         self.seed = config["seed"]
-        make = lambda count, stream: mqar_examples(count, config["seq_len"], config["mqar_pairs"], vocab,  # noqa: E731
-                                                   [config["mqar_seed"], stream], config["mqar_power_a"])
         try:
-            self.train, self.test = make(config["mqar_train_examples"], 0), make(config["mqar_test_examples"], 1)
+            self.train, self.test = mqar_split(config, "train"), mqar_split(config, "test")
         except ValueError as e:
             raise SystemExit(f"error: task='mqar': {e}")
         self.order_epoch, self.order = -1, None

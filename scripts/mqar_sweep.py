@@ -23,6 +23,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -63,8 +65,7 @@ def run_one(args, directory, max_steps, log, env):
     if finished(directory, max_steps):
         return "done before"
     os.makedirs(directory, exist_ok=True)
-    resume = ["--init_from=resume"] if any(name.endswith(".json") and name.startswith("ckpt_")
-                                           for name in os.listdir(directory)) else []
+    resume = ["--init_from=resume"] if train.checkpoint_records(directory) else []
     started = time.time()
     with open(os.path.join(directory, "train.log"), "a") as out:
         result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, *resume], cwd=ROOT,
@@ -112,9 +113,7 @@ def main(argv=None):
     done = [run_dir(args.out_dir, *cell) for cell in grid if finished(run_dir(args.out_dir, *cell), max_steps)]
     settings = plot.best_over_learning_rates(plot.mqar_points(done))
     rows = [{"mixer": mixer, "d_model": width, "mqar_pairs": pair, "seeds": len(accuracies),
-             "accuracy_mean": sum(accuracies) / len(accuracies),
-             "accuracy_std": (sum((a - sum(accuracies) / len(accuracies)) ** 2 for a in accuracies)
-                              / len(accuracies)) ** 0.5}
+             "accuracy_mean": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies))}
             for (mixer, width, pair), accuracies in sorted(settings.items())]
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump({"overrides": overrides, "lrs": lrs, "rows": rows}, f, indent=2)
