@@ -3,12 +3,15 @@ at several batch sizes and context lengths, beside the limit that reading the we
 
     python bench_decode.py carve_1b3 transformer_1b3                       # batch 1, 8, 64; context 1K and 16K
     python bench_decode.py carve_1b3 --batch 1 --context 1024 --no_graph   # also the plain (un-captured) step
+    python bench_decode.py carve_1b3 --compile 1                           # only the compiled step
 
 Configs load exactly as in train.py (a path, or a bare name in configs/; `--key=value` overrides apply
 to every config). The model has random weights (vocab_size 0 means 50304), its Linear weights in bf16 as
 sample.py holds them (inference_weights), under bf16 autocast. The step is sample.py's (decode_step:
 the model's one-token step on the cache, sample_next at temperature 0.8 with top-k 200, replayed from
-CUDA graphs unless --no_graph), followed by the `.tolist()` generate_samples does each step.
+CUDA graphs unless --no_graph), followed by the `.tolist()` generate_samples does each step. With
+--compile (both by default) the step also runs through torch.compile (sample.py --compile) before
+it is captured.
 
 The cache is set as after `context` tokens instead of prefilling them: a recurrent layer's state and
 an attention layer's keys and values random, its offset at `context`. A step's work does not depend
@@ -75,14 +78,17 @@ def step_bytes(model, cache, context):
     return weights, moved
 
 
-def measure(model, batch, context, steps, graph):
+def measure(model, batch, context, steps, graph, compile):
     """(ms per step, tokens per s, weight bytes, all bytes) of `steps` timed decode steps."""
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(0)
     warmup = 2 * model.cfg.chunk_size + 2
     cache = model.init_cache(batch, max_len=context + warmup + steps + 1, dtype=DTYPE)
     fill_cache(cache, context, gen)
-    step = decode_step(model, cache, lambda logits: sample_next(logits[:, -1], 0.8, 200, None, gen), gen, graph)
+    if compile:   # a fresh compile for each cache: the earlier ones would count against dynamo's recompile limit
+        torch._dynamo.reset()
+    step = decode_step(model, cache, lambda logits: sample_next(logits[:, -1], 0.8, 200, None, gen), gen, graph,
+                       compile)
     ids = torch.randint(model.cfg.vocab_size, (batch,), device=device, generator=gen)
     with torch.inference_mode(), torch.autocast(device.type, dtype=DTYPE):
         for _ in range(warmup):
@@ -106,6 +112,8 @@ def parse_args():
                         help="comma-separated context lengths in tokens (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps (default: %(default)s)")
     parser.add_argument("--no_graph", action="store_true", help="also time the plain step, without CUDA graphs")
+    parser.add_argument("--compile", choices=("0", "1", "both"), default="both",
+                        help="the step through torch.compile or not (default: %(default)s)")
     args, rest = parser.parse_known_args()
     try:
         args.batch = [int(b) for b in args.batch.split(",")]
@@ -136,12 +144,14 @@ def main():
         with torch.device("cuda"):
             model = LM(model_config).eval()
         inference_weights(model, DTYPE)
-        for graph in ([True, False] if args.no_graph else [True]):
+        compiles = {"0": [False], "1": [True], "both": [False, True]}[args.compile]
+        for graph, compile in [(g, c) for g in ([True, False] if args.no_graph else [True]) for c in compiles]:
             for context in args.context:
                 for batch in args.batch:
-                    row = f"| {name} | {'graph' if graph else 'plain'} | {batch} | {context:,} |"
+                    step = ("graph" if graph else "plain") + (" + compile" if compile else "")
+                    row = f"| {name} | {step} | {batch} | {context:,} |"
                     try:
-                        ms, tokens_per_s, weights, moved = measure(model, batch, context, args.steps, graph)
+                        ms, tokens_per_s, weights, moved = measure(model, batch, context, args.steps, graph, compile)
                     except torch.OutOfMemoryError:   # e.g. a Transformer's keys and values at 64 x 16K
                         print(f"{row} out of memory | - | - | - |", flush=True)
                     else:

@@ -7,8 +7,8 @@ design; its section numbers are cited below.
                            output_final_state=False, scale=None, chunk_size=64, cu_seqlens=None)
     o, state = recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
                                output_final_state=False, scale=None, chunk_size=64)
-    o, state, conv_cache = fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
-                                             state, content, a_log_min, chunk_size=64)
+    o, state = fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state, content,
+                                 a_log_min, chunk_size=64)     # updates state and conv_cache in place
     y = output_norm_gate(o, gate, weight, eps, activation="silu")
     y, new_cache = causal_conv_silu(x, weight, cache=None, doc_start=None)
 
@@ -143,14 +143,14 @@ def recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
 def fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state, content, a_log_min,
                       chunk_size=64):
     """One decode step of a layer from its projections, conv and gates included (decode_step_triton),
-    through the custom op carve::decode_step, so a compiled generation loop keeps one graph. The caller
-    picks it when backend_for says 'triton' and no gradient is needed (model.py)."""
+    through the custom op carve::decode_step, so a compiled generation loop keeps one graph. It updates
+    the state's tensors and conv_cache in place (a CUDA graph replays on them) and returns (o, the state
+    one token on). The caller picks it when backend_for says 'triton' and no gradient is needed (model.py)."""
     K = f.shape[-1] // A_log.shape[0]
     D, U = content if content is not None else (None, None)
-    o, S, o_sum, delta, cache = torch.ops.carve.decode_step(
-        x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state.S, state.o_sum, state.delta, D, U,
-        state.offset, float(a_log_min), K ** -0.5, chunk_size)
-    return o, CarveState(S, o_sum, delta, state.offset + 1), cache
+    o = torch.ops.carve.decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state.S, state.o_sum,
+                                    state.delta, D, U, state.offset, float(a_log_min), K ** -0.5, chunk_size)
+    return o, state._replace(offset=state.offset + 1)
 
 
 def output_norm_gate(o, gate, weight, eps, activation="silu"):
@@ -1483,33 +1483,39 @@ def decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w
     """One fused decode step of a CARVE / GDN-2 layer from its projections at one position: x [B, 2HK + HV]
     (q, k, v before the conv), conv_weight [2HK + HV, 1, W], conv_cache [B, 2HK + HV, W - 1], f and
     b_logit [B, H*K], w [B, H*V] (GDN-2) or [B, H] (CARVE), all before their activations, and the
-    layer's A_log [H] and dt_bias [H*K]. Returns o [B, 1, H, V] in x's dtype, the new CarveState and
-    the new conv cache. It computes what causal_conv_silu, the gates and recurrent_carve_triton compute in
-    model.py, in one launch (plus the Delta einsum in torch once every chunk_size tokens). Inference only."""
+    layer's A_log [H] and dt_bias [H*K]. Returns o [B, 1, H, V] in x's dtype and advances the state's
+    S, o_sum and delta (contiguous fp32) and conv_cache in place, so that a CUDA graph of the step
+    replays on the same buffers. It computes what causal_conv_silu, the gates and recurrent_carve_triton
+    compute in model.py, in one launch (plus the Delta einsum in torch once every chunk_size tokens),
+    and the conv cache's shift in a second (every value block of a head reads the head's q and k cache,
+    so none may overwrite it during the launch). Inference only."""
     B, n_ch = x.shape
     H = A_log.shape[0]
     K = f.shape[-1] // H
     V = (n_ch - 2 * H * K) // H
     width = conv_weight.shape[-1]
-    dev, f32 = x.device, torch.float32
+    S, o_sum, delta, offset = state
+    for name, tensor in (("S", S), ("o_sum", o_sum), ("delta", delta)):
+        if tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            raise ValueError(f"decode_step_triton updates the state in place: state.{name} must be contiguous "
+                             f"fp32 (zero_state's), got {tensor.dtype}, strides {tensor.stride()}")
     BK, BV, num_warps = _decode_config(B * H, K, V)
-    o = torch.empty(B, 1, H, V, dtype=x.dtype, device=dev)
-    S = torch.empty(B, H, K, V, dtype=f32, device=dev)
-    o_sum = torch.empty(B, H, V, dtype=f32, device=dev)
-    new_cache = torch.empty(B, n_ch, width - 1, dtype=x.dtype, device=dev)
-    S_in, o_sum_in, delta, offset = state
-    delta = delta.float()
+    o = torch.empty(B, 1, H, V, dtype=x.dtype, device=x.device)
+    new_cache = torch.empty(B, n_ch, width - 1, dtype=conv_cache.dtype, device=x.device)
     c = lambda t: t.contiguous()  # noqa: E731
+    # each program reads its [K, BV] tile of S and its BV entries of o_sum before writing them back
     _decode_step_kernel[(-(-V // BV) * B * H,)](
-        x=c(x), conv_w=c(conv_weight), conv_in=c(conv_cache.to(x.dtype)), conv_out=new_cache, f=c(f), A_log=c(A_log),
-        dt_bias=c(dt_bias), b_logit=c(b_logit), w=c(w), o=o, S_in=c(S_in.float()), S_out=S,
-        o_sum_in=c(o_sum_in.float()), o_sum_out=o_sum, delta=c(delta), H=H,
-        scale=K ** -0.5 if scale is None else float(scale), a_log_min=float(a_log_min),
+        x=c(x), conv_w=c(conv_weight), conv_in=c(conv_cache), conv_out=new_cache, f=c(f), A_log=c(A_log),
+        dt_bias=c(dt_bias), b_logit=c(b_logit), w=c(w), o=o, S_in=S, S_out=S, o_sum_in=o_sum, o_sum_out=o_sum,
+        delta=delta, H=H, scale=K ** -0.5 if scale is None else float(scale), a_log_min=float(a_log_min),
         K=K, V=V, BK=BK, BV=BV, WIDTH=width, WP=max(2, 1 << (width - 2).bit_length()),
         VALUE_GATE=w.shape[-1] == H * V, num_warps=num_warps)
+    conv_cache.copy_(new_cache)
     if (offset + 1) % chunk_size == 0:
-        delta = _finish_chunk(content, o_sum, delta, chunk_size)
-    return o, CarveState(S, o_sum, delta, offset + 1), new_cache
+        next_delta = _finish_chunk(content, o_sum, delta, chunk_size)
+        if content is not None:   # GDN-2's delta stays zero
+            delta.copy_(next_delta)
+    return o
 
 
 def _finish_chunk(content, o_sum, delta, chunk_size):
@@ -1592,8 +1598,8 @@ def _conv_silu(x, conv_w, conv_in, conv_out, i_b, ch, m_ch, n_ch, WIDTH: tl.cons
     o_w = tl.arange(0, WP)
     m_w = m_ch[:, None] & (o_w[None, :] < WIDTH - 1)
     p_cache = (i_b * n_ch + ch[:, None]) * (WIDTH - 1) + o_w[None, :]
-    hist = tl.load(conv_in + p_cache, mask=m_w, other=0.0).to(tl.float32)
     cur = tl.load(x + i_b * n_ch + ch, mask=m_ch, other=0.0)
+    hist = tl.load(conv_in + p_cache, mask=m_w, other=0.0).to(cur.dtype).to(tl.float32)  # the cache in x's dtype
     # the weights in x's dtype too, as causal_conv_silu_torch casts them
     taps = tl.load(conv_w + ch[:, None] * WIDTH + o_w[None, :], mask=m_w, other=0.0).to(cur.dtype)
     last = tl.load(conv_w + ch * WIDTH + WIDTH - 1, mask=m_ch, other=0.0).to(cur.dtype)
@@ -1955,27 +1961,21 @@ if triton is not None:
         return (v.new_empty(*q.shape[:3], v.shape[-1]), S.new_empty(S.shape, dtype=f32),
                 o_sum.new_empty(o_sum.shape, dtype=f32), delta.new_empty(delta.shape, dtype=f32))
 
-    @torch.library.custom_op("carve::decode_step", mutates_args=())
+    @torch.library.custom_op("carve::decode_step", mutates_args=("conv_cache", "S", "o_sum", "delta"))
     def _decode_step_op(x: torch.Tensor, conv_weight: torch.Tensor, conv_cache: torch.Tensor, f: torch.Tensor,
                         A_log: torch.Tensor, dt_bias: torch.Tensor, b_logit: torch.Tensor, w: torch.Tensor,
                         S: torch.Tensor, o_sum: torch.Tensor, delta: torch.Tensor, D: Optional[torch.Tensor],
                         U: Optional[torch.Tensor], offset: int, a_log_min: float, scale: float,
-                        chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        chunk_size: int) -> torch.Tensor:
         content = (D, U) if D is not None else None
-        o, final, cache = decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
-                                             CarveState(S, o_sum, delta, offset), content, a_log_min, scale,
-                                             chunk_size)
-        # a custom op may not return an input, and its outputs are contiguous like the fake's
-        return o, final.S, final.o_sum, final.delta.clone(memory_format=torch.contiguous_format), cache
-
+        return decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
+                                  CarveState(S, o_sum, delta, offset), content, a_log_min, scale, chunk_size)
 
     @_decode_step_op.register_fake
     def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, S, o_sum, delta, D, U, offset, a_log_min, scale,
           chunk_size):
         B, H, K, V = S.shape
-        f32 = torch.float32
-        return (x.new_empty(B, 1, H, V), S.new_empty(S.shape, dtype=f32), o_sum.new_empty(o_sum.shape, dtype=f32),
-                delta.new_empty(delta.shape, dtype=f32), x.new_empty(B, x.shape[1], conv_weight.shape[-1] - 1))
+        return x.new_empty(B, 1, H, V)
 
     @torch.library.custom_op("carve::conv_silu", mutates_args=())
     def _conv_silu_op(x: torch.Tensor, weight: torch.Tensor, history: Optional[torch.Tensor],

@@ -80,6 +80,20 @@ def init_linear(layer):
         nn.init.zeros_(layer.bias)
 
 
+def init_linear_parts(layer, sizes):
+    """A Linear that computes several projections at once (one launch, one read of x), initialised as
+    if each block of `sizes` output rows were a Linear layer of its own."""
+    for part in layer.weight.split(sizes):
+        nn.init.xavier_uniform_(part, gain=2 ** -2.5)
+
+
+def in_compute_dtype(x):
+    """x in the dtype autocast runs matrix products in, cast once: the Linear layers that read it share
+    this copy (and the backward saves it once) instead of each casting x again."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+
+
 def packed_documents(doc_id):
     """From per-token document numbers [B, T] to the packed view of all B*T tokens as one row:
     (cu_seqlens [N + 1] of the N documents, doc_start [B*T] where each token's document starts).
@@ -104,21 +118,23 @@ class DeltaMixer(nn.Module):
         super().__init__()
         self.kind, self.cfg = kind, cfg
         H, K, V, d = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, cfg.d_model
-        # q, k and v from one product: one launch, and the conv reads them as one [B, T, 2HK + HV] tensor
-        self.qkv_proj = nn.Linear(d, 2 * H * K + H * V, bias=False)
+        # every projection of x that both models have, as one product: q, k, v (the conv reads them as
+        # one [B, T, 2HK + HV] slice), the first halves of the low-rank decay and output gates, the erase
+        # gate's logits; the write gate differs between the models and keeps a Linear of its own
+        self.in_sizes = (H * K, H * K, H * V, K, H * K, V)
+        self.in_proj = nn.Linear(d, sum(self.in_sizes), bias=False)
         self.conv_weight = nn.Parameter(torch.empty(2 * H * K + H * V, 1, cfg.conv_size))
         # channel-wise decay g = -exp(A_log) * softplus(W_f x + dt_bias), W_f low rank d -> K -> H*K
-        self.f_proj = nn.Sequential(nn.Linear(d, K, bias=False), nn.Linear(K, H * K, bias=False))
+        self.f_up = nn.Linear(K, H * K, bias=False)
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H * K))
-        self.b_proj = nn.Linear(d, H * K, bias=False)                  # erase gate logits
         if kind == "gdn2":
             self.w_proj = nn.Linear(d, H * V, bias=False)              # write gate, value axis
         else:
             self.beta_proj = nn.Linear(d, H, bias=False)               # scalar write strength per head
             self.content_down = nn.Parameter(torch.empty(H, cfg.content_rank, V))   # D_h: V -> r
             self.content_up = nn.Parameter(torch.empty(H, K, cfg.content_rank))     # U_h: r -> K
-        self.g_proj = nn.Sequential(nn.Linear(d, V, bias=False), nn.Linear(V, H * V, bias=True))
+        self.g_up = nn.Linear(V, H * V, bias=True)                     # output gate, low rank d -> V -> H*V
         self.o_norm_weight = nn.Parameter(torch.ones(V))
         self.o_proj = nn.Linear(H * V, d, bias=False)
 
@@ -126,10 +142,9 @@ class DeltaMixer(nn.Module):
     def reset_parameters(self):
         H, K, V = self.cfg.n_head, self.cfg.head_k_dim, self.cfg.head_v_dim
         for m in self.modules():
-            if isinstance(m, nn.Linear) and m is not self.qkv_proj:
+            if isinstance(m, nn.Linear) and m is not self.in_proj:
                 init_linear(m)
-        for part in self.qkv_proj.weight.split([H * K, H * K, H * V]):   # as q, k, v layers of their own
-            nn.init.xavier_uniform_(part, gain=2 ** -2.5)
+        init_linear_parts(self.in_proj, self.in_sizes)
         nn.init.kaiming_uniform_(self.conv_weight, a=math.sqrt(5))  # nn.Conv1d's default
         self.A_log.copy_(torch.empty(H).uniform_(1, 16).log())
         dt = torch.empty(H * K).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
@@ -154,15 +169,15 @@ class DeltaMixer(nn.Module):
             x, packed = x.reshape(1, -1, x.shape[-1]), {"cu_seqlens": cu_seqlens}
         B, T, _ = x.shape
         H, K, V = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
-        qkv = self.qkv_proj(x)
-        f, b_logit = self.f_proj(x), self.b_proj(x)
+        qkv, f_low, b_logit, g_low = self.in_proj(x).split([2 * H * K + H * V, *self.in_sizes[3:]], dim=-1)
+        f = self.f_up(f_low)
         w_raw = self.w_proj(x) if self.kind == "gdn2" else self.beta_proj(x)
         content = None if self.kind == "gdn2" else (self.content_down, self.content_up)
         if cache is not None and T == 1 and self.fused_decode(x):
-            # decode: the conv, the gates and the recurrence in one kernel
-            o, state, conv_cache = fused_decode_step(qkv[:, 0], self.conv_weight, cache["conv"], f[:, 0],
-                                                     self.A_log, self.dt_bias, b_logit[:, 0], w_raw[:, 0],
-                                                     cache["state"], content, cfg.a_log_min, cfg.chunk_size)
+            # decode: the conv, the gates and the recurrence in one kernel, on the cache's tensors in place
+            o, cache["state"] = fused_decode_step(qkv[:, 0], self.conv_weight, cache["conv"], f[:, 0], self.A_log,
+                                                  self.dt_bias, b_logit[:, 0], w_raw[:, 0], cache["state"], content,
+                                                  cfg.a_log_min, cfg.chunk_size)
         else:
             qkv, conv_cache = causal_conv_silu(qkv, self.conv_weight, cache["conv"] if cache else None,
                                                doc_start if doc_id is not None else None)
@@ -171,15 +186,15 @@ class DeltaMixer(nn.Module):
             g = decay_gate(f.view(B, T, H, K), self.A_log, self.dt_bias.view(H, K), cfg.a_log_min)
             w = torch.sigmoid(w_raw).view(B, T, H, V) if self.kind == "gdn2" else torch.sigmoid(w_raw)
             kernel = recurrent_carve if (cache is not None and T == 1) else chunk_carve
-            o, state = kernel(q, k, v, g, b_logit.view(B, T, H, K), w, content,
+            o, state = kernel(q, k, v, g, b_logit.reshape(B, T, H, K), w, content,
                               initial_state=cache["state"] if cache else None, output_final_state=cache is not None,
                               chunk_size=cfg.chunk_size, **packed)
-        if cache is not None:   # in place: the cache's tensors stay where a CUDA graph reads them
-            old = cache["state"]
-            for buffer, new in zip((cache["conv"], old.S, old.o_sum, old.delta), (conv_cache, *state[:3])):
-                buffer.copy_(new)
-            cache["state"] = old._replace(offset=state.offset)
-        o = output_norm_gate(o, self.g_proj(x).view(B, T, H, V), self.o_norm_weight, cfg.norm_eps, cfg.gate_act)
+            if cache is not None:   # in place: the cache's tensors stay where a CUDA graph reads them
+                old = cache["state"]
+                for buffer, new in zip((cache["conv"], old.S, old.o_sum, old.delta), (conv_cache, *state[:3])):
+                    buffer.copy_(new)
+                cache["state"] = old._replace(offset=state.offset)
+        o = output_norm_gate(o, self.g_up(g_low).view(B, T, H, V), self.o_norm_weight, cfg.norm_eps, cfg.gate_act)
         return self.o_proj(o.reshape(B, T, H * V)).view(batch_shape)
 
     def fused_decode(self, x):
@@ -224,15 +239,14 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, D, d = cfg.n_head, cfg.head_k_dim, cfg.d_model
-        self.q_proj = nn.Linear(d, H * D, bias=False)
-        self.k_proj = nn.Linear(d, H * D, bias=False)
-        self.v_proj = nn.Linear(d, H * D, bias=False)
+        self.qkv_proj = nn.Linear(d, 3 * H * D, bias=False)
         self.o_proj = nn.Linear(H * D, d, bias=False)
 
     @torch.no_grad()
     def reset_parameters(self):
-        for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            init_linear(m)
+        H, D = self.cfg.n_head, self.cfg.head_k_dim
+        init_linear_parts(self.qkv_proj, [H * D] * 3)
+        init_linear(self.o_proj)
 
     def forward(self, x, cache=None, doc_id=None):
         cfg = self.cfg
@@ -242,9 +256,10 @@ class Attention(nn.Module):
         static = cache is not None and "position" in cache
         # a static cache keeps the position on the device too, so a CUDA graph's replays read the current one
         positions = (cache["position"] if static else offset) + torch.arange(T, device=x.device)
-        q = rope(self.q_proj(x).view(B, T, H, D), positions, cfg.rope_theta).transpose(1, 2)
-        k = rope(self.k_proj(x).view(B, T, H, D), positions, cfg.rope_theta).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).view(B, T, 3, H, D).unbind(dim=2)
+        q = rope(q, positions, cfg.rope_theta).transpose(1, 2)
+        k = rope(k, positions, cfg.rope_theta).transpose(1, 2)
+        v = v.transpose(1, 2)
         if static:   # write into the buffers; attend over all of them, masked to the positions written
             if offset + T > cache["k"].shape[2]:
                 raise ValueError(f"the KV cache holds {cache['k'].shape[2]} positions (init_cache's max_len); "
@@ -289,12 +304,17 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)   # gate and up as one product
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
 
+    @torch.no_grad()
+    def reset_parameters(self):
+        init_linear_parts(self.gate_up_proj, [self.down_proj.in_features] * 2)
+        init_linear(self.down_proj)
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -306,8 +326,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, cache=None, doc_id=None):
-        x = x + self.mixer(self.mixer_norm(x), cache, doc_id)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.mixer(in_compute_dtype(self.mixer_norm(x)), cache, doc_id)
+        return x + self.mlp(in_compute_dtype(self.mlp_norm(x)))
 
 
 LOSS_CHUNK_ROWS = 4096  # rows of logits alive at once in the loss: 4096 x 50304 fp32 is 0.8 GB
@@ -402,9 +422,7 @@ class LM(nn.Module):
     def reset_parameters(self):
         for block in self.blocks:
             block.mixer.reset_parameters()
-            for m in block.mlp.modules():
-                if isinstance(m, nn.Linear):
-                    init_linear(m)
+            block.mlp.reset_parameters()
             block.mixer_norm.reset_parameters()
             block.mlp_norm.reset_parameters()
         self.norm.reset_parameters()

@@ -214,7 +214,7 @@ def perturb(model, seed=0):
     bias) random values, so the content gate, the write gate and Delta are all exercised."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith(("content_up", "beta_proj.weight", "w_proj.weight", "g_proj.1.bias")):
+        if name.endswith(("content_up", "beta_proj.weight", "w_proj.weight", "g_up.bias")):
             p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if "content_up" in name else 0.3))
     return model
 

@@ -235,13 +235,24 @@ def test_sample_next_draws_from_the_distribution():
     assert freq[3] == 0
 
 
+def test_compiled_step_generates_the_plain_tokens():
+    """generate_samples with the decode step through torch.compile gives the plain step's tokens for the
+    same seed (the hybrid: a recurrent and an attention layer; 30 tokens cross chunks of 8, so the
+    compiled step meets the chunk-finishing path too)."""
+    from sample import generate_samples
+    model = tiny_model()
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    plain = generate_samples(model, [3, 1, 4, 1, 5], 2, 30, temperature=0.9, generator=gen())
+    assert generate_samples(model, [3, 1, 4, 1, 5], 2, 30, temperature=0.9, generator=gen(), compile=True) == plain
+
+
 if torch.cuda.is_available():  # CUDA graphs need a GPU: collected there only
     @pytest.mark.parametrize("mixer", ["carve", "gdn2", "attn", "carve,attn"])
     @pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
     def test_cuda_graph_step_generates_the_plain_tokens(monkeypatch, mixer, temperature):
         """generate_samples with the step replayed from CUDA graphs (both kinds: 40 tokens cross chunks
-        of 8 five times) gives the tokens of the plain step, for the same seed, in a batch of 3 under
-        bf16 autocast."""
+        of 8 five times), plain and compiled, gives the tokens of the plain step, for the same seed, in a
+        batch of 3 under bf16 autocast."""
         from reference import perturb, tiny
         from sample import generate_samples
         model = perturb(LM(tiny(mixer, head_k_dim=16, head_v_dim=16, vocab_size=256))).cuda().eval()
@@ -249,10 +260,10 @@ if torch.cuda.is_available():  # CUDA graphs need a GPU: collected there only
         real_replay = torch.cuda.CUDAGraph.replay
         monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or real_replay(graph))
         runs = []
-        for graph in (False, True):
+        for graph, compile in ((False, False), (True, False), (True, True)):
             gen = torch.Generator(device="cuda").manual_seed(3)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 runs.append(generate_samples(model, [5, 9, 2, 7, 1], 3, 40, temperature, top_k=50, top_p=0.95,
-                                             generator=gen, cuda_graph=graph))
-        assert len(replays) >= 30
-        assert runs[1] == runs[0]
+                                             generator=gen, cuda_graph=graph, compile=compile))
+        assert len(replays) >= 60
+        assert runs[1] == runs[0] and runs[2] == runs[0]

@@ -361,11 +361,13 @@ def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims):
 @needs_triton
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_decode_step(mode, dtype):
+@pytest.mark.parametrize("offset", [6, 7], ids=["mid-chunk", "chunk-end"])
+def test_fused_decode_step(mode, dtype, offset):
     """decode_step_triton against what model.py does without it (causal_conv_silu_torch, the gates in torch,
     recurrent_carve_torch) on the same projections: bf16 projections round the conv, SiLU and
-    sigmoid outputs to bf16 as torch's bf16 ops do. The step finishes a chunk (offset 7, C = 8), so
-    the content update runs; V = 24 masks part of a value block."""
+    sigmoid outputs to bf16 as torch's bf16 ops do. It updates the state and the conv cache in place.
+    At offset 7 (C = 8) the step finishes a chunk, so the content update runs and o_sum is reset;
+    V = 24 masks part of a value block."""
     B, H, K, V, C, W = 3, 2, 16, 24, 8, 4
     gen = torch.Generator().manual_seed(21)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
@@ -375,30 +377,32 @@ def test_fused_decode_step(mode, dtype):
     conv_weight, conv_cache = 0.5 * r(n_ch, 1, W), r(B, n_ch, W - 1).to(dtype)
     A_log, dt_bias = torch.empty(H).uniform_(1, 16, generator=gen).log(), r(H * K) - 3
     content = (r(H, 4, V), r(H, K, 4)) if mode == "carve" else None
-    state = CarveState(0.3 * r(B, H, K, V), r(B, H, V), 0.3 * r(B, H, K), 7)
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    o, final, cache = decode_step_triton(
-        dev(x[:, 0]), dev(conv_weight), dev(conv_cache), dev(f[:, 0]), dev(A_log), dev(dt_bias), dev(b_logit[:, 0]),
-        dev(w_raw[:, 0]), CarveState(*map(dev, state[:3]), 7), tuple(map(dev, content)) if content else None,
-        -5.0, chunk_size=C)
+    state = CarveState(0.3 * r(B, H, K, V), r(B, H, V), 0.3 * r(B, H, K), offset)
+    dev = lambda t: t.to(DEVICE).clone()  # noqa: E731  (a copy: the step writes into it)
+    live_state, live_cache = CarveState(*map(dev, state[:3]), offset), dev(conv_cache)
+    o = decode_step_triton(
+        dev(x[:, 0]), dev(conv_weight), live_cache, dev(f[:, 0]), dev(A_log), dev(dt_bias), dev(b_logit[:, 0]),
+        dev(w_raw[:, 0]), live_state, tuple(map(dev, content)) if content else None, -5.0, chunk_size=C)
     qkv, cache_ref = causal_conv_silu_torch(x, conv_weight, conv_cache)
     q, k, v = (t.reshape(B, 1, H, -1) for t in qkv.split([H * K, H * K, H * V], dim=-1))
     g = -A_log.exp()[:, None] * F.softplus(f.float().reshape(B, 1, H, K) + dt_bias.view(H, K))
     w = torch.sigmoid(w_raw).view(B, 1, H, V) if mode == "gdn2" else torch.sigmoid(w_raw)
     o_ref, final_ref = recurrent_carve_torch(q, k, v, g, b_logit.view(B, 1, H, K), w, content, state, True,
                                              chunk_size=C)
-    assert o.dtype == dtype and cache.dtype == dtype
-    assert torch.equal(cache.cpu(), cache_ref)  # the shifted inputs, exactly
+    assert o.dtype == dtype and live_cache.dtype == dtype
+    assert torch.equal(live_cache.cpu(), cache_ref)  # the shifted inputs, exactly
     # bf16: the kernel rounds the conv, SiLU and sigmoid outputs to bf16 as torch does, but Triton 3.9's
     # interpreter converts fp32 to bf16 by truncation (half of random values land one bf16 step from
     # torch's round-to-nearest; compiled kernels round to nearest), so on a CPU those roundings add up
     # to ~1e-2; a wrong tap, gate or activation is off by far more
     tol = TOL_FWD if dtype == torch.float32 else (2 * TOL_BF16 if runs_in_interpreter() else TOL_BF16)
     assert_rel(o.cpu(), o_ref, tol, f"fused decode o {mode} {dtype}")
-    assert_rel(final.S.cpu(), final_ref.S, tol, f"fused decode S {mode} {dtype}")
-    assert final.offset == 8 and not final.o_sum.any()  # the chunk finished: o_sum reset
-    if mode == "carve":
-        assert_rel(final.delta.cpu(), final_ref.delta, tol, f"fused decode delta {dtype}")
+    assert_rel(live_state.S.cpu(), final_ref.S, tol, f"fused decode S {mode} {dtype}")
+    if offset == 7:
+        assert not live_state.o_sum.any()  # the chunk finished: o_sum reset
+    else:
+        assert_rel(live_state.o_sum.cpu(), final_ref.o_sum, tol, f"fused decode o_sum {mode} {dtype}")
+    assert_rel(live_state.delta.cpu(), final_ref.delta, tol, f"fused decode delta {mode} {dtype}")
 
 
 if carve_kernel.triton is not None:
@@ -470,9 +474,24 @@ def test_decode_op_compiles_without_graph_breaks(monkeypatch):
     D, U = content
     torch.library.opcheck(torch.ops.carve.recurrent.default,
                           (*args, state.S, state.o_sum, state.delta, D, U, state.offset, 0.25, 8))
-    # the fused decode step (conv and gates included), with a layer's shapes: 2HK + HV = 128 channels
+    # the fused decode step (conv and gates included), with a layer's shapes: 2HK + HV = 128 channels;
+    # it updates the state in place, which must be contiguous fp32 as zero_state makes it
     gen = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    S, o_sum, delta = (t.contiguous() for t in state[:3])
     torch.library.opcheck(torch.ops.carve.decode_step.default,
                           (r(2, 128), r(128, 1, 4), r(2, 128, 3), r(2, 32), r(2), r(32), r(2, 32), r(2, 2),
-                           state.S, state.o_sum, state.delta, D, U, state.offset, -5.0, 0.25, 8))
+                           S, o_sum, delta, D, U, state.offset, -5.0, 0.25, 8))
+
+
+@needs_triton
+def test_fused_decode_step_rejects_a_state_it_cannot_update_in_place():
+    """The fused step writes the new state into the given tensors: a bf16 or strided state is refused
+    with a message naming the tensor, not silently left stale."""
+    B, H, K, V = 1, 2, 16, 16
+    n_ch = 2 * H * K + H * V
+    z = lambda *s: torch.zeros(*s, device=DEVICE)  # noqa: E731
+    state = CarveState(z(B, H, K, V).bfloat16(), z(B, H, V), z(B, H, K), 0)
+    with pytest.raises(ValueError, match="state.S must be contiguous fp32"):
+        decode_step_triton(z(B, n_ch), z(n_ch, 1, 4), z(B, n_ch, 3), z(B, H * K), z(H), z(H * K), z(B, H * K),
+                           z(B, H), state, None, -5.0, chunk_size=8)
