@@ -150,7 +150,9 @@ def fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
     D, U = content if content is not None else (None, None)
     o = torch.ops.carve.decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state.S, state.o_sum,
                                     state.delta, D, U, state.offset, float(a_log_min), K ** -0.5, chunk_size)
-    return o, state._replace(offset=state.offset + 1)
+    # a new CarveState rather than state._replace: torch 2.11's dynamo rebuilds _replace's result as a
+    # plain tuple when it replays the cache's update after a compiled step
+    return o, CarveState(state.S, state.o_sum, state.delta, state.offset + 1)
 
 
 def output_norm_gate(o, gate, weight, eps, activation="silu"):

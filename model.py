@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from carve_kernel import (backend_for, causal_conv_silu, chunk_carve, decay_gate, fused_decode_step,
+from carve_kernel import (CarveState, backend_for, causal_conv_silu, chunk_carve, decay_gate, fused_decode_step,
                           output_norm_gate, recurrent_carve, zero_state)
 
 MIXERS = ("carve", "gdn2", "attn")
@@ -193,7 +193,8 @@ class DeltaMixer(nn.Module):
                 old = cache["state"]
                 for buffer, new in zip((cache["conv"], old.S, old.o_sum, old.delta), (conv_cache, *state[:3])):
                     buffer.copy_(new)
-                cache["state"] = old._replace(offset=state.offset)
+                # not old._replace(...): see fused_decode_step
+                cache["state"] = CarveState(old.S, old.o_sum, old.delta, state.offset)
         o = output_norm_gate(o, self.g_up(g_low).view(B, T, H, V), self.o_norm_weight, cfg.norm_eps, cfg.gate_act)
         return self.o_proj(o.reshape(B, T, H * V)).view(batch_shape)
 

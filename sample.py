@@ -56,13 +56,14 @@ class CudaGraphStep:
     The cache's tensors are static buffers, updated in place; its host-side counters (each layer's
     offset) are advanced here after a replay, as the step itself advances them. A recurrent layer's step
     takes one of two host paths (the step that completes a chunk also computes CARVE's next Delta), so
-    there are up to two graphs, each captured the second time its kind of step comes: the first runs
-    as is, which compiles and warms up the kernels."""
+    there are up to two graphs, each captured after its kind of step has run `warmup` times as is: those
+    runs compile and warm up the kernels, which must not happen during a capture (a compiled step
+    compiles twice, and its kernels tune themselves on their first run, so it needs 2)."""
 
-    def __init__(self, step, cache, chunk_size, generator=None):
-        self.step, self.cache, self.chunk_size, self.generator = step, cache, chunk_size, generator
+    def __init__(self, step, cache, chunk_size, generator=None, warmup=1):
+        self.step, self.cache, self.chunk_size, self.generator, self.warmup = step, cache, chunk_size, generator, warmup
         self.recurrent = any("state" in layer for layer in cache)
-        self.ids, self.graphs, self.outputs, self.seen = None, {}, {}, set()
+        self.ids, self.graphs, self.outputs, self.runs = None, {}, {}, {False: 0, True: 0}
 
     def set_offsets(self, offsets):
         for layer, offset in zip(self.cache, offsets):
@@ -71,8 +72,8 @@ class CudaGraphStep:
     def __call__(self, ids):
         offsets = [cache_offset(layer) for layer in self.cache]
         completes_chunk = self.recurrent and (offsets[0] + 1) % self.chunk_size == 0
-        if completes_chunk not in self.seen:
-            self.seen.add(completes_chunk)
+        if self.runs[completes_chunk] < self.warmup:
+            self.runs[completes_chunk] += 1
             return self.step(ids)
         if self.ids is None:
             self.ids = torch.empty_like(ids)
@@ -101,7 +102,7 @@ def decode_step(model, cache, pick, generator=None, cuda_graph=True, compile=Fal
     if compile:
         step = torch.compile(step)
     if cuda_graph and model.embed.weight.is_cuda:
-        return CudaGraphStep(step, cache, model.cfg.chunk_size, generator)
+        return CudaGraphStep(step, cache, model.cfg.chunk_size, generator, warmup=2 if compile else 1)
     return step
 
 
