@@ -14,7 +14,8 @@ design; its section numbers are cited below.
 
     q, k     [B, T, H, K]  L2-normalised here, inside the kernel
     v        [B, T, H, V]
-    g        [B, T, H, K]  fp32 log-decay (<= 0), alpha = exp(g); see decay_gate
+    g        [B, T, H, K]  fp32 log-decay (<= 0), alpha = exp(g); see decay_gate. Or a DecayGate(f, A_log,
+                           dt_bias, a_log_min): decay_gate's inputs, computed inside the kernels
     b_logit  [B, T, H, K]  erase-gate logits; b = sigmoid(b_logit + Delta_c(t))
     w        [B, T, H, V]  GDN-2's write gate in [0, 1], or [B, T, H] CARVE's scalar beta
     content  None (GDN-2) or (D [H, r, V], U [H, K, r]) (CARVE): Delta_c = U D m_{c-1}
@@ -78,6 +79,16 @@ class CarveState(NamedTuple):
     #                      (a tuple of them, one per sequence, for packed sequences: cu_seqlens)
 
 
+class DecayGate(NamedTuple):
+    """The log-decay g as decay_gate's inputs, for chunk_carve (and recurrent_carve) to take instead of g:
+    the Triton chunk kernels then compute g where they read it, forward and backward, so no fp32
+    [B, T, H, K] g is made or kept for the backward (the torch paths call decay_gate)."""
+    f: torch.Tensor      # [B, T, H, K] the raw projection W_f x
+    A_log: torch.Tensor  # [H]
+    dt_bias: torch.Tensor  # [H, K]
+    a_log_min: float
+
+
 def zero_state(batch_size, n_head, k_dim, v_dim, device):
     f32 = dict(dtype=torch.float32, device=device)
     return CarveState(torch.zeros(batch_size, n_head, k_dim, v_dim, **f32),
@@ -115,6 +126,7 @@ def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None, output
         if triton_path:
             return chunk_carve_triton(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
                                       chunk_size, cu_seqlens)
+        g = log_decay_of(g)
         if cu_seqlens is not None:
             return packed_sequences_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state,
                                           scale, chunk_size, cu_seqlens)
@@ -126,6 +138,7 @@ def recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
                     output_final_state=False, scale=None, chunk_size=64) -> Tuple[torch.Tensor, Optional[CarveState]]:
     """The per-token form (decode): the Triton kernel where backend_for says so and no gradient is
     needed (it has no backward), else recurrent_carve_torch."""
+    g = log_decay_of(g)
     if backend_for(q) == "triton" and not _needs_grad(q, k, v, g, b_logit, w, content, initial_state):
         _check_inputs(q, k, v, g, b_logit, w, content, initial_state)
         B, T, H, K = q.shape
@@ -188,6 +201,11 @@ def decay_gate(f, A_log, dt_bias, a_log_min):
     return -rate * F.softplus(f.float() + dt_bias.float(), threshold=SOFTPLUS_THRESHOLD)
 
 
+def log_decay_of(g):
+    """g as a log-decay tensor: a DecayGate through decay_gate, a tensor as it is."""
+    return decay_gate(*g) if isinstance(g, DecayGate) else g
+
+
 def output_norm_gate_torch(o, gate, weight, eps, activation="silu"):
     """output_norm_gate's definition: the norm and the gate in fp32, one rounding to o's dtype."""
     normed = F.rms_norm(o.float(), (o.shape[-1],), weight.float(), eps)
@@ -221,8 +239,9 @@ def _check_inputs(q, k, v, g, b_logit, w, content, initial_state, state_rows=Non
     """state_rows: rows of initial_state (B, or the number of packed sequences)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    for name, x, shape in (("k", k, (B, T, H, K)), ("v", v, (B, T, H, V)), ("g", g, (B, T, H, K)),
-                           ("b_logit", b_logit, (B, T, H, K))):
+    gate = (("DecayGate.f", g.f, (B, T, H, K)), ("DecayGate.A_log", g.A_log, (H,)),
+            ("DecayGate.dt_bias", g.dt_bias, (H, K))) if isinstance(g, DecayGate) else (("g", g, (B, T, H, K)),)
+    for name, x, shape in (("k", k, (B, T, H, K)), ("v", v, (B, T, H, V)), *gate, ("b_logit", b_logit, (B, T, H, K))):
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape} (q is {tuple(q.shape)})")
     if tuple(w.shape) not in ((B, T, H, V), (B, T, H)):
@@ -246,6 +265,7 @@ def _prepare(q, k, v, g, b_logit, w, content, initial_state, scale):
     """Common set-up of both torch paths: fp32 [B, H, T, D] views, the write term u, the state."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    g = log_decay_of(g)
     _check_inputs(q, k, v, g, b_logit, w, content, initial_state)
     scale = K ** -0.5 if scale is None else scale
     to_bh = lambda x: x.float().transpose(1, 2)  # noqa: E731  [B, T, H, D] -> [B, H, T, D]
@@ -537,8 +557,10 @@ def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
                                           content is not None, _sm_count(q.device))
     D, U = content if content is not None else (None, None)
     S0, o_sum0, delta0 = initial_state[:3] if initial_state is not None else (None, None, None)
+    g, A_log, dt_bias, a_log_min = g if isinstance(g, DecayGate) else (g, None, None, 0.0)
     o, S, o_sum, delta = torch.ops.carve.chunk_fwd(
-        q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, K ** -0.5 if scale is None else float(scale),
+        q, k, v, g, A_log, dt_bias, float(a_log_min), b_logit, w, D, U, S0, o_sum0, delta0, table,
+        K ** -0.5 if scale is None else float(scale),
         chunk_size, schedule.split_forward, schedule.walk_columns, schedule.forward_pieces,
         schedule.backward_columns or schedule.walk_columns, schedule.backward_pieces)[:4]
     if not output_final_state:
@@ -646,9 +668,10 @@ def _forward_buffers(q, v, table, new=torch.empty):
                         delta=new((N, H, K), f32), saved=saved)
 
 
-def chunk_forward_triton(q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size,
-                         schedule: ChunkSchedule) -> ChunkForward:
-    """The launches of one chunk forward (the body of carve::chunk_fwd)."""
+def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale,
+                         chunk_size, schedule: ChunkSchedule) -> ChunkForward:
+    """The launches of one chunk forward (the body of carve::chunk_fwd). g is the log-decay, or with
+    A_log and dt_bias (not None) a DecayGate's raw projection f."""
     H, K = q.shape[2], q.shape[3]
     N = len(table) // SEQ_FIELDS
     dev, f32 = q.device, torch.float32
@@ -662,8 +685,9 @@ def chunk_forward_triton(q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table
     has_content = D is not None
     seqs = _to_device(table, dev)
     V, max_chunks = v.shape[-1], _table_sizes(table)[3]
-    inputs = dict(q=q, k=k, g=g, b_logit=b_logit, v=v, w=w, sq=q.stride(1), sk=k.stride(1), sg=g.stride(1),
-                  sb=b_logit.stride(1), sv=v.stride(1), sw=w.stride(1), H=H)
+    inputs = dict(q=q, k=k, g=g, A_log=A_log, dt_bias=dt_bias, a_log_min=a_log_min, RAW_DECAY=A_log is not None,
+                  b_logit=b_logit, v=v, w=w, sq=q.stride(1), sk=k.stride(1), sg=g.stride(1), sb=b_logit.stride(1),
+                  sv=v.stride(1), sw=w.stride(1), H=H)
     common = dict(K=K, V=V, C=chunk_size, BT=CHUNK_BT, **_dot_operands(q.dtype))
     stores = dict(o=out.o, S_out=out.S, o_sum_out=out.o_sum, delta_out=out.delta, h_store=saved.block_state,
                   delta_store=saved.chunk_delta, m_store=saved.chunk_mean, r_store=saved.v_new, a_store=saved.inverse,
@@ -807,14 +831,31 @@ def _chunk_blocks(j, offset, blk_first, blk_last, C: tl.constexpr, BT: tl.conste
 
 
 @triton_jit
-def _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K: tl.constexpr):
+def _log_decay(g, A_log, dt_bias, a_log_min, tok, valid, i_h, sg, K: tl.constexpr, RAW_DECAY: tl.constexpr):
+    """Rows `tok` (masked by `valid`: 0 there) of head i_h of the log-decay, unfloored: g itself, or
+    with RAW_DECAY (a DecayGate) decay_gate's value from the raw projection f in g, A_log and dt_bias.
+    Also returns f + dt_bias (RAW_DECAY; else g), which the backward's df needs."""
+    o_k = tl.arange(0, K)
+    m = valid[:, None]
+    x = tl.load(g + tok[:, None] * sg + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+    if RAW_DECAY:
+        x += tl.load(dt_bias + i_h * K + o_k).to(tl.float32)[None, :]
+        g_raw = tl.where(m, _decay_gate(x, tl.load(A_log + i_h).to(tl.float32), a_log_min), 0.0)
+    else:
+        g_raw = x
+    return g_raw, x
+
+
+@triton_jit
+def _block_inputs(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq, sk, sg, K: tl.constexpr,
+                  RAW_DECAY: tl.constexpr):
     """Rows `tok` (masked by `valid`) of head i_h: L2-normalised q and k with their norms, the raw
-    and floored log-decay's in-block cumsum and total."""
+    log-decay (_log_decay), and the floored log-decay's in-block cumsum and total."""
     o_k = tl.arange(0, K)
     m = valid[:, None]
     q_raw = tl.load(q + tok[:, None] * sq + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
     k_raw = tl.load(k + tok[:, None] * sk + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-    g_raw = tl.load(g + tok[:, None] * sg + i_h * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+    g_raw, _ = _log_decay(g, A_log, dt_bias, a_log_min, tok, valid, i_h, sg, K, RAW_DECAY)
     q_norm = tl.maximum(tl.sqrt(tl.sum(q_raw * q_raw, axis=1)), L2_NORM_EPS_TL)   # as F.normalize
     k_norm = tl.maximum(tl.sqrt(tl.sum(k_raw * k_raw, axis=1)), L2_NORM_EPS_TL)
     gf = tl.maximum(g_raw, GATE_FLOOR_TL)
@@ -899,13 +940,14 @@ def _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, h_offsets, DT: tl.constexpr,
 
 
 @triton_jit
-def _block_tiles(q, k, g, tok, valid, i_h, sq, sk, sg, K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                 BT: tl.constexpr):
+def _block_tiles(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq, sk, sg, K: tl.constexpr,
+                 RAW_DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """What a block's forward needs that depends on neither the state nor Delta: M, gamma q and the keys
     decayed to the block end in the operand dtype, and the block's total log-decay (all four kept for
     the backward, see _store_block_tiles); and the key tiles T and Y are built from, Kp = k exp(G - G_L/2)
     and gamma k in fp32, Pk = k exp(G_L/2 - G) in the operand dtype."""
-    qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K)
+    qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq,
+                                                          sk, sg, K, RAW_DECAY)
     Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
     Pk_dt = Pk.to(DT)
     o_t = tl.arange(0, BT)
@@ -928,11 +970,11 @@ def _store_block_tiles(mm_store, gq_store, kend_store, gl_store, Mm, gq_dt, k_en
 
 
 @triton_jit
-def _chunk_prep_kernel(q, k, g, b_logit, v, w, delta_in, mm_store, gq_store, kend_store, gl_store, kp_store,
-                       pk_store, gk_store, a_store, y_store, u_store, delta_store, seqs, max_chunks,
-                       sq, sk, sg, sb, sv, sw, H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       VALUE_GATE: tl.constexpr, SOLVE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                       BT: tl.constexpr):
+def _chunk_prep_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, delta_in, mm_store, gq_store, kend_store,
+                       gl_store, kp_store, pk_store, gk_store, a_store, y_store, u_store, delta_store, seqs,
+                       max_chunks, sq, sk, sg, sb, sv, sw, H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                       RAW_DECAY: tl.constexpr, VALUE_GATE: tl.constexpr, SOLVE: tl.constexpr, DT: tl.constexpr,
+                       PREC: tl.constexpr, BT: tl.constexpr):
     """One program per (sequence, chunk, head), for a forward split in parallel parts: each block's
     _block_tiles, stored for the backward and, for the CARVE walk (PREPPED), the three key tiles. With
     SOLVE (GDN-2, whose Delta never changes): the solve itself, A, Y and U = A Z, for
@@ -949,8 +991,8 @@ def _chunk_prep_kernel(q, k, g, b_logit, v, w, delta_in, mm_store, gq_store, ken
         for a in range(a0, a1 + 1):
             tok, valid = _block_rows(a, bos, offset, length, BT)
             m_row = valid[:, None]
-            Mm, gq_dt, k_end_dt, GL, Kp, Pk_dt, gk = _block_tiles(q, k, g, tok, valid, i_h, sq, sk, sg, K, DT, PREC,
-                                                                  BT)
+            Mm, gq_dt, k_end_dt, GL, Kp, Pk_dt, gk = _block_tiles(
+                q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq, sk, sg, K, RAW_DECAY, DT, PREC, BT)
             _store_block_tiles(mm_store, gq_store, kend_store, gl_store, Mm, gq_dt, k_end_dt, GL, tok, valid, i_h,
                                (block0 + a - blk_first) * H + i_h, H, K, BT)
             p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
@@ -1044,11 +1086,11 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, 
 
 
 @triton_jit
-def _chunk_fwd_kernel(q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in, S_out, o_sum_out, delta_out,
-                      h_store, delta_store, m_store, r_store, a_store, mm_store, y_store, gq_store, kend_store,
-                      gl_store, kp_store, pk_store, gk_store, seqs, sq, sk, sg, sb, sv, sw, H, scale,
-                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, RANK: tl.constexpr,
-                      VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr, PREPPED: tl.constexpr,
+def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in, S_out,
+                      o_sum_out, delta_out, h_store, delta_store, m_store, r_store, a_store, mm_store, y_store,
+                      gq_store, kend_store, gl_store, kp_store, pk_store, gk_store, seqs, sq, sk, sg, sb, sv, sw, H,
+                      scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, RANK: tl.constexpr,
+                      RAW_DECAY: tl.constexpr, VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr, PREPPED: tl.constexpr,
                       USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """The walk, one program per (sequence, head): the whole forward of CARVE (and of GDN-2 when
     there are programs enough to fill the card), or with PREPPED, CARVE's walk over
@@ -1086,8 +1128,8 @@ def _chunk_fwd_kernel(q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in,
             Mm = _load_rows16(mm_store, tok, valid, i_h, H, BT, False)
             GL = tl.load(gl_store + i_blk * K + o_k)
         else:
-            Mm, gq_dt, k_end_dt, GL, Kp, Pk_dt, gk = _block_tiles(q, k, g, tok, valid, i_h, sq, sk, sg, K, DT, PREC,
-                                                                  BT)
+            Mm, gq_dt, k_end_dt, GL, Kp, Pk_dt, gk = _block_tiles(
+                q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq, sk, sg, K, RAW_DECAY, DT, PREC, BT)
             _store_block_tiles(mm_store, gq_store, kend_store, gl_store, Mm, gq_dt, k_end_dt, GL, tok, valid, i_h,
                                i_blk, H, K, BT)
         b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
@@ -1123,11 +1165,13 @@ def _chunk_fwd_kernel(q, k, g, b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in,
 # the state gradient), then two kernels parallel over chunks: _chunk_bwd_values (dv, dw and the
 # value-summed pieces) and _chunk_bwd_keys (the chain through A, T and M to dq, dk, dg, db_logit, dDelta).
 
-def chunk_backward_triton(q, k, v, g, b_logit, w, do, dS_end, saved: ChunkSaved, table, scale, chunk_size,
-                          walk_columns, pieces):
+def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved: ChunkSaved, table,
+                          scale, chunk_size, walk_columns, pieces):
     """The launches of one chunk backward (the body of carve::chunk_bwd): dq, dk, dv, dg, db_logit,
-    dw, dDelta of each chunk, and each initial state's gradient. With pieces (chunk_schedule), the value
-    and key sides of the piece just walked run beside the reverse walk of the pieces before it."""
+    dw, dDelta of each chunk, each initial state's gradient, and for a DecayGate (A_log given; dg is
+    then df) the gradients of dt_bias and A_log, the latter before A_log's floor (empty without). With
+    pieces (chunk_schedule), the value and key sides of the piece just walked run beside the reverse
+    walk of the pieces before it."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N, n_chunks, n_blocks, _ = _table_sizes(table)
@@ -1178,13 +1222,17 @@ def chunk_backward_triton(q, k, v, g, b_logit, w, do, dS_end, saved: ChunkSaved,
             dq, dk, db_logit = (torch.empty(B, T, H, K, dtype=x.dtype, device=dev) for x in (q, k, b_logit))
             dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)
             d_delta = torch.empty(n_chunks, H, K, dtype=f32, device=dev)
+            # per-chunk parts of the decay parameters' gradients (summed below: deterministic, no atomics)
+            d_dt_bias, d_A_log = (torch.empty(n_chunks if A_log is not None else 0, H, K, dtype=f32, device=dev)
+                                  for _ in range(2))
         _chunk_bwd_keys[grid](
-            q=q, k=k, g=g, b_logit=b_logit, delta_store=saved.chunk_delta, a_store=saved.inverse,
-            gl_store=saved.block_decay, d_gq=d_gq, d_y=d_y, d_kend=d_kend, d_gl=d_gl, d_m=d_m, d_rr=d_rr, dq=dq,
-            dk=dk, dg=dg, db_logit=db_logit, d_delta=d_delta, seqs=piece, max_chunks=piece_chunks,
-            sq=q.stride(1), sk=k.stride(1), sg=g.stride(1), sb=b_logit.stride(1), H=H, NV=V // BV, K=K,
-            C=chunk_size, BT=CHUNK_BT, **dots, **KEYS_LAUNCH)
-    return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0]
+            q=q, k=k, g=g, A_log=A_log, dt_bias=dt_bias, a_log_min=a_log_min, b_logit=b_logit,
+            delta_store=saved.chunk_delta, a_store=saved.inverse, gl_store=saved.block_decay, d_gq=d_gq, d_y=d_y,
+            d_kend=d_kend, d_gl=d_gl, d_m=d_m, d_rr=d_rr, dq=dq, dk=dk, dg=dg, db_logit=db_logit, d_delta=d_delta,
+            d_dt_bias=d_dt_bias, d_A_log=d_A_log, seqs=piece, max_chunks=piece_chunks, sq=q.stride(1),
+            sk=k.stride(1), sg=g.stride(1), sb=b_logit.stride(1), H=H, NV=V // BV, K=K, C=chunk_size,
+            RAW_DECAY=A_log is not None, BT=CHUNK_BT, **dots, **KEYS_LAUNCH)
+    return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0, d_dt_bias.sum(0), d_A_log.sum((0, 2))]
 
 
 def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size, like):
@@ -1326,13 +1374,15 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, d
 
 
 @triton_jit
-def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, gl_store, d_gq, d_y, d_kend, d_gl, d_m, d_rr,
-                    dq, dk, dg, db_logit, d_delta, seqs, max_chunks, sq, sk, sg, sb, H,
-                    NV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                    BT: tl.constexpr):
+def _chunk_bwd_keys(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a_store, gl_store, d_gq, d_y, d_kend,
+                    d_gl, d_m, d_rr, dq, dk, dg, db_logit, d_delta, d_dt_bias, d_A_log, seqs, max_chunks, sq, sk, sg,
+                    sb, H, NV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, RAW_DECAY: tl.constexpr,
+                    DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """One program per (sequence, chunk, head): for each block, the chain from the value-summed
     pieces through A = (I + T)^-1, T and M (whose factors are rebuilt from q, k, g, b) to dq, dk,
-    dg, db_logit, and dDelta of the chunk."""
+    dg, db_logit, and dDelta of the chunk. With RAW_DECAY, dg holds df instead (the gradient of the
+    raw projection, through decay_gate) and the chunk's parts of the gradients of dt_bias and A_log
+    (per channel) go to d_dt_bias and d_A_log."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
@@ -1343,10 +1393,13 @@ def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, gl_store, d_gq, d_y,
         s_i = o_t[None, :]
         delta = tl.load(delta_store + ((chunk0 + j) * H + i_h) * K + o_k)
         dd = tl.zeros([K], dtype=tl.float32)
+        d_dt = tl.zeros([K], dtype=tl.float32)
+        d_rate = tl.zeros([K], dtype=tl.float32)
         for a in range(a0, a1 + 1):
             tok, valid = _block_rows(a, bos, offset, length, BT)
             m_row = valid[:, None]
-            qn, kn, q_norm, k_norm, g_raw, Gc, _ = _block_inputs(q, k, g, tok, valid, i_h, sq, sk, sg, K)
+            qn, kn, q_norm, k_norm, g_raw, Gc, _ = _block_inputs(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h,
+                                                                 sq, sk, sg, K, RAW_DECAY)
             # the forward's total log-decay, the same bits as _block_inputs' sum, which is unused here and
             # dropped by the compiler: a reduction across the tile's rows costs shared-memory round trips
             GL = tl.load(gl_store + ((block0 + a - blk_first) * H + i_h) * K + o_k)
@@ -1386,6 +1439,13 @@ def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, gl_store, d_gq, d_y,
             dGL = tl.sum(kn * dk_end, axis=0) + tl.exp(GL) * dGLS
             dgv = tl.cumsum(dGc, axis=0, reverse=True) + dGL[None, :]     # G_r = sum of g_s for s <= r
             dgv = tl.where(g_raw < GATE_FLOOR_TL, 0.0, dgv)               # the floor's gradient
+            if RAW_DECAY:   # g = -rate softplus(x), x = f + dt_bias: dg/dx = -rate sigmoid(x), dg/dA_log = g
+                _, x = _log_decay(g, A_log, dt_bias, a_log_min, tok, valid, i_h, sg, K, RAW_DECAY)
+                rate = tl.exp(tl.maximum(tl.load(A_log + i_h).to(tl.float32), a_log_min))
+                dgv_rate = dgv * g_raw
+                dgv = dgv * -rate * tl.where(x > SOFTPLUS_THRESHOLD_TL, 1.0, tl.sigmoid(x))
+                d_dt += tl.sum(tl.where(m_row, dgv, 0.0), axis=0)
+                d_rate += tl.sum(tl.where(m_row, dgv_rate, 0.0), axis=0)
             dq_raw = tl.where(q_norm[:, None] > L2_NORM_EPS_TL,
                               (dqn - qn * tl.sum(qn * dqn, axis=1)[:, None]) / q_norm[:, None],
                               dqn / L2_NORM_EPS_TL)
@@ -1399,6 +1459,9 @@ def _chunk_bwd_keys(q, k, g, b_logit, delta_store, a_store, gl_store, d_gq, d_y,
             tl.store(dg + p_k, dgv.to(dg.dtype.element_ty), mask=m_row)
             tl.store(db_logit + p_k, dbl.to(db_logit.dtype.element_ty), mask=m_row)
         tl.store(d_delta + ((chunk0 + j) * H + i_h) * K + o_k, dd)
+        if RAW_DECAY:
+            tl.store(d_dt_bias + ((chunk0 + j) * H + i_h) * K + o_k, d_dt)
+            tl.store(d_A_log + ((chunk0 + j) * H + i_h) * K + o_k, d_rate)
 
 
 # ============================================================================================
@@ -1889,59 +1952,67 @@ def _norm_gate_bwd_kernel(dy, o, gate, weight, rstd, do, dgate, dweight_parts, n
 
 if triton is not None:
     @torch.library.custom_op("carve::chunk_fwd", mutates_args=())
-    def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b_logit: torch.Tensor,
-                      w: torch.Tensor, D: Optional[torch.Tensor], U: Optional[torch.Tensor],
-                      S0: Optional[torch.Tensor], o_sum0: Optional[torch.Tensor], delta0: Optional[torch.Tensor],
-                      table: List[int], scale: float, chunk_size: int, split_forward: bool, walk_columns: int,
-                      forward_pieces: int, backward_columns: int, backward_pieces: int) -> List[torch.Tensor]:
-        out = chunk_forward_triton(q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size,
-                                   ChunkSchedule(split_forward, walk_columns, forward_pieces))
+    def _chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, A_log: Optional[torch.Tensor],
+                      dt_bias: Optional[torch.Tensor], a_log_min: float, b_logit: torch.Tensor, w: torch.Tensor,
+                      D: Optional[torch.Tensor], U: Optional[torch.Tensor], S0: Optional[torch.Tensor],
+                      o_sum0: Optional[torch.Tensor], delta0: Optional[torch.Tensor], table: List[int], scale: float,
+                      chunk_size: int, split_forward: bool, walk_columns: int, forward_pieces: int,
+                      backward_columns: int, backward_pieces: int) -> List[torch.Tensor]:
+        out = chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table,
+                                   scale, chunk_size, ChunkSchedule(split_forward, walk_columns, forward_pieces))
         return [*out[:4], *out.saved]
 
     @_chunk_fwd_op.register_fake
-    def _(q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size, split_forward, walk_columns,
-          forward_pieces, backward_columns, backward_pieces):
+    def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size,
+          split_forward, walk_columns, forward_pieces, backward_columns, backward_pieces):
         out = _forward_buffers(q, v, table, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
         return [*out[:4], *out.saved]
 
     @torch.library.custom_op("carve::chunk_bwd", mutates_args=())
-    def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b_logit: torch.Tensor,
-                      w: torch.Tensor, do: torch.Tensor, dS_end: Optional[torch.Tensor], saved: List[torch.Tensor],
-                      table: List[int], scale: float, chunk_size: int, walk_columns: int,
-                      pieces: int) -> List[torch.Tensor]:
-        return chunk_backward_triton(q, k, v, g, b_logit, w, do, dS_end, ChunkSaved(*saved), table, scale,
-                                     chunk_size, walk_columns, pieces)
+    def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, A_log: Optional[torch.Tensor],
+                      dt_bias: Optional[torch.Tensor], a_log_min: float, b_logit: torch.Tensor, w: torch.Tensor,
+                      do: torch.Tensor, dS_end: Optional[torch.Tensor], saved: List[torch.Tensor], table: List[int],
+                      scale: float, chunk_size: int, walk_columns: int, pieces: int) -> List[torch.Tensor]:
+        return chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, ChunkSaved(*saved),
+                                     table, scale, chunk_size, walk_columns, pieces)
 
     @_chunk_bwd_op.register_fake
-    def _(q, k, v, g, b_logit, w, do, dS_end, saved, table, scale, chunk_size, walk_columns, pieces):
+    def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved, table, scale, chunk_size,
+          walk_columns, pieces):
         N, n_chunks = len(table) // SEQ_FIELDS, _table_sizes(table)[1]
+        B, T, H, K = q.shape
         f32 = torch.float32
         fresh = lambda x: x.new_empty(x.shape)  # noqa: E731  (contiguous, like the real outputs)
         return [fresh(q), fresh(k), fresh(v), fresh(g), fresh(b_logit), fresh(w),
-                q.new_empty(n_chunks, q.shape[2], q.shape[3], dtype=f32),
-                q.new_empty(N, q.shape[2], q.shape[3], v.shape[-1], dtype=f32)]
+                q.new_empty(n_chunks, H, K, dtype=f32), q.new_empty(N, H, K, v.shape[-1], dtype=f32),
+                q.new_empty(H, K, dtype=f32), q.new_empty(H, dtype=f32)]
 
     def _chunk_setup_context(ctx, inputs, output):
-        (q, k, v, g, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size, *_, backward_columns,
-         backward_pieces) = inputs
-        ctx.save_for_backward(q, k, v, g, b_logit, w, D, U, *output[4:])
+        (q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size, *_,
+         backward_columns, backward_pieces) = inputs
+        ctx.save_for_backward(q, k, v, g, A_log, dt_bias, b_logit, w, D, U, *output[4:])
         ctx.set_materialize_grads(False)   # the saved outputs get no gradient: no zero tensors of their size
-        ctx.table, ctx.scale, ctx.chunk_size = table, scale, chunk_size
+        ctx.table, ctx.scale, ctx.chunk_size, ctx.a_log_min = table, scale, chunk_size, a_log_min
         ctx.backward_columns, ctx.backward_pieces = backward_columns, backward_pieces
         ctx.has_S0, ctx.has_delta0 = S0 is not None, delta0 is not None
 
     def _chunk_backward(ctx, grads):
         do, dS, _, d_delta_final = grads[:4]   # o_sum is a stop-gradient read: its gradient is dropped
-        q, k, v, g, b_logit, w, D, U, *saved = ctx.saved_tensors
+        q, k, v, g, A_log, dt_bias, b_logit, w, D, U, *saved = ctx.saved_tensors
         saved = ChunkSaved(*saved)
         if do is None:  # only the final state was used
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
-        dq, dk, dv, dg, db_logit, dw, d_delta, dS0 = torch.ops.carve.chunk_bwd(
-            q, k, v, g, b_logit, w, do, dS, list(saved), ctx.table, ctx.scale, ctx.chunk_size,
-            ctx.backward_columns, ctx.backward_pieces)
+        dq, dk, dv, dg, db_logit, dw, d_delta, dS0, d_dt_bias, d_A_log = torch.ops.carve.chunk_bwd(
+            q, k, v, g, A_log, dt_bias, ctx.a_log_min, b_logit, w, do, dS, list(saved), ctx.table, ctx.scale,
+            ctx.chunk_size, ctx.backward_columns, ctx.backward_pieces)
         dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved.chunk_mean, D, U, ctx.table,
                                           ctx.chunk_size, q)
-        return (dq, dk, dv, dg, db_logit, dw, dD, dU, dS0 if ctx.has_S0 else None, None,
+        if A_log is not None:   # through the floor max(A_log, a_log_min): no gradient below it
+            d_A_log = (d_A_log * (A_log >= ctx.a_log_min)).to(A_log.dtype)
+            d_dt_bias = d_dt_bias.to(dt_bias.dtype)
+        else:
+            d_A_log = d_dt_bias = None
+        return (dq, dk, dv, dg, d_A_log, d_dt_bias, None, db_logit, dw, dD, dU, dS0 if ctx.has_S0 else None, None,
                 d_delta0 if ctx.has_delta0 else None, *[None] * 8)
 
     torch.library.register_autograd("carve::chunk_fwd", _chunk_backward, setup_context=_chunk_setup_context)

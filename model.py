@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from carve_kernel import (CarveState, backend_for, causal_conv_silu, chunk_carve, decay_gate, fused_decode_step,
+from carve_kernel import (CarveState, DecayGate, backend_for, causal_conv_silu, chunk_carve, fused_decode_step,
                           output_norm_gate, recurrent_carve, zero_state)
 
 MIXERS = ("carve", "gdn2", "attn")
@@ -183,7 +183,8 @@ class DeltaMixer(nn.Module):
                                                doc_start if doc_id is not None else None)
             q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
             q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
-            g = decay_gate(f.view(B, T, H, K), self.A_log, self.dt_bias.view(H, K), cfg.a_log_min)
+            # the decay's inputs rather than g: the chunk kernels compute g where they read it (no fp32 g kept)
+            g = DecayGate(f.view(B, T, H, K), self.A_log, self.dt_bias.view(H, K), cfg.a_log_min)
             w = torch.sigmoid(w_raw).view(B, T, H, V) if self.kind == "gdn2" else torch.sigmoid(w_raw)
             kernel = recurrent_carve if (cache is not None and T == 1) else chunk_carve
             o, state = kernel(q, k, v, g, b_logit.reshape(B, T, H, K), w, content,
