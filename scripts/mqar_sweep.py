@@ -60,6 +60,12 @@ def finished(directory, max_steps):
         return json.load(f)["step"] >= max_steps
 
 
+def threads_per_run(parallel):
+    """Runs side by side share the CPU cores: each gets its share of threads (oversubscribed, OpenMP's
+    spinning threads made two 2-thread runs on 2 cores 10x slower than one)."""
+    return max(1, (os.cpu_count() or 1) // max(1, parallel))
+
+
 def run_one(args, directory, max_steps, log, env):
     """Trains one run to the end (resuming it if it has a checkpoint); its output goes to DIR/train.log."""
     if finished(directory, max_steps):
@@ -101,9 +107,7 @@ def main(argv=None):
         max_steps = config["max_steps"]
     print(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time", file=sys.stderr, flush=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    # runs side by side share the CPU cores: each its share of threads (oversubscribed, OpenMP's spinning
-    # threads made two 2-thread runs on 2 cores 10x slower than one)
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, args.parallel))), **os.environ}
+    env = {"OMP_NUM_THREADS": str(threads_per_run(args.parallel)), **os.environ}
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         jobs = {pool.submit(run_one, run_args(*cell, run_dir(args.out_dir, *cell), overrides),
                             run_dir(args.out_dir, *cell), max_steps, log, env): cell for cell in grid}

@@ -1,0 +1,154 @@
+"""
+The language-modelling comparison of docs/RESULTS.md: mixers at equal parameters, each at several
+learning rates and seeds, trained by train.py on the same data for the same tokens with the same
+optimiser; then each mixer's validation bits per byte at its best learning rate (mean ± std over
+seeds), the table of every learning rate, and the curves.
+
+    python prepare_data.py                                       # Shakespeare's plays, bytes
+    python scripts/lm_study.py --out_dir=out/lm_study --mixers=carve,gdn2,attn --params=12e6 \\
+        --lrs=1e-3,2e-3,4e-3 --seeds=1,2,3 --parallel=4
+    python scripts/lm_study.py ... --max_steps=600 --data_dir=data/kjv_byte    # any train.py key, every run
+
+Runs start from configs/study_lm.py. Each mixer gets the SwiGLU width (mlp_hidden, a multiple of 16)
+that brings the parameters in its blocks to --params; a mixer that cannot come within 2% stops the
+study before anything trains. Each run's score is the lowest validation bits per byte it logged: on a
+small corpus seen several times the models overfit at different points (../shared/STUDY.md), so the
+best point counts, and the curves show the rest. A mixer's best learning rate is the one with the
+lowest mean over seeds. Runs are resumable and skipped once finished (as in scripts/mqar_sweep.py,
+whose runner this uses), so the study can be stopped and spread over several sessions. The table goes
+to stdout and OUT_DIR/results.json; the curves of each mixer at its best learning rate to
+OUT_DIR/curves.png when matplotlib is installed.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]   # the repository's modules and mqar_sweep.py beside this
+
+import plot  # noqa: E402
+import train  # noqa: E402
+from model import LM, ModelConfig  # noqa: E402
+from mqar_sweep import finished, numbers, run_one, threads_per_run  # noqa: E402
+
+BASE_CONFIG = "study_lm"
+PARAMS_TOLERANCE = 0.02
+WIDTH_STEP = 16
+
+
+def block_params(config, mixer, mlp_hidden):
+    """Parameters in the blocks (LM.num_params) of the config's model with this mixer and MLP width."""
+    with torch.device("meta"):   # shapes only: nothing is allocated
+        model = LM(ModelConfig.from_dict({**config, "mixer": mixer.replace("+", ","), "mlp_hidden": mlp_hidden,
+                                          "vocab_size": config["vocab_size"] or 256}))
+    return model.num_params()
+
+
+def matched_mlp_hidden(config, mixer, target):
+    """(mlp_hidden, parameters): the multiple of WIDTH_STEP whose model comes closest to `target`
+    parameters in its blocks (they grow linearly with mlp_hidden)."""
+    low, high = block_params(config, mixer, WIDTH_STEP), block_params(config, mixer, 2 * WIDTH_STEP)
+    per_unit = (high - low) / WIDTH_STEP
+    hidden = max(WIDTH_STEP, WIDTH_STEP * round((WIDTH_STEP + (target - low) / per_unit) / WIDTH_STEP))
+    params = block_params(config, mixer, hidden)
+    if abs(params / target - 1) > PARAMS_TOLERANCE:
+        raise SystemExit(f"lm_study.py: error: --mixers {mixer}: the closest model has {params:,} parameters in its "
+                         f"blocks (mlp_hidden={hidden}), not within {PARAMS_TOLERANCE:.0%} of --params={target:,.0f}; "
+                         f"change --params, --d_model or --n_layer")
+    return hidden, params
+
+
+def run_dir(out_dir, mixer, lr, seed):
+    return os.path.join(out_dir, f"{mixer}_lr{lr:g}_seed{seed}")
+
+
+def run_args(mixer, mlp_hidden, lr, seed, directory, overrides):
+    return [BASE_CONFIG, f"--mixer={mixer.replace('+', ',')}", f"--mlp_hidden={mlp_hidden}", f"--lr={lr}",
+            f"--min_lr={lr / 10:g}", f"--seed={seed}", f"--out_dir={directory}", *overrides]
+
+
+def best_val_bpb(directory):
+    """(lowest validation bits per byte the run logged, tokens seen then)."""
+    rows = [row for row in plot.read_log(directory) if row.get("val_bpb") is not None]
+    best = min(rows, key=lambda row: row["val_bpb"])
+    return best["val_bpb"], best["step"] * plot.read_record(directory)["config"]["batch_tokens"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="out/lm_study")
+    parser.add_argument("--mixers", default="carve,gdn2,attn", help="'+' joins a hybrid's pattern: carve+attn")
+    parser.add_argument("--params", type=float, default=12e6,
+                        help="parameters in the blocks of every model (default: %(default).0f)")
+    parser.add_argument("--lrs", default="1e-3,2e-3,4e-3")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (default: %(default)s)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--")]
+    if bad:
+        parser.error(f"unexpected {bad[0]!r}: train.py keys go as --key=value")
+    mixers = args.mixers.split(",")
+    lrs, seeds = numbers(args.lrs, float, "lrs"), numbers(args.seeds, int, "seeds")
+    base = train.load_config([BASE_CONFIG, *overrides])
+    widths = {mixer: matched_mlp_hidden(base, mixer, args.params) for mixer in mixers}
+    grid = list(itertools.product(mixers, lrs, seeds))
+    for mixer, lr, seed in grid:   # every run's config is checked before the first one starts
+        train.load_config(run_args(mixer, widths[mixer][0], lr, seed, "unused", overrides))
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    for mixer, (hidden, params) in widths.items():
+        log(f"{mixer}: mlp_hidden {hidden}, {params:,} parameters in the blocks")
+    log(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time")
+    env = {"OMP_NUM_THREADS": str(threads_per_run(args.parallel)), **os.environ}
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        jobs = {pool.submit(run_one, run_args(mixer, widths[mixer][0], lr, seed, run_dir(args.out_dir, mixer, lr, seed),
+                                              overrides),
+                            run_dir(args.out_dir, mixer, lr, seed), base["max_steps"], log, env): (mixer, lr, seed)
+                for mixer, lr, seed in grid}
+    failures = [(cell, job.result()) for job, cell in jobs.items() if job.result().startswith("failed")]
+    for cell, why in failures:
+        log(f"{os.path.basename(run_dir(args.out_dir, *cell))}: {why}")
+
+    rows, best_dirs = [], []
+    for mixer in mixers:
+        per_lr = {}
+        for lr in lrs:
+            dirs = [run_dir(args.out_dir, mixer, lr, seed) for seed in seeds]
+            dirs = [d for d in dirs if finished(d, base["max_steps"])]
+            if dirs:
+                scores = [best_val_bpb(d) for d in dirs]
+                per_lr[lr] = {"dirs": dirs, "bpb": [s[0] for s in scores], "tokens": [s[1] for s in scores]}
+        if not per_lr:
+            continue
+        best_lr = min(per_lr, key=lambda lr: np.mean(per_lr[lr]["bpb"]))
+        best_dirs += per_lr[best_lr]["dirs"]
+        for lr, result in per_lr.items():
+            rows.append({"mixer": mixer, "mlp_hidden": widths[mixer][0], "params": widths[mixer][1], "lr": lr,
+                         "best_lr": lr == best_lr, "seeds": len(result["bpb"]),
+                         "val_bpb_mean": float(np.mean(result["bpb"])), "val_bpb_std": float(np.std(result["bpb"])),
+                         "tokens_at_best_mean": float(np.mean(result["tokens"]))})
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump({"overrides": overrides, "params_target": args.params, "rows": rows}, f, indent=2)
+    print("| mixer | parameters in blocks | mlp_hidden | lr | seeds | best val bpb, mean ± std | tokens at best |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        lr = f"**{row['lr']:g}**" if row["best_lr"] else f"{row['lr']:g}"
+        print(f"| {row['mixer']} | {row['params']:,} | {row['mlp_hidden']} | {lr} | {row['seeds']} | "
+              f"{row['val_bpb_mean']:.4f} ± {row['val_bpb_std']:.4f} | {row['tokens_at_best_mean'] / 1e6:.1f}M |")
+    if best_dirs:
+        try:
+            plot.draw("curves", best_dirs, os.path.join(args.out_dir, "curves.png"))
+        except SystemExit as e:   # no matplotlib: the table is still there
+            log(str(e))
+    if failures:
+        raise SystemExit(f"lm_study.py: {len(failures)} of {len(grid)} runs failed (listed above)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""scripts/lm_study.py on a CPU: equal parameters per mixer, each run trained once, the best learning rate
+per mixer by its mean over seeds, and the refusal of a target no model width can meet."""
+import importlib.util
+import json
+
+import pytest
+
+import prepare_data
+from reference import ROOT
+
+TINY = ["--n_layer=1", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_v_dim=16", "--chunk_size=16",
+        "--content_rank=4", "--seq_len=32", "--batch_tokens=256", "--micro_batch_size=8", "--max_steps=3",
+        "--warmup_steps=1", "--eval_interval=1", "--eval_tokens=256", "--log_interval=1"]
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("lm_study", f"{ROOT}/scripts/lm_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    return study
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    (root / "text.txt").write_text("To be, or not to be, that is the question.\n" * 400, encoding="utf-8")
+    prepare_data.main(["--source", str(root / "text.txt"), "--out_dir", str(root / "data")])
+    return root / "data"
+
+
+def test_study_matches_parameters_trains_once_and_picks_each_mixers_best_lr(tmp_path, capsys, data_dir):
+    study = load_study()
+    out = tmp_path / "study"
+    argv = [f"--out_dir={out}", "--mixers=carve,attn", "--params=40000", "--lrs=1e-3,3e-2", "--seeds=1",
+            "--parallel=2", f"--data_dir={data_dir}", *TINY]
+    study.main(argv)
+    rows = json.load(open(out / "results.json"))["rows"]
+    assert [(r["mixer"], r["lr"]) for r in rows] == [("carve", 1e-3), ("carve", 3e-2), ("attn", 1e-3), ("attn", 3e-2)]
+    for row in rows:
+        assert abs(row["params"] / 40000 - 1) <= 0.02 and row["mlp_hidden"] % 16 == 0
+        log = out / f"{row['mixer']}_lr{row['lr']:g}_seed1" / "log.jsonl"
+        logged = [json.loads(line)["val_bpb"] for line in open(log) if json.loads(line).get("val_bpb") is not None]
+        assert len(logged) >= 3 and row["val_bpb_mean"] == min(logged)
+    for mixer in ("carve", "attn"):
+        mine = [r for r in rows if r["mixer"] == mixer]
+        assert [r["best_lr"] for r in mine].count(True) == 1
+        assert next(r for r in mine if r["best_lr"])["val_bpb_mean"] == min(r["val_bpb_mean"] for r in mine)
+    assert rows[0]["mlp_hidden"] != rows[2]["mlp_hidden"]   # attention's layer is smaller: a wider MLP
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    logs = {p: p.read_text() for p in out.glob("*/train.log")}
+    capsys.readouterr()
+    study.main(argv)
+    assert {p: p.read_text() for p in out.glob("*/train.log")} == logs   # nothing trained again
+    assert "| carve |" in capsys.readouterr().out
+
+
+def test_a_target_no_width_can_meet_is_refused_before_training(tmp_path, data_dir):
+    with pytest.raises(SystemExit, match="--mixers carve: the closest model has .* not within 2% of --params=100"):
+        load_study().main([f"--out_dir={tmp_path}", "--mixers=carve", "--params=100", f"--data_dir={data_dir}",
+                           *TINY])
+    assert not list(tmp_path.iterdir())
