@@ -7,7 +7,8 @@ Evaluate a checkpoint: perplexity and bits per byte on held-out token files or o
     python eval.py --out_dir=out/carve_shakespeare --task=passkey --contexts=1024,2048 --depths=0,50,100
     python eval.py --out_dir=out/mqar_carve --task=mqar --mqar_pairs=32
 
-The newest good checkpoint of --out_dir is used (train.py's rule: its sha256 must match its record).
+The newest good checkpoint of --out_dir is used (train.py's rule: its sha256 must match its record);
+--step=N takes the checkpoint of step N instead.
 Tokens are scored in windows of --seq_len (default: the length the model trained on); each window
 predicts its tokens from the ones before it inside the window, as in training, so the numbers are
 comparable with train.py's validation loss. Raw text is tokenised with the checkpoint's tokenizer,
@@ -28,8 +29,9 @@ datasets (--harness_include: a folder of your own task YAML files, local data in
 
 --task=gates reports, per recurrent layer, what the erase gate does on the run's text: its mean (the
 erase rate) and, for CARVE, the distribution of the content shift Delta and the norms of U and D (U
-starts at zero). Run it on a CARVE and a GDN-2 checkpoint to compare their erase rates, and on
-checkpoints along a run (keep_checkpoints) to follow Delta over training.
+starts at zero). Run it on a CARVE and a GDN-2 checkpoint to compare their erase rates, and with --step
+on checkpoints along a run (train.py keeps the newest keep_checkpoints) to follow Delta over training;
+`plot.py gates` draws such lines.
 
 --task=passkey is an S-NIAH-style probe (RULER's single needle): a five-digit pass key stated once at
 a given depth of repeated filler sentences, asked for at the end; the model's greedy continuation (the
@@ -338,6 +340,8 @@ def score(model, tokens, seq_len, batch_size, device, autocast, token_lengths, p
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out_dir", default="out/carve_shakespeare", help="run directory of train.py")
+    parser.add_argument("--step", type=int, default=None,
+                        help="the checkpoint of this step (default: the newest good one)")
     parser.add_argument("--data_dir", default=None, help="token files of prepare_data.py (default: the run's)")
     parser.add_argument("--split", default="val", choices=["val", "train"], help="(default: %(default)s)")
     parser.add_argument("--text", nargs="+", default=None, help="score these text files / folders instead")
@@ -365,7 +369,7 @@ def main(argv=None):
     if not os.path.isdir(args.out_dir):
         fail(f"run directory {args.out_dir!r} does not exist")
 
-    checkpoint, record = load_newest_checkpoint(args.out_dir, lambda line: print(line, file=sys.stderr))
+    checkpoint, record = load_newest_checkpoint(args.out_dir, lambda line: print(line, file=sys.stderr), args.step)
     trained_on_mqar = checkpoint["config"].get("task") == "mqar"
     if (args.task == "mqar") != trained_on_mqar:
         fail(f"the checkpoint was trained on {'MQAR' if trained_on_mqar else 'text'}: use "

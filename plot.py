@@ -16,6 +16,13 @@ Zoology) show as the mean over seeds of each seed's best, with error bars of the
 
 passkey: files of `eval.py --task=passkey --json` output; accuracy against context length (mean over
 depths), one line per file.
+
+gates: files of `eval.py --task=gates --json` lines, one line per checkpoint of a run (eval.py --step):
+each layer's erase rate against the checkpoint's step, and for CARVE the mean |Delta| with its 5th-95th
+percentiles, one line per (file, layer). Compare a CARVE and a GDN-2 run on the same text:
+
+    for s in 1000 2000 3000; do python eval.py --out_dir=out/carve --task=gates --step=$s --json >> carve.jsonl; done
+    python plot.py gates carve.jsonl gdn2.jsonl -o gates.png
 """
 import argparse
 import json
@@ -121,6 +128,27 @@ def passkey_points(paths):
     return result
 
 
+def gate_points(paths):
+    """{(file label, layer): {"step": [...], "erase_rate": [...], and for CARVE "delta_abs_mean",
+    "delta_p5", "delta_p95"}} of eval.py --task=gates --json lines, by checkpoint step."""
+    result = defaultdict(lambda: defaultdict(list))
+    for path in paths:
+        label = os.path.splitext(os.path.basename(path))[0]
+        try:
+            with open(path) as f:
+                lines = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["checkpoint_step"])
+            for line in lines:
+                for row in line["layers"]:
+                    series = result[(label, row["layer"])]
+                    series["step"].append(line["checkpoint_step"])
+                    for key in ("erase_rate", "delta_abs_mean", "delta_p5", "delta_p95"):
+                        if key in row:
+                            series[key].append(row[key])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            fail(f"{path}: not lines of eval.py --task=gates --json ({e})")
+    return result
+
+
 def draw(kind, inputs, output):
     try:
         import matplotlib
@@ -163,6 +191,20 @@ def draw(kind, inputs, output):
             ax.legend(fontsize=8)
         axes[0].set_title("MQAR: accuracy against key-value pairs")
         axes[1].set_title("MQAR: accuracy against model width")
+    elif kind == "gates":
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for (label, layer), series in sorted(gate_points(inputs).items()):
+            name = f"{label}, layer {layer}"
+            axes[0].plot(series["step"], series["erase_rate"], marker="o", label=name)
+            if series["delta_abs_mean"]:
+                line = axes[1].plot(series["step"], series["delta_abs_mean"], marker="o", label=name)[0]
+                axes[1].fill_between(series["step"], series["delta_p5"], series["delta_p95"], color=line.get_color(),
+                                     alpha=0.15)
+        axes[0].set_title("erase rate: mean of b = sigmoid(b_logit + Delta)")
+        axes[1].set_title("CARVE's content shift: mean |Delta|, 5th-95th percentile shaded")
+        for ax in axes:
+            ax.set_xlabel("checkpoint step")
+            ax.legend(fontsize=7)
     else:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, (contexts, accuracy) in passkey_points(inputs).items():
@@ -181,8 +223,8 @@ def draw(kind, inputs, output):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("kind", choices=["curves", "mqar", "passkey"])
-    parser.add_argument("inputs", nargs="+", help="run directories (curves, mqar) or JSON files (passkey)")
+    parser.add_argument("kind", choices=["curves", "mqar", "passkey", "gates"])
+    parser.add_argument("inputs", nargs="+", help="run directories (curves, mqar) or JSON files (passkey, gates)")
     parser.add_argument("-o", "--output", default=None, help="PNG file (default: KIND.png)")
     args = parser.parse_args(argv)
     output = args.output or f"{args.kind}.png"

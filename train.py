@@ -411,13 +411,21 @@ def checkpoint_records(out_dir):
     return sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.json")), reverse=True)
 
 
-def load_newest_checkpoint(out_dir, log=print):
+def load_newest_checkpoint(out_dir, log=print, step=None):
     """(checkpoint, record) of the newest checkpoint in out_dir whose file matches the sha256 in its record
-    and loads; each newer one that does not is reported in one line. SystemExit if none is good."""
+    and loads; each newer one that does not is reported in one line. SystemExit if none is good. With
+    `step`, the checkpoint of that step only."""
     records, problems = checkpoint_records(out_dir), []
     if not records:
         raise SystemExit(f"error: no checkpoint in {out_dir} (train.py writes ckpt_<step>.pt and its record "
                          f"ckpt_<step>.json there)")
+    if step is not None:
+        wanted = os.path.join(out_dir, f"ckpt_{step:08d}.json")
+        if wanted not in records:
+            steps = ", ".join(str(int(os.path.basename(r)[5:-5])) for r in reversed(records))
+            raise SystemExit(f"error: no checkpoint of step {step} in {out_dir}; it has steps {steps} (train.py "
+                             f"keeps the newest keep_checkpoints)")
+        records = [wanted]
     for record_path in records:
         try:
             with open(record_path) as f:

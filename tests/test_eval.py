@@ -132,6 +132,13 @@ def test_content_shift_is_the_kernels_delta():
     assert torch.allclose(delta[:, 8:16], want[:, None].expand(-1, 8, -1, -1), atol=1e-6)
 
 
+def test_step_picks_a_checkpoint(run, capsys):
+    """--step=N scores the checkpoint of step N; a step with no checkpoint names the steps there are."""
+    assert result_of(["--out_dir", run, "--step", "3", "--max_tokens", "100"], capsys)["checkpoint_step"] == 3
+    with pytest.raises(SystemExit, match=r"no checkpoint of step 2 in .*; it has steps 3 \(train.py keeps"):
+        evaluate_script.main(["--out_dir", run, "--step", "2", "--device", "cpu"])
+
+
 def test_gate_statistics(run, capsys):
     """--task=gates on the tiny CARVE run: an erase rate and a Delta distribution a layer, U and D norms;
     against a GDN-2 model, an erase rate only."""

@@ -58,10 +58,32 @@ def test_passkey_means_over_depths(tmp_path):
     assert plot.passkey_points([str(path)]) == {"carve": ([1024, 2048], [0.75, 0.25])}
 
 
+def gates_file(path, steps):
+    """Lines as eval.py --task=gates --json prints them, one a checkpoint (out of order), two CARVE layers."""
+    lines = [{"checkpoint_step": s, "layers": [
+        {"layer": i, "mixer": "carve", "erase_rate": 0.5 + 0.01 * s + i, "delta_abs_mean": 0.1 * s,
+         "delta_p5": -0.2 * s, "delta_p50": 0.0, "delta_p95": 0.2 * s, "U_norm": 1.0, "D_norm": 1.0}
+        for i in range(2)]} for s in steps]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def test_gates_follow_each_layer_over_checkpoints(tmp_path):
+    points = plot.gate_points([gates_file(tmp_path / "carve.jsonl", [20, 10])])
+    assert sorted(points) == [("carve", 0), ("carve", 1)]
+    assert points[("carve", 1)]["step"] == [10, 20] and points[("carve", 1)]["erase_rate"] == [1.6, 1.7]
+    assert points[("carve", 0)]["delta_p95"] == [2.0, 4.0]
+    (tmp_path / "bad.jsonl").write_text('{"checkpoint_step": 1}\n')
+    with pytest.raises(SystemExit, match="not lines of eval.py --task=gates --json"):
+        plot.gate_points([str(tmp_path / "bad.jsonl")])
+
+
 def test_each_kind_writes_a_png(runs, tmp_path):
     passkey = tmp_path / "p.json"
     passkey.write_text(json.dumps({"accuracy": [{"context": 1024, "depth": 0, "accuracy": 1.0}]}))
-    for kind, inputs in (("curves", list(runs.values())), ("mqar", list(runs.values())), ("passkey", [str(passkey)])):
+    gates = gates_file(tmp_path / "g.jsonl", [1, 2])
+    for kind, inputs in (("curves", list(runs.values())), ("mqar", list(runs.values())), ("passkey", [str(passkey)]),
+                         ("gates", [gates])):
         out = tmp_path / f"{kind}.png"
         plot.main([kind, *inputs, "-o", str(out)])
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
