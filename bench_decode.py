@@ -16,8 +16,8 @@ it is captured.
 The cache is set as after `context` tokens instead of prefilling them: a recurrent layer's state and
 an attention layer's keys and values random, its offset at `context`. A step's work does not depend
 on the values, so this times what a step costs at that context without the prefill's memory (64 x 16K
-tokens). The first 2 * chunk_size + 2 steps are not timed: they compile the kernels and capture both
-graphs; then --steps steps are.
+tokens). The first 2 * chunk_size + 2 steps (compiled: 3 * chunk_size + 2) are not timed: they compile
+the kernels and capture both graphs; then --steps steps are.
 
 Limits beside each row, from the copy bandwidth measured in the same run (a 2 GiB device-to-device
 copy): "weights" = batch x bandwidth / the bytes of the Linear weights, what reading them once a step
@@ -82,7 +82,9 @@ def measure(model, batch, context, steps, graph, compile):
     """(ms per step, tokens per s, weight bytes, all bytes) of `steps` timed decode steps."""
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(0)
-    warmup = 2 * model.cfg.chunk_size + 2
+    # untimed: every kind of step run as is (CudaGraphStep's warmup: 1, compiled 2) and then captured; the
+    # chunk-finishing kind comes once every chunk_size steps
+    warmup = (3 if compile else 2) * model.cfg.chunk_size + 2
     cache = model.init_cache(batch, max_len=context + warmup + steps + 1, dtype=DTYPE)
     fill_cache(cache, context, gen)
     if compile:   # a fresh compile for each cache: the earlier ones would count against dynamo's recompile limit

@@ -196,14 +196,27 @@ def causal_conv_silu(x, weight, cache=None, doc_start=None):
 def decay_gate(f, A_log, dt_bias, a_log_min):
     """The log-decay g = -exp(max(A_log, a_log_min)) * softplus(f + dt_bias) in fp32, from the raw
     projection f [..., H, K], A_log [H] and dt_bias [H, K]. The floor on A_log keeps the decay from
-    vanishing (docs/DESIGN.md section 7). _decay_gate is its Triton twin (the fused decode step)."""
+    vanishing (docs/DESIGN.md section 7). _decay_gate is its Triton twin (the fused decode step, and the
+    chunk kernels given a DecayGate)."""
     rate = A_log.float().clamp(min=a_log_min).exp()[:, None]
     return -rate * F.softplus(f.float() + dt_bias.float(), threshold=SOFTPLUS_THRESHOLD)
 
 
 def log_decay_of(g):
-    """g as a log-decay tensor: a DecayGate through decay_gate, a tensor as it is."""
-    return decay_gate(*g) if isinstance(g, DecayGate) else g
+    """g as a log-decay tensor: a DecayGate through decay_gate (its shapes checked against its f), a
+    tensor as it is."""
+    if not isinstance(g, DecayGate):
+        return g
+    _check_decay_gate(g)
+    return decay_gate(*g)
+
+
+def _check_decay_gate(gate):
+    H, K = gate.f.shape[-2:]
+    for name, x, shape in (("A_log", gate.A_log, (H,)), ("dt_bias", gate.dt_bias, (H, K))):
+        if tuple(x.shape) != shape:
+            raise ValueError(f"DecayGate.{name} has shape {tuple(x.shape)}, expected {shape} "
+                             f"(f is {tuple(gate.f.shape)})")
 
 
 def output_norm_gate_torch(o, gate, weight, eps, activation="silu"):
@@ -239,9 +252,11 @@ def _check_inputs(q, k, v, g, b_logit, w, content, initial_state, state_rows=Non
     """state_rows: rows of initial_state (B, or the number of packed sequences)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    gate = (("DecayGate.f", g.f, (B, T, H, K)), ("DecayGate.A_log", g.A_log, (H,)),
-            ("DecayGate.dt_bias", g.dt_bias, (H, K))) if isinstance(g, DecayGate) else (("g", g, (B, T, H, K)),)
-    for name, x, shape in (("k", k, (B, T, H, K)), ("v", v, (B, T, H, V)), *gate, ("b_logit", b_logit, (B, T, H, K))):
+    if isinstance(g, DecayGate):
+        _check_decay_gate(g)
+    for name, x, shape in (("k", k, (B, T, H, K)), ("v", v, (B, T, H, V)),
+                           ("DecayGate.f" if isinstance(g, DecayGate) else "g", getattr(g, "f", g), (B, T, H, K)),
+                           ("b_logit", b_logit, (B, T, H, K))):
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape} (q is {tuple(q.shape)})")
     if tuple(w.shape) not in ((B, T, H, V), (B, T, H)):
@@ -558,6 +573,8 @@ def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
     D, U = content if content is not None else (None, None)
     S0, o_sum0, delta0 = initial_state[:3] if initial_state is not None else (None, None, None)
     g, A_log, dt_bias, a_log_min = g if isinstance(g, DecayGate) else (g, None, None, 0.0)
+    if A_log is not None:   # the kernels index them as packed [H] and [H, K]
+        A_log, dt_bias = A_log.contiguous(), dt_bias.contiguous()
     o, S, o_sum, delta = torch.ops.carve.chunk_fwd(
         q, k, v, g, A_log, dt_bias, float(a_log_min), b_logit, w, D, U, S0, o_sum0, delta0, table,
         K ** -0.5 if scale is None else float(scale),
@@ -1090,8 +1107,9 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
                       o_sum_out, delta_out, h_store, delta_store, m_store, r_store, a_store, mm_store, y_store,
                       gq_store, kend_store, gl_store, kp_store, pk_store, gk_store, seqs, sq, sk, sg, sb, sv, sw, H,
                       scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, RANK: tl.constexpr,
-                      RAW_DECAY: tl.constexpr, VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr, PREPPED: tl.constexpr,
-                      USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+                      RAW_DECAY: tl.constexpr, VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr,
+                      PREPPED: tl.constexpr, USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                      BT: tl.constexpr):
     """The walk, one program per (sequence, head): the whole forward of CARVE (and of GDN-2 when
     there are programs enough to fill the card), or with PREPPED, CARVE's walk over
     _chunk_prep_kernel's tiles."""
@@ -1163,13 +1181,14 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
 # ============================================================================================
 # Three kernels: _chunk_bwd_walk, the only sequential part (blocks in reverse, per value block, carrying
 # the state gradient), then two kernels parallel over chunks: _chunk_bwd_values (dv, dw and the
-# value-summed pieces) and _chunk_bwd_keys (the chain through A, T and M to dq, dk, dg, db_logit, dDelta).
+# value-summed pieces) and _chunk_bwd_keys (the chain through A, T and M to dq, dk, dg, db_logit, dDelta;
+# given a DecayGate, df for dg and the parts of the gradients of dt_bias and A_log).
 
 def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved: ChunkSaved, table,
                           scale, chunk_size, walk_columns, pieces):
     """The launches of one chunk backward (the body of carve::chunk_bwd): dq, dk, dv, dg, db_logit,
     dw, dDelta of each chunk, each initial state's gradient, and for a DecayGate (A_log given; dg is
-    then df) the gradients of dt_bias and A_log, the latter before A_log's floor (empty without). With
+    then df) the gradients of dt_bias and A_log, the latter before A_log's floor (zeros without). With
     pieces (chunk_schedule), the value and key sides of the piece just walked run beside the reverse
     walk of the pieces before it."""
     B, T, H, K = q.shape
@@ -1695,8 +1714,8 @@ def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit
                         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         WIDTH: tl.constexpr, WP: tl.constexpr, VALUE_GATE: tl.constexpr):
     """One decode step (T = 1) of a layer from its projections, before any activation: the causal
-    conv of q, k, v with its cache and SiLU, the decay (_decay_gate), the write gate sigmoid(w) (rounded to w's dtype, as torch.sigmoid of a
-    bf16 tensor is), then _token_step. x [B, 2HK + HV] holds the q, k, v projections; f, b_logit
+    conv of q, k, v with its cache and SiLU, the decay (_decay_gate), the write gate sigmoid(w) (rounded
+    to w's dtype, as torch.sigmoid of a bf16 tensor is), then _token_step. x [B, 2HK + HV] holds the q, k, v projections; f, b_logit
     [B, H*K]; w [B, H*V] (GDN-2) or [B, H] (CARVE); A_log [H], dt_bias [H*K]; every tensor contiguous.
     Every value block of a head writes the same new conv cache of the head's q and k channels."""
     NV: tl.constexpr = (V + BV - 1) // BV
@@ -1980,7 +1999,7 @@ if triton is not None:
     def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved, table, scale, chunk_size,
           walk_columns, pieces):
         N, n_chunks = len(table) // SEQ_FIELDS, _table_sizes(table)[1]
-        B, T, H, K = q.shape
+        H, K = q.shape[2:]
         f32 = torch.float32
         fresh = lambda x: x.new_empty(x.shape)  # noqa: E731  (contiguous, like the real outputs)
         return [fresh(q), fresh(k), fresh(v), fresh(g), fresh(b_logit), fresh(w),

@@ -55,7 +55,7 @@ import model as model_module
 from model import LM, ModelConfig, repeat_cache
 from prepare_data import get_tokenizer, local_documents, token_byte_lengths
 from sample import generate
-from train import load_newest_checkpoint, mqar_split
+from train import load_newest_checkpoint, load_weights, mqar_split
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -384,7 +384,7 @@ def main(argv=None):
                           "cpu" if args.device == "auto" else args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     model = LM(ModelConfig.from_dict(record["model_config"]))
-    model.load_state_dict(checkpoint["model"])
+    load_weights(model, checkpoint["model"], os.path.join(args.out_dir, record["checkpoint"]))
     model.to(device).eval()
     config = checkpoint["config"]
     del checkpoint

@@ -140,7 +140,7 @@ class DeltaMixer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        H, K, V = self.cfg.n_head, self.cfg.head_k_dim, self.cfg.head_v_dim
+        H, K = self.cfg.n_head, self.cfg.head_k_dim
         for m in self.modules():
             if isinstance(m, nn.Linear) and m is not self.in_proj:
                 init_linear(m)

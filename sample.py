@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from model import LM, ModelConfig, cache_offset, set_cache_offset
-from train import checkpoint_records, load_newest_checkpoint
+from train import checkpoint_records, load_newest_checkpoint, load_weights
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -95,8 +95,11 @@ def decode_step(model, cache, pick, generator=None, cuda_graph=True, compile=Fal
     """generate_samples' step, ids [B] -> next ids [B]: one token a row on top of the cached state, then
     pick(logits); replayed from CUDA graphs (CudaGraphStep) on a GPU unless cuda_graph=False. compile=True
     runs the step through torch.compile first, which fuses the norms, casts, residual adds and
-    activations between the matrix products and the kernels into a few generated kernels (it compiles
-    twice: the second call sees the position counters change and makes them symbolic)."""
+    activations between the matrix products and the kernels into a few generated kernels. It compiles
+    twice (the second call sees the position counters change and makes them symbolic; three times on
+    the torch path, where the chunk-finishing step is a branch of its own), and anew for each model:
+    dynamo stops compiling a function after 8 compiles and runs it as is (torch._dynamo.reset() starts
+    over)."""
     def step(ids):
         return pick(model(ids[:, None], cache=cache)[0])
     if compile:
@@ -271,7 +274,7 @@ def main(argv=None):
     state_dict = checkpoint["model"]
     for prefix in ("_orig_mod.", "module."):  # torch.compile / DDP wrappers, in case they slipped in
         state_dict = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
-    model.load_state_dict(state_dict)
+    load_weights(model, state_dict, ckpt_path)
     step = checkpoint.get("step", meta.get("step"))
     del checkpoint, state_dict
     model.to(device).eval()

@@ -411,6 +411,22 @@ def checkpoint_records(out_dir):
     return sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.json")), reverse=True)
 
 
+def load_weights(model, state_dict, source):
+    """model.load_state_dict(state_dict), or SystemExit with one line saying what does not fit: a checkpoint
+    from another version of model.py, whose parameters had other names or shapes."""
+    hint = "it was saved by another version of model.py (git log -- model.py shows when parameters changed)"
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:   # a shape differs; torch's message gives each on a line of its own
+        raise SystemExit(f"error: {source} does not fit this model.py: {str(e).splitlines()[1].strip().rstrip('.')}; "
+                         f"{hint}")
+    if missing or unexpected:
+        found = [f"it {what} (first: {names[0]})" for names, what in
+                 ((missing, f"lacks {len(missing)} of this model's tensors"),
+                  (unexpected, f"holds {len(unexpected)} this model does not have")) if names]
+        raise SystemExit(f"error: {source} does not fit this model.py: {', '.join(found)}; {hint}")
+
+
 def load_newest_checkpoint(out_dir, log=print, step=None):
     """(checkpoint, record) of the newest checkpoint in out_dir whose file matches the sha256 in its record
     and loads; each newer one that does not is reported in one line. SystemExit if none is good. With
@@ -601,7 +617,7 @@ def main(argv):
                                   betas=(config["beta1"], config["beta2"]), fused=device.type == "cuda")
     step, data_position, wandb_run_id = 0, 0, None
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        load_weights(model, checkpoint["model"], f"the checkpoint of step {checkpoint['step']} in {config['out_dir']}")
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, data_position, wandb_run_id = checkpoint["step"], checkpoint["data_position"], checkpoint["wandb_run_id"]
         torch.set_rng_state(checkpoint["rng"]["torch"])

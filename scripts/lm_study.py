@@ -38,6 +38,7 @@ from model import LM, ModelConfig  # noqa: E402
 from mqar_sweep import finished, numbers, run_one, threads_per_run  # noqa: E402
 
 BASE_CONFIG = "study_lm"
+STUDY_KEYS = ("mixer", "mlp_hidden", "lr", "min_lr", "seed", "out_dir")   # set per run here, not by overrides
 PARAMS_TOLERANCE = 0.02
 WIDTH_STEP = 16
 
@@ -82,7 +83,7 @@ def best_val_bpb(directory):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--out_dir", default="out/lm_study")
     parser.add_argument("--mixers", default="carve,gdn2,attn", help="'+' joins a hybrid's pattern: carve+attn")
     parser.add_argument("--params", type=float, default=12e6,
@@ -94,6 +95,10 @@ def main(argv=None):
     bad = [o for o in overrides if not o.startswith("--")]
     if bad:
         parser.error(f"unexpected {bad[0]!r}: train.py keys go as --key=value")
+    fixed = [o for o in overrides if o[2:].split("=")[0] in STUDY_KEYS]
+    if fixed:
+        parser.error(f"{fixed[0]!r}: the study sets {', '.join(STUDY_KEYS)} for each run (--mixers, --params, --lrs, "
+                     f"--seeds, --out_dir choose them)")
     mixers = args.mixers.split(",")
     lrs, seeds = numbers(args.lrs, float, "lrs"), numbers(args.seeds, int, "seeds")
     base = train.load_config([BASE_CONFIG, *overrides])

@@ -79,6 +79,27 @@ def test_every_checkpoint_bad_is_one_line(shakespeare, tmp_path):
     assert message.startswith("error: no good checkpoint in") and "\n" not in message
 
 
+def test_a_checkpoint_of_another_model_py_is_one_line(shakespeare, tmp_path):
+    """Parameters renamed since a checkpoint was saved: resuming and sampling stop with one line that names
+    what does not fit, not torch's list of every key."""
+    out = str(tmp_path / "run")
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--eval_interval=2"]
+    train_run([*common, "--max_steps=2"])
+    path = os.path.join(out, "ckpt_00000002.pt")
+    state = torch.load(path, weights_only=True)
+    state["model"] = {name.replace("in_proj", "qkv_proj"): t for name, t in state["model"].items()}
+    torch.save(state, path)
+    record = json.load(open(path[:-3] + ".json"))
+    json.dump({**record, "sha256": train.sha256_of(path)}, open(path[:-3] + ".json", "w"))
+    for run in (lambda: train_run([*common, "--max_steps=3", "--init_from=resume"]),
+                lambda: sample.main(["--out_dir", out, "--device", "cpu", "--max_new_tokens", "1"])):
+        with pytest.raises(SystemExit) as info:
+            run()
+        message = str(info.value)
+        assert "does not fit this model.py: it lacks 2 of this model's tensors (first: blocks.0.mixer.in_proj" \
+            in message and "qkv_proj" in message and "\n" not in message
+
+
 def test_only_the_newest_checkpoints_are_kept(shakespeare, tmp_path, capsys):
     out = str(tmp_path / "run")
     printed = train_run(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}",

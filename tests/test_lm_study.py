@@ -59,3 +59,13 @@ def test_a_target_no_width_can_meet_is_refused_before_training(tmp_path, data_di
         load_study().main([f"--out_dir={tmp_path}", "--mixers=carve", "--params=100", f"--data_dir={data_dir}",
                            *TINY])
     assert not list(tmp_path.iterdir())
+
+
+def test_keys_the_study_sets_cannot_be_overridden(tmp_path, data_dir, capsys):
+    """mlp_hidden would undo the matching; --lr and --seed are not abbreviations of --lrs and --seeds."""
+    for override in ("--mlp_hidden=64", "--lr=1e-3", "--seed=3"):
+        with pytest.raises(SystemExit):
+            load_study().main([f"--out_dir={tmp_path}", "--mixers=carve", "--params=40000", f"--data_dir={data_dir}",
+                               override, *TINY])
+        assert f"{override!r}: the study sets mixer, mlp_hidden, lr" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -243,6 +243,7 @@ def test_compiled_step_generates_the_plain_tokens():
     model = tiny_model()
     gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     plain = generate_samples(model, [3, 1, 4, 1, 5], 2, 30, temperature=0.9, generator=gen())
+    torch._dynamo.reset()   # a fresh compile: past dynamo's recompile limit the step would run as is
     assert generate_samples(model, [3, 1, 4, 1, 5], 2, 30, temperature=0.9, generator=gen(), compile=True) == plain
 
 
@@ -264,6 +265,7 @@ if torch.cuda.is_available():  # CUDA graphs need a GPU: collected there only
         # last bits, which can flip a sampled token but not a greedy one (margins >> bf16 rounding)
         variants = ((False, False), (True, False)) + (((True, True),) if temperature == 0 else ())
         for graph, compile in variants:
+            torch._dynamo.reset()   # a fresh compile: past dynamo's recompile limit the step would run as is
             gen = torch.Generator(device="cuda").manual_seed(3)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 runs.append(generate_samples(model, [5, 9, 2, 7, 1], 3, 40, temperature, top_k=50, top_p=0.95,

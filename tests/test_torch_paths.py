@@ -9,7 +9,7 @@ state, and every input gradient.
 import pytest
 import torch
 
-from carve_kernel import CarveState, chunk_carve, decay_gate, recurrent_carve
+from carve_kernel import CarveState, DecayGate, chunk_carve, decay_gate, recurrent_carve
 from reference import (TOL_BF16, TOL_FWD, TOL_GRAD, assert_error, assert_rel, gate_sweep, make_inputs,
                        make_state, model_style_gates, record, reference, rel_err, run_reference)
 
@@ -330,6 +330,10 @@ BAD = [
     ("content-U", lambda a: a.update(content=(torch.randn(2, 3, 6), torch.randn(2, 6, 3))), "content"),
     ("initial_state.S", lambda a: a.update(initial_state=a["initial_state"]._replace(S=torch.zeros(2, 2, 6, 4))),
      r"initial_state\.S"),
+    ("DecayGate.dt_bias", lambda a: a.update(g=DecayGate(torch.randn(2, 5, 2, 4), torch.randn(2), torch.randn(8), -5)),
+     r"DecayGate\.dt_bias has shape \(8,\), expected \(2, 4\)"),
+    ("DecayGate.A_log", lambda a: a.update(g=DecayGate(torch.randn(2, 5, 2, 4), torch.randn(1), torch.randn(2, 4), -5)),
+     r"DecayGate\.A_log"),
 ]
 
 
