@@ -426,7 +426,8 @@ def main(argv=None):
             fail(f"--contexts and --depths take numbers separated by commas, got {args.contexts!r}, {args.depths!r}")
         if args.trials < 1 or not all(0 <= d <= 100 for d in depths) or min(contexts) < 1:
             fail("--trials must be at least 1, --depths within 0..100, --contexts at least 1")
-        print(f"passkey: {args.out_dir} (step {record['step']}), {args.trials} keys a setting, {device}", file=sys.stderr)
+        print(f"passkey: {args.out_dir} (step {record['step']}), {args.trials} keys a setting, {device}",
+              file=sys.stderr)
         accuracy = passkey(model, tokenizer, contexts, depths, args.trials, args.seed, autocast,
                            lambda line: print(line, file=sys.stderr))
         if args.json:

@@ -338,7 +338,8 @@ def main(argv=None):
     report = (f"{n} sample{'s' if n > 1 else ''}{' in one batch' if n > 1 else ''}: {generated} new tokens"
               f"{f' ({stopped} stopped at eot)' if stopped else ''}")
     if step_times:
-        report += f"; prefill {len(prompt_ids)} tokens{f' x {n}' if n > 1 else ''} in {(step_times[0] - t0) * 1e3:.1f} ms"
+        report += (f"; prefill {len(prompt_ids)} tokens{f' x {n}' if n > 1 else ''} in "
+                   f"{(step_times[0] - t0) * 1e3:.1f} ms")
     if len(step_times) > 2:
         later = sum(max(0, len(ids) - 2) for ids in samples)
         report += f"; decode {later / (step_times[-1] - step_times[1]):.1f} tokens/s"

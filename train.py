@@ -599,8 +599,8 @@ def main(argv):
                              + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items()))
         old = checkpoint["config"]
         if (old["lr_decay_steps"] or old["max_steps"]) != (config["lr_decay_steps"] or config["max_steps"]):
-            at = checkpoint["step"]
-            log(f"note: the learning-rate schedule changes: it decays over {config['lr_decay_steps'] or config['max_steps']} "
+            at, decay_steps = checkpoint["step"], config["lr_decay_steps"] or config["max_steps"]
+            log(f"note: the learning-rate schedule changes: it decays over {decay_steps} "
                 f"steps, not {old['lr_decay_steps'] or old['max_steps']} (lr at step {at}: {lr_at(at, old):.2e} -> "
                 f"{lr_at(at, config):.2e}); --lr_decay_steps={old['lr_decay_steps'] or old['max_steps']} keeps it")
     config["tokenizer"] = data.meta["tokenizer"]
