@@ -154,6 +154,7 @@ def draw(kind, inputs, output):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import EngFormatter
     except ImportError:
         fail("matplotlib is not installed: pip install matplotlib")
     if kind == "curves":
@@ -170,6 +171,7 @@ def draw(kind, inputs, output):
                     if n > 1:
                         ax.fill_between(tokens, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
             ax.set_xlabel("tokens seen")
+            ax.xaxis.set_major_formatter(EngFormatter())   # 200k, 1M: raw counts run into each other
             ax.set_title(metric.replace("_", " "))
             ax.legend()
     elif kind == "mqar":
@@ -200,8 +202,8 @@ def draw(kind, inputs, output):
                 line = axes[1].plot(series["step"], series["delta_abs_mean"], marker="o", label=name)[0]
                 axes[1].fill_between(series["step"], series["delta_p5"], series["delta_p95"], color=line.get_color(),
                                      alpha=0.15)
-        axes[0].set_title("erase rate: mean of b = sigmoid(b_logit + Delta)")
-        axes[1].set_title("CARVE's content shift: mean |Delta|, 5th-95th percentile shaded")
+        axes[0].set_title("erase rate: mean of sigmoid(b_logit + Delta)")
+        axes[1].set_title("CARVE: mean |Delta| (5th-95th percentile shaded)")
         for ax in axes:
             ax.set_xlabel("checkpoint step")
             ax.legend(fontsize=7)
