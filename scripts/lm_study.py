@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]   # the repository's module
 import plot  # noqa: E402
 import train  # noqa: E402
 from model import LM, ModelConfig  # noqa: E402
-from mqar_sweep import finished, numbers, run_one, threads_per_run  # noqa: E402
+from mqar_sweep import finished, numbers, train_runs  # noqa: E402
 
 BASE_CONFIG = "study_lm"
 STUDY_KEYS = ("mixer", "mlp_hidden", "lr", "min_lr", "seed", "out_dir")   # set per run here, not by overrides
@@ -110,15 +109,9 @@ def main(argv=None):
     for mixer, (hidden, params) in widths.items():
         log(f"{mixer}: mlp_hidden {hidden}, {params:,} parameters in the blocks")
     log(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time")
-    env = {"OMP_NUM_THREADS": str(threads_per_run(args.parallel)), **os.environ}
-    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        jobs = {pool.submit(run_one, run_args(mixer, widths[mixer][0], lr, seed, run_dir(args.out_dir, mixer, lr, seed),
-                                              overrides),
-                            run_dir(args.out_dir, mixer, lr, seed), base["max_steps"], log, env): (mixer, lr, seed)
-                for mixer, lr, seed in grid}
-    failures = [(cell, job.result()) for job, cell in jobs.items() if job.result().startswith("failed")]
-    for cell, why in failures:
-        log(f"{os.path.basename(run_dir(args.out_dir, *cell))}: {why}")
+    runs = [(run_args(mixer, widths[mixer][0], lr, seed, run_dir(args.out_dir, mixer, lr, seed), overrides),
+             run_dir(args.out_dir, mixer, lr, seed)) for mixer, lr, seed in grid]
+    failures = train_runs(runs, base["max_steps"], args.parallel, log)
 
     rows, best_dirs = [], []
     for mixer in mixers:

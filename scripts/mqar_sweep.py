@@ -60,12 +60,6 @@ def finished(directory, max_steps):
         return json.load(f)["step"] >= max_steps
 
 
-def threads_per_run(parallel):
-    """Runs side by side share the CPU cores: each gets its share of threads (oversubscribed, OpenMP's
-    spinning threads made two 2-thread runs on 2 cores 10x slower than one)."""
-    return max(1, (os.cpu_count() or 1) // max(1, parallel))
-
-
 def run_one(args, directory, max_steps, log, env):
     """Trains one run to the end (resuming it if it has a checkpoint); its output goes to DIR/train.log."""
     if finished(directory, max_steps):
@@ -80,6 +74,20 @@ def run_one(args, directory, max_steps, log, env):
         return f"failed (exit {result.returncode}; see {os.path.join(directory, 'train.log')})"
     log(f"{os.path.basename(directory)}: {time.time() - started:.0f} s")
     return "trained"
+
+
+def train_runs(runs, max_steps, parallel, log):
+    """Trains each (train.py arguments, run directory) of `runs` (run_one), `parallel` at a time. Returns the
+    [(directory, why)] of the runs that failed, each also logged."""
+    # runs side by side share the CPU cores: each its share of threads (oversubscribed, OpenMP's spinning
+    # threads made two 2-thread runs on 2 cores 10x slower than one)
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, parallel))), **os.environ}
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        results = list(pool.map(lambda run: run_one(*run, max_steps, log, env), runs))
+    failures = [(directory, why) for (_, directory), why in zip(runs, results) if why.startswith("failed")]
+    for directory, why in failures:
+        log(f"{os.path.basename(directory)}: {why}")
+    return failures
 
 
 def main(argv=None):
@@ -107,13 +115,8 @@ def main(argv=None):
         max_steps = config["max_steps"]
     print(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time", file=sys.stderr, flush=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    env = {"OMP_NUM_THREADS": str(threads_per_run(args.parallel)), **os.environ}
-    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        jobs = {pool.submit(run_one, run_args(*cell, run_dir(args.out_dir, *cell), overrides),
-                            run_dir(args.out_dir, *cell), max_steps, log, env): cell for cell in grid}
-    failures = [(cell, job.result()) for job, cell in jobs.items() if job.result().startswith("failed")]
-    for cell, why in failures:
-        log(f"{os.path.basename(run_dir(args.out_dir, *cell))}: {why}")
+    failures = train_runs([(run_args(*cell, run_dir(args.out_dir, *cell), overrides), run_dir(args.out_dir, *cell))
+                           for cell in grid], max_steps, args.parallel, log)
     done = [run_dir(args.out_dir, *cell) for cell in grid if finished(run_dir(args.out_dir, *cell), max_steps)]
     settings = plot.best_over_learning_rates(plot.mqar_points(done))
     rows = [{"mixer": mixer, "d_model": width, "mqar_pairs": pair, "seeds": len(accuracies),
