@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 import model as model_module
-from model import LM, ModelConfig, repeat_cache
+from model import LM, ModelConfig, join_caches
 from prepare_data import get_tokenizer, local_documents, token_byte_lengths
 from sample import generate
 from train import load_newest_checkpoint, load_weights, mqar_split
@@ -176,7 +176,7 @@ class HarnessAdapter:
             cache = self.model.init_cache(1, self.model_device)
             first = self._run([self.start + pairs[0][0]], cache, last_only=True)[0, -1]   # predicts each first token
             longest = max(len(continuation) for _, continuation in pairs)
-            rows = repeat_cache(cache, len(pairs))
+            rows = join_caches([cache] * len(pairs))
             # every continuation but its last token, padded: a position only sees those before it
             batch = [continuation[:-1] + [0] * (longest - len(continuation)) for _, continuation in pairs]
             rest = self._run(batch, rows) if longest > 1 else None

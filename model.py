@@ -383,15 +383,19 @@ def linear_cross_entropy(x, weight, targets, chunk_rows=LOSS_CHUNK_ROWS):
         return LinearCrossEntropy.apply(x.to(dtype), weight.to(dtype), targets, chunk_rows, need_grad)
 
 
-def repeat_cache(cache, n):
-    """A cache of batch 1 as n rows of copies: several continuations of one prompt, each on its own state."""
-    def repeat(value):
-        if isinstance(value, torch.Tensor):
-            return value.repeat(n, *[1] * (value.dim() - 1)) if value.dim() else value.clone()
-        if isinstance(value, tuple):   # CarveState: its tensors repeated, its offset kept
-            return type(value)(*map(repeat, value))
-        return value
-    return [{key: repeat(value) for key, value in layer.items()} for layer in cache]
+def join_caches(caches):
+    """Generation caches at the same position as one cache of all their rows, in order (new tensors): a
+    batch of continuations that go on together, e.g. [cache] * n for n continuations of one prompt."""
+    def join(values):
+        first = values[0]
+        if isinstance(first, torch.Tensor):   # rows along the batch axis; a 0-dim position is shared
+            return torch.cat(values) if first.dim() else first.clone()
+        if isinstance(first, tuple):          # CarveState: its tensors joined, its offset shared
+            return type(first)(*map(join, zip(*values)))
+        if any(value != first for value in values):
+            raise ValueError(f"join_caches: the caches are at different positions ({values})")
+        return first
+    return [{key: join([layer[key] for layer in layers]) for key in layers[0]} for layers in zip(*caches)]
 
 
 def cache_offset(layer_cache):

@@ -3,6 +3,7 @@ Sample from a trained CARVE / GDN-2 model.
 
     python sample.py --out_dir=out/carve_shakespeare --prompt="ROMEO:" --max_new_tokens=500
     python sample.py --out_dir=out/carve_shakespeare --prompt_file=prompt.txt --temperature=0 --no_stream
+    python sample.py --prompt="ROMEO:" --prompt="JULIET:" --num_samples=4    # 8 rows in one batch
 
 The prompt is prefilled in one forward pass through the chunk kernel, then each new token costs one
 step of the per-token kernel on the cached recurrent state (O(1) per token for CARVE / GDN-2 layers;
@@ -18,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-from model import LM, ModelConfig, cache_offset, set_cache_offset
+from model import LM, ModelConfig, cache_offset, join_caches, set_cache_offset
 from train import checkpoint_records, load_newest_checkpoint, load_weights
 
 
@@ -112,37 +113,61 @@ def decode_step(model, cache, pick, generator=None, cuda_graph=True, compile=Fal
 @torch.inference_mode()
 def generate_samples(model, prompt_ids, num_samples, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                      generator=None, eot=None, vocab_size=None, on_token=None, cuda_graph=True, compile=False):
-    """Continue one prompt num_samples times as one batch: the prompt prefilled in one pass for every
-    row, then one decode step for all rows per token (decode_step: compiled with compile=True, on a GPU
-    replayed from a CUDA graph unless cuda_graph=False). Returns a list of num_samples lists of new ids
-    (each at most max_new_tokens; a row ends early when it samples `eot`, which is not returned). on_token(row, id)
-    is called as each token is produced. vocab_size: sample only ids below it (a model's vocab is often
-    padded past the tokenizer's, e.g. 50257 -> 50304)."""
-    if len(prompt_ids) == 0:
-        raise ValueError("generate() needs a non-empty prompt")
+    """Continue a prompt (a list of ids), or each of several prompts (a list of such lists), num_samples
+    times, all rows as one batch: one decode step for all rows per token (decode_step: compiled with
+    compile=True, on a GPU replayed from a CUDA graph unless cuda_graph=False). Prompts of one length are
+    prefilled together in one pass; prompts of different lengths are prefilled apart, and the rows of the
+    shorter ones decode on their own until they reach the next length, where the two batches join. So
+    every row computes what it would alone, and the joined batch shares one position. Returns the new
+    ids of each row, prompt by prompt (each at most max_new_tokens; a row ends early when it samples
+    `eot`, which is not returned). on_token(row, id) is called as each token is produced. vocab_size:
+    sample only ids below it (a model's vocab is often padded past the tokenizer's, e.g. 50257 -> 50304)."""
+    prompts = [prompt_ids] if prompt_ids and not isinstance(prompt_ids[0], (list, tuple)) else list(prompt_ids)
+    if not prompts or not all(len(prompt) for prompt in prompts):
+        raise ValueError("generate() needs non-empty prompts")
+    rows = [prompt for prompt in prompts for _ in range(num_samples)]
     device = model.embed.weight.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
-    cache = model.init_cache(num_samples, device, max_len=len(prompt_ids) + max_new_tokens, dtype=dtype)
+    max_len = max(map(len, rows)) + max_new_tokens
 
     def pick(logits):
         return sample_next(logits[:, -1, :vocab_size] if vocab_size else logits[:, -1], temperature, top_k, top_p,
                            generator)
 
-    step = decode_step(model, cache, pick, generator, cuda_graph, compile)
-    # prefill: the whole prompt in one pass; logits come back for the last position only
-    next_ids = pick(model(torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device), cache=cache)[0])
-    samples, finished = [[] for _ in range(num_samples)], [False] * num_samples
-    for i in range(max_new_tokens):
-        for row, token in enumerate(next_ids.tolist()):
+    samples, finished = [[] for _ in rows], [max_new_tokens == 0] * len(rows)
+
+    def record(row_ids, ids):
+        for row, token in zip(row_ids, ids.tolist()):
             if finished[row]:
                 continue  # a finished row still steps with the batch; its tokens are dropped
             if eot is not None and token == eot:
                 finished[row] = True
                 continue
             samples[row].append(token)
+            finished[row] = len(samples[row]) == max_new_tokens
             if on_token is not None:
                 on_token(row, token)
-        if all(finished) or i == max_new_tokens - 1:
+
+    active, cache, next_ids = [], None, None
+    for length in sorted(set(map(len, rows))):
+        group = [row for row in range(len(rows)) if len(rows[row]) == length]
+        group_cache = model.init_cache(len(group), device, max_len=max_len, dtype=dtype)
+        # prefill: the whole prompt in one pass; logits come back for the last position only
+        group_ids = pick(model(torch.tensor([rows[row] for row in group], dtype=torch.long, device=device),
+                               cache=group_cache)[0])
+        if active:   # the shorter prompts' rows catch up, one plain step a token, then the batches join
+            step = decode_step(model, cache, pick, generator, cuda_graph=False)
+            while cache_offset(cache[0]) < length:
+                record(active, next_ids)
+                next_ids = step(next_ids)
+            cache, next_ids = join_caches([cache, group_cache]), torch.cat([next_ids, group_ids])
+        else:
+            cache, next_ids = group_cache, group_ids
+        active += group
+    step = decode_step(model, cache, pick, generator, cuda_graph, compile)
+    while True:
+        record(active, next_ids)
+        if all(finished):
             break  # no forward for tokens that would never be used
         next_ids = step(next_ids)
     return samples
@@ -173,8 +198,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out_dir", default="out/carve_shakespeare",
                         help="run directory of train.py: its newest good checkpoint is used (default: %(default)s)")
-    parser.add_argument("--prompt", default=None, help="prompt text (default: a newline)")
-    parser.add_argument("--prompt_file", default=None, help="read the prompt from this UTF-8 file instead")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="prompt text (default: a newline); several --prompt run as one batch")
+    parser.add_argument("--prompt_file", action="append", default=None,
+                        help="read the prompt from this UTF-8 file instead; several files run as one batch")
     parser.add_argument("--max_new_tokens", type=int, default=500, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
     parser.add_argument("--top_k", type=int, default=200,
@@ -211,14 +238,16 @@ def main(argv=None):
     if args.prompt is not None and args.prompt_file is not None:
         fail("give either --prompt or --prompt_file, not both")
     if args.prompt_file is not None:
-        if not os.path.isfile(args.prompt_file):
-            fail(f"--prompt_file {args.prompt_file!r} does not exist")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompt = f.read()
+        prompts = []
+        for path in args.prompt_file:
+            if not os.path.isfile(path):
+                fail(f"--prompt_file {path!r} does not exist")
+            with open(path, encoding="utf-8") as f:
+                prompts.append(f.read())
     else:
-        prompt = "\n" if args.prompt is None else args.prompt
-    if prompt == "":
-        fail("the prompt is empty; the model needs at least one token to condition on (try --prompt='\\n')")
+        prompts = args.prompt or ["\n"]
+    if "" in prompts:
+        fail("a prompt is empty; the model needs at least one token to condition on (try --prompt='\\n')")
 
     how_to_train = (f"train a model into it first, e.g. "
                     f"python train.py configs/carve_shakespeare.py --out_dir={args.out_dir}")
@@ -240,17 +269,19 @@ def main(argv=None):
         fail(f"{meta_path}: {e}")
     except RuntimeError as e:  # a BPE whose rank file is missing offline; the message says how to get it
         fail(str(e))
-    prompt_ids = tokenizer.encode(prompt)
-    if len(prompt_ids) == 0:
-        fail(f"the prompt {prompt!r} encodes to no tokens")
-    if len(prompt_ids) > args.max_prompt_tokens:
+    prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
+    for prompt, ids in zip(prompts, prompt_ids):
+        if len(ids) == 0:
+            fail(f"the prompt {prompt!r} encodes to no tokens")
+    if max(map(len, prompt_ids)) > args.max_prompt_tokens:
         trained = checkpoint.get("config", {}).get("seq_len")
-        fail(f"the prompt is {len(prompt_ids):,} tokens, more than --max_prompt_tokens={args.max_prompt_tokens:,}"
+        fail(f"a prompt is {max(map(len, prompt_ids)):,} tokens, more than "
+             f"--max_prompt_tokens={args.max_prompt_tokens:,}"
              f"{f' (the model trained on {trained:,}-token sequences)' if trained else ''}; shorten it, or raise "
              f"--max_prompt_tokens to prefill it in one pass anyway")
     if tokenizer.eot is not None:
         # prepare_data.py starts every document with eot: so does the prompt, as at the start of a text
-        prompt_ids = [tokenizer.eot] + prompt_ids
+        prompt_ids = [[tokenizer.eot] + ids for ids in prompt_ids]
 
     # -- device, precision, model
     device = args.device
@@ -289,7 +320,9 @@ def main(argv=None):
     print(f"model: mixer={cfg.mixer} n_layer={cfg.n_layer} d_model={cfg.d_model}, "
           f"{model.num_params(non_embedding=False) / 1e6:.2f}M params "
           f"({model.num_params() / 1e6:.2f}M non-embedding)", file=sys.stderr)
-    print(f"tokenizer: {tokenizer.name} | device: {device} {dtype} | prompt: {len(prompt_ids)} tokens"
+    lengths = ", ".join(str(len(ids)) for ids in prompt_ids)
+    print(f"tokenizer: {tokenizer.name} | device: {device} {dtype} | "
+          f"{f'prompts: {len(prompts)} of {lengths}' if len(prompts) > 1 else f'prompt: {lengths}'} tokens"
           f"{' (eot first)' if tokenizer.eot is not None else ''} | "
           f"temperature={args.temperature} top_k={args.top_k or None} top_p={args.top_p} seed={args.seed}",
           file=sys.stderr)
@@ -300,7 +333,7 @@ def main(argv=None):
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # never crash on a terminal that can't show a character
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    n = args.num_samples
+    n = args.num_samples * len(prompts)   # rows: each prompt's samples in turn
     stream = n == 1 and not args.no_stream   # the samples of a batch grow together: each is printed whole
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     step_times = []   # when each decode step's tokens arrived
@@ -315,18 +348,19 @@ def main(argv=None):
 
     produced = [0] * n
     if stream:
-        sys.stdout.write(prompt)
+        sys.stdout.write(prompts[0])
         sys.stdout.flush()
     t0 = time.perf_counter()
     with autocast:
-        samples = generate_samples(model, prompt_ids, n, args.max_new_tokens, args.temperature, args.top_k or None,
-                                   args.top_p, generator, eot=tokenizer.eot, vocab_size=tokenizer.vocab_size,
-                                   on_token=on_token, compile=args.compile)
+        samples = generate_samples(model, prompt_ids, args.num_samples, args.max_new_tokens, args.temperature,
+                                   args.top_k or None, args.top_p, generator, eot=tokenizer.eot,
+                                   vocab_size=tokenizer.vocab_size, on_token=on_token, compile=args.compile)
     for i, new_ids in enumerate(samples):
         if not stream:
             if i > 0:
                 sys.stdout.write("---------------\n")
-            sys.stdout.write(prompt + decoder.decode(b"".join(tokenizer.token_bytes(t) for t in new_ids)))
+            sys.stdout.write(prompts[i // args.num_samples]
+                             + decoder.decode(b"".join(tokenizer.token_bytes(t) for t in new_ids)))
         sys.stdout.write(decoder.decode(b"", final=True) + "\n")
         decoder.reset()
     sys.stdout.flush()
@@ -338,7 +372,7 @@ def main(argv=None):
     report = (f"{n} sample{'s' if n > 1 else ''}{' in one batch' if n > 1 else ''}: {generated} new tokens"
               f"{f' ({stopped} stopped at eot)' if stopped else ''}")
     if step_times:
-        report += (f"; prefill {len(prompt_ids)} tokens{f' x {n}' if n > 1 else ''} in "
+        report += (f"; prefill {lengths} tokens{f' x {args.num_samples}' if args.num_samples > 1 else ''} in "
                    f"{(step_times[0] - t0) * 1e3:.1f} ms")
     if len(step_times) > 2:
         later = sum(max(0, len(ids) - 2) for ids in samples)

@@ -297,5 +297,5 @@ def test_sample_refuses_a_prompt_too_long(shakespeare, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         sample.main(["--out_dir", out, "--device", "cpu", "--prompt", "x" * 101, "--max_prompt_tokens=100"])
     message = str(info.value.code)
-    assert "the prompt is 101 tokens, more than --max_prompt_tokens=100 (the model trained on 48-token sequences)" \
+    assert "a prompt is 101 tokens, more than --max_prompt_tokens=100 (the model trained on 48-token sequences)" \
         in message and "\n" not in message

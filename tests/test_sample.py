@@ -235,6 +235,32 @@ def test_sample_next_draws_from_the_distribution():
     assert freq[3] == 0
 
 
+def test_prompts_of_different_lengths_run_as_they_would_alone():
+    """Prompts of 3, 11 and 11 tokens, two samples each, greedy: the 11s are prefilled together, the 3's rows
+    decode eight steps on their own (crossing a chunk of 8) and then join them. Every row equals its
+    prompt's run alone, and the rows come back prompt by prompt."""
+    from sample import generate_samples
+    model = tiny_model()
+    prompts = [[154, 149, 63], [104, 147, 227, 46, 197, 162, 123, 148, 94, 96, 95],
+               [215, 20, 132, 248, 207, 155, 244, 183, 111, 71, 144]]
+    alone = [generate(model, prompt, 14, temperature=0) for prompt in prompts]
+    assert len(set(map(tuple, alone))) == 3
+    assert generate_samples(model, prompts, 2, 14, temperature=0) == [ids for ids in alone for _ in range(2)]
+    assert generate_samples(model, [[3, 1, 4]], 1, 0) == [[]]
+
+
+def test_cli_several_prompts_in_one_batch(run_dir, capsys):
+    common = ["--out_dir", str(run_dir), "--max_new_tokens", "10", "--device", "cpu", "--temperature", "0"]
+    alone = []
+    for prompt in ("ROMEO:", "What light"):
+        main(common + ["--prompt", prompt])
+        alone.append(capsys.readouterr().out)
+    main(common + ["--prompt", "ROMEO:", "--prompt", "What light", "--num_samples", "2"])
+    captured = capsys.readouterr()
+    assert captured.out == "---------------\n".join([alone[0], alone[0], alone[1], alone[1]])
+    assert "prompts: 2 of" in captured.err and "4 samples in one batch" in captured.err
+
+
 def test_compiled_step_generates_the_plain_tokens():
     """generate_samples with the decode step through torch.compile gives the plain step's tokens for the
     same seed (the hybrid: a recurrent and an attention layer; 30 tokens cross chunks of 8, so the
