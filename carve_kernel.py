@@ -252,10 +252,11 @@ def _check_inputs(q, k, v, g, b_logit, w, content, initial_state, state_rows=Non
     """state_rows: rows of initial_state (B, or the number of packed sequences)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    g_name = "g"
     if isinstance(g, DecayGate):
         _check_decay_gate(g)
-    for name, x, shape in (("k", k, (B, T, H, K)), ("v", v, (B, T, H, V)),
-                           ("DecayGate.f" if isinstance(g, DecayGate) else "g", getattr(g, "f", g), (B, T, H, K)),
+        g_name, g = "DecayGate.f", g.f
+    for name, x, shape in (("k", k, (B, T, H, K)), ("v", v, (B, T, H, V)), (g_name, g, (B, T, H, K)),
                            ("b_logit", b_logit, (B, T, H, K))):
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape} (q is {tuple(q.shape)})")
