@@ -261,3 +261,24 @@ def train_log(out_dir):
 def newest_checkpoint(out_dir):
     import train
     return train.load_newest_checkpoint(str(out_dir), log=lambda line: None)[0]
+
+
+# ----------------------------------------------------------------------------- the grid scripts
+
+def load_script(name):
+    """scripts/NAME.py as a module (scripts/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def second_call_output(script, argv, out, capsys):
+    """script.main(argv) once more over the runs of a first call into `out`: asserts that no run trains
+    again (every train.log unchanged) and returns what it printed."""
+    logs = {p: p.read_text() for p in out.glob("*/train.log")}
+    capsys.readouterr()
+    script.main(argv)
+    assert {p: p.read_text() for p in out.glob("*/train.log")} == logs   # nothing trained again
+    return capsys.readouterr().out

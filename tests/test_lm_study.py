@@ -1,23 +1,15 @@
 """scripts/lm_study.py on a CPU: equal parameters per mixer, each run trained once, the best learning rate
 per mixer by its mean over seeds, and the refusal of a target no model width can meet."""
-import importlib.util
 import json
 
 import pytest
 
 import prepare_data
-from reference import ROOT
+from reference import load_script, second_call_output
 
 TINY = ["--n_layer=1", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_v_dim=16", "--chunk_size=16",
         "--content_rank=4", "--seq_len=32", "--batch_tokens=256", "--micro_batch_size=8", "--max_steps=3",
         "--warmup_steps=1", "--eval_interval=1", "--eval_tokens=256", "--log_interval=1"]
-
-
-def load_study():
-    spec = importlib.util.spec_from_file_location("lm_study", f"{ROOT}/scripts/lm_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
-    return study
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +21,7 @@ def data_dir(tmp_path_factory):
 
 
 def test_study_matches_parameters_trains_once_and_picks_each_mixers_best_lr(tmp_path, capsys, data_dir):
-    study = load_study()
+    study = load_script("lm_study")
     out = tmp_path / "study"
     argv = [f"--out_dir={out}", "--mixers=carve,attn", "--params=40000", "--lrs=1e-3,3e-2", "--seeds=1",
             "--parallel=2", f"--data_dir={data_dir}", *TINY]
@@ -47,17 +39,13 @@ def test_study_matches_parameters_trains_once_and_picks_each_mixers_best_lr(tmp_
         assert next(r for r in mine if r["best_lr"])["val_bpb_mean"] == min(r["val_bpb_mean"] for r in mine)
     assert rows[0]["mlp_hidden"] != rows[2]["mlp_hidden"]   # attention's layer is smaller: a wider MLP
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    logs = {p: p.read_text() for p in out.glob("*/train.log")}
-    capsys.readouterr()
-    study.main(argv)
-    assert {p: p.read_text() for p in out.glob("*/train.log")} == logs   # nothing trained again
-    assert "| carve |" in capsys.readouterr().out
+    assert "| carve |" in second_call_output(study, argv, out, capsys)
 
 
 def test_a_target_no_width_can_meet_is_refused_before_training(tmp_path, data_dir):
     with pytest.raises(SystemExit, match="--mixers carve: the closest model has .* not within 2% of --params=100"):
-        load_study().main([f"--out_dir={tmp_path}", "--mixers=carve", "--params=100", f"--data_dir={data_dir}",
-                           *TINY])
+        load_script("lm_study").main([f"--out_dir={tmp_path}", "--mixers=carve", "--params=100",
+                                      f"--data_dir={data_dir}", *TINY])
     assert not list(tmp_path.iterdir())
 
 
@@ -65,7 +53,7 @@ def test_keys_the_study_sets_cannot_be_overridden(tmp_path, data_dir, capsys):
     """mlp_hidden would undo the matching; --lr and --seed are not abbreviations of --lrs and --seeds."""
     for override in ("--mlp_hidden=64", "--lr=1e-3", "--seed=3"):
         with pytest.raises(SystemExit):
-            load_study().main([f"--out_dir={tmp_path}", "--mixers=carve", "--params=40000", f"--data_dir={data_dir}",
-                               override, *TINY])
+            load_script("lm_study").main([f"--out_dir={tmp_path}", "--mixers=carve", "--params=40000",
+                                          f"--data_dir={data_dir}", override, *TINY])
         assert f"{override!r}: the study sets mixer, mlp_hidden, lr" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

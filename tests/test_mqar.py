@@ -110,11 +110,8 @@ def test_the_mqar_config_trains(tmp_path):
 def test_the_sweep_trains_each_cell_once_and_tables_the_best_learning_rate(tmp_path, capsys):
     """scripts/mqar_sweep.py over two learning rates: each run trains once (a second sweep skips it),
     the table keeps the better learning rate, and the plot is drawn."""
-    import importlib.util
-    from reference import ROOT
-    spec = importlib.util.spec_from_file_location("mqar_sweep", f"{ROOT}/scripts/mqar_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    from reference import load_script, second_call_output
+    sweep = load_script("mqar_sweep")
     out = tmp_path / "sweep"
     argv = [f"--out_dir={out}", "--mixers=carve", "--widths=32", "--pairs=2", "--lrs=1e-3,1e-2", "--seeds=1",
             "--parallel=2", "--seq_len=32", "--vocab_size=64", "--mqar_train_examples=64", "--mqar_test_examples=8",
@@ -125,8 +122,4 @@ def test_the_sweep_trains_each_cell_once_and_tables_the_best_learning_rate(tmp_p
     accuracies = [json.load(open(out / f"carve_d32_p2_lr{lr}_seed1" / "meta.json"))["val_acc"] for lr in ("0.001", "0.01")]
     assert len(rows) == 1 and rows[0]["accuracy_mean"] == max(accuracies) and rows[0]["seeds"] == 1
     assert (out / "mqar.png").read_bytes()[:4] == b"\x89PNG"
-    logs = {p: p.read_text() for p in out.glob("*/train.log")}
-    capsys.readouterr()
-    sweep.main(argv)
-    assert {p: p.read_text() for p in out.glob("*/train.log")} == logs   # nothing trained again
-    assert "| carve | 32 | 2 | 1 |" in capsys.readouterr().out
+    assert "| carve | 32 | 2 | 1 |" in second_call_output(sweep, argv, out, capsys)
