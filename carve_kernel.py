@@ -1757,9 +1757,12 @@ def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit
 # backward recomputes what its forward computed from the inputs (one more read) rather than storing it.
 #
 # The conv: the W taps of a token read rows t - W + 1 .. t of its batch row, zeros before the row (or
-# the cache, a prompt continued) and before the token's document (doc_start). The backward gives an
-# input row the gradient of the W outputs that read it, recomputing each output's pre-activation, and
-# per-program parts of the weight gradient (summed in torch: deterministic, no atomics).
+# the cache, a prompt continued) and before the token's document (doc_start). The backward runs in two
+# passes: the first recomputes each output's pre-activation once, writes dpre = dy silu'(pre) and
+# per-program parts of the weight gradient (summed in torch: deterministic, no atomics); the second
+# gives an input row the gradient of the W outputs that read it. One pass, recomputing the W
+# pre-activations that each input row feeds, took 1.8 ms a 1.3B layer (4 x 4096 tokens) on an H200;
+# the two passes take about 1.0 (docs/BENCHMARKS.md).
 
 CONV_ROWS, CONV_CHANNELS = 32, 128   # a program's tile of tokens x channels
 
@@ -1786,17 +1789,19 @@ def conv_silu_triton(x, weight, history, doc_start):
 
 
 def conv_silu_backward_triton(dy, x, weight, history, doc_start):
-    """causal_conv_silu's backward with the Triton kernel: (dx, dweight); no gradient reaches the cache."""
+    """causal_conv_silu's backward with the Triton kernels: (dx, dweight); no gradient reaches the cache."""
     B, T, C = x.shape
     width = weight.shape[-1]
     dy = dy.contiguous()
-    dx = torch.empty((B, T, C), dtype=x.dtype, device=x.device)
+    # dpre in x's dtype: the torch definition's SiLU backward rounds it there too
+    dpre, dx = (torch.empty((B, T, C), dtype=x.dtype, device=x.device) for _ in range(2))
     grid = (triton.cdiv(T, CONV_ROWS), triton.cdiv(C, CONV_CHANNELS), B)
     dweight_parts = torch.empty(B * grid[0], C, width, dtype=torch.float32, device=x.device)
-    _conv_silu_bwd_kernel[grid](dy=dy, x=x, weight=weight, history=history, doc_start=doc_start, dx=dx,
-                                dweight_parts=dweight_parts, T=T, C=C, sb=x.stride(0), st=x.stride(1),
-                                WIDTH=width, HAS_HISTORY=history is not None, HAS_DOCS=doc_start is not None,
-                                BT=CONV_ROWS, BC=CONV_CHANNELS)
+    shape = dict(T=T, C=C, WIDTH=width, HAS_DOCS=doc_start is not None, BT=CONV_ROWS, BC=CONV_CHANNELS)
+    _conv_silu_dpre_kernel[grid](dy=dy, x=x, weight=weight, history=history, doc_start=doc_start, dpre=dpre,
+                                 dweight_parts=dweight_parts, sb=x.stride(0), st=x.stride(1),
+                                 HAS_HISTORY=history is not None, **shape)
+    _conv_dx_kernel[grid](dpre=dpre, weight=weight, doc_start=doc_start, dx=dx, **shape)
     return dx, dweight_parts.sum(0).view(weight.shape).to(weight.dtype)
 
 
@@ -1850,40 +1855,48 @@ def _conv_silu_fwd_kernel(x, weight, history, doc_start, y, T, C, sb, st, WIDTH:
 
 
 @triton_jit
-def _conv_silu_bwd_kernel(dy, x, weight, history, doc_start, dx, dweight_parts, T, C, sb, st, WIDTH: tl.constexpr,
-                          HAS_HISTORY: tl.constexpr, HAS_DOCS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """Input row s feeds output s + j through tap W - 1 - j: dx(s) = sum_j w_{W-1-j} dpre(s + j), with
-    dpre = dy silu'(pre) and only where that output reads s (its document started at or before s).
-    dweight_parts[program, c, i] = sum over this program's output rows t of dpre(t) x(t - W + 1 + i)."""
+def _conv_silu_dpre_kernel(dy, x, weight, history, doc_start, dpre, dweight_parts, T, C, sb, st, WIDTH: tl.constexpr,
+                           HAS_HISTORY: tl.constexpr, HAS_DOCS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """dpre = dy silu'(pre) at this program's output rows t, and
+    dweight_parts[program, c, i] = sum over those rows of dpre(t) x(t - W + 1 + i)."""
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = i_t * BT + tl.arange(0, BT)
     ch = i_c * BC + tl.arange(0, BC)
     m_ch = ch < C
-    dx_acc = tl.zeros([BT, BC], dtype=tl.float32)
-    dpre_own = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(WIDTH):
-        out_rows = rows + j
-        m_out = (out_rows < T)[:, None] & m_ch[None, :]
-        pre = _conv_pre(x, weight, history, doc_start, i_b, out_rows, ch, m_ch, T, C, sb, st, WIDTH, HAS_HISTORY,
-                        HAS_DOCS, BT, BC)
-        d = tl.load(dy + (i_b * T + out_rows[:, None]) * C + ch[None, :], mask=m_out, other=0.0).to(tl.float32)
-        s = tl.sigmoid(pre)
-        dpre = d * s * (1.0 + pre * (1.0 - s))
-        if HAS_DOCS:
-            reads = rows >= tl.load(doc_start + out_rows, mask=out_rows < T, other=0)
-            dpre_in = tl.where(reads[:, None], dpre, 0.0)
-        else:
-            dpre_in = dpre
-        dx_acc += dpre_in * _conv_tap(weight, x, ch, m_ch, WIDTH - 1 - j, WIDTH)[None, :]
-        if j == 0:
-            dpre_own = dpre
-    m_own = (rows < T)[:, None] & m_ch[None, :]
-    tl.store(dx + (i_b * T + rows[:, None]) * C + ch[None, :], dx_acc.to(dx.dtype.element_ty), mask=m_own)
+    m = (rows < T)[:, None] & m_ch[None, :]
+    p = (i_b * T + rows[:, None]) * C + ch[None, :]
+    pre = _conv_pre(x, weight, history, doc_start, i_b, rows, ch, m_ch, T, C, sb, st, WIDTH, HAS_HISTORY, HAS_DOCS,
+                    BT, BC)
+    s = tl.sigmoid(pre)
+    d = tl.load(dy + p, mask=m, other=0.0).to(tl.float32) * s * (1.0 + pre * (1.0 - s))
+    tl.store(dpre + p, d.to(dpre.dtype.element_ty), mask=m)
     part = (i_b * tl.num_programs(0) + i_t) * C * WIDTH
     for i in tl.static_range(WIDTH):
         xs = _conv_input(x, history, doc_start, i_b, rows - (WIDTH - 1) + i, rows, ch, m_ch, T, C, sb, st, WIDTH,
                          HAS_HISTORY, HAS_DOCS)
-        tl.store(dweight_parts + part + ch * WIDTH + i, tl.sum(dpre_own * xs, axis=0), mask=m_ch)
+        tl.store(dweight_parts + part + ch * WIDTH + i, tl.sum(d * xs, axis=0), mask=m_ch)
+
+
+@triton_jit
+def _conv_dx_kernel(dpre, weight, doc_start, dx, T, C, WIDTH: tl.constexpr, HAS_DOCS: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr):
+    """Input row s feeds output s + j through tap W - 1 - j: dx(s) = sum_j w_{W-1-j} dpre(s + j), only
+    where that output reads s (its document started at or before s)."""
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rows = i_t * BT + tl.arange(0, BT)
+    ch = i_c * BC + tl.arange(0, BC)
+    m_ch = ch < C
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(WIDTH):
+        out_rows = rows + j
+        reads = out_rows < T
+        if HAS_DOCS:
+            reads &= rows >= tl.load(doc_start + out_rows, mask=out_rows < T, other=0)
+        d = tl.load(dpre + (i_b * T + out_rows[:, None]) * C + ch[None, :], mask=reads[:, None] & m_ch[None, :],
+                    other=0.0).to(tl.float32)
+        acc += d * _conv_tap(weight, dpre, ch, m_ch, WIDTH - 1 - j, WIDTH)[None, :]
+    tl.store(dx + (i_b * T + rows[:, None]) * C + ch[None, :], acc.to(dx.dtype.element_ty),
+             mask=(rows < T)[:, None] & m_ch[None, :])
 
 # RMSNorm(o) * weight * act(gate) for rows of one head's V values, forward and backward, so that the
 # layer's output keeps no fp32 copy of o and runs two kernels instead of some ten elementwise passes.

@@ -26,8 +26,8 @@ min_lr = 4e-5
 weight_decay = 0.1
 grad_clip = 1.0
 
-# torch.compile: 39,300 against 32,050 tokens/s eager and 79.5 against 105.6 GiB peak for CARVE on one
-# H200 (docs/BENCHMARKS.md, 2026-12-02); the configs that execute this file inherit it
+# torch.compile: 47,000 against 41,600 tokens/s eager and 67.1 against 70.4 GiB peak for CARVE on one
+# H200 (docs/BENCHMARKS.md, 2026-12-03); the configs that execute this file inherit it
 compile = True
 
 eval_interval = 1000
