@@ -528,8 +528,9 @@ def _sm_count(device):
 
 class ChunkSaved(NamedTuple):
     """What the chunk forward stores for the backward (docs/DESIGN.md section 4). The dot operands
-    among them are in the operand dtype (_operand_dtype), so the backward reads what the forward used."""
-    block_state: torch.Tensor   # [blocks, H, K, V] the state at each block's start
+    among them are in the operand dtype (_operand_dtype), so the backward reads what the forward used.
+    Not the state at each block's start: the backward walks it again from R, k_end and G_L
+    (_chunk_rebuild_states), since keeping it took 512 MiB a 1.3B layer of 4 x 4096 tokens."""
     chunk_delta: torch.Tensor   # [chunks, H, K] fp32 Delta of each chunk
     chunk_mean: torch.Tensor    # [chunks, H, V] fp32 m of each complete chunk (0 elsewhere and for GDN-2)
     v_new: torch.Tensor         # [B, T, H, V] R = A Z - Y S of every token
@@ -678,7 +679,7 @@ def _forward_buffers(q, v, table, new=torch.empty):
     N, n_chunks, n_blocks, _ = _table_sizes(table)
     f32, dt = torch.float32, _operand_dtype(q.dtype)
     rows = lambda D, dtype: new((B, T, H, D), dtype)  # noqa: E731
-    saved = ChunkSaved(block_state=new((n_blocks, H, K, V), dt), chunk_delta=new((n_chunks, H, K), f32),
+    saved = ChunkSaved(chunk_delta=new((n_chunks, H, K), f32),
                        chunk_mean=new((n_chunks, H, V), f32), v_new=rows(V, dt), inverse=rows(CHUNK_BT, f32),
                        decayed_qk=rows(CHUNK_BT, f32), y=rows(K, dt), gamma_q=rows(K, dt), k_end=rows(K, dt),
                        block_decay=new((n_blocks, H, K), f32))
@@ -696,6 +697,8 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
     q, k, v, g, b_logit, w = (_token_rows(x) for x in (q, k, v, g, b_logit, w))
     out = _forward_buffers(q, v, table, lambda shape, dtype: torch.empty(shape, dtype=dtype, device=dev))
     saved = out.saved
+    # the state at each block's start, for the outputs; freed here and walked again in the backward
+    block_state = torch.empty(_table_sizes(table)[2], H, K, v.shape[-1], dtype=_operand_dtype(q.dtype), device=dev)
     saved.chunk_mean.zero_()   # m stays 0 for chunks that do not finish
     use_initial = S0 is not None
     S_in, o_sum_in = (S0.float().contiguous(), o_sum0.float().contiguous()) if use_initial else (out.S, out.o_sum)
@@ -707,7 +710,7 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
                   b_logit=b_logit, v=v, w=w, sq=q.stride(1), sk=k.stride(1), sg=g.stride(1), sb=b_logit.stride(1),
                   sv=v.stride(1), sw=w.stride(1), H=H)
     common = dict(K=K, V=V, C=chunk_size, BT=CHUNK_BT, **_dot_operands(q.dtype))
-    stores = dict(o=out.o, S_out=out.S, o_sum_out=out.o_sum, delta_out=out.delta, h_store=saved.block_state,
+    stores = dict(o=out.o, S_out=out.S, o_sum_out=out.o_sum, delta_out=out.delta, h_store=block_state,
                   delta_store=saved.chunk_delta, m_store=saved.chunk_mean, r_store=saved.v_new, a_store=saved.inverse,
                   mm_store=saved.decayed_qk, y_store=saved.y, gq_store=saved.gamma_q, kend_store=saved.k_end,
                   gl_store=saved.block_decay, scale=scale)
@@ -743,13 +746,13 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
             else:
                 _chunk_fwd_gdn2_walk[(N * H * (V // BV),)](
                     u_store=u, y_store=saved.y, kend_store=saved.k_end, gl_store=saved.block_decay,
-                    S_out=out.S, o_sum_out=out.o_sum, delta_out=out.delta, h_store=saved.block_state,
+                    S_out=out.S, o_sum_out=out.o_sum, delta_out=out.delta, h_store=block_state,
                     r_store=saved.v_new, seqs=piece, H=H, BV=BV, **start, **common, **GDN2_WALK_LAUNCH)
     if walk_stream is not None:
         torch.cuda.current_stream(dev).wait_stream(walk_stream)
     if not has_content:
         _chunk_fwd_output[(N * max_chunks * H,)](
-            o=out.o, h_store=saved.block_state, r_store=saved.v_new, mm_store=saved.decayed_qk,
+            o=out.o, h_store=block_state, r_store=saved.v_new, mm_store=saved.decayed_qk,
             gq_store=saved.gamma_q, o_sum_out=out.o_sum, seqs=seqs, max_chunks=max_chunks, H=H, scale=scale,
             **common, **CHUNK_LAUNCH)
     return out
@@ -948,9 +951,10 @@ def _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V: tl.constexpr, VALUE_GA
 @triton_jit
 def _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, h_offsets, DT: tl.constexpr, PREC: tl.constexpr):
     """One block of a forward walk from the state S before it: stores S in the operand dtype (the
-    backward's block state) and returns it, R = A Z - Y S in the operand dtype, and the state after the
-    block, gamma_L S + k_end^T R. Both walks take their blocks through it, so that CARVE at
-    initialisation rounds exactly as GDN-2 does."""
+    block state of _chunk_fwd_output; _chunk_rebuild_states makes the same for the backward) and
+    returns it, R = A Z - Y S in the operand dtype, and the state after the block, gamma_L S +
+    k_end^T R. Both walks take their blocks through it, so that CARVE at initialisation rounds exactly
+    as GDN-2 does."""
     S_dt = S.to(DT)
     tl.store(h_store + h_offsets, S_dt.to(h_store.dtype.element_ty))
     R_dt = (AZ - tl.dot(Y_dt, S_dt, input_precision=PREC)).to(DT)
@@ -1185,8 +1189,8 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
 # value-summed pieces) and _chunk_bwd_keys (the chain through A, T and M to dq, dk, dg, db_logit, dDelta;
 # given a DecayGate, df for dg and the parts of the gradients of dt_bias and A_log).
 
-def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved: ChunkSaved, table,
-                          scale, chunk_size, walk_columns, pieces):
+def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, S0, saved: ChunkSaved,
+                          table, scale, chunk_size, walk_columns, pieces):
     """The launches of one chunk backward (the body of carve::chunk_bwd): dq, dk, dv, dg, db_logit,
     dw, dDelta of each chunk, each initial state's gradient, and for a DecayGate (A_log given; dg is
     then df) the gradients of dt_bias and A_log, the latter before A_log's floor (zeros without). With
@@ -1207,6 +1211,11 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
         torch.zeros(N, H, K, V, dtype=f32, device=dev)
     dr_store = torch.empty(B, T, H, V, dtype=dt, device=dev)    # only read as a dot operand
     ds_store = torch.empty(n_blocks, H, K, V, dtype=dt, device=dev)
+    block_state = torch.empty(n_blocks, H, K, V, dtype=dt, device=dev)
+    _chunk_rebuild_states[(n_walks,)](
+        S_in=S0.float().contiguous() if S0 is not None else None, kend_store=saved.k_end, r_store=saved.v_new,
+        gl_store=saved.block_decay, h_store=block_state, seqs=_to_device(table, dev), H=H, K=K, V=V, BV=BV,
+        C=chunk_size, USE_INITIAL=S0 is not None, BT=CHUNK_BT, **dots, **GDN2_WALK_LAUNCH)
     d_gl = torch.empty(n_blocks, H, V // BV, K, dtype=f32, device=dev)
     # 4 warps when there are more walk programs than SMs: two then share an SM, so all run at once
     # (0.46 against 0.61 ms at 8 x 2048 on an H200); fewer programs run faster with 8 warps
@@ -1216,7 +1225,7 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
     for piece in piece_seqs:
         with _after_current(walk_stream):
             _chunk_bwd_walk[(n_walks,)](
-                do=do, h_store=saved.block_state, mm_store=saved.decayed_qk, y_store=saved.y,
+                do=do, h_store=block_state, mm_store=saved.decayed_qk, y_store=saved.y,
                 gq_store=saved.gamma_q, kend_store=saved.k_end, gl_store=saved.block_decay, dS_carry=dS0,
                 dr_store=dr_store, ds_store=ds_store, d_gl=d_gl, seqs=piece, H=H, scale=scale, K=K, V=V, BV=BV,
                 C=chunk_size, BT=CHUNK_BT, **dots, num_warps=4 if n_walks > sms else 8, num_stages=2)
@@ -1232,12 +1241,12 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
         piece_chunks = _table_sizes(piece_table)[3]
         grid = (N * piece_chunks * H,)
         _chunk_bwd_values[grid](
-            v=v, w=w, do=do, r_store=saved.v_new, dr_store=dr_store, h_store=saved.block_state, ds_store=ds_store,
+            v=v, w=w, do=do, r_store=saved.v_new, dr_store=dr_store, h_store=block_state, ds_store=ds_store,
             a_store=saved.inverse, dv=dv, dw=dw, d_gq=d_gq, d_y=d_y, d_kend=d_kend, d_m=d_m, d_rr=d_rr, seqs=piece,
             max_chunks=piece_chunks, sv=v.stride(1), sw=w.stride(1), H=H, scale=scale, K=K, V=V, C=chunk_size,
             VALUE_GATE=w.dim() == 4, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
         if i == len(pieces) - 1:
-            del dr_store, ds_store   # read for the last time (the key side does not read them)
+            del dr_store, ds_store, block_state   # read for the last time (the key side does not read them)
         if i == 0:   # made here so that, with one piece, they take the memory of the stores just freed
             dq, dk, db_logit = (torch.empty(B, T, H, K, dtype=x.dtype, device=dev) for x in (q, k, b_logit))
             dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)
@@ -1293,6 +1302,34 @@ def _state_grad_step(dS, gq, Y, gammaL, dO, dR, scale, DT: tl.constexpr, PREC: t
     R = U - Y S and S_end = gamma_L S + k_end^T R: gamma_L dS + (gamma q)^T dO scale - Y^T dR."""
     dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
     return tl.dot(tl.trans((-Y).to(DT)), dR, acc=dS, input_precision=PREC)
+
+
+@triton_jit
+def _chunk_rebuild_states(S_in, kend_store, r_store, gl_store, h_store, seqs, H, K: tl.constexpr, V: tl.constexpr,
+                          BV: tl.constexpr, C: tl.constexpr, USE_INITIAL: tl.constexpr, DT: tl.constexpr,
+                          PREC: tl.constexpr, BT: tl.constexpr):
+    """The state at every block start, one program per (sequence, head, value block), walked again from
+    the sequence's initial state with the R and k_end the forward kept: S' = gamma_L S + k_end^T R, the
+    last step of _walk_block, with the same operands and rounding, so the backward reads the states
+    the forward used."""
+    i_n, i_h, i_v = _value_block_program(H, V // BV)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    if USE_INITIAL:
+        S = tl.load(S_in + (i_n * H + i_h) * K * V + p_kv)
+    else:
+        S = tl.zeros([K, BV], dtype=tl.float32)
+    for a in range(blk_first, blk_last + 1):
+        tok, valid = _block_rows(a, bos, offset, length, BT)
+        m_row = valid[:, None]
+        k_end_dt = tl.load(kend_store + tok[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_row, other=0.0).to(DT)
+        R_dt = tl.load(r_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_row, other=0.0).to(DT)
+        i_blk = (block0 + a - blk_first) * H + i_h
+        tl.store(h_store + i_blk * K * V + p_kv, S.to(DT).to(h_store.dtype.element_ty))
+        GL = tl.load(gl_store + i_blk * K + o_k)
+        S = tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
 
 
 @triton_jit
@@ -1716,8 +1753,9 @@ def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit
                         WIDTH: tl.constexpr, WP: tl.constexpr, VALUE_GATE: tl.constexpr):
     """One decode step (T = 1) of a layer from its projections, before any activation: the causal
     conv of q, k, v with its cache and SiLU, the decay (_decay_gate), the write gate sigmoid(w) (rounded
-    to w's dtype, as torch.sigmoid of a bf16 tensor is), then _token_step. x [B, 2HK + HV] holds the q, k, v projections; f, b_logit
-    [B, H*K]; w [B, H*V] (GDN-2) or [B, H] (CARVE); A_log [H], dt_bias [H*K]; every tensor contiguous.
+    to w's dtype, as torch.sigmoid of a bf16 tensor is), then _token_step. x [B, 2HK + HV] holds the
+    q, k, v projections; f, b_logit [B, H*K]; w [B, H*V] (GDN-2) or [B, H] (CARVE); A_log [H], dt_bias
+    [H*K]; every tensor contiguous.
     Every value block of a head writes the same new conv cache of the head's q and k channels."""
     NV: tl.constexpr = (V + BV - 1) // BV
     pid = tl.program_id(0)
@@ -2004,13 +2042,14 @@ if triton is not None:
     @torch.library.custom_op("carve::chunk_bwd", mutates_args=())
     def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, A_log: Optional[torch.Tensor],
                       dt_bias: Optional[torch.Tensor], a_log_min: float, b_logit: torch.Tensor, w: torch.Tensor,
-                      do: torch.Tensor, dS_end: Optional[torch.Tensor], saved: List[torch.Tensor], table: List[int],
+                      do: torch.Tensor, dS_end: Optional[torch.Tensor], S0: Optional[torch.Tensor],
+                      saved: List[torch.Tensor], table: List[int],
                       scale: float, chunk_size: int, walk_columns: int, pieces: int) -> List[torch.Tensor]:
-        return chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, ChunkSaved(*saved),
-                                     table, scale, chunk_size, walk_columns, pieces)
+        return chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, S0,
+                                     ChunkSaved(*saved), table, scale, chunk_size, walk_columns, pieces)
 
     @_chunk_bwd_op.register_fake
-    def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved, table, scale, chunk_size,
+    def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, S0, saved, table, scale, chunk_size,
           walk_columns, pieces):
         N, n_chunks = len(table) // SEQ_FIELDS, _table_sizes(table)[1]
         H, K = q.shape[2:]
@@ -2023,7 +2062,7 @@ if triton is not None:
     def _chunk_setup_context(ctx, inputs, output):
         (q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size, *_,
          backward_columns, backward_pieces) = inputs
-        ctx.save_for_backward(q, k, v, g, A_log, dt_bias, b_logit, w, D, U, *output[4:])
+        ctx.save_for_backward(q, k, v, g, A_log, dt_bias, b_logit, w, D, U, S0, *output[4:])
         ctx.set_materialize_grads(False)   # the saved outputs get no gradient: no zero tensors of their size
         ctx.table, ctx.scale, ctx.chunk_size, ctx.a_log_min = table, scale, chunk_size, a_log_min
         ctx.backward_columns, ctx.backward_pieces = backward_columns, backward_pieces
@@ -2031,12 +2070,12 @@ if triton is not None:
 
     def _chunk_backward(ctx, grads):
         do, dS, _, d_delta_final = grads[:4]   # o_sum is a stop-gradient read: its gradient is dropped
-        q, k, v, g, A_log, dt_bias, b_logit, w, D, U, *saved = ctx.saved_tensors
+        q, k, v, g, A_log, dt_bias, b_logit, w, D, U, S0, *saved = ctx.saved_tensors
         saved = ChunkSaved(*saved)
         if do is None:  # only the final state was used
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
         dq, dk, dv, dg, db_logit, dw, d_delta, dS0, d_dt_bias, d_A_log = torch.ops.carve.chunk_bwd(
-            q, k, v, g, A_log, dt_bias, ctx.a_log_min, b_logit, w, do, dS, list(saved), ctx.table, ctx.scale,
+            q, k, v, g, A_log, dt_bias, ctx.a_log_min, b_logit, w, do, dS, S0, list(saved), ctx.table, ctx.scale,
             ctx.chunk_size, ctx.backward_columns, ctx.backward_pieces)
         dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved.chunk_mean, D, U, ctx.table,
                                           ctx.chunk_size, q)

@@ -364,6 +364,33 @@ def test_walk_pieces(mode, n):
           kernel=lambda *a, **kw: chunk_carve_triton(*a, **kw, schedule=pieced))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+def test_backward_reads_the_forward_block_states(monkeypatch, mode, form, dtype):
+    """The forward keeps no state at each block start; the backward walks them again
+    (_chunk_rebuild_states). What the reverse walk reads equals, bit for bit, what the forward walk
+    wrote, for packed sequences (one empty) from initial states at offsets, in every form."""
+    written, read = [], []
+    for name, seen in (("_chunk_fwd_kernel", written), ("_chunk_fwd_gdn2_walk", written), ("_chunk_bwd_walk", read)):
+        kernel = getattr(carve_kernel, name)
+
+        class Recorded:   # kernel[grid](**arguments), keeping the h_store each launch gets
+            def __getitem__(self, grid, kernel=kernel, seen=seen):
+                return lambda **kw: seen.append(kw["h_store"]) or kernel[grid](**kw)
+        monkeypatch.setattr(carve_kernel, name, Recorded())
+    bounds = [0, 50, 50, 83]
+    N, T, H, K, V, C = len(bounds) - 1, bounds[-1], 2, 16, 32, 16
+    gen = torch.Generator().manual_seed(23)
+    state = CarveState(torch.randn(N, H, K, V, generator=gen), torch.randn(N, H, V, generator=gen),
+                       torch.randn(N, H, K, generator=gen), (5, 0, 9))
+    run_both(make_inputs(1, T, H, K, V, mode, seed=22), state, C, dtype, cu_seqlens=bounds, form=form)
+    assert len({t.data_ptr() for t in written}) == 1 and len({t.data_ptr() for t in read}) == 1
+    assert written[0].data_ptr() != read[0].data_ptr()
+    assert written[0].abs().sum() > 0
+    assert torch.equal(written[0], read[0])
+
+
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
 @pytest.mark.parametrize("T1", [7, 16, 20, 32])
 def test_continuation(mode, T1):
@@ -534,7 +561,7 @@ def test_compiles_without_graph_breaks():
                    if torch.is_tensor(t) else t for t in inputs]
         for pieces in (1, 2):  # the reverse walk's columns and pieces
             torch.library.opcheck(torch.ops.carve.chunk_bwd.default,
-                                  (strided + [do, None, out[4:], table, 0.25, 16, 16, pieces]))
+                                  (strided + [do, None, None, out[4:], table, 0.25, 16, 16, pieces]))
 
 
 @pytest.mark.parametrize("mixer", ["carve", "gdn2,attn"])
