@@ -697,14 +697,16 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
     q, k, v, g, b_logit, w = (_token_rows(x) for x in (q, k, v, g, b_logit, w))
     out = _forward_buffers(q, v, table, lambda shape, dtype: torch.empty(shape, dtype=dtype, device=dev))
     saved = out.saved
-    # the state at each block's start, for the outputs; freed here and walked again in the backward
-    block_state = torch.empty(_table_sizes(table)[2], H, K, v.shape[-1], dtype=_operand_dtype(q.dtype), device=dev)
     saved.chunk_mean.zero_()   # m stays 0 for chunks that do not finish
     use_initial = S0 is not None
     S_in, o_sum_in = (S0.float().contiguous(), o_sum0.float().contiguous()) if use_initial else (out.S, out.o_sum)
     delta0 = delta0.float().contiguous() if delta0 is not None else torch.zeros(N, H, K, dtype=f32, device=dev)
     has_content = D is not None
     seqs = _to_device(table, dev)
+    # the state at each block's start: only GDN-2's output kernel reads it (the walks compute O as they
+    # go), and the backward walks it again rather than keeping it
+    block_state = torch.empty(_table_sizes(table)[2], H, K, v.shape[-1], dtype=_operand_dtype(q.dtype), device=dev) \
+        if schedule.split_forward and not has_content else None
     V, max_chunks = v.shape[-1], _table_sizes(table)[3]
     inputs = dict(q=q, k=k, g=g, A_log=A_log, dt_bias=dt_bias, a_log_min=a_log_min, RAW_DECAY=A_log is not None,
                   b_logit=b_logit, v=v, w=w, sq=q.stride(1), sk=k.stride(1), sg=g.stride(1), sb=b_logit.stride(1),
@@ -950,13 +952,14 @@ def _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V: tl.constexpr, VALUE_GA
 
 @triton_jit
 def _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, h_offsets, DT: tl.constexpr, PREC: tl.constexpr):
-    """One block of a forward walk from the state S before it: stores S in the operand dtype (the
-    block state of _chunk_fwd_output; _chunk_rebuild_states makes the same for the backward) and
+    """One block of a forward walk from the state S before it: stores S in the operand dtype when
+    given h_store (for _chunk_fwd_output; _chunk_rebuild_states makes the same for the backward) and
     returns it, R = A Z - Y S in the operand dtype, and the state after the block, gamma_L S +
     k_end^T R. Both walks take their blocks through it, so that CARVE at initialisation rounds exactly
     as GDN-2 does."""
     S_dt = S.to(DT)
-    tl.store(h_store + h_offsets, S_dt.to(h_store.dtype.element_ty))
+    if h_store is not None:
+        tl.store(h_store + h_offsets, S_dt.to(h_store.dtype.element_ty))
     R_dt = (AZ - tl.dot(Y_dt, S_dt, input_precision=PREC)).to(DT)
     return S_dt, R_dt, tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
 
