@@ -388,7 +388,7 @@ def test_backward_reads_the_forward_block_states(monkeypatch, mode, form, dtype)
                 return launch
         monkeypatch.setattr(carve_kernel, name, Recorded())
     bounds = [0, 50, 50, 83]
-    N, T, H, K, V, C = len(bounds) - 1, bounds[-1], 2, 16, 32, 16
+    N, T, H, K, V, C = len(bounds) - 1, bounds[-1], 2, 16, 64, 16   # V > the rebuild's 32 columns
     gen = torch.Generator().manual_seed(23)
     state = CarveState(torch.randn(N, H, K, V, generator=gen), torch.randn(N, H, V, generator=gen),
                        torch.randn(N, H, K, generator=gen), (5, 0, 9))
