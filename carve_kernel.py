@@ -717,7 +717,7 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
                   mm_store=saved.decayed_qk, y_store=saved.y, gq_store=saved.gamma_q, kend_store=saved.k_end,
                   gl_store=saved.block_decay, scale=scale)
     walk = dict(D=D, U=U, RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4, HAS_CONTENT=has_content,
-                **inputs, **stores, **common, **CHUNK_LAUNCH)
+                STORE_STATES=False, **inputs, **stores, **common, **CHUNK_LAUNCH)   # True: a test's witness
     if not schedule.split_forward:
         _chunk_fwd_kernel[(N * H,)](S_in=S_in, o_sum_in=o_sum_in, delta_in=delta0, seqs=seqs, kp_store=None,
                                     pk_store=None, gk_store=None, PREPPED=False, USE_INITIAL=use_initial, **walk)
@@ -951,14 +951,14 @@ def _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V: tl.constexpr, VALUE_GA
 
 
 @triton_jit
-def _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, h_offsets, DT: tl.constexpr, PREC: tl.constexpr):
-    """One block of a forward walk from the state S before it: stores S in the operand dtype when
-    given h_store (for _chunk_fwd_output; _chunk_rebuild_states makes the same for the backward) and
-    returns it, R = A Z - Y S in the operand dtype, and the state after the block, gamma_L S +
-    k_end^T R. Both walks take their blocks through it, so that CARVE at initialisation rounds exactly
-    as GDN-2 does."""
+def _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, h_offsets, STORE: tl.constexpr, DT: tl.constexpr,
+                PREC: tl.constexpr):
+    """One block of a forward walk from the state S before it: stores S in the operand dtype if STORE
+    (for _chunk_fwd_output; _chunk_rebuild_states makes the same for the backward) and returns it,
+    R = A Z - Y S in the operand dtype, and the state after the block, gamma_L S + k_end^T R. Both
+    walks take their blocks through it, so that CARVE at initialisation rounds exactly as GDN-2 does."""
     S_dt = S.to(DT)
-    if h_store is not None:
+    if STORE:
         tl.store(h_store + h_offsets, S_dt.to(h_store.dtype.element_ty))
     R_dt = (AZ - tl.dot(Y_dt, S_dt, input_precision=PREC)).to(DT)
     return S_dt, R_dt, tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
@@ -1068,7 +1068,7 @@ def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in,
         AZ = tl.load(u_store + p_v, mask=m_row, other=0.0)
         i_blk = (block0 + a - blk_first) * H + i_h
         GL = tl.load(gl_store + i_blk * K + o_k)
-        S_dt, R_dt, S = _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, i_blk * K * V + p_kv, DT, PREC)
+        S_dt, R_dt, S = _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, i_blk * K * V + p_kv, True, DT, PREC)
         tl.store(r_store + p_v, R_dt.to(r_store.dtype.element_ty), mask=m_row)
     tl.store(S_out + p_S, S)
 
@@ -1116,8 +1116,8 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
                       gq_store, kend_store, gl_store, kp_store, pk_store, gk_store, seqs, sq, sk, sg, sb, sv, sw, H,
                       scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, RANK: tl.constexpr,
                       RAW_DECAY: tl.constexpr, VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr,
-                      PREPPED: tl.constexpr, USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                      BT: tl.constexpr):
+                      PREPPED: tl.constexpr, USE_INITIAL: tl.constexpr, STORE_STATES: tl.constexpr,
+                      DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """The walk, one program per (sequence, head): the whole forward of CARVE (and of GDN-2 when
     there are programs enough to fill the card), or with PREPPED, CARVE's walk over
     _chunk_prep_kernel's tiles."""
@@ -1161,7 +1161,8 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
         b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
         A = _block_solve(b * Kp, Pk_dt, DT, PREC, BT)
         Y_dt, AZ = _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V, VALUE_GATE, DT, PREC)
-        S_dt, R_dt, S = _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, i_blk * K * V + p_kv, DT, PREC)
+        S_dt, R_dt, S = _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, i_blk * K * V + p_kv, STORE_STATES, DT,
+                                    PREC)
         O = (tl.dot(gq_dt, S_dt, input_precision=PREC) + tl.dot(Mm.to(DT), R_dt, input_precision=PREC)) * scale
         o_acc += tl.sum(O, axis=0)                     # masked rows are exact zeros
         p_o = tok[:, None] * (H * V) + i_h * V + o_v[None, :]

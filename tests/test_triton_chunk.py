@@ -383,6 +383,7 @@ def test_backward_reads_the_forward_block_states(monkeypatch, mode, form, dtype)
                         kw["h_store"] = written[0] if written else torch.full(
                             (1 << 16,), float("nan"), dtype=carve_kernel._operand_dtype(kw["q"].dtype),
                             device=kw["q"].device)
+                        kw["STORE_STATES"] = True
                     seen.append(kw["h_store"])
                     return kernel[grid](**kw)
                 return launch
