@@ -530,7 +530,8 @@ class ChunkSaved(NamedTuple):
     """What the chunk forward stores for the backward (docs/DESIGN.md section 4). The dot operands
     among them are in the operand dtype (_operand_dtype), so the backward reads what the forward used.
     Not the state at each block's start: the backward walks it again from R, k_end and G_L
-    (_chunk_rebuild_states), since keeping it took 512 MiB a 1.3B layer of 4 x 4096 tokens."""
+    (_chunk_rebuild_states), since keeping it took 512 MiB a 1.3B layer of 4 x 4096 tokens. The walk
+    starts from a copy of S0: a model's cache overwrites S0 in place after the call."""
     chunk_delta: torch.Tensor   # [chunks, H, K] fp32 Delta of each chunk
     chunk_mean: torch.Tensor    # [chunks, H, V] fp32 m of each complete chunk (0 elsewhere and for GDN-2)
     v_new: torch.Tensor         # [B, T, H, V] R = A Z - Y S of every token
@@ -540,6 +541,7 @@ class ChunkSaved(NamedTuple):
     gamma_q: torch.Tensor       # [B, T, H, K] gamma q
     k_end: torch.Tensor         # [B, T, H, K] the keys decayed to their block's end
     block_decay: torch.Tensor   # [blocks, H, K] fp32 the block's total log-decay G_L
+    initial_state: torch.Tensor  # [N, H, K, V] fp32 copy of S0 (empty without one), where the re-walk starts
 
 
 class ChunkForward(NamedTuple):
@@ -672,7 +674,7 @@ def _dot_operands(dtype):
                 PREC="tf32x3" if fp32 else "tf32", enable_fp_fusion=not fp32)
 
 
-def _forward_buffers(q, v, table, new=torch.empty):
+def _forward_buffers(q, v, table, has_initial, new=torch.empty):
     """carve::chunk_fwd's outputs as a ChunkForward of tensors made by `new(shape, dtype)`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -682,7 +684,8 @@ def _forward_buffers(q, v, table, new=torch.empty):
     saved = ChunkSaved(chunk_delta=new((n_chunks, H, K), f32),
                        chunk_mean=new((n_chunks, H, V), f32), v_new=rows(V, dt), inverse=rows(CHUNK_BT, f32),
                        decayed_qk=rows(CHUNK_BT, f32), y=rows(K, dt), gamma_q=rows(K, dt), k_end=rows(K, dt),
-                       block_decay=new((n_blocks, H, K), f32))
+                       block_decay=new((n_blocks, H, K), f32),
+                       initial_state=new((N, H, K, V) if has_initial else (0,), f32))
     return ChunkForward(o=rows(V, v.dtype), S=new((N, H, K, V), f32), o_sum=new((N, H, V), f32),
                         delta=new((N, H, K), f32), saved=saved)
 
@@ -695,11 +698,13 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
     N = len(table) // SEQ_FIELDS
     dev, f32 = q.device, torch.float32
     q, k, v, g, b_logit, w = (_token_rows(x) for x in (q, k, v, g, b_logit, w))
-    out = _forward_buffers(q, v, table, lambda shape, dtype: torch.empty(shape, dtype=dtype, device=dev))
+    use_initial = S0 is not None
+    out = _forward_buffers(q, v, table, use_initial, lambda shape, dtype: torch.empty(shape, dtype=dtype, device=dev))
     saved = out.saved
     saved.chunk_mean.zero_()   # m stays 0 for chunks that do not finish
-    use_initial = S0 is not None
-    S_in, o_sum_in = (S0.float().contiguous(), o_sum0.float().contiguous()) if use_initial else (out.S, out.o_sum)
+    if use_initial:
+        saved.initial_state.copy_(S0)
+    S_in, o_sum_in = (saved.initial_state, o_sum0.float().contiguous()) if use_initial else (out.S, out.o_sum)
     delta0 = delta0.float().contiguous() if delta0 is not None else torch.zeros(N, H, K, dtype=f32, device=dev)
     has_content = D is not None
     seqs = _to_device(table, dev)
@@ -1193,8 +1198,8 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
 # value-summed pieces) and _chunk_bwd_keys (the chain through A, T and M to dq, dk, dg, db_logit, dDelta;
 # given a DecayGate, df for dg and the parts of the gradients of dt_bias and A_log).
 
-def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, S0, saved: ChunkSaved,
-                          table, scale, chunk_size, walk_columns, pieces):
+def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved: ChunkSaved, table,
+                          scale, chunk_size, walk_columns, pieces):
     """The launches of one chunk backward (the body of carve::chunk_bwd): dq, dk, dv, dg, db_logit,
     dw, dDelta of each chunk, each initial state's gradient, and for a DecayGate (A_log given; dg is
     then df) the gradients of dt_bias and A_log, the latter before A_log's floor (zeros without). With
@@ -1220,9 +1225,10 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
     # programs finish sooner (at 4 x 4096, 256 programs for 132 SMs rather than 128 of 64 columns)
     rebuild_columns = min(V, 32)
     _chunk_rebuild_states[(N * H * (V // rebuild_columns),)](
-        S_in=S0.float().contiguous() if S0 is not None else None, kend_store=saved.k_end, r_store=saved.v_new,
+        S_in=saved.initial_state, kend_store=saved.k_end, r_store=saved.v_new,
         gl_store=saved.block_decay, h_store=block_state, seqs=_to_device(table, dev), H=H, K=K, V=V,
-        BV=rebuild_columns, C=chunk_size, USE_INITIAL=S0 is not None, BT=CHUNK_BT, **dots, **GDN2_WALK_LAUNCH)
+        BV=rebuild_columns, C=chunk_size, USE_INITIAL=saved.initial_state.numel() > 0, BT=CHUNK_BT, **dots,
+        **GDN2_WALK_LAUNCH)
     d_gl = torch.empty(n_blocks, H, V // BV, K, dtype=f32, device=dev)
     # 4 warps when there are more walk programs than SMs: two then share an SM, so all run at once
     # (0.46 against 0.61 ms at 8 x 2048 on an H200); fewer programs run faster with 8 warps
@@ -1913,8 +1919,9 @@ def _conv_silu_dpre_kernel(dy, x, weight, history, doc_start, dpre, dweight_part
     pre = _conv_pre(x, weight, history, doc_start, i_b, rows, ch, m_ch, T, C, sb, st, WIDTH, HAS_HISTORY, HAS_DOCS,
                     BT, BC)
     s = tl.sigmoid(pre)
-    d = tl.load(dy + p, mask=m, other=0.0).to(tl.float32) * s * (1.0 + pre * (1.0 - s))
-    tl.store(dpre + p, d.to(dpre.dtype.element_ty), mask=m)
+    d = (tl.load(dy + p, mask=m, other=0.0).to(tl.float32) * s * (1.0 + pre * (1.0 - s))).to(dpre.dtype.element_ty)
+    tl.store(dpre + p, d, mask=m)
+    d = d.to(tl.float32)
     part = (i_b * tl.num_programs(0) + i_t) * C * WIDTH
     for i in tl.static_range(WIDTH):
         xs = _conv_input(x, history, doc_start, i_b, rows - (WIDTH - 1) + i, rows, ch, m_ch, T, C, sb, st, WIDTH,
@@ -2043,20 +2050,19 @@ if triton is not None:
     @_chunk_fwd_op.register_fake
     def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size,
           split_forward, walk_columns, forward_pieces, backward_columns, backward_pieces):
-        out = _forward_buffers(q, v, table, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
+        out = _forward_buffers(q, v, table, S0 is not None, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
         return [*out[:4], *out.saved]
 
     @torch.library.custom_op("carve::chunk_bwd", mutates_args=())
     def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, A_log: Optional[torch.Tensor],
                       dt_bias: Optional[torch.Tensor], a_log_min: float, b_logit: torch.Tensor, w: torch.Tensor,
-                      do: torch.Tensor, dS_end: Optional[torch.Tensor], S0: Optional[torch.Tensor],
-                      saved: List[torch.Tensor], table: List[int],
+                      do: torch.Tensor, dS_end: Optional[torch.Tensor], saved: List[torch.Tensor], table: List[int],
                       scale: float, chunk_size: int, walk_columns: int, pieces: int) -> List[torch.Tensor]:
-        return chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, S0,
-                                     ChunkSaved(*saved), table, scale, chunk_size, walk_columns, pieces)
+        return chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, ChunkSaved(*saved),
+                                     table, scale, chunk_size, walk_columns, pieces)
 
     @_chunk_bwd_op.register_fake
-    def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, S0, saved, table, scale, chunk_size,
+    def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved, table, scale, chunk_size,
           walk_columns, pieces):
         N, n_chunks = len(table) // SEQ_FIELDS, _table_sizes(table)[1]
         H, K = q.shape[2:]
@@ -2069,7 +2075,7 @@ if triton is not None:
     def _chunk_setup_context(ctx, inputs, output):
         (q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size, *_,
          backward_columns, backward_pieces) = inputs
-        ctx.save_for_backward(q, k, v, g, A_log, dt_bias, b_logit, w, D, U, S0, *output[4:])
+        ctx.save_for_backward(q, k, v, g, A_log, dt_bias, b_logit, w, D, U, *output[4:])
         ctx.set_materialize_grads(False)   # the saved outputs get no gradient: no zero tensors of their size
         ctx.table, ctx.scale, ctx.chunk_size, ctx.a_log_min = table, scale, chunk_size, a_log_min
         ctx.backward_columns, ctx.backward_pieces = backward_columns, backward_pieces
@@ -2077,12 +2083,12 @@ if triton is not None:
 
     def _chunk_backward(ctx, grads):
         do, dS, _, d_delta_final = grads[:4]   # o_sum is a stop-gradient read: its gradient is dropped
-        q, k, v, g, A_log, dt_bias, b_logit, w, D, U, S0, *saved = ctx.saved_tensors
+        q, k, v, g, A_log, dt_bias, b_logit, w, D, U, *saved = ctx.saved_tensors
         saved = ChunkSaved(*saved)
         if do is None:  # only the final state was used
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
         dq, dk, dv, dg, db_logit, dw, d_delta, dS0, d_dt_bias, d_A_log = torch.ops.carve.chunk_bwd(
-            q, k, v, g, A_log, dt_bias, ctx.a_log_min, b_logit, w, do, dS, S0, list(saved), ctx.table, ctx.scale,
+            q, k, v, g, A_log, dt_bias, ctx.a_log_min, b_logit, w, do, dS, list(saved), ctx.table, ctx.scale,
             ctx.chunk_size, ctx.backward_columns, ctx.backward_pieces)
         dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved.chunk_mean, D, U, ctx.table,
                                           ctx.chunk_size, q)

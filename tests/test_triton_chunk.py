@@ -364,14 +364,22 @@ def test_walk_pieces(mode, n):
           kernel=lambda *a, **kw: chunk_carve_triton(*a, **kw, schedule=pieced))
 
 
+# (K, V, lengths of the packed sequences, their offsets): small heads, one sequence empty; on a GPU also
+# the 1.3B heads, whose products take another instruction path (K = V = 128, 64 or 128 columns a walk)
+STATE_CASES = [pytest.param(16, 64, (50, 0, 33), (5, 0, 9), id="K16-V64")] + (
+    [pytest.param(128, 128, (700, 300), (0, 21), id="K128-V128")] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("K, V, lengths, offsets", STATE_CASES)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "init-state"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
-def test_backward_reads_the_forward_block_states(monkeypatch, mode, form, dtype):
+def test_backward_reads_the_forward_block_states(monkeypatch, mode, form, dtype, with_state, K, V, lengths, offsets):
     """The forward keeps no state at each block start; the backward walks them again
-    (_chunk_rebuild_states). What the reverse walk reads equals, bit for bit, what the forward walk
-    computed, for packed sequences (one empty) from initial states at offsets, in every form. (The
-    walks that compute O as they go store no states: here they get a buffer to store them in.)"""
+    (_chunk_rebuild_states, 32 columns a program). What the reverse walk reads equals, bit for bit, what
+    the forward walk computed, for packed sequences from zero or initial states at offsets, in every
+    form. (The walks that compute O as they go store no states: here they get a buffer to store them.)"""
     written, read = [], []
     for name, seen in (("_chunk_fwd_kernel", written), ("_chunk_fwd_gdn2_walk", written), ("_chunk_bwd_walk", read)):
         kernel = getattr(carve_kernel, name)
@@ -381,24 +389,53 @@ def test_backward_reads_the_forward_block_states(monkeypatch, mode, form, dtype)
                 def launch(**kw):
                     if kw["h_store"] is None:   # one buffer, poisoned, for every launch of the forward
                         kw["h_store"] = written[0] if written else torch.full(
-                            (1 << 16,), float("nan"), dtype=carve_kernel._operand_dtype(kw["q"].dtype),
-                            device=kw["q"].device)
+                            (sum(lengths) // 16 + 2 * len(lengths), 2, K, V), float("nan"),
+                            dtype=carve_kernel._operand_dtype(kw["q"].dtype), device=kw["q"].device)
                         kw["STORE_STATES"] = True
                     seen.append(kw["h_store"])
                     return kernel[grid](**kw)
                 return launch
         monkeypatch.setattr(carve_kernel, name, Recorded())
-    bounds = [0, 50, 50, 83]
-    N, T, H, K, V, C = len(bounds) - 1, bounds[-1], 2, 16, 64, 16   # V > the rebuild's 32 columns
+    bounds = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    N, T, H, C = len(lengths), bounds[-1], 2, 16 if K == 16 else 64
+    x = {n: t.to(DEVICE, torch.float32 if n in ("g", "D", "U") else dtype)
+         for n, t in make_inputs(1, T, H, K, V, mode, seed=22).items()}
+    content = (x["D"], x["U"]) if mode == "carve" else None
     gen = torch.Generator().manual_seed(23)
-    state = CarveState(torch.randn(N, H, K, V, generator=gen), torch.randn(N, H, V, generator=gen),
-                       torch.randn(N, H, K, generator=gen), (5, 0, 9))
-    run_both(make_inputs(1, T, H, K, V, mode, seed=22), state, C, dtype, cu_seqlens=bounds, form=form)
+    state = CarveState(*(torch.randn(N, H, *dims, generator=gen).to(DEVICE) for dims in ((K, V), (V,), (K,))),
+                       offsets) if with_state else None
+    x["q"].requires_grad_()
+    o, _ = chunk_carve_triton(*(x[n] for n in NAMES), content, state, True, None, C, bounds,
+                              schedule=schedule(form, V))
+    o.float().pow(2).sum().backward()
     assert len({t.data_ptr() for t in written}) == 1 and len({t.data_ptr() for t in read}) == 1
     assert written[0].data_ptr() != read[0].data_ptr()
     states = read[0]
     assert states.abs().sum() > 0
     assert torch.equal(written[0].flatten()[:states.numel()].view(states.shape), states)
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+def test_initial_state_overwritten_after_the_call(mode):
+    """A model's cache writes the new state into the tensor it passed as S0 (model.DeltaMixer): the
+    backward, which walks the block states again from S0, still gets the gradients of the S0 that
+    was passed."""
+    B, H, T, K, V, C = 1, 2, 40, 16, 32, 16
+    x = {n: t.to(DEVICE).requires_grad_() for n, t in make_inputs(B, T, H, K, V, mode, seed=4).items()}
+    content = (x["D"], x["U"]) if mode == "carve" else None
+    grads = []
+    for overwrite in (False, True):
+        state = make_state(B, H, K, V, mode, C, seed=5)[0]
+        state = CarveState(*(t.to(DEVICE, torch.float32) for t in state[:3]), state.offset)
+        o, final = chunk_carve_triton(*(x[n] for n in NAMES), content, state, True, None, C)
+        if overwrite:
+            state.S.copy_(final.S.detach())
+        o.float().pow(2).sum().backward()
+        grads.append([x[n].grad.clone() for n in NAMES])
+        for n in NAMES:
+            x[n].grad = None
+    for name, plain, overwritten in zip(NAMES, *grads):
+        assert torch.equal(plain, overwritten), name
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
@@ -571,7 +608,7 @@ def test_compiles_without_graph_breaks():
                    if torch.is_tensor(t) else t for t in inputs]
         for pieces in (1, 2):  # the reverse walk's columns and pieces
             torch.library.opcheck(torch.ops.carve.chunk_bwd.default,
-                                  (strided + [do, None, None, out[4:], table, 0.25, 16, 16, pieces]))
+                                  (strided + [do, None, out[4:], table, 0.25, 16, 16, pieces]))
 
 
 @pytest.mark.parametrize("mixer", ["carve", "gdn2,attn"])
