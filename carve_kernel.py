@@ -708,11 +708,12 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
     delta0 = delta0.float().contiguous() if delta0 is not None else torch.zeros(N, H, K, dtype=f32, device=dev)
     has_content = D is not None
     seqs = _to_device(table, dev)
+    V = v.shape[-1]
+    _, _, n_blocks, max_chunks = _table_sizes(table)
     # the state at each block's start: only GDN-2's output kernel reads it (the walks compute O as they
     # go), and the backward walks it again rather than keeping it
-    block_state = torch.empty(_table_sizes(table)[2], H, K, v.shape[-1], dtype=_operand_dtype(q.dtype), device=dev) \
+    block_state = torch.empty(n_blocks, H, K, V, dtype=_operand_dtype(q.dtype), device=dev) \
         if schedule.split_forward and not has_content else None
-    V, max_chunks = v.shape[-1], _table_sizes(table)[3]
     inputs = dict(q=q, k=k, g=g, A_log=A_log, dt_bias=dt_bias, a_log_min=a_log_min, RAW_DECAY=A_log is not None,
                   b_logit=b_logit, v=v, w=w, sq=q.stride(1), sk=k.stride(1), sg=g.stride(1), sb=b_logit.stride(1),
                   sv=v.stride(1), sw=w.stride(1), H=H)
@@ -1213,8 +1214,9 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
     BV = walk_columns
     n_walks = N * H * (V // BV)
     dots = _dot_operands(q.dtype)
+    seqs = _to_device(table, dev)
     pieces = _walk_pieces(table, pieces, chunk_size)[::-1]   # the last piece first
-    piece_seqs = _pieces_on_device(pieces, dev)
+    piece_seqs = _pieces_on_device(pieces, dev, seqs)
     # the walk carries dS through this buffer from the end of each sequence to its start
     dS0 = dS_end.float().clone(memory_format=torch.contiguous_format) if dS_end is not None else \
         torch.zeros(N, H, K, V, dtype=f32, device=dev)
@@ -1226,7 +1228,7 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
     rebuild_columns = min(V, 32)
     _chunk_rebuild_states[(N * H * (V // rebuild_columns),)](
         S_in=saved.initial_state, kend_store=saved.k_end, r_store=saved.v_new,
-        gl_store=saved.block_decay, h_store=block_state, seqs=_to_device(table, dev), H=H, K=K, V=V,
+        gl_store=saved.block_decay, h_store=block_state, seqs=seqs, H=H, K=K, V=V,
         BV=rebuild_columns, C=chunk_size, USE_INITIAL=saved.initial_state.numel() > 0, BT=CHUNK_BT, **dots,
         **GDN2_WALK_LAUNCH)
     d_gl = torch.empty(n_blocks, H, V // BV, K, dtype=f32, device=dev)
