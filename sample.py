@@ -302,12 +302,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     model = LM(ModelConfig.from_dict(meta["model_config"]))
-    state_dict = checkpoint["model"]
-    for prefix in ("_orig_mod.", "module."):  # torch.compile / DDP wrappers, in case they slipped in
-        state_dict = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
-    load_weights(model, state_dict, ckpt_path)
+    load_weights(model, checkpoint["model"], ckpt_path)
     step = checkpoint.get("step", meta.get("step"))
-    del checkpoint, state_dict
+    del checkpoint
     model.to(device).eval()
     cfg = model.cfg
     if ptdtype != torch.float32:

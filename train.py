@@ -413,8 +413,11 @@ def checkpoint_records(out_dir):
 
 def load_weights(model, state_dict, source):
     """model.load_state_dict(state_dict), or SystemExit with one line saying what does not fit: a checkpoint
-    from another version of model.py, whose parameters had other names or shapes."""
+    from another version of model.py, whose parameters had other names or shapes. Names saved through a
+    torch.compile or DDP wrapper (`_orig_mod.`, `module.`) load as the plain model's."""
     hint = "it was saved by another version of model.py (git log -- model.py shows when parameters changed)"
+    for prefix in ("_orig_mod.", "module."):
+        state_dict = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:   # a shape differs; torch's message gives each on a line of its own

@@ -16,7 +16,7 @@ import torch
 import sample
 import train
 from model import LM, ModelConfig
-from reference import ROOT, TINY_MODEL_ARGS, train_in_process
+from reference import ROOT, TINY_MODEL_ARGS, tiny, train_in_process
 
 TINY = [*TINY_MODEL_ARGS, "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=192", "--warmup_steps=2",
         "--lr=3e-3", "--eval_tokens=192", "--log_interval=1"]
@@ -98,6 +98,16 @@ def test_a_checkpoint_of_another_model_py_is_one_line(shakespeare, tmp_path):
         message = str(info.value)
         assert "does not fit this model.py: it lacks 2 of this model's tensors (first: blocks.0.mixer.in_proj" \
             in message and "qkv_proj" in message and "\n" not in message
+
+
+def test_weights_saved_through_a_wrapper_load():
+    """A state dict saved from a torch.compile or DDP wrapper (names under `_orig_mod.` or `module.`) loads
+    as the plain model's, the same tensors."""
+    model, copy = (LM(tiny()) for _ in range(2))
+    for prefix in ("_orig_mod.", "module."):
+        train.load_weights(copy, {prefix + name: t for name, t in model.state_dict().items()}, "wrapped")
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
+        copy.reset_parameters()
 
 
 def test_only_the_newest_checkpoints_are_kept(shakespeare, tmp_path, capsys):
