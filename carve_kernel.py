@@ -1818,6 +1818,7 @@ def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit
 # the two passes take about 1.0 (docs/BENCHMARKS.md).
 
 CONV_ROWS, CONV_CHANNELS = 32, 128   # a program's tile of tokens x channels
+CONV_DPRE_TILES = 8   # the backward's first pass walks 8 tiles a program: one weight-gradient sum per 256 rows
 
 
 def _unit_channel_stride(x):
@@ -1849,11 +1850,13 @@ def conv_silu_backward_triton(dy, x, weight, history, doc_start):
     # dpre in x's dtype: the torch definition's SiLU backward rounds it there too
     dpre, dx = (torch.empty((B, T, C), dtype=x.dtype, device=x.device) for _ in range(2))
     grid = (triton.cdiv(T, CONV_ROWS), triton.cdiv(C, CONV_CHANNELS), B)
-    dweight_parts = torch.empty(B * grid[0], C, width, dtype=torch.float32, device=x.device)
     shape = dict(T=T, C=C, WIDTH=width, HAS_DOCS=doc_start is not None, BT=CONV_ROWS, BC=CONV_CHANNELS)
-    _conv_silu_dpre_kernel[grid](dy=dy, x=x, weight=weight, history=history, doc_start=doc_start, dpre=dpre,
-                                 dweight_parts=dweight_parts, sb=x.stride(0), st=x.stride(1),
-                                 HAS_HISTORY=history is not None, **shape)
+    dpre_grid = (triton.cdiv(T, CONV_ROWS * CONV_DPRE_TILES), grid[1], B)
+    dweight_parts = torch.empty(B * dpre_grid[0], C, width, dtype=torch.float32, device=x.device)
+    _conv_silu_dpre_kernel[dpre_grid](dy=dy, x=x, weight=weight, history=history, doc_start=doc_start, dpre=dpre,
+                                      dweight_parts=dweight_parts, sb=x.stride(0), st=x.stride(1),
+                                      HAS_HISTORY=history is not None, TILES=CONV_DPRE_TILES,
+                                      TAPS=triton.next_power_of_2(width), **shape)
     _conv_dx_kernel[grid](dpre=dpre, weight=weight, doc_start=doc_start, dx=dx, **shape)
     return dx, dweight_parts.sum(0).view(weight.shape).to(weight.dtype)
 
@@ -1863,16 +1866,15 @@ def _conv_input(x, history, doc_start, i_b, src, out_rows, ch, m_ch, T, C, sb, s
                 HAS_HISTORY: tl.constexpr, HAS_DOCS: tl.constexpr):
     """The conv's input at rows `src` of batch row i_b, channels ch, as read by the outputs at
     `out_rows` (rows past T read zeros): x where src >= 0, the history before it (or zeros), zeros
-    before the output's document start."""
+    before the output's document start. src and out_rows end in a unit channel axis, ch and m_ch
+    begin with unit axes, so that a [rows, channels] or a [rows, taps, channels] tile comes back."""
     m = (out_rows < T) & (src < T)
     if HAS_DOCS:
         m &= src >= tl.load(doc_start + out_rows, mask=out_rows < T, other=0)
-    m_x = (m & (src >= 0))[:, None] & m_ch[None, :]
-    xs = tl.load(x + i_b * sb + src[:, None] * st + ch[None, :], mask=m_x, other=0.0)
+    xs = tl.load(x + i_b * sb + src * st + ch, mask=m & (src >= 0) & m_ch, other=0.0)
     if HAS_HISTORY:
-        m_h = (m & (src < 0))[:, None] & m_ch[None, :]
-        p_h = (i_b * C + ch[None, :]) * (WIDTH - 1) + (WIDTH - 1 + src)[:, None]
-        xs += tl.load(history + p_h, mask=m_h, other=0.0)
+        p_h = (i_b * C + ch) * (WIDTH - 1) + (WIDTH - 1 + src)
+        xs += tl.load(history + p_h, mask=m & (src < 0) & m_ch, other=0.0)
     return xs.to(tl.float32)
 
 
@@ -1888,8 +1890,8 @@ def _conv_pre(x, weight, history, doc_start, i_b, rows, ch, m_ch, T, C, sb, st, 
     """The conv at output rows `rows` before SiLU, rounded to x's dtype (as the torch conv rounds)."""
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for i in tl.static_range(WIDTH):
-        xs = _conv_input(x, history, doc_start, i_b, rows - (WIDTH - 1) + i, rows, ch, m_ch, T, C, sb, st, WIDTH,
-                         HAS_HISTORY, HAS_DOCS)
+        xs = _conv_input(x, history, doc_start, i_b, (rows - (WIDTH - 1) + i)[:, None], rows[:, None], ch[None, :],
+                         m_ch[None, :], T, C, sb, st, WIDTH, HAS_HISTORY, HAS_DOCS)
         acc += xs * _conv_tap(weight, x, ch, m_ch, i, WIDTH)[None, :]
     return acc.to(x.dtype.element_ty).to(tl.float32)
 
@@ -1909,26 +1911,33 @@ def _conv_silu_fwd_kernel(x, weight, history, doc_start, y, T, C, sb, st, WIDTH:
 
 @triton_jit
 def _conv_silu_dpre_kernel(dy, x, weight, history, doc_start, dpre, dweight_parts, T, C, sb, st, WIDTH: tl.constexpr,
-                           HAS_HISTORY: tl.constexpr, HAS_DOCS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """dpre = dy silu'(pre) at this program's output rows t, and
-    dweight_parts[program, c, i] = sum over those rows of dpre(t) x(t - W + 1 + i)."""
+                           HAS_HISTORY: tl.constexpr, HAS_DOCS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                           TILES: tl.constexpr, TAPS: tl.constexpr):
+    """dpre = dy silu'(pre) at this program's TILES x BT output rows t, and
+    dweight_parts[program, c, i] = sum over those rows of dpre(t) x(t - W + 1 + i), accumulated per
+    [row, tap, channel] and summed over rows once at the end."""
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    rows = i_t * BT + tl.arange(0, BT)
     ch = i_c * BC + tl.arange(0, BC)
     m_ch = ch < C
-    m = (rows < T)[:, None] & m_ch[None, :]
-    p = (i_b * T + rows[:, None]) * C + ch[None, :]
-    pre = _conv_pre(x, weight, history, doc_start, i_b, rows, ch, m_ch, T, C, sb, st, WIDTH, HAS_HISTORY, HAS_DOCS,
-                    BT, BC)
-    s = tl.sigmoid(pre)
-    d = (tl.load(dy + p, mask=m, other=0.0).to(tl.float32) * s * (1.0 + pre * (1.0 - s))).to(dpre.dtype.element_ty)
-    tl.store(dpre + p, d, mask=m)
-    d = d.to(tl.float32)
+    taps = tl.arange(0, TAPS)
+    acc = tl.zeros([BT, TAPS, BC], dtype=tl.float32)
+    for j in range(TILES):
+        rows = (i_t * TILES + j) * BT + tl.arange(0, BT)
+        m = (rows < T)[:, None] & m_ch[None, :]
+        p = (i_b * T + rows[:, None]) * C + ch[None, :]
+        pre = _conv_pre(x, weight, history, doc_start, i_b, rows, ch, m_ch, T, C, sb, st, WIDTH, HAS_HISTORY,
+                        HAS_DOCS, BT, BC)
+        s = tl.sigmoid(pre)
+        d = (tl.load(dy + p, mask=m, other=0.0).to(tl.float32) * s * (1.0 + pre * (1.0 - s))).to(dpre.dtype.element_ty)
+        tl.store(dpre + p, d, mask=m)
+        # taps past WIDTH read src >= T (masked to zeros): the padded tap axis adds nothing
+        src = tl.where(taps[None, :] < WIDTH, rows[:, None] - (WIDTH - 1) + taps[None, :], T)
+        xs = _conv_input(x, history, doc_start, i_b, src[:, :, None], rows[:, None, None], ch[None, None, :],
+                         m_ch[None, None, :], T, C, sb, st, WIDTH, HAS_HISTORY, HAS_DOCS)
+        acc += d.to(tl.float32)[:, None, :] * xs
     part = (i_b * tl.num_programs(0) + i_t) * C * WIDTH
-    for i in tl.static_range(WIDTH):
-        xs = _conv_input(x, history, doc_start, i_b, rows - (WIDTH - 1) + i, rows, ch, m_ch, T, C, sb, st, WIDTH,
-                         HAS_HISTORY, HAS_DOCS)
-        tl.store(dweight_parts + part + ch * WIDTH + i, tl.sum(d * xs, axis=0), mask=m_ch)
+    tl.store(dweight_parts + part + ch[None, :] * WIDTH + taps[:, None], tl.sum(acc, axis=0),
+             mask=(taps < WIDTH)[:, None] & m_ch[None, :])
 
 
 @triton_jit

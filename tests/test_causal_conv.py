@@ -72,13 +72,15 @@ def check(fn, B, T, C, width, dtype, tag, history=False, docs=False, view_of_wid
         assert torch.equal(new_cache.cpu(), want_cache.cpu())
 
 
-# T not a multiple of a program's 32 rows, C not of its 128 channels; width 4 (the recipe's) and 2
+# T not a multiple of a program's 32 rows, C not of its 128 channels; width 4 (the recipe's), 3 (taps
+# padded to 4 in the backward) and 2; T 300: the backward's first pass over more than one 256-row group
 CASES = [pytest.param(2, 45, 70, 4, {}, id="B2-T45-C70"),
          pytest.param(1, 33, 130, 2, {}, id="B1-T33-C130-W2"),
          pytest.param(2, 45, 70, 4, dict(view_of_wider=True), id="strided-view"),
          pytest.param(2, 3, 40, 4, dict(history=True), id="T3-shorter-than-cache"),
          pytest.param(2, 40, 40, 4, dict(history=True), id="cache"),
-         pytest.param(1, 70, 40, 4, dict(docs=True), id="documents")]
+         pytest.param(1, 70, 40, 4, dict(docs=True), id="documents"),
+         pytest.param(2, 300, 24, 3, dict(docs=True), id="T300-W3-documents")]
 if torch.cuda.is_available():  # the 1.3B recipe's micro-batch: 4 x 4096 tokens, 2*16*128 + 16*128 channels
     CASES.append(pytest.param(4, 4096, 6144, 4, {}, id="1.3B-4x4096"))
 
