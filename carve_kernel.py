@@ -1813,9 +1813,10 @@ def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit
 # the cache, a prompt continued) and before the token's document (doc_start). The backward runs in two
 # passes: the first recomputes each output's pre-activation once, writes dpre = dy silu'(pre) and
 # per-program parts of the weight gradient (summed in torch: deterministic, no atomics); the second
-# gives an input row the gradient of the W outputs that read it. One pass, recomputing the W
-# pre-activations that each input row feeds, took 1.8 ms a 1.3B layer (4 x 4096 tokens) on an H200;
-# the two passes take about 1.0 (docs/BENCHMARKS.md).
+# gives an input row the gradient of the W outputs that read it. At a 1.3B layer (4 x 4096 tokens) on
+# an H200: one pass recomputing the W pre-activations each input row feeds took 1.8 ms, the two passes
+# 0.69, of which the first 0.55; its weight-gradient sum once per 256 rows rather than per 32-row
+# tile took it from 0.86 (docs/DESIGN.md section 6).
 
 CONV_ROWS, CONV_CHANNELS = 32, 128   # a program's tile of tokens x channels
 CONV_DPRE_TILES = 8   # the backward's first pass walks 8 tiles a program: one weight-gradient sum per 256 rows

@@ -27,7 +27,8 @@ weight_decay = 0.1
 grad_clip = 1.0
 
 # torch.compile: 47,000 against 41,600 tokens/s eager and 67.1 against 70.4 GiB peak for CARVE on one
-# H200 (docs/BENCHMARKS.md, 2026-12-03); the configs that execute this file inherit it
+# H200 (docs/BENCHMARKS.md, run 1 of 2026-12-03; compiled on a later tree: 48,500 at 58.1 GiB); the
+# configs that execute this file inherit it
 compile = True
 
 eval_interval = 1000
