@@ -411,13 +411,20 @@ def checkpoint_records(out_dir):
     return sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.json")), reverse=True)
 
 
+def _unwrapped(name):
+    """A parameter's name without the prefixes of the wrappers it was saved through, nested in any order
+    (train.py's own nesting, DDP around torch.compile, gives `module._orig_mod.`)."""
+    while name.startswith(("_orig_mod.", "module.")):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def load_weights(model, state_dict, source):
     """model.load_state_dict(state_dict), or SystemExit with one line saying what does not fit: a checkpoint
     from another version of model.py, whose parameters had other names or shapes. Names saved through a
     torch.compile or DDP wrapper (`_orig_mod.`, `module.`) load as the plain model's."""
     hint = "it was saved by another version of model.py (git log -- model.py shows when parameters changed)"
-    for prefix in ("_orig_mod.", "module."):
-        state_dict = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+    state_dict = {_unwrapped(name): t for name, t in state_dict.items()}
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:   # a shape differs; torch's message gives each on a line of its own

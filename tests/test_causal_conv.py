@@ -80,7 +80,8 @@ CASES = [pytest.param(2, 45, 70, 4, {}, id="B2-T45-C70"),
          pytest.param(2, 3, 40, 4, dict(history=True), id="T3-shorter-than-cache"),
          pytest.param(2, 40, 40, 4, dict(history=True), id="cache"),
          pytest.param(1, 70, 40, 4, dict(docs=True), id="documents"),
-         pytest.param(2, 300, 24, 3, dict(docs=True), id="T300-W3-documents")]
+         pytest.param(2, 300, 24, 3, dict(docs=True), id="T300-W3-documents"),
+         pytest.param(2, 300, 24, 3, dict(history=True), id="T300-W3-cache")]
 if torch.cuda.is_available():  # the 1.3B recipe's micro-batch: 4 x 4096 tokens, 2*16*128 + 16*128 channels
     CASES.append(pytest.param(4, 4096, 6144, 4, {}, id="1.3B-4x4096"))
 

@@ -104,7 +104,7 @@ def test_weights_saved_through_a_wrapper_load():
     """A state dict saved from a torch.compile or DDP wrapper (names under `_orig_mod.` or `module.`) loads
     as the plain model's, the same tensors."""
     model, copy = (LM(tiny()) for _ in range(2))
-    for prefix in ("_orig_mod.", "module."):
+    for prefix in ("_orig_mod.", "module.", "module._orig_mod."):
         train.load_weights(copy, {prefix + name: t for name, t in model.state_dict().items()}, "wrapped")
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
         copy.reset_parameters()

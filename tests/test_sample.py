@@ -302,7 +302,7 @@ if torch.cuda.is_available():  # CUDA graphs need a GPU: collected there only
         choice between two near-equal logits of a random model (seen on an H200). The tokens are fixed in
         advance and read, like the logits are written, at a step counter on the device, so the graph
         replays them."""
-        from reference import TOL_BF16, assert_rel, perturb, tiny
+        from reference import assert_rel, perturb, tiny
         from sample import decode_step
         model = perturb(LM(tiny(mixer, head_k_dim=16, head_v_dim=16, vocab_size=256))).cuda().eval()
         steps, batch = 40, 3
@@ -327,4 +327,6 @@ if torch.cuda.is_available():  # CUDA graphs need a GPU: collected there only
                 for _ in range(steps):
                     ids = step(ids)
             runs.append(logits.clone())
-        assert_rel(runs[1], runs[0], TOL_BF16, f"compiled graph step logits {mixer}")
+        # 3e-2: the four mixers' logits differed by at most 8e-3 on an H200 (2026-12-03); one teacher token
+        # changed at step 20 moves them by 0.2-0.4
+        assert_rel(runs[1], runs[0], 3e-2, f"compiled graph step logits {mixer}")
