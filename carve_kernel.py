@@ -189,6 +189,18 @@ def causal_conv_silu(x, weight, cache=None, doc_start=None):
     return y, None if cache is None else _next_conv_cache(x, cache, weight.shape[-1])
 
 
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), except that one row (a batch-1 decode step) with no gradient runs a
+    Triton GEMV (section 6) where backend_for says so: cuBLAS reads a 1.3B layer's weights at about
+    half the copy bandwidth there. Under autocast x is cast to its dtype, as F.linear would; the
+    GEMV runs only where the weight already is in that dtype (sample.py's inference_weights)."""
+    if x.numel() == x.shape[-1] and backend_for(x) == "triton" and not torch.is_grad_enabled():
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if weight.dtype == dtype and (bias is None or bias.dtype == dtype):
+            return torch.ops.carve.gemv(x.to(dtype), weight, bias)
+    return F.linear(x, weight, bias)
+
 # ============================================================================================
 # 2. Torch definitions (docs/DESIGN.md sections 1-3 and 10)
 # ============================================================================================
@@ -2042,6 +2054,46 @@ def _norm_gate_bwd_kernel(dy, o, gate, weight, rstd, do, dgate, dweight_parts, n
     tl.store(do + offsets, dx.to(do.dtype.element_ty), mask=mask)
 
 
+# The batch-1 GEMV: one program per GEMV_ROWS output features reads those rows of the weight whole,
+# so that the programs (N / GEMV_ROWS, some hundreds at the 1.3B shapes) keep every SM streaming;
+# each accumulates [rows, GEMV_COLS] products in fp32 and sums them once at the end.
+
+GEMV_COLS = 256
+
+
+def gemv_rows(n_features, sm_count):
+    """Output features a program: the most (up to 16) that still give every SM two programs."""
+    rows = 16
+    while rows > 1 and triton.cdiv(n_features, rows) < 2 * sm_count:
+        rows //= 2
+    return rows
+
+
+def gemv_triton(x, weight, bias):
+    """x [..., K] of one row, weight [N, K] (unit stride along K), bias [N] or None: x @ weight^T + bias."""
+    N, K = weight.shape
+    out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    rows = gemv_rows(N, _sm_count(x.device))
+    _gemv_kernel[(triton.cdiv(N, rows),)](x=x, weight=weight, bias=bias, out=out, N=N, K=K, sw=weight.stride(0),
+                                          HAS_BIAS=bias is not None, ROWS=rows, COLS=GEMV_COLS)
+    return out
+
+
+@triton_jit
+def _gemv_kernel(x, weight, bias, out, N, K, sw, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    m_rows = rows < N
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    for k0 in range(0, K, COLS):
+        cols = k0 + tl.arange(0, COLS)
+        w = tl.load(weight + rows[:, None].to(tl.int64) * sw + cols[None, :], mask=m_rows[:, None] & (cols < K)[None, :],
+                    other=0.0)
+        acc += w.to(tl.float32) * tl.load(x + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias + rows, mask=m_rows, other=0.0).to(tl.float32)
+    tl.store(out + rows, y.to(out.dtype.element_ty), mask=m_rows)
+
 # ============================================================================================
 # 7. Custom ops: each Triton launcher behind a torch.library op, so torch.compile sees one opaque
 #    node instead of a launch it cannot trace, and the graph does not break
@@ -2210,3 +2262,11 @@ if triton is not None:
     def _(dy, o, gate, weight, rstd, silu):
         return (torch.empty_like(o, memory_format=torch.contiguous_format),
                 torch.empty_like(gate, memory_format=torch.contiguous_format), torch.empty_like(weight))
+
+    @torch.library.custom_op("carve::gemv", mutates_args=())
+    def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return gemv_triton(x.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(), bias)
+
+    @_gemv_op.register_fake
+    def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))

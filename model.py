@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from carve_kernel import (CarveState, DecayGate, backend_for, causal_conv_silu, chunk_carve, fused_decode_step,
-                          output_norm_gate, recurrent_carve, zero_state)
+                          linear, output_norm_gate, recurrent_carve, zero_state)
 
 MIXERS = ("carve", "gdn2", "attn")
 
@@ -74,6 +74,14 @@ class ModelConfig:
         return cls(**{key: value for key, value in d.items() if key in names})
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose one-row products without gradient (a batch-1 decode step on a GPU) run
+    carve_kernel.linear's GEMV."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 def init_linear(layer):
     nn.init.xavier_uniform_(layer.weight, gain=2 ** -2.5)
     if layer.bias is not None:
@@ -122,21 +130,21 @@ class DeltaMixer(nn.Module):
         # one [B, T, 2HK + HV] slice), the first halves of the low-rank decay and output gates, the erase
         # gate's logits; the write gate differs between the models and keeps a Linear of its own
         self.in_sizes = (H * K, H * K, H * V, K, H * K, V)
-        self.in_proj = nn.Linear(d, sum(self.in_sizes), bias=False)
+        self.in_proj = Linear(d, sum(self.in_sizes), bias=False)
         self.conv_weight = nn.Parameter(torch.empty(2 * H * K + H * V, 1, cfg.conv_size))
         # channel-wise decay g = -exp(A_log) * softplus(W_f x + dt_bias), W_f low rank d -> K -> H*K
-        self.f_up = nn.Linear(K, H * K, bias=False)
+        self.f_up = Linear(K, H * K, bias=False)
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H * K))
         if kind == "gdn2":
-            self.w_proj = nn.Linear(d, H * V, bias=False)              # write gate, value axis
+            self.w_proj = Linear(d, H * V, bias=False)              # write gate, value axis
         else:
-            self.beta_proj = nn.Linear(d, H, bias=False)               # scalar write strength per head
+            self.beta_proj = Linear(d, H, bias=False)               # scalar write strength per head
             self.content_down = nn.Parameter(torch.empty(H, cfg.content_rank, V))   # D_h: V -> r
             self.content_up = nn.Parameter(torch.empty(H, K, cfg.content_rank))     # U_h: r -> K
-        self.g_up = nn.Linear(V, H * V, bias=True)                     # output gate, low rank d -> V -> H*V
+        self.g_up = Linear(V, H * V, bias=True)                     # output gate, low rank d -> V -> H*V
         self.o_norm_weight = nn.Parameter(torch.ones(V))
-        self.o_proj = nn.Linear(H * V, d, bias=False)
+        self.o_proj = Linear(H * V, d, bias=False)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -241,8 +249,8 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, D, d = cfg.n_head, cfg.head_k_dim, cfg.d_model
-        self.qkv_proj = nn.Linear(d, 3 * H * D, bias=False)
-        self.o_proj = nn.Linear(H * D, d, bias=False)
+        self.qkv_proj = Linear(d, 3 * H * D, bias=False)
+        self.o_proj = Linear(H * D, d, bias=False)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -306,8 +314,8 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)   # gate and up as one product
-        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+        self.gate_up_proj = Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)   # gate and up as one product
+        self.down_proj = Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -418,7 +426,7 @@ class LM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, m) for m in cfg.layer_mixers())
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.activation_checkpointing = False  # train.py's switch: recompute each block in the backward

@@ -1,0 +1,63 @@
+"""carve_kernel.linear: F.linear, except that one row without gradient (a batch-1 decode step) runs the
+Triton GEMV (in Triton's interpreter on a CPU, compiled on a GPU). The GEMV against a float64 product,
+and the dispatch: which calls take it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import carve_kernel
+from carve_kernel import linear
+from reference import DEVICE, TOL_BF16, TOL_FWD, assert_rel, needs_triton
+
+# N not a multiple of a program's rows, K below, at and not a multiple of its 256 columns
+SHAPES = [(70, 40), (33, 256), (130, 300), (5, 1)]
+if torch.cuda.is_available():  # the 1.3B decode step's in_proj and SwiGLU down-projection
+    SHAPES += [(8448, 2304), (2304, 6208)]
+
+
+def operands(N, K, dtype, bias, lead=(1, 1)):
+    gen = torch.Generator().manual_seed(N * 1000 + K)
+    x = torch.randn(*lead, K, generator=gen).to(DEVICE, dtype)
+    weight = (torch.randn(N, K, generator=gen) / K ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(N, generator=gen).to(DEVICE, dtype) if bias else None
+    return x, weight, b
+
+
+@needs_triton
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N, K", SHAPES)
+def test_gemv_against_float64(monkeypatch, poisoned_empty, N, K, dtype, bias):
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    x, weight, b = operands(N, K, dtype, bias)
+    calls = []
+    real = carve_kernel.gemv_triton
+    monkeypatch.setattr(carve_kernel, "gemv_triton", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y = linear(x, weight, b)
+    assert calls, "the GEMV did not run"
+    assert y.dtype == dtype and y.shape == (1, 1, N)
+    ref = x.double() @ weight.double().T + (b.double() if bias else 0)
+    assert_rel(y, ref, TOL_BF16 if dtype == torch.bfloat16 else TOL_FWD, f"gemv {dtype}")
+
+
+@needs_triton
+def test_gemv_only_for_one_row_without_gradient(monkeypatch):
+    """More rows, a gradient, or a weight not in the compute dtype go to F.linear; autocast casts x."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    calls = []
+    real = carve_kernel.gemv_triton
+    monkeypatch.setattr(carve_kernel, "gemv_triton", lambda *a: calls.append(1) or real(*a))
+    x, weight, _ = operands(24, 40, torch.float32, False, lead=(2, 1))
+    with torch.no_grad():
+        assert torch.equal(linear(x, weight), F.linear(x, weight)) and not calls
+    w = weight.clone().requires_grad_()
+    y = linear(x[:1], w)
+    y.sum().backward()
+    assert not calls and w.grad is not None
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        linear(x[:1], weight)   # an fp32 weight under bf16 autocast: F.linear casts it, the GEMV does not run
+        assert not calls
+        y = linear(x[:1], weight.bfloat16())   # fp32 x, bf16 weight: x cast as F.linear would
+    assert calls and y.dtype == torch.bfloat16
+    assert_rel(y, x[:1].bfloat16().double() @ weight.bfloat16().double().T, TOL_BF16, "gemv autocast")
