@@ -11,6 +11,7 @@ design; its section numbers are cited below.
                                  a_log_min, chunk_size=64)     # updates state and conv_cache in place
     y = output_norm_gate(o, gate, weight, eps, activation="silu")
     y, new_cache = causal_conv_silu(x, weight, cache=None, doc_start=None)
+    y = linear(x, weight, bias=None)   # F.linear; a Triton GEMV for one row without gradient (decode)
 
     q, k     [B, T, H, K]  L2-normalised here, inside the kernel
     v        [B, T, H, V]
@@ -33,7 +34,7 @@ The file reads top to bottom:
   4. Triton chunk backward: one reverse walk and two parallel kernels, and the content gradients.
   5. Triton decode: the per-token kernel behind recurrent_carve and a layer's fused decode step.
   6. Triton layer pieces: the short causal conv + SiLU over the q, k, v projection, and the layer's
-     RMSNorm(o) * act(gate), each forward and backward.
+     RMSNorm(o) * act(gate), each forward and backward; the batch-1 GEMV of a decode step.
   7. The torch.library custom ops around the Triton launchers, so torch.compile keeps one graph.
 Triton is optional: without it (a CPU-only install, macOS) every call takes the torch path.
 """
@@ -189,17 +190,17 @@ def causal_conv_silu(x, weight, cache=None, doc_start=None):
     return y, None if cache is None else _next_conv_cache(x, cache, weight.shape[-1])
 
 
-
 def linear(x, weight, bias=None):
     """F.linear(x, weight, bias), except that one row (a batch-1 decode step) with no gradient runs a
-    Triton GEMV (section 6) where backend_for says so: cuBLAS reads a 1.3B layer's weights at about
-    half the copy bandwidth there. Under autocast x is cast to its dtype, as F.linear would; the
+    Triton GEMV (section 6) where backend_for says so: there cuBLAS read the 1.3B in_proj at about half
+    the copy bandwidth (docs/DESIGN.md section 6). Under autocast x is cast to its dtype, as F.linear would; the
     GEMV runs only where the weight already is in that dtype (sample.py's inference_weights)."""
     if x.numel() == x.shape[-1] and backend_for(x) == "triton" and not torch.is_grad_enabled():
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if weight.dtype == dtype and (bias is None or bias.dtype == dtype):
             return torch.ops.carve.gemv(x.to(dtype), weight, bias)
     return F.linear(x, weight, bias)
+
 
 # ============================================================================================
 # 2. Torch definitions (docs/DESIGN.md sections 1-3 and 10)
@@ -1816,7 +1817,8 @@ def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit
 
 
 # ============================================================================================
-# 6. Triton layer pieces: the causal conv + SiLU, the output norm and gate (docs/DESIGN.md section 6)
+# 6. Triton layer pieces: the causal conv + SiLU, the output norm and gate, the batch-1 GEMV
+#    (docs/DESIGN.md section 6)
 # ============================================================================================
 # Each replaces some ten torch kernels and their fp32 intermediates by one kernel each way; each
 # backward recomputes what its forward computed from the inputs (one more read) rather than storing it.
@@ -2054,9 +2056,10 @@ def _norm_gate_bwd_kernel(dy, o, gate, weight, rstd, do, dgate, dweight_parts, n
     tl.store(do + offsets, dx.to(do.dtype.element_ty), mask=mask)
 
 
-# The batch-1 GEMV: one program per GEMV_ROWS output features reads those rows of the weight whole,
-# so that the programs (N / GEMV_ROWS, some hundreds at the 1.3B shapes) keep every SM streaming;
-# each accumulates [rows, GEMV_COLS] products in fp32 and sums them once at the end.
+# The batch-1 GEMV: one program per gemv_rows output features reads those rows of the weight whole,
+# so that the programs (N / rows, some hundreds at the 1.3B shapes) keep every SM streaming; each
+# accumulates [rows, GEMV_COLS] products in fp32 and sums them once at the end. It took the 1.3B
+# CARVE's graph-replayed batch-1 decode step from 1.96 to 1.89 ms on an H200 (docs/BENCHMARKS.md).
 
 GEMV_COLS = 256
 

@@ -61,3 +61,18 @@ def test_gemv_only_for_one_row_without_gradient(monkeypatch):
         y = linear(x[:1], weight.bfloat16())   # fp32 x, bf16 weight: x cast as F.linear would
     assert calls and y.dtype == torch.bfloat16
     assert_rel(y, x[:1].bfloat16().double() @ weight.bfloat16().double().T, TOL_BF16, "gemv autocast")
+
+
+@needs_triton
+def test_compiles_without_graph_breaks(monkeypatch):
+    """carve::gemv is a custom op: torch.compile(fullgraph=True) traces a one-row step through it (as
+    sample.py's compiled decode step does) and computes the same values."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    calls = []
+    real = carve_kernel.gemv_triton
+    monkeypatch.setattr(carve_kernel, "gemv_triton", lambda *a: calls.append(1) or real(*a))
+    x, weight, b = operands(24, 40, torch.float32, True)
+    with torch.no_grad():
+        want = linear(x, weight, b)
+        got = torch.compile(linear, fullgraph=True, backend="aot_eager")(x, weight, b)
+    assert len(calls) >= 2 and torch.equal(got, want)
