@@ -31,7 +31,8 @@ The file reads top to bottom:
   2. Torch definitions: the per-token recurrence `recurrent_carve_torch` (what every kernel computes,
      and the torch decode path) and the chunked WY form `chunk_carve_torch` (the torch training path).
   3. Triton chunk forward: the schedule, the sequence table, the forward's two forms and its kernels.
-  4. Triton chunk backward: one reverse walk and two parallel kernels, and the content gradients.
+  4. Triton chunk backward: a walk that rebuilds the block states, the reverse walk, two parallel
+     kernels, and the content gradients.
   5. Triton decode: the per-token kernel behind recurrent_carve and a layer's fused decode step.
   6. Triton layer pieces: the short causal conv + SiLU over the q, k, v projection, and the layer's
      RMSNorm(o) * act(gate), each forward and backward; the batch-1 GEMV of a decode step.
@@ -483,7 +484,8 @@ def packed_sequences_torch(q, k, v, g, b_logit, w, content, initial_state, outpu
 # (chunk_schedule picks one): the walk alone (_chunk_fwd_kernel, one program per sequence and head),
 # or, when those programs would leave most of the card idle, split around the parallel
 # _chunk_prep_kernel (and for GDN-2 a value-block walk and the parallel _chunk_fwd_output). It stores
-# what the backward needs (ChunkSaved), so the backward never repeats the walk.
+# what the backward needs (ChunkSaved) except the state at each block start, which the backward walks
+# again from what is stored (one product a block, without the solve and the output).
 
 CHUNK_BT = 16  # rows of a block
 # Launch settings from a sweep on an H200 (4, 8 and 16 warps, 1 to 3 stages). Two stages let the loads
@@ -1207,8 +1209,9 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
 # ============================================================================================
 # 4. Triton chunk backward (docs/DESIGN.md section 5)
 # ============================================================================================
-# Three kernels: _chunk_bwd_walk, the only sequential part (blocks in reverse, per value block, carrying
-# the state gradient), then two kernels parallel over chunks: _chunk_bwd_values (dv, dw and the
+# Four kernels: two sequential ones, _chunk_rebuild_states (the state at each block start, walked again
+# forward) and _chunk_bwd_walk (blocks in reverse, per value block, carrying the state gradient), then
+# two kernels parallel over chunks: _chunk_bwd_values (dv, dw and the
 # value-summed pieces) and _chunk_bwd_keys (the chain through A, T and M to dq, dk, dg, db_logit, dDelta;
 # given a DecayGate, df for dg and the parts of the gradients of dt_bias and A_log).
 
@@ -1413,8 +1416,8 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, d
                       d_m, d_rr, seqs, max_chunks, sv, sw, H, scale, K: tl.constexpr, V: tl.constexpr,
                       C: tl.constexpr, VALUE_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                       BT: tl.constexpr):
-    """One program per (sequence, chunk, head): per block, from the state before it (as the forward
-    stored it) and the state gradient after it (as the reverse walk stored it), dv, dw and the
+    """One program per (sequence, chunk, head): per block, from the state before it (as
+    _chunk_rebuild_states walked it again) and the state gradient after it (as the reverse walk stored it), dv, dw and the
     value-summed pieces the key-side kernel needs. All V columns in one program, so the sums over V are
     plain stores (deterministic, nothing to zero first)."""
     i_n, i_h, j = _chunk_program(H, max_chunks)

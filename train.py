@@ -9,7 +9,8 @@ A config file is plain Python that assigns some of the keys in DEFAULTS below; `
 arguments after it override them (values are Python literals; anything else is a string).
 The global batch is `batch_tokens`; gradient accumulation is derived from the world size, so one
 process and N processes train on the same batches and give the same loss curve.
-A run is resumable exactly: `--init_from=resume` continues from out_dir/ckpt.pt.
+A run is resumable exactly: `--init_from=resume` continues from the newest good checkpoint in out_dir
+(ckpt_<step>.pt with its record ckpt_<step>.json).
 """
 import ast
 import difflib

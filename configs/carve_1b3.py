@@ -1,5 +1,6 @@
-# CARVE at 1.3B parameters, the recipe of docs/DESIGN.md section 11 (100B tokens of FineWeb-Edu, GPT-2 BPE).
-#   python prepare_data.py --source fineweb --tokenizer gpt2 --out_dir data/fineweb_edu_gpt2
+# CARVE at 1.3B parameters, the recipe of README.md ("1.3B on GPUs"; 100B tokens of FineWeb-Edu, GPT-2 BPE).
+#   python prepare_data.py --source fineweb --tokenizer gpt2 --fineweb_name sample-100BT --fineweb_tokens 100e9 \
+#       --out_dir data/fineweb_edu_gpt2
 #   torchrun --standalone --nproc_per_node=8 train.py configs/carve_1b3.py
 out_dir = "out/carve_1b3"
 data_dir = "data/fineweb_edu_gpt2"

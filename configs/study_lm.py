@@ -1,6 +1,7 @@
 # The language-modelling comparison of docs/RESULTS.md (scripts/lm_study.py): byte-level models of about
 # 12M parameters in their blocks on Shakespeare's plays (python prepare_data.py), several epochs of the
-# 4.5M training bytes with the best validation point reported, as ../shared/STUDY.md asks of small corpora.
+# 4.5M training bytes with the best validation point reported (on a corpus this small, a single pass
+# would compare undertrained models).
 # lm_study.py sets mixer, mlp_hidden (to equalise the parameters), lr, min_lr, seed and out_dir per run.
 out_dir = "out/study_lm"
 data_dir = "data/shakespeare_byte"

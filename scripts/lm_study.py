@@ -12,7 +12,7 @@ seeds), the table of every learning rate, and the curves.
 Runs start from configs/study_lm.py. Each mixer gets the SwiGLU width (mlp_hidden, a multiple of 16)
 that brings the parameters in its blocks to --params; a mixer that cannot come within 2% stops the
 study before anything trains. Each run's score is the lowest validation bits per byte it logged: on a
-small corpus seen several times the models overfit at different points (../shared/STUDY.md), so the
+small corpus seen several times the models overfit at different points, so the
 best point counts, and the curves show the rest. A mixer's best learning rate is the one with the
 lowest mean over seeds. Runs are resumable and skipped once finished (as in scripts/mqar_sweep.py,
 whose runner this uses), so the study can be stopped and spread over several sessions. The table goes
