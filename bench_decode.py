@@ -4,6 +4,7 @@ at several batch sizes and context lengths, beside the limit that reading the we
     python bench_decode.py carve_1b3 transformer_1b3                       # batch 1, 8, 64; context 1K and 16K
     python bench_decode.py carve_1b3 --batch 1 --context 1024 --no_graph   # also the plain (un-captured) step
     python bench_decode.py carve_1b3 --compile 1                           # only the compiled step
+    python bench_decode.py carve_1b3 --batch 1 --context 1024 --profile    # and where a step's time goes
 
 Configs load exactly as in train.py (a path, or a bare name in configs/; `--key=value` overrides apply
 to every config). The model has random weights (vocab_size 0 means 50304), its Linear weights in bf16 as
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-from bench_train import load_configs, model_config_of
+from bench_train import device_times, load_configs, model_config_of, print_profile
 from model import LM, set_cache_offset
 from sample import decode_step, inference_weights, sample_next
 
@@ -78,8 +79,9 @@ def step_bytes(model, cache, context):
     return weights, moved
 
 
-def measure(model, batch, context, steps, graph, compile):
-    """(ms per step, tokens per s, weight bytes, all bytes) of `steps` timed decode steps."""
+def measure(model, batch, context, steps, graph, compile, profile=False):
+    """(ms per step, tokens per s, weight bytes, all bytes, kernels) of `steps` timed decode steps; kernels:
+    with profile, device_times of one more step, else None."""
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(0)
     # untimed: every kind of step run as is (CudaGraphStep's warmup: 1, compiled 2) and then captured; the
@@ -101,8 +103,9 @@ def measure(model, batch, context, steps, graph, compile):
             ids = step(ids)
             ids.tolist()   # generate_samples reads each step's tokens on the host
         seconds = time.perf_counter() - start
+        kernels = device_times(lambda: step(ids)) if profile else None
     weights, moved = step_bytes(model, cache, context)
-    return seconds / steps * 1e3, batch * steps / seconds, weights, moved
+    return seconds / steps * 1e3, batch * steps / seconds, weights, moved, kernels
 
 
 def parse_args():
@@ -114,6 +117,8 @@ def parse_args():
                         help="comma-separated context lengths in tokens (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps (default: %(default)s)")
     parser.add_argument("--no_graph", action="store_true", help="also time the plain step, without CUDA graphs")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each row, the device time of one more step by kind of kernel and its top kernels")
     parser.add_argument("--compile", choices=("0", "1", "both"), default="both",
                         help="the step through torch.compile or not (default: %(default)s)")
     args, rest = parser.parse_known_args()
@@ -153,12 +158,15 @@ def main():
                     step = ("graph" if graph else "plain") + (" + compile" if compile else "")
                     row = f"| {name} | {step} | {batch} | {context:,} |"
                     try:
-                        ms, tokens_per_s, weights, moved = measure(model, batch, context, args.steps, graph, compile)
+                        ms, tokens_per_s, weights, moved, kernels = measure(model, batch, context, args.steps, graph,
+                                                                            compile, args.profile)
                     except torch.OutOfMemoryError:   # e.g. a Transformer's keys and values at 64 x 16K
                         print(f"{row} out of memory | - | - | - |", flush=True)
                     else:
                         print(f"{row} {ms:.2f} | {tokens_per_s:,.0f} | {batch * bandwidth / weights:,.0f} | "
                               f"{batch * bandwidth / moved:,.0f} |", flush=True)
+                        if kernels is not None:
+                            print_profile(kernels, ms)
                     torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()

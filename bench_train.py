@@ -144,8 +144,8 @@ def make_step(model, optimizer, batches, config):
     return step
 
 
-def profile_step(step, step_ms):
-    """Prints the device time of one step by kind of kernel and its top kernels."""
+def device_times(step):
+    """{kernel name: ms of device time} of one call of step() (kernels replayed from a CUDA graph included)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
@@ -153,16 +153,24 @@ def profile_step(step, step_ms):
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:  # kernels and copies, not the CPU ops that launch them
             ms_per_kernel[event.name] += event.device_time_total / 1e3
+    return ms_per_kernel
+
+
+def print_profile(ms_per_kernel, step_ms):
+    """Prints device_times' result by kind of kernel and its top kernels."""
     total = sum(ms_per_kernel.values())
+    if not total:
+        print("    the profiler recorded no device kernels for this step", flush=True)
+        return
     ms_per_kind = defaultdict(float)
     for name, ms in ms_per_kernel.items():
         ms_per_kind[kernel_kind(name)] += ms
-    print(f"    one step: {total:.1f} ms of device time (timed step {step_ms:.1f} ms)")
+    print(f"    one step: {total:.3f} ms of device time (timed step {step_ms:.3f} ms)")
     for kind, label in KIND_LABELS.items():
-        print(f"      {label:<16} {ms_per_kind[kind]:9.1f} ms {ms_per_kind[kind] / total:6.1%}")
+        print(f"      {label:<16} {ms_per_kind[kind]:9.3f} ms {ms_per_kind[kind] / total:6.1%}")
     print(f"    top {TOP_KERNELS} kernels:")
     for name, ms in sorted(ms_per_kernel.items(), key=lambda item: -item[1])[:TOP_KERNELS]:
-        print(f"      {ms:9.1f} ms {ms / total:6.1%}  {name[:110]}")
+        print(f"      {ms:9.3f} ms {ms / total:6.1%}  {name[:110]}")
     print(flush=True)
 
 
@@ -197,7 +205,7 @@ def measure(name, build_model, config, compiled, args):
     print(f"{name:<40} {mode:<9} {tokens_per_s:10,.0f} {step_ms:9.1f} {format_mfu(mfu):>6} {peak_gib:8.1f}",
           flush=True)
     if args.profile:
-        profile_step(step, step_ms)
+        print_profile(device_times(step), step_ms)
     return {"name": name, "mode": mode, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_gib": peak_gib,
             "shape": shape_of(config)}
 

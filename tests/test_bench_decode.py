@@ -38,5 +38,6 @@ def test_cache_filled_as_after_a_context_and_the_bytes_a_step_moves():
 
 def test_measure_times_the_plain_step():
     model = LM(tiny("carve,attn", head_k_dim=8, head_v_dim=8)).eval()
-    ms, tokens_per_s, weights, moved = measure(model, batch=2, context=10, steps=3, graph=False, compile=False)
-    assert ms > 0 and tokens_per_s > 0 and moved > weights > 0
+    ms, tokens_per_s, weights, moved, kernels = measure(model, batch=2, context=10, steps=3, graph=False,
+                                                        compile=False)
+    assert ms > 0 and tokens_per_s > 0 and moved > weights > 0 and kernels is None   # no profile asked

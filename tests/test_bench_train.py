@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from bench_train import kernel_kind
+from bench_train import kernel_kind, print_profile
 from conftest import ROOT
 
 
@@ -38,9 +38,21 @@ def test_unknown_config_and_key_exit_with_one_line():
     ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"),
     ("cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_128x256x64_1x2x1_0_tnn_align8_warpspecialized", "matmul"),
     ("void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>(cublasSplitKParams<float>)", "matmul"),
+    ("_gemv_kernel", "matmul"),   # ours, batch-1 decode
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int, float)", "other"),
     ("triton_poi_fused__to_copy_mul_silu_0", "other"),
     ("Memset (Device)", "other"),
 ])
 def test_kernel_kind(name, kind):
     assert kernel_kind(name) == kind
+
+
+def test_print_profile_by_kind_and_top_kernels(capsys):
+    print_profile({"_chunk_fwd_kernel": 0.030, "_gemv_kernel": 0.060, "triton_poi_fused_add_0": 0.010}, 0.125)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "    one step: 0.100 ms of device time (timed step 0.125 ms)"
+    assert [line.split()[-3:] for line in out[1:4]] == [["0.030", "ms", "30.0%"], ["0.060", "ms", "60.0%"],
+                                                         ["0.010", "ms", "10.0%"]]   # chunk, matmul, other
+    assert out[5].split() == ["0.060", "ms", "60.0%", "_gemv_kernel"]
+    print_profile({}, 0.125)
+    assert capsys.readouterr().out == "    the profiler recorded no device kernels for this step\n"
