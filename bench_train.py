@@ -22,7 +22,7 @@ tokens/s = tokens per optimizer step / mean time of the --steps steps after --wa
 first steps compile and allocate the optimizer state); MFU = model.flops_per_token(seq_len) * tokens/s /
 the GPU's dense bf16 peak (train.py's peak_flops; --peak_tflops=... sets it); peak GiB = most memory
 allocated during the timed steps. --profile adds the device time of one more step by kind of kernel
-and its top 15 kernels (torch.profiler).
+(chunk kernels, matrix products, attention, everything else) and its top 15 kernels (torch.profiler).
 
 --fla: the reference is model.py's LM with every mixer replaced by flash-linear-attention's
 GatedDeltaNet2 (same d_model, layers, heads and head dims, SwiGLU, vocabulary, conv size), so only
@@ -55,18 +55,23 @@ SHAPE_KEYS = ("vocab_size", "n_layer", "d_model", "n_head", "head_k_dim", "head_
 # fla's GDN-2 runs chunk_* kernels plus its WY representation, triangular solve and q/k l2norm, which
 # ours do inside the chunk kernels. Matrix products: cuBLAS / cuBLASLt / CUTLASS kernels go by names
 # such as sm90_xmma_gemm_*, nvjet_tst_*, cutlass3x_*, ampere_bf16_s16816gemm_*, splitKreduce_kernel;
-# triton_tem_* are Inductor's (matrix-product) templates under max-autotune.
+# triton_tem_* are Inductor's (matrix-product) templates under max-autotune. Attention (SDPA's flash,
+# memory-efficient and cuDNN kernels) comes before them: the memory-efficient one is a CUTLASS kernel.
 CHUNK_PATTERNS = ("chunk", "recompute_w_u", "solve_tril", "merge_16x16", "prepare_wy", "l2norm")
+ATTENTION_PATTERNS = ("fmha", "flash", "sdpa", "attention")
 MATMUL_PATTERNS = ("gemm", "gemv", "cutlass", "xmma", "nvjet", "sm90", "cublas", "matmul", "splitkreduce",
                    "triton_tem_")
-KIND_LABELS = {"chunk": "chunk kernels", "matmul": "matrix products", "other": "everything else"}
+KIND_LABELS = {"chunk": "chunk kernels", "matmul": "matrix products", "attention": "attention",
+               "other": "everything else"}
 
 
 def kernel_kind(name):
-    """'chunk', 'matmul' or 'other' for a device kernel's name."""
+    """'chunk', 'attention', 'matmul' or 'other' for a device kernel's name."""
     lowered = name.lower()
     if any(pattern in lowered for pattern in CHUNK_PATTERNS):
         return "chunk"
+    if any(pattern in lowered for pattern in ATTENTION_PATTERNS):
+        return "attention"
     if any(pattern in lowered for pattern in MATMUL_PATTERNS):
         return "matmul"
     return "other"

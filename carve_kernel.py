@@ -196,7 +196,8 @@ def linear(x, weight, bias=None):
     Triton GEMV (section 6) where backend_for says so: there cuBLAS read the 1.3B in_proj at about half
     the copy bandwidth (docs/DESIGN.md section 6). Under autocast x is cast to its dtype, as F.linear would; the
     GEMV runs only where the weight already is in that dtype (sample.py's inference_weights)."""
-    if x.numel() == x.shape[-1] and backend_for(x) == "triton" and not torch.is_grad_enabled():
+    one_row = x.numel() == x.shape[-1] > 0 and weight.dim() == 2
+    if one_row and backend_for(x) == "triton" and not torch.is_grad_enabled():
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if weight.dtype == dtype and (bias is None or bias.dtype == dtype):
             return torch.ops.carve.gemv(x.to(dtype), weight, bias)
@@ -1417,9 +1418,9 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, d
                       C: tl.constexpr, VALUE_GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                       BT: tl.constexpr):
     """One program per (sequence, chunk, head): per block, from the state before it (as
-    _chunk_rebuild_states walked it again) and the state gradient after it (as the reverse walk stored it), dv, dw and the
-    value-summed pieces the key-side kernel needs. All V columns in one program, so the sums over V are
-    plain stores (deterministic, nothing to zero first)."""
+    _chunk_rebuild_states walked it again) and the state gradient after it (as the reverse walk stored
+    it), dv, dw and the value-summed pieces the key-side kernel needs. All V columns in one program, so
+    the sums over V are plain stores (deterministic, nothing to zero first)."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
@@ -2092,8 +2093,8 @@ def _gemv_kernel(x, weight, bias, out, N, K, sw, HAS_BIAS: tl.constexpr, ROWS: t
     acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
     for k0 in range(0, K, COLS):
         cols = k0 + tl.arange(0, COLS)
-        w = tl.load(weight + rows[:, None].to(tl.int64) * sw + cols[None, :], mask=m_rows[:, None] & (cols < K)[None, :],
-                    other=0.0)
+        w = tl.load(weight + rows[:, None].to(tl.int64) * sw + cols[None, :],
+                    mask=m_rows[:, None] & (cols < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * tl.load(x + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -2271,7 +2272,8 @@ if triton is not None:
 
     @torch.library.custom_op("carve::gemv", mutates_args=())
     def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return gemv_triton(x.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(), bias)
+        return gemv_triton(x.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(),
+                           _contiguous_or_none(bias))
 
     @_gemv_op.register_fake
     def _(x, weight, bias):

@@ -39,6 +39,8 @@ def test_unknown_config_and_key_exit_with_one_line():
     ("cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_128x256x64_1x2x1_0_tnn_align8_warpspecialized", "matmul"),
     ("void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>(cublasSplitKParams<float>)", "matmul"),
     ("_gemv_kernel", "matmul"),   # ours, batch-1 decode
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<bfloat16_t>)", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>(Flash_fwd_params)", "attention"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int, float)", "other"),
     ("triton_poi_fused__to_copy_mul_silu_0", "other"),
     ("Memset (Device)", "other"),
@@ -51,8 +53,9 @@ def test_print_profile_by_kind_and_top_kernels(capsys):
     print_profile({"_chunk_fwd_kernel": 0.030, "_gemv_kernel": 0.060, "triton_poi_fused_add_0": 0.010}, 0.125)
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "    one step: 0.100 ms of device time (timed step 0.125 ms)"
-    assert [line.split()[-3:] for line in out[1:4]] == [["0.030", "ms", "30.0%"], ["0.060", "ms", "60.0%"],
-                                                         ["0.010", "ms", "10.0%"]]   # chunk, matmul, other
-    assert out[5].split() == ["0.060", "ms", "60.0%", "_gemv_kernel"]
+    assert [line.split()[-3:] for line in out[1:5]] == [["0.030", "ms", "30.0%"], ["0.060", "ms", "60.0%"],
+                                                         ["0.000", "ms", "0.0%"], ["0.010", "ms", "10.0%"]]
+    assert [line.split()[0] for line in out[1:5]] == ["chunk", "matrix", "attention", "everything"]
+    assert out[6].split() == ["0.060", "ms", "60.0%", "_gemv_kernel"]
     print_profile({}, 0.125)
     assert capsys.readouterr().out == "    the profiler recorded no device kernels for this step\n"

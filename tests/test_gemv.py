@@ -61,6 +61,14 @@ def test_gemv_only_for_one_row_without_gradient(monkeypatch):
         y = linear(x[:1], weight.bfloat16())   # fp32 x, bf16 weight: x cast as F.linear would
     assert calls and y.dtype == torch.bfloat16
     assert_rel(y, x[:1].bfloat16().double() @ weight.bfloat16().double().T, TOL_BF16, "gemv autocast")
+    calls.clear()
+    with torch.no_grad():   # F.linear's other cases: no features, a weight vector
+        assert linear(x[:1, :, :0], weight[:, :0]).shape == (1, 1, 24) and linear(x[:1], weight[0]).shape == (1, 1)
+        assert not calls
+        bias = torch.randn(48)[::2].to(DEVICE)   # a strided bias, read at its stride
+        assert_rel(linear(x[:1], weight, bias), x[:1].double() @ weight.double().T + bias.double(), TOL_FWD,
+                   "gemv strided bias")
+    assert calls
 
 
 @needs_triton
