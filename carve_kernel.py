@@ -9,7 +9,7 @@ design; its section numbers are cited below.
                                output_final_state=False, scale=None, chunk_size=64)
     o, state = fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state, content,
                                  a_log_min, chunk_size=64)     # updates state and conv_cache in place
-    y = output_norm_gate(o, gate, weight, eps, activation="silu")
+    y = output_norm_gate(o, gate, weight, eps, activation="silu")   # gate [..., V], or a GateProjection(x, W, b)
     y, new_cache = causal_conv_silu(x, weight, cache=None, doc_start=None)
     y = linear(x, weight, bias=None)   # F.linear; a Triton GEMV for one row without gradient (decode)
 
@@ -89,6 +89,16 @@ class DecayGate(NamedTuple):
     A_log: torch.Tensor  # [H]
     dt_bias: torch.Tensor  # [H, K]
     a_log_min: float
+
+
+class GateProjection(NamedTuple):
+    """output_norm_gate's gate as F.linear(x, weight, bias) of a low-rank input x [..., r], for the
+    Triton path to compute where it reads it and again in the backward: the [..., H, V] gate is then not
+    kept for the backward (64 MiB a 1.3B layer of 16,384 tokens). weight and bias are rounded to x's
+    dtype, as autocast rounds them for F.linear."""
+    x: torch.Tensor                # [..., r]
+    weight: torch.Tensor           # [H * V, r]
+    bias: Optional[torch.Tensor]   # [H * V]
 
 
 def zero_state(batch_size, n_head, k_dim, v_dim, device):
@@ -172,11 +182,21 @@ def fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
 
 def output_norm_gate(o, gate, weight, eps, activation="silu"):
     """The layer's output: RMSNorm(o) * weight * act(gate) over the last axis (per head), act = SiLU or
-    sigmoid; o and gate [..., V] in one dtype, weight [V]; the result in o's dtype, fp32 inside. One
-    Triton kernel each way (section 6) where backend_for says so, else output_norm_gate_torch."""
+    sigmoid; o and gate [..., V] in one dtype (or gate a GateProjection of o's shape), weight [V]; the
+    result in o's dtype, fp32 inside. One Triton kernel each way (section 6) where backend_for says so,
+    else output_norm_gate_torch."""
+    projection = gate if isinstance(gate, GateProjection) else GateProjection(gate, None, None)
     if backend_for(o) == "triton":
-        return torch.ops.carve.norm_gate(o, gate, weight, float(eps), activation == "silu")[0]
-    return output_norm_gate_torch(o, gate, weight, eps, activation)
+        return torch.ops.carve.norm_gate(o, *projection, weight, float(eps), activation == "silu")[0]
+    return output_norm_gate_torch(o, projected_gate(projection, o.shape), weight, eps, activation)
+
+
+def projected_gate(projection: GateProjection, shape):
+    """The gate a GateProjection stands for, in `shape`; the tensor itself when it holds no weight."""
+    x, weight, bias = projection
+    if weight is None:
+        return x
+    return linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype)).view(shape)
 
 
 def causal_conv_silu(x, weight, cache=None, doc_start=None):
@@ -2237,26 +2257,38 @@ if triton is not None:
         return x.new_empty(x.shape), torch.empty_like(weight)
 
     @torch.library.custom_op("carve::norm_gate", mutates_args=())
-    def _norm_gate_op(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+    def _norm_gate_op(o: torch.Tensor, gate: torch.Tensor, gate_weight: Optional[torch.Tensor],
+                      gate_bias: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
                       silu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(y, rstd): rstd [rows] fp32 is kept for the backward."""
-        return norm_gate_triton(o.contiguous(), gate.contiguous(), weight, eps, silu)
+        """(y, rstd): rstd [rows] fp32 is kept for the backward. With gate_weight, gate is a
+        GateProjection's x and the gate is made here, for this call only."""
+        full_gate = projected_gate(GateProjection(gate, gate_weight, gate_bias), o.shape)
+        return norm_gate_triton(o.contiguous(), full_gate.contiguous(), weight, eps, silu)
 
     @_norm_gate_op.register_fake
-    def _(o, gate, weight, eps, silu):
+    def _(o, gate, gate_weight, gate_bias, weight, eps, silu):
         return (torch.empty_like(o, memory_format=torch.contiguous_format),
                 o.new_empty(o.numel() // o.shape[-1], dtype=torch.float32))
 
     def _norm_gate_setup_context(ctx, inputs, output):
-        o, gate, weight, eps, silu = inputs
-        ctx.save_for_backward(o, gate, weight, output[1])
+        o, gate, gate_weight, gate_bias, weight, eps, silu = inputs
+        ctx.save_for_backward(o, gate, gate_weight, gate_bias, weight, output[1])
         ctx.set_materialize_grads(False)
         ctx.silu = silu
 
     def _norm_gate_backward(ctx, dy, _):   # rstd is the op's own bookkeeping: no gradient flows into it
-        o, gate, weight, rstd = ctx.saved_tensors
-        do, dgate, dweight = torch.ops.carve.norm_gate_bwd(dy, o, gate, weight, rstd, ctx.silu)
-        return do, dgate, dweight, None, None
+        o, gate, gate_weight, gate_bias, weight, rstd = ctx.saved_tensors
+        projection = GateProjection(gate, gate_weight, gate_bias)
+        do, dgate, dweight = torch.ops.carve.norm_gate_bwd(dy, o, projected_gate(projection, o.shape), weight,
+                                                           rstd, ctx.silu)
+        if gate_weight is None:
+            return do, dgate, None, None, dweight, None, None
+        # back through the projection, as autograd would through F.linear on weights rounded to x's dtype
+        dgate = dgate.reshape(-1, gate_weight.shape[0])
+        d_x = (dgate @ gate_weight.to(gate.dtype)).view(gate.shape)
+        d_gate_weight = (dgate.t() @ gate.reshape(-1, gate.shape[-1])).to(gate_weight.dtype)
+        d_gate_bias = None if gate_bias is None else dgate.sum(0).to(gate_bias.dtype)
+        return do, d_x, d_gate_weight, d_gate_bias, dweight, None, None
 
     torch.library.register_autograd("carve::norm_gate", _norm_gate_backward, setup_context=_norm_gate_setup_context)
 

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from carve_kernel import (CarveState, DecayGate, backend_for, causal_conv_silu, chunk_carve, fused_decode_step,
-                          linear, output_norm_gate, recurrent_carve, zero_state)
+from carve_kernel import (CarveState, DecayGate, GateProjection, backend_for, causal_conv_silu, chunk_carve,
+                          fused_decode_step, linear, output_norm_gate, recurrent_carve, zero_state)
 
 MIXERS = ("carve", "gdn2", "attn")
 
@@ -204,7 +204,8 @@ class DeltaMixer(nn.Module):
                     buffer.copy_(new)
                 # not old._replace(...): see fused_decode_step
                 cache["state"] = CarveState(old.S, old.o_sum, old.delta, state.offset)
-        o = output_norm_gate(o, self.g_up(g_low).view(B, T, H, V), self.o_norm_weight, cfg.norm_eps, cfg.gate_act)
+        o = output_norm_gate(o, GateProjection(g_low, self.g_up.weight, self.g_up.bias), self.o_norm_weight,
+                             cfg.norm_eps, cfg.gate_act)
         return self.o_proj(o.reshape(B, T, H * V)).view(batch_shape)
 
     def fused_decode(self, x):

@@ -98,3 +98,49 @@ def test_compiles_without_graph_breaks(monkeypatch):
                               (o, gate, weight))
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+    # and the gate as a GateProjection, recomputed in the backward
+    x = torch.randn(1, 40, 8, device=DEVICE, requires_grad=True)
+    W, bias = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((32, 8), (32,)))
+
+    def projected_loss(o, x, W, bias, weight):
+        return output_norm_gate(o, carve_kernel.GateProjection(x, W, bias), weight, EPS).square().sum()
+
+    leaves = (o, x, W, bias, weight)
+    want = torch.autograd.grad(projected_loss(*leaves), leaves)
+    got = torch.autograd.grad(torch.compile(projected_loss, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gate_projection(monkeypatch, backend, dtype):
+    """The gate given as GateProjection(x, W, b) (the layer's low-rank output gate): the values and every
+    gradient (o, x, W, b, weight) of the float64 formula on gate = x W^T + b, the weights rounded to x's
+    dtype as autocast rounds them; on the Triton path no tensor of the gate's size is kept for the backward."""
+    monkeypatch.setenv("CARVE_BACKEND", backend)
+    shape, rank = (2, 20, 3, 16), 8
+    gen = torch.Generator().manual_seed(4)
+    o = (3 * torch.randn(*shape, generator=gen)).to(DEVICE, dtype).requires_grad_()
+    x = torch.randn(*shape[:2], rank, generator=gen).to(DEVICE, dtype).requires_grad_()
+    W = (torch.randn(shape[2] * shape[3], rank, generator=gen) / rank ** 0.5).to(DEVICE).requires_grad_()
+    b = torch.randn(shape[2] * shape[3], generator=gen).to(DEVICE).requires_grad_()
+    weight = (1 + 0.3 * torch.randn(shape[-1], generator=gen)).to(DEVICE).requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        y = output_norm_gate(o, carve_kernel.GateProjection(x, W, b), weight, EPS)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (o, x, W.to(dtype), b.to(dtype), weight)]
+    gate = (leaves[1] @ leaves[2].T + leaves[3]).view(shape)
+    want = formula(leaves[0], gate, leaves[4], "silu")
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    fp32 = dtype == torch.float32
+    assert y.dtype == dtype
+    assert_rel(y.cpu(), want, TOL_FWD if fp32 else TOL_BF16, f"norm gate projected {backend} {dtype} y")
+    grads = torch.autograd.grad(y, (o, x, W, b, weight), dy.to(DEVICE, dtype))
+    for name, got, ref in zip(("o", "x", "W", "b", "weight"), grads, torch.autograd.grad(want, leaves, dy)):
+        assert got.dtype == (dtype if name in ("o", "x") else torch.float32)
+        assert_rel(got.cpu(), ref, TOL_GRAD if fp32 else TOL_BF16, f"norm gate projected {backend} {dtype} {name}")
+    if backend == "triton":
+        assert kept and torch.Size(shape) not in kept[1:]   # o itself (the first) is kept; no gate-sized tensor
+        assert not any(s[-1] == shape[2] * shape[3] and len(s) == 3 for s in kept)
