@@ -94,8 +94,9 @@ class DecayGate(NamedTuple):
 class GateProjection(NamedTuple):
     """output_norm_gate's gate as F.linear(x, weight, bias) of a low-rank input x [..., r], for the
     Triton path to compute where it reads it and again in the backward: the [..., H, V] gate is then not
-    kept for the backward (64 MiB a 1.3B layer of 16,384 tokens). weight and bias are rounded to x's
-    dtype, as autocast rounds them for F.linear."""
+    kept for the backward (64 MiB a 1.3B layer of 16,384 tokens). x comes in the compute dtype (under
+    autocast, autocast's); weight and bias are rounded to it, as autocast rounds them for F.linear.
+    The product is not a call of a Linear module: hooks on one do not see it."""
     x: torch.Tensor                # [..., r]
     weight: torch.Tensor           # [H * V, r]
     bias: Optional[torch.Tensor]   # [H * V]
@@ -2285,9 +2286,10 @@ if triton is not None:
             return do, dgate, None, None, dweight, None, None
         # back through the projection, as autograd would through F.linear on weights rounded to x's dtype
         dgate = dgate.reshape(-1, gate_weight.shape[0])
-        d_x = (dgate @ gate_weight.to(gate.dtype)).view(gate.shape)
-        d_gate_weight = (dgate.t() @ gate.reshape(-1, gate.shape[-1])).to(gate_weight.dtype)
-        d_gate_bias = None if gate_bias is None else dgate.sum(0).to(gate_bias.dtype)
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[1:4]
+        d_x = (dgate @ gate_weight.to(gate.dtype)).view(gate.shape) if needs_x else None
+        d_gate_weight = (dgate.t() @ gate.reshape(-1, gate.shape[-1])).to(gate_weight.dtype) if needs_weight else None
+        d_gate_bias = dgate.sum(0).to(gate_bias.dtype) if needs_bias else None
         return do, d_x, d_gate_weight, d_gate_bias, dweight, None, None
 
     torch.library.register_autograd("carve::norm_gate", _norm_gate_backward, setup_context=_norm_gate_setup_context)

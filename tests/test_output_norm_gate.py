@@ -144,3 +144,20 @@ def test_gate_projection(monkeypatch, backend, dtype):
     if backend == "triton":
         assert kept and torch.Size(shape) not in kept[1:]   # o itself (the first) is kept; no gate-sized tensor
         assert not any(s[-1] == shape[2] * shape[3] and len(s) == 3 for s in kept)
+
+
+@needs_triton
+def test_gate_projection_with_frozen_weights(monkeypatch):
+    """A frozen projection (W and b without gradient: the op skips their products) gives the same
+    gradients for o and x as one that learns."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(6)
+    o, x = (torch.randn(*s, generator=gen).to(DEVICE).requires_grad_() for s in ((1, 9, 2, 16), (1, 9, 8)))
+    W, b = torch.randn(32, 8, generator=gen).to(DEVICE), torch.randn(32, generator=gen).to(DEVICE)
+    weight = torch.ones(16, device=DEVICE)
+    grads = []
+    for learn in (True, False):
+        params = [t.detach().requires_grad_(learn) for t in (W, b)]
+        y = output_norm_gate(o, carve_kernel.GateProjection(x, *params), weight, EPS)
+        grads.append(torch.autograd.grad(y.square().sum(), (o, x)))
+    assert all(torch.equal(a, c) for a, c in zip(*grads))
