@@ -16,7 +16,8 @@ design; its section numbers are cited below.
     q, k     [B, T, H, K]  L2-normalised here, inside the kernel
     v        [B, T, H, V]
     g        [B, T, H, K]  fp32 log-decay (<= 0), alpha = exp(g); see decay_gate. Or a DecayGate(f, A_log,
-                           dt_bias, a_log_min): decay_gate's inputs, computed inside the kernels
+                           dt_bias, a_log_min): decay_gate's inputs, computed inside the kernels (f itself
+                           may be a GateProjection(x, W, None): the chunk op makes f = x W^T)
     b_logit  [B, T, H, K]  erase-gate logits; b = sigmoid(b_logit + Delta_c(t))
     w        [B, T, H, V]  GDN-2's write gate in [0, 1], or [B, T, H] CARVE's scalar beta
     content  None (GDN-2) or (D [H, r, V], U [H, K, r]) (CARVE): Delta_c = U D m_{c-1}
@@ -84,8 +85,10 @@ class CarveState(NamedTuple):
 class DecayGate(NamedTuple):
     """The log-decay g as decay_gate's inputs, for chunk_carve (and recurrent_carve) to take instead of g:
     the Triton chunk kernels then compute g where they read it, forward and backward, so no fp32
-    [B, T, H, K] g is made or kept for the backward (the torch paths call decay_gate)."""
-    f: torch.Tensor      # [B, T, H, K] the raw projection W_f x
+    [B, T, H, K] g is made or kept for the backward (the torch paths call decay_gate). f may be a
+    GateProjection(x, W, None) of a low-rank input x [B, T, r]: the chunk op then makes f = x W^T
+    itself, forward and backward, and keeps x rather than f."""
+    f: torch.Tensor      # [B, T, H, K] the raw projection W_f x, or a GateProjection making it
     A_log: torch.Tensor  # [H]
     dt_bias: torch.Tensor  # [H, K]
     a_log_min: float
@@ -244,15 +247,29 @@ def log_decay_of(g):
     if not isinstance(g, DecayGate):
         return g
     _check_decay_gate(g)
-    return decay_gate(*g)
+    return decay_gate(raw_decay_input(g), g.A_log, g.dt_bias, g.a_log_min)
+
+
+def raw_decay_input(gate: DecayGate):
+    """A DecayGate's f as a [..., H, K] tensor (made from its GateProjection if it holds one)."""
+    if not isinstance(gate.f, GateProjection):
+        return gate.f
+    return projected_gate(gate.f, (*gate.f.x.shape[:-1], *gate.dt_bias.shape))
 
 
 def _check_decay_gate(gate):
-    H, K = gate.f.shape[-2:]
+    if isinstance(gate.f, GateProjection):   # f [..., H, K] = x W^T, H and K from dt_bias
+        weight, H, K = gate.f.weight, gate.A_log.shape[0], gate.dt_bias.shape[-1]
+        if weight.dim() != 2 or weight.shape[0] != H * K or gate.f.bias is not None:
+            raise ValueError(f"DecayGate.f, a GateProjection, needs a weight [H * K, r] = [{H * K}, r] and no bias; "
+                             f"got {tuple(weight.shape)}")
+        f_shape = (*gate.f.x.shape[:-1], H, K)
+    else:
+        H, K = gate.f.shape[-2:]
+        f_shape = tuple(gate.f.shape)
     for name, x, shape in (("A_log", gate.A_log, (H,)), ("dt_bias", gate.dt_bias, (H, K))):
         if tuple(x.shape) != shape:
-            raise ValueError(f"DecayGate.{name} has shape {tuple(x.shape)}, expected {shape} "
-                             f"(f is {tuple(gate.f.shape)})")
+            raise ValueError(f"DecayGate.{name} has shape {tuple(x.shape)}, expected {shape} (f is {f_shape})")
 
 
 def output_norm_gate_torch(o, gate, weight, eps, activation="silu"):
@@ -288,14 +305,16 @@ def _check_inputs(q, k, v, g, b_logit, w, content, initial_state, state_rows=Non
     """state_rows: rows of initial_state (B, or the number of packed sequences)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    g_name = "g"
+    g_name, g_shape = "g", tuple(g.shape) if not isinstance(g, DecayGate) else None
     if isinstance(g, DecayGate):
         _check_decay_gate(g)
-        g_name, g = "DecayGate.f", g.f
-    for name, x, shape in (("k", k, (B, T, H, K)), ("v", v, (B, T, H, V)), (g_name, g, (B, T, H, K)),
-                           ("b_logit", b_logit, (B, T, H, K))):
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape} (q is {tuple(q.shape)})")
+        projection = isinstance(g.f, GateProjection)
+        g_name = "DecayGate.f" + (" (made by its GateProjection)" if projection else "")
+        g_shape = (*g.f.x.shape[:-1], *g.dt_bias.shape) if projection else tuple(g.f.shape)
+    for name, got, shape in (("k", tuple(k.shape), (B, T, H, K)), ("v", tuple(v.shape), (B, T, H, V)),
+                             (g_name, g_shape, (B, T, H, K)), ("b_logit", tuple(b_logit.shape), (B, T, H, K))):
+        if tuple(got) != shape:
+            raise ValueError(f"{name} has shape {tuple(got)}, expected {shape} (q is {tuple(q.shape)})")
     if tuple(w.shape) not in ((B, T, H, V), (B, T, H)):
         raise ValueError(f"w has shape {tuple(w.shape)}, expected {(B, T, H, V)} (GDN-2) or {(B, T, H)} (CARVE)")
     if content is not None:
@@ -614,13 +633,14 @@ def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
     D, U = content if content is not None else (None, None)
     S0, o_sum0, delta0 = initial_state[:3] if initial_state is not None else (None, None, None)
     g, A_log, dt_bias, a_log_min = g if isinstance(g, DecayGate) else (g, None, None, 0.0)
+    g, g_weight = (g.x, g.weight) if isinstance(g, GateProjection) else (g, None)
     if A_log is not None:   # the kernels index them as packed [H] and [H, K]
         A_log, dt_bias = A_log.contiguous(), dt_bias.contiguous()
     o, S, o_sum, delta = torch.ops.carve.chunk_fwd(
         q, k, v, g, A_log, dt_bias, float(a_log_min), b_logit, w, D, U, S0, o_sum0, delta0, table,
         K ** -0.5 if scale is None else float(scale),
         chunk_size, schedule.split_forward, schedule.walk_columns, schedule.forward_pieces,
-        schedule.backward_columns or schedule.walk_columns, schedule.backward_pieces)[:4]
+        schedule.backward_columns or schedule.walk_columns, schedule.backward_pieces, g_weight)[:4]
     if not output_final_state:
         return o, None
     offsets = tuple(table[2 + i] + table[1 + i] for i in range(0, len(table), SEQ_FIELDS))
@@ -2134,14 +2154,20 @@ if triton is not None:
                       D: Optional[torch.Tensor], U: Optional[torch.Tensor], S0: Optional[torch.Tensor],
                       o_sum0: Optional[torch.Tensor], delta0: Optional[torch.Tensor], table: List[int], scale: float,
                       chunk_size: int, split_forward: bool, walk_columns: int, forward_pieces: int,
-                      backward_columns: int, backward_pieces: int) -> List[torch.Tensor]:
-        out = chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table,
+                      backward_columns: int, backward_pieces: int,
+                      g_weight: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """With g_weight, g is a GateProjection's x and the raw decay input f = x g_weight^T is made here."""
+        f = _projected_decay_input(g, g_weight, q.shape)
+        out = chunk_forward_triton(q, k, v, f, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table,
                                    scale, chunk_size, ChunkSchedule(split_forward, walk_columns, forward_pieces))
         return [*out[:4], *out.saved]
 
+    def _projected_decay_input(g, g_weight, q_shape):
+        return g if g_weight is None else projected_gate(GateProjection(g, g_weight, None), q_shape)
+
     @_chunk_fwd_op.register_fake
     def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size,
-          split_forward, walk_columns, forward_pieces, backward_columns, backward_pieces):
+          split_forward, walk_columns, forward_pieces, backward_columns, backward_pieces, g_weight):
         out = _forward_buffers(q, v, table, S0 is not None, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
         return [*out[:4], *out.saved]
 
@@ -2166,8 +2192,8 @@ if triton is not None:
 
     def _chunk_setup_context(ctx, inputs, output):
         (q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size, *_,
-         backward_columns, backward_pieces) = inputs
-        ctx.save_for_backward(q, k, v, g, A_log, dt_bias, b_logit, w, D, U, *output[4:])
+         backward_columns, backward_pieces, g_weight) = inputs
+        ctx.save_for_backward(q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, *output[4:])
         ctx.set_materialize_grads(False)   # the saved outputs get no gradient: no zero tensors of their size
         ctx.table, ctx.scale, ctx.chunk_size, ctx.a_log_min = table, scale, chunk_size, a_log_min
         ctx.backward_columns, ctx.backward_pieces = backward_columns, backward_pieces
@@ -2175,13 +2201,19 @@ if triton is not None:
 
     def _chunk_backward(ctx, grads):
         do, dS, _, d_delta_final = grads[:4]   # o_sum is a stop-gradient read: its gradient is dropped
-        q, k, v, g, A_log, dt_bias, b_logit, w, D, U, *saved = ctx.saved_tensors
+        q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, *saved = ctx.saved_tensors
         saved = ChunkSaved(*saved)
         if do is None:  # only the final state was used
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
         dq, dk, dv, dg, db_logit, dw, d_delta, dS0, d_dt_bias, d_A_log = torch.ops.carve.chunk_bwd(
-            q, k, v, g, A_log, dt_bias, ctx.a_log_min, b_logit, w, do, dS, list(saved), ctx.table, ctx.scale,
-            ctx.chunk_size, ctx.backward_columns, ctx.backward_pieces)
+            q, k, v, _projected_decay_input(g, g_weight, q.shape), A_log, dt_bias, ctx.a_log_min, b_logit, w, do,
+            dS, list(saved), ctx.table, ctx.scale, ctx.chunk_size, ctx.backward_columns, ctx.backward_pieces)
+        d_g_weight = None
+        if g_weight is not None:   # back through f = x W^T, as autograd would through F.linear (W in x's dtype)
+            dg = dg.reshape(-1, g_weight.shape[0])
+            if ctx.needs_input_grad[-1]:
+                d_g_weight = (dg.t() @ g.reshape(-1, g.shape[-1])).to(g_weight.dtype)
+            dg = (dg @ g_weight.to(g.dtype)).view(g.shape)
         dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved.chunk_mean, D, U, ctx.table,
                                           ctx.chunk_size, q)
         if A_log is not None:   # through the floor max(A_log, a_log_min): no gradient below it
@@ -2190,7 +2222,7 @@ if triton is not None:
         else:
             d_A_log = d_dt_bias = None
         return (dq, dk, dv, dg, d_A_log, d_dt_bias, None, db_logit, dw, dD, dU, dS0 if ctx.has_S0 else None, None,
-                d_delta0 if ctx.has_delta0 else None, *[None] * 8)
+                d_delta0 if ctx.has_delta0 else None, *[None] * 8, d_g_weight)
 
     torch.library.register_autograd("carve::chunk_fwd", _chunk_backward, setup_context=_chunk_setup_context)
 

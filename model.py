@@ -178,21 +178,22 @@ class DeltaMixer(nn.Module):
         B, T, _ = x.shape
         H, K, V = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
         qkv, f_low, b_logit, g_low = self.in_proj(x).split([2 * H * K + H * V, *self.in_sizes[3:]], dim=-1)
-        f = self.f_up(f_low)
         w_raw = self.w_proj(x) if self.kind == "gdn2" else self.beta_proj(x)
         content = None if self.kind == "gdn2" else (self.content_down, self.content_up)
         if cache is not None and T == 1 and self.fused_decode(x):
             # decode: the conv, the gates and the recurrence in one kernel, on the cache's tensors in place
-            o, cache["state"] = fused_decode_step(qkv[:, 0], self.conv_weight, cache["conv"], f[:, 0], self.A_log,
-                                                  self.dt_bias, b_logit[:, 0], w_raw[:, 0], cache["state"], content,
-                                                  cfg.a_log_min, cfg.chunk_size)
+            o, cache["state"] = fused_decode_step(qkv[:, 0], self.conv_weight, cache["conv"], self.f_up(f_low[:, 0]),
+                                                  self.A_log, self.dt_bias, b_logit[:, 0], w_raw[:, 0],
+                                                  cache["state"], content, cfg.a_log_min, cfg.chunk_size)
         else:
             qkv, conv_cache = causal_conv_silu(qkv, self.conv_weight, cache["conv"] if cache else None,
                                                doc_start if doc_id is not None else None)
             q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
             q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
-            # the decay's inputs rather than g: the chunk kernels compute g where they read it (no fp32 g kept)
-            g = DecayGate(f.view(B, T, H, K), self.A_log, self.dt_bias.view(H, K), cfg.a_log_min)
+            # the decay's inputs rather than g: the chunk kernels compute g where they read it (no fp32 g kept),
+            # and the chunk op makes f = f_up(f_low) itself, forward and backward (f not kept either)
+            g = DecayGate(GateProjection(f_low, self.f_up.weight, None), self.A_log, self.dt_bias.view(H, K),
+                          cfg.a_log_min)
             w = torch.sigmoid(w_raw).view(B, T, H, V) if self.kind == "gdn2" else torch.sigmoid(w_raw)
             kernel = recurrent_carve if (cache is not None and T == 1) else chunk_carve
             o, state = kernel(q, k, v, g, b_logit.reshape(B, T, H, K), w, content,

@@ -257,6 +257,42 @@ def test_decay_gate_inside_the_kernels(mode, dtype, form):
     assert got["dA_log"][0] == 0 and got["dA_log"][1] != 0
 
 
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decay_gate_projection(monkeypatch, backend, dtype, mode):
+    """A DecayGate whose f is a GateProjection(x, W, None) (the model's low-rank f = f_up(f_low)) computes
+    what the DecayGate of f = x W^T made outside computes, forward and every gradient (x's and W's
+    included); on the Triton path the chunk op keeps x for the backward instead of f."""
+    monkeypatch.setenv("CARVE_BACKEND", backend)
+    B, T, H, K, V, C, rank = 2, 40, 2, 16, 16, 16, 8
+    x = make_inputs(B, T, H, K, V, mode, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    leaves = {n: t.to(DEVICE, torch.float32 if n in ("D", "U") else dtype).requires_grad_()
+              for n, t in {**x, "f_low": torch.randn(B, T, rank, generator=gen)}.items() if n != "g"}
+    params = {"W": (torch.randn(H * K, rank, generator=gen) / rank ** 0.5).to(DEVICE).requires_grad_(),
+              "A_log": torch.tensor([0.3, 1.5]).to(DEVICE).requires_grad_(),
+              "dt_bias": (torch.randn(H, K, generator=gen) - 2).to(DEVICE).requires_grad_()}
+    content = (leaves["D"], leaves["U"]) if mode == "carve" else None
+    runs = []
+    for projected in (True, False):
+        f = carve_kernel.GateProjection(leaves["f_low"], params["W"], None) if projected else \
+            F.linear(leaves["f_low"], params["W"].to(dtype)).view(B, T, H, K)
+        gate = DecayGate(f, params["A_log"], params["dt_bias"], -5.0)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+            o, final = chunk_carve(leaves["q"], leaves["k"], leaves["v"], gate, leaves["b_logit"], leaves["w"],
+                                   content, None, True, None, C)
+        inputs = [*leaves.values(), *params.values()]
+        grads = torch.autograd.grad((o.float().square().sum() + final.S.square().sum()), inputs)
+        runs.append(([o, final.S, *grads], kept.count((B, T, H, K))))
+    tol = 1e-6 if dtype == torch.float32 else TOL_BF16
+    for name, a, b in zip(("o", "S", *[f"d{n}" for n in (*leaves, *params)]), runs[0][0], runs[1][0]):
+        assert_rel(a, b, tol, f"decay gate projection {backend} {dtype} {name}")
+    if backend == "triton":
+        assert runs[0][1] == runs[1][1] - 1   # f [B, T, H, K] is not kept
+
+
 if torch.cuda.is_available():   # one layer of the 1.3B model: too big for the interpreter
     @pytest.mark.parametrize("mode", ["carve", "gdn2"])
     def test_decay_gate_inside_the_kernels_at_1b3_shapes(mode):
@@ -599,9 +635,10 @@ def test_compiles_without_graph_breaks():
         inputs = [*leaves[:3], *gate, *leaves[4:]]
         for plan in ((False, 16, 1, 16, 1), (True, 16, 2, 16, 2)):
             torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
-                                  (*inputs, *content, None, None, None, table, 0.25, 16, *plan))
+                                  (*inputs, *content, None, None, None, table, 0.25, 16, *plan, None))
         with torch.no_grad():
-            out = torch.ops.carve.chunk_fwd(*inputs, *content, None, None, None, table, 0.25, 16, False, 16, 1, 16, 1)
+            out = torch.ops.carve.chunk_fwd(*inputs, *content, None, None, None, table, 0.25, 16, False, 16, 1, 16, 1,
+                                            None)
         do = torch.randn_like(out[0])
         # inputs in another memory layout (as inductor may pass them): the outputs are still contiguous
         strided = [(t.detach().transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 4 else t.detach())
