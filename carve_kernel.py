@@ -2213,7 +2213,7 @@ if triton is not None:
             dg = dg.reshape(-1, g_weight.shape[0])
             if ctx.needs_input_grad[-1]:
                 d_g_weight = (dg.t() @ g.reshape(-1, g.shape[-1])).to(g_weight.dtype)
-            dg = (dg @ g_weight.to(g.dtype)).view(g.shape)
+            dg = (dg @ g_weight.to(g.dtype)).view(g.shape) if ctx.needs_input_grad[3] else None
         dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved.chunk_mean, D, U, ctx.table,
                                           ctx.chunk_size, q)
         if A_log is not None:   # through the floor max(A_log, a_log_min): no gradient below it

@@ -646,6 +646,12 @@ def test_compiles_without_graph_breaks():
         for pieces in (1, 2):  # the reverse walk's columns and pieces
             torch.library.opcheck(torch.ops.carve.chunk_bwd.default,
                                   (strided + [do, None, out[4:], table, 0.25, 16, 16, pieces]))
+    # f made inside from a low-rank input and its weight (a DecayGate whose f is a GateProjection)
+    f_low, f_weight = (torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()
+                       for shape in ((1, 20, 4), (32, 4)))
+    inputs = [*leaves[:3], f_low, *decay_gate_inputs[1:], *leaves[4:]]
+    torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
+                          (*inputs, *content, None, None, None, table, 0.25, 16, False, 16, 1, 16, 1, f_weight))
 
 
 @pytest.mark.parametrize("mixer", ["carve", "gdn2,attn"])
