@@ -203,6 +203,18 @@ def projected_gate(projection: GateProjection, shape):
     return linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype)).view(shape)
 
 
+def projection_backward(d_gate, projection: GateProjection, needs_grad):
+    """(dx, dweight, dbias) of projected_gate from the gradient of the gate it made, as autograd would give
+    them through F.linear on weights rounded to x's dtype; None where needs_grad (three bools) says no
+    gradient is wanted, or where there is no bias."""
+    x, weight, bias = projection
+    d_gate = d_gate.reshape(-1, weight.shape[0])
+    d_x = (d_gate @ weight.to(x.dtype)).view(x.shape) if needs_grad[0] else None
+    d_weight = (d_gate.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype) if needs_grad[1] else None
+    d_bias = d_gate.sum(0).to(bias.dtype) if bias is not None and needs_grad[2] else None
+    return d_x, d_weight, d_bias
+
+
 def causal_conv_silu(x, weight, cache=None, doc_start=None):
     """SiLU of the depthwise causal conv over x [B, T, C] with weight [C, 1, W]: (y [B, T, C] in x's
     dtype, the new cache or None). `cache` [B, C, W - 1] holds the last W - 1 inputs before x (a
@@ -252,21 +264,25 @@ def log_decay_of(g):
 
 def raw_decay_input(gate: DecayGate):
     """A DecayGate's f as a [..., H, K] tensor (made from its GateProjection if it holds one)."""
-    if not isinstance(gate.f, GateProjection):
-        return gate.f
-    return projected_gate(gate.f, (*gate.f.x.shape[:-1], *gate.dt_bias.shape))
+    return projected_gate(gate.f, _raw_decay_shape(gate)) if isinstance(gate.f, GateProjection) else gate.f
+
+
+def _raw_decay_shape(gate: DecayGate):
+    """The shape of a DecayGate's f: its own, or for a GateProjection x's leading axes with H from A_log
+    and K from dt_bias."""
+    if isinstance(gate.f, GateProjection):
+        return (*gate.f.x.shape[:-1], gate.A_log.shape[0], gate.dt_bias.shape[-1])
+    return tuple(gate.f.shape)
 
 
 def _check_decay_gate(gate):
-    if isinstance(gate.f, GateProjection):   # f [..., H, K] = x W^T, H and K from dt_bias
-        weight, H, K = gate.f.weight, gate.A_log.shape[0], gate.dt_bias.shape[-1]
+    f_shape = _raw_decay_shape(gate)
+    H, K = f_shape[-2:]
+    if isinstance(gate.f, GateProjection):   # f = x W^T
+        weight = gate.f.weight
         if weight.dim() != 2 or weight.shape[0] != H * K or gate.f.bias is not None:
             raise ValueError(f"DecayGate.f, a GateProjection, needs a weight [H * K, r] = [{H * K}, r] and no bias; "
                              f"got {tuple(weight.shape)}")
-        f_shape = (*gate.f.x.shape[:-1], H, K)
-    else:
-        H, K = gate.f.shape[-2:]
-        f_shape = tuple(gate.f.shape)
     for name, x, shape in (("A_log", gate.A_log, (H,)), ("dt_bias", gate.dt_bias, (H, K))):
         if tuple(x.shape) != shape:
             raise ValueError(f"DecayGate.{name} has shape {tuple(x.shape)}, expected {shape} (f is {f_shape})")
@@ -305,16 +321,16 @@ def _check_inputs(q, k, v, g, b_logit, w, content, initial_state, state_rows=Non
     """state_rows: rows of initial_state (B, or the number of packed sequences)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    g_name, g_shape = "g", tuple(g.shape) if not isinstance(g, DecayGate) else None
     if isinstance(g, DecayGate):
         _check_decay_gate(g)
-        projection = isinstance(g.f, GateProjection)
-        g_name = "DecayGate.f" + (" (made by its GateProjection)" if projection else "")
-        g_shape = (*g.f.x.shape[:-1], *g.dt_bias.shape) if projection else tuple(g.f.shape)
+        g_name = "DecayGate.f" + (" (made by its GateProjection)" if isinstance(g.f, GateProjection) else "")
+        g_shape = _raw_decay_shape(g)
+    else:
+        g_name, g_shape = "g", tuple(g.shape)
     for name, got, shape in (("k", tuple(k.shape), (B, T, H, K)), ("v", tuple(v.shape), (B, T, H, V)),
                              (g_name, g_shape, (B, T, H, K)), ("b_logit", tuple(b_logit.shape), (B, T, H, K))):
-        if tuple(got) != shape:
-            raise ValueError(f"{name} has shape {tuple(got)}, expected {shape} (q is {tuple(q.shape)})")
+        if got != shape:
+            raise ValueError(f"{name} has shape {got}, expected {shape} (q is {tuple(q.shape)})")
     if tuple(w.shape) not in ((B, T, H, V), (B, T, H)):
         raise ValueError(f"w has shape {tuple(w.shape)}, expected {(B, T, H, V)} (GDN-2) or {(B, T, H)} (CARVE)")
     if content is not None:
@@ -1014,6 +1030,13 @@ def _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V: tl.constexpr, VALUE_GA
 
 
 @triton_jit
+def _state_after_block(S, k_end_dt, R_dt, GL, PREC: tl.constexpr):
+    """gamma_L S + k_end^T R: the state after a block, as the forward walks (_walk_block) and the
+    backward's re-walk (_chunk_rebuild_states) both compute it, so the two agree bit for bit."""
+    return tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
+
+
+@triton_jit
 def _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, h_offsets, STORE: tl.constexpr, DT: tl.constexpr,
                 PREC: tl.constexpr):
     """One block of a forward walk from the state S before it: stores S in the operand dtype if STORE
@@ -1024,7 +1047,7 @@ def _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, h_offsets, STORE: tl.constex
     if STORE:
         tl.store(h_store + h_offsets, S_dt.to(h_store.dtype.element_ty))
     R_dt = (AZ - tl.dot(Y_dt, S_dt, input_precision=PREC)).to(DT)
-    return S_dt, R_dt, tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
+    return S_dt, R_dt, _state_after_block(S, k_end_dt, R_dt, GL, PREC)
 
 
 @triton_jit
@@ -1382,8 +1405,8 @@ def _chunk_rebuild_states(S_in, kend_store, r_store, gl_store, h_store, seqs, H,
                           BV: tl.constexpr, C: tl.constexpr, USE_INITIAL: tl.constexpr, DT: tl.constexpr,
                           PREC: tl.constexpr, BT: tl.constexpr):
     """The state at every block start, one program per (sequence, head, value block), walked again from
-    the sequence's initial state with the R and k_end the forward kept: S' = gamma_L S + k_end^T R, the
-    last step of _walk_block, with the same operands and rounding, so the backward reads the states
+    the sequence's initial state with the R and k_end the forward kept: S' = gamma_L S + k_end^T R
+    (_state_after_block, as in _walk_block), with the same operands, so the backward reads the states
     the forward used."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
@@ -1401,8 +1424,7 @@ def _chunk_rebuild_states(S_in, kend_store, r_store, gl_store, h_store, seqs, H,
         R_dt = tl.load(r_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], mask=m_row, other=0.0).to(DT)
         i_blk = (block0 + a - blk_first) * H + i_h
         tl.store(h_store + i_blk * K * V + p_kv, S.to(DT).to(h_store.dtype.element_ty))
-        GL = tl.load(gl_store + i_blk * K + o_k)
-        S = tl.dot(tl.trans(k_end_dt), R_dt, acc=S * tl.exp(GL)[:, None], input_precision=PREC)
+        S = _state_after_block(S, k_end_dt, R_dt, tl.load(gl_store + i_blk * K + o_k), PREC)
 
 
 @triton_jit
@@ -2157,13 +2179,10 @@ if triton is not None:
                       backward_columns: int, backward_pieces: int,
                       g_weight: Optional[torch.Tensor]) -> List[torch.Tensor]:
         """With g_weight, g is a GateProjection's x and the raw decay input f = x g_weight^T is made here."""
-        f = _projected_decay_input(g, g_weight, q.shape)
+        f = projected_gate(GateProjection(g, g_weight, None), q.shape)
         out = chunk_forward_triton(q, k, v, f, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table,
                                    scale, chunk_size, ChunkSchedule(split_forward, walk_columns, forward_pieces))
         return [*out[:4], *out.saved]
-
-    def _projected_decay_input(g, g_weight, q_shape):
-        return g if g_weight is None else projected_gate(GateProjection(g, g_weight, None), q_shape)
 
     @_chunk_fwd_op.register_fake
     def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size,
@@ -2205,15 +2224,14 @@ if triton is not None:
         saved = ChunkSaved(*saved)
         if do is None:  # only the final state was used
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
+        projection = GateProjection(g, g_weight, None)
         dq, dk, dv, dg, db_logit, dw, d_delta, dS0, d_dt_bias, d_A_log = torch.ops.carve.chunk_bwd(
-            q, k, v, _projected_decay_input(g, g_weight, q.shape), A_log, dt_bias, ctx.a_log_min, b_logit, w, do,
+            q, k, v, projected_gate(projection, q.shape), A_log, dt_bias, ctx.a_log_min, b_logit, w, do,
             dS, list(saved), ctx.table, ctx.scale, ctx.chunk_size, ctx.backward_columns, ctx.backward_pieces)
         d_g_weight = None
-        if g_weight is not None:   # back through f = x W^T, as autograd would through F.linear (W in x's dtype)
-            dg = dg.reshape(-1, g_weight.shape[0])
-            if ctx.needs_input_grad[-1]:
-                d_g_weight = (dg.t() @ g.reshape(-1, g.shape[-1])).to(g_weight.dtype)
-            dg = (dg @ g_weight.to(g.dtype)).view(g.shape) if ctx.needs_input_grad[3] else None
+        if g_weight is not None:   # back through f = x W^T
+            needs = ctx.needs_input_grad
+            dg, d_g_weight, _ = projection_backward(dg, projection, (needs[3], needs[-1], False))
         dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved.chunk_mean, D, U, ctx.table,
                                           ctx.chunk_size, q)
         if A_log is not None:   # through the floor max(A_log, a_log_min): no gradient below it
@@ -2316,13 +2334,7 @@ if triton is not None:
                                                            rstd, ctx.silu)
         if gate_weight is None:
             return do, dgate, None, None, dweight, None, None
-        # back through the projection, as autograd would through F.linear on weights rounded to x's dtype
-        dgate = dgate.reshape(-1, gate_weight.shape[0])
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[1:4]
-        d_x = (dgate @ gate_weight.to(gate.dtype)).view(gate.shape) if needs_x else None
-        d_gate_weight = (dgate.t() @ gate.reshape(-1, gate.shape[-1])).to(gate_weight.dtype) if needs_weight else None
-        d_gate_bias = dgate.sum(0).to(gate_bias.dtype) if needs_bias else None
-        return do, d_x, d_gate_weight, d_gate_bias, dweight, None, None
+        return do, *projection_backward(dgate, projection, ctx.needs_input_grad[1:4]), dweight, None, None
 
     torch.library.register_autograd("carve::norm_gate", _norm_gate_backward, setup_context=_norm_gate_setup_context)
 

@@ -137,12 +137,12 @@ class DeltaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H * K))
         if kind == "gdn2":
-            self.w_proj = Linear(d, H * V, bias=False)              # write gate, value axis
+            self.w_proj = Linear(d, H * V, bias=False)                 # write gate, value axis
         else:
-            self.beta_proj = Linear(d, H, bias=False)               # scalar write strength per head
+            self.beta_proj = Linear(d, H, bias=False)                  # scalar write strength per head
             self.content_down = nn.Parameter(torch.empty(H, cfg.content_rank, V))   # D_h: V -> r
             self.content_up = nn.Parameter(torch.empty(H, K, cfg.content_rank))     # U_h: r -> K
-        self.g_up = Linear(V, H * V, bias=True)                     # output gate, low rank d -> V -> H*V
+        self.g_up = Linear(V, H * V, bias=True)                        # output gate, low rank d -> V -> H*V
         self.o_norm_weight = nn.Parameter(torch.ones(V))
         self.o_proj = Linear(H * V, d, bias=False)
 

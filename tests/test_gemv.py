@@ -23,16 +23,21 @@ def operands(N, K, dtype, bias, lead=(1, 1)):
     return x, weight, b
 
 
+@pytest.fixture
+def calls(monkeypatch):
+    """The Triton backend, and a list that gets an entry each time the GEMV runs."""
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    made, real = [], carve_kernel.gemv_triton
+    monkeypatch.setattr(carve_kernel, "gemv_triton", lambda *a: made.append(1) or real(*a))
+    return made
+
+
 @needs_triton
 @pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N, K", SHAPES)
-def test_gemv_against_float64(monkeypatch, poisoned_empty, N, K, dtype, bias):
-    monkeypatch.setenv("CARVE_BACKEND", "triton")
+def test_gemv_against_float64(calls, poisoned_empty, N, K, dtype, bias):
     x, weight, b = operands(N, K, dtype, bias)
-    calls = []
-    real = carve_kernel.gemv_triton
-    monkeypatch.setattr(carve_kernel, "gemv_triton", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         y = linear(x, weight, b)
     assert calls, "the GEMV did not run"
@@ -42,12 +47,8 @@ def test_gemv_against_float64(monkeypatch, poisoned_empty, N, K, dtype, bias):
 
 
 @needs_triton
-def test_gemv_only_for_one_row_without_gradient(monkeypatch):
+def test_gemv_only_for_one_row_without_gradient(calls):
     """More rows, a gradient, or a weight not in the compute dtype go to F.linear; autocast casts x."""
-    monkeypatch.setenv("CARVE_BACKEND", "triton")
-    calls = []
-    real = carve_kernel.gemv_triton
-    monkeypatch.setattr(carve_kernel, "gemv_triton", lambda *a: calls.append(1) or real(*a))
     x, weight, _ = operands(24, 40, torch.float32, False, lead=(2, 1))
     with torch.no_grad():
         assert torch.equal(linear(x, weight), F.linear(x, weight)) and not calls
@@ -72,13 +73,9 @@ def test_gemv_only_for_one_row_without_gradient(monkeypatch):
 
 
 @needs_triton
-def test_compiles_without_graph_breaks(monkeypatch):
+def test_compiles_without_graph_breaks(calls):
     """carve::gemv is a custom op: torch.compile(fullgraph=True) traces a one-row step through it (as
     sample.py's compiled decode step does) and computes the same values."""
-    monkeypatch.setenv("CARVE_BACKEND", "triton")
-    calls = []
-    real = carve_kernel.gemv_triton
-    monkeypatch.setattr(carve_kernel, "gemv_triton", lambda *a: calls.append(1) or real(*a))
     x, weight, b = operands(24, 40, torch.float32, True)
     with torch.no_grad():
         want = linear(x, weight, b)
