@@ -11,10 +11,12 @@ design; its section numbers are cited below.
                                  a_log_min, chunk_size=64)     # updates state and conv_cache in place
     y = output_norm_gate(o, gate, weight, eps, activation="silu")   # gate [..., V], or a GateProjection(x, W, b)
     y, new_cache = causal_conv_silu(x, weight, cache=None, doc_start=None)
+    q, k, v = short_conv_qkv(ShortConv(x, weight, doc_start), H, K)   # causal_conv_silu's y as q, k, v views
     y = linear(x, weight, bias=None)   # F.linear; a Triton GEMV for one row without gradient (decode)
 
     q, k     [B, T, H, K]  L2-normalised here, inside the kernel
-    v        [B, T, H, V]
+    v        [B, T, H, V]  (chunk_carve: q may be a ShortConv(x, weight, doc_start) standing for all three,
+                           k and v None: the chunk op runs the conv itself and keeps x, not q, k, v)
     g        [B, T, H, K]  fp32 log-decay (<= 0), alpha = exp(g); see decay_gate. Or a DecayGate(f, A_log,
                            dt_bias, a_log_min): decay_gate's inputs, computed inside the kernels (f itself
                            may be a GateProjection(x, W, None): the chunk op makes f = x W^T)
@@ -105,6 +107,16 @@ class GateProjection(NamedTuple):
     bias: Optional[torch.Tensor]   # [H * V]
 
 
+class ShortConv(NamedTuple):
+    """q, k and v as one short conv's output: causal_conv_silu(x, weight, doc_start=doc_start) split into
+    H*K, H*K and H*V channels (short_conv_qkv), for chunk_carve to take in q's place (k and v None). The
+    Triton chunk op then keeps x, which the conv's backward keeps anyway, rather than q, k and v, and runs
+    the conv again in its backward: 192 MiB less a 1.3B layer of 16,384 tokens, for one conv forward."""
+    x: torch.Tensor                     # [B, T, 2*H*K + H*V] the conv's input
+    weight: torch.Tensor                # [2*H*K + H*V, 1, W]
+    doc_start: Optional[torch.Tensor]   # [T] of a packed row (causal_conv_silu), or None
+
+
 def zero_state(batch_size, n_head, k_dim, v_dim, device):
     f32 = dict(dtype=torch.float32, device=device)
     return CarveState(torch.zeros(batch_size, n_head, k_dim, v_dim, **f32),
@@ -136,12 +148,21 @@ def backend_for(x: torch.Tensor) -> str:
 def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None, output_final_state=False, scale=None,
                 chunk_size=64, cu_seqlens=None) -> Tuple[torch.Tensor, Optional[CarveState]]:
     """The chunk-parallel form (training, prefill): the Triton kernels where backend_for says so and
-    the shapes fit (chunk_triton_supports), else chunk_carve_torch."""
-    triton_path = backend_for(q) == "triton" and chunk_triton_supports(q.shape[-1], v.shape[-1], chunk_size)
-    with torch.autocast(q.device.type, enabled=False):  # fp32 inside, whatever autocast the caller runs
+    the shapes fit (chunk_triton_supports), else chunk_carve_torch. q may be a ShortConv standing for
+    q, k and v (k and v None)."""
+    conv = q if isinstance(q, ShortConv) else None
+    if conv is not None:
+        _check_short_conv(conv, k, v, b_logit)
+    x = conv.x if conv is not None else q
+    H, K = b_logit.shape[2:]
+    V = v.shape[-1] if conv is None else (x.shape[-1] - 2 * H * K) // H
+    triton_path = backend_for(x) == "triton" and chunk_triton_supports(K, V, chunk_size)
+    with torch.autocast(x.device.type, enabled=False):  # fp32 inside, whatever autocast the caller runs
         if triton_path:
             return chunk_carve_triton(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale,
                                       chunk_size, cu_seqlens)
+        if conv is not None:
+            q, k, v = short_conv_qkv(conv, H, K)
         g = log_decay_of(g)
         if cu_seqlens is not None:
             return packed_sequences_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state,
@@ -225,6 +246,14 @@ def causal_conv_silu(x, weight, cache=None, doc_start=None):
         return causal_conv_silu_torch(x, weight, cache, doc_start)
     y = torch.ops.carve.conv_silu(x, weight, None if cache is None else cache.to(x.dtype), doc_start)
     return y, None if cache is None else _next_conv_cache(x, cache, weight.shape[-1])
+
+
+def short_conv_qkv(conv: ShortConv, n_head, k_dim):
+    """The q, k [B, T, H, K] and v [B, T, H, V] a ShortConv stands for: views of one causal_conv_silu output."""
+    B, T, C = conv.x.shape
+    y, _ = causal_conv_silu(conv.x, conv.weight, None, conv.doc_start)
+    q, k, v = y.split([n_head * k_dim, n_head * k_dim, C - 2 * n_head * k_dim], dim=-1)
+    return q.view(B, T, n_head, k_dim), k.view(B, T, n_head, k_dim), v.view(B, T, n_head, -1)
 
 
 def linear(x, weight, bias=None):
@@ -315,6 +344,23 @@ def _next_conv_cache(x, cache, width):
     """The last width - 1 inputs of cache followed by x [B, T, C], as a cache [B, C, width - 1]."""
     joined = torch.cat([cache.to(x.dtype), x.transpose(1, 2)], dim=-1)
     return joined[..., joined.shape[-1] - (width - 1):].contiguous()
+
+
+def _check_short_conv(conv: ShortConv, k, v, b_logit):
+    """A ShortConv's shapes against b_logit's [B, T, H, K]: x [B, T, 2*H*K + H*V], weight [channels, 1, W]."""
+    if k is not None or v is not None:
+        raise ValueError("q is a ShortConv, which stands for q, k and v: pass k and v as None")
+    B, T, H, K = b_logit.shape
+    x, weight = conv.x, conv.weight
+    V = (x.shape[-1] - 2 * H * K) // H if x.dim() == 3 else 0
+    if x.dim() != 3 or tuple(x.shape[:2]) != (B, T) or V < 1 or x.shape[-1] != H * (2 * K + V):
+        raise ValueError(f"ShortConv.x has shape {tuple(x.shape)}, expected [{B}, {T}, 2*H*K + H*V] with H, K = "
+                         f"{H}, {K} from b_logit {tuple(b_logit.shape)} (q, k and v side by side)")
+    if weight.dim() != 3 or tuple(weight.shape[:2]) != (x.shape[-1], 1):
+        raise ValueError(f"ShortConv.weight has shape {tuple(weight.shape)}, expected [{x.shape[-1]}, 1, width]")
+    if conv.doc_start is not None and (B != 1 or tuple(conv.doc_start.shape) != (T,)):
+        raise ValueError(f"ShortConv.doc_start has shape {tuple(conv.doc_start.shape)}, expected [{T}] for one "
+                         f"packed row (B = 1, got {B})")
 
 
 def _check_inputs(q, k, v, g, b_logit, w, content, initial_state, state_rows=None):
@@ -635,7 +681,12 @@ def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
                        scale=None, chunk_size=64, cu_seqlens=None, schedule: Optional[ChunkSchedule] = None):
     """chunk_carve_torch's semantics (and packed_sequences_torch's for cu_seqlens) with the Triton chunk
     kernels, forward and backward, through the custom op carve::chunk_fwd and its registered autograd.
-    `schedule` overrides chunk_schedule's choice (the tests run every form on the CPU)."""
+    `schedule` overrides chunk_schedule's choice (the tests run every form on the CPU). q may be a
+    ShortConv standing for q, k and v (k and v None): the op then keeps its x rather than them."""
+    conv = q if isinstance(q, ShortConv) else None
+    if conv is not None:
+        _check_short_conv(conv, k, v, b_logit)
+        q, k, v = short_conv_qkv(conv, *b_logit.shape[2:])
     bounds = None if cu_seqlens is None else _sequence_bounds(q, cu_seqlens, initial_state)
     _check_inputs(q, k, v, g, b_logit, w, content, initial_state, None if bounds is None else len(bounds) - 1)
     B, T, H, K = q.shape
@@ -656,7 +707,8 @@ def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
         q, k, v, g, A_log, dt_bias, float(a_log_min), b_logit, w, D, U, S0, o_sum0, delta0, table,
         K ** -0.5 if scale is None else float(scale),
         chunk_size, schedule.split_forward, schedule.walk_columns, schedule.forward_pieces,
-        schedule.backward_columns or schedule.walk_columns, schedule.backward_pieces, g_weight)[:4]
+        schedule.backward_columns or schedule.walk_columns, schedule.backward_pieces, g_weight,
+        *(conv if conv is not None else (None, None, None)))[:4]
     if not output_final_state:
         return o, None
     offsets = tuple(table[2 + i] + table[1 + i] for i in range(0, len(table), SEQ_FIELDS))
@@ -2176,9 +2228,12 @@ if triton is not None:
                       D: Optional[torch.Tensor], U: Optional[torch.Tensor], S0: Optional[torch.Tensor],
                       o_sum0: Optional[torch.Tensor], delta0: Optional[torch.Tensor], table: List[int], scale: float,
                       chunk_size: int, split_forward: bool, walk_columns: int, forward_pieces: int,
-                      backward_columns: int, backward_pieces: int,
-                      g_weight: Optional[torch.Tensor]) -> List[torch.Tensor]:
-        """With g_weight, g is a GateProjection's x and the raw decay input f = x g_weight^T is made here."""
+                      backward_columns: int, backward_pieces: int, g_weight: Optional[torch.Tensor],
+                      conv_x: Optional[torch.Tensor], conv_weight: Optional[torch.Tensor],
+                      conv_doc_start: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """With g_weight, g is a GateProjection's x and the raw decay input f = x g_weight^T is made here.
+        With conv_weight, q, k, v are short_conv_qkv of ShortConv(conv_x, conv_weight, conv_doc_start):
+        the forward reads q, k, v; the backward makes them again from conv_x."""
         f = projected_gate(GateProjection(g, g_weight, None), q.shape)
         out = chunk_forward_triton(q, k, v, f, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table,
                                    scale, chunk_size, ChunkSchedule(split_forward, walk_columns, forward_pieces))
@@ -2186,7 +2241,8 @@ if triton is not None:
 
     @_chunk_fwd_op.register_fake
     def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size,
-          split_forward, walk_columns, forward_pieces, backward_columns, backward_pieces, g_weight):
+          split_forward, walk_columns, forward_pieces, backward_columns, backward_pieces, g_weight, conv_x, conv_weight,
+          conv_doc_start):
         out = _forward_buffers(q, v, table, S0 is not None, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
         return [*out[:4], *out.saved]
 
@@ -2211,8 +2267,11 @@ if triton is not None:
 
     def _chunk_setup_context(ctx, inputs, output):
         (q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size, *_,
-         backward_columns, backward_pieces, g_weight) = inputs
-        ctx.save_for_backward(q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, *output[4:])
+         backward_columns, backward_pieces, g_weight, conv_x, conv_weight, conv_doc_start) = inputs
+        if conv_weight is not None:   # the conv's input instead of its output: the conv's backward keeps it too
+            q = k = v = None
+        ctx.save_for_backward(q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, conv_x, conv_weight,
+                              conv_doc_start, *output[4:])
         ctx.set_materialize_grads(False)   # the saved outputs get no gradient: no zero tensors of their size
         ctx.table, ctx.scale, ctx.chunk_size, ctx.a_log_min = table, scale, chunk_size, a_log_min
         ctx.backward_columns, ctx.backward_pieces = backward_columns, backward_pieces
@@ -2220,8 +2279,11 @@ if triton is not None:
 
     def _chunk_backward(ctx, grads):
         do, dS, _, d_delta_final = grads[:4]   # o_sum is a stop-gradient read: its gradient is dropped
-        q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, *saved = ctx.saved_tensors
+        q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, conv_x, conv_weight, conv_doc_start, *saved = \
+            ctx.saved_tensors
         saved = ChunkSaved(*saved)
+        if conv_weight is not None:
+            q, k, v = short_conv_qkv(ShortConv(conv_x, conv_weight, conv_doc_start), *b_logit.shape[2:])
         if do is None:  # only the final state was used
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
         projection = GateProjection(g, g_weight, None)
@@ -2231,7 +2293,7 @@ if triton is not None:
         d_g_weight = None
         if g_weight is not None:   # back through f = x W^T
             needs = ctx.needs_input_grad
-            dg, d_g_weight, _ = projection_backward(dg, projection, (needs[3], needs[-1], False))
+            dg, d_g_weight, _ = projection_backward(dg, projection, (needs[3], needs[-4], False))   # g, g_weight
         dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved.chunk_mean, D, U, ctx.table,
                                           ctx.chunk_size, q)
         if A_log is not None:   # through the floor max(A_log, a_log_min): no gradient below it
@@ -2240,7 +2302,7 @@ if triton is not None:
         else:
             d_A_log = d_dt_bias = None
         return (dq, dk, dv, dg, d_A_log, d_dt_bias, None, db_logit, dw, dD, dU, dS0 if ctx.has_S0 else None, None,
-                d_delta0 if ctx.has_delta0 else None, *[None] * 8, d_g_weight)
+                d_delta0 if ctx.has_delta0 else None, *[None] * 8, d_g_weight, None, None, None)
 
     torch.library.register_autograd("carve::chunk_fwd", _chunk_backward, setup_context=_chunk_setup_context)
 

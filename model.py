@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from carve_kernel import (CarveState, DecayGate, GateProjection, backend_for, causal_conv_silu, chunk_carve,
+from carve_kernel import (CarveState, DecayGate, GateProjection, ShortConv, backend_for, causal_conv_silu, chunk_carve,
                           fused_decode_step, linear, output_norm_gate, recurrent_carve, zero_state)
 
 MIXERS = ("carve", "gdn2", "attn")
@@ -186,10 +186,12 @@ class DeltaMixer(nn.Module):
                                                   self.A_log, self.dt_bias, b_logit[:, 0], w_raw[:, 0],
                                                   cache["state"], content, cfg.a_log_min, cfg.chunk_size)
         else:
-            qkv, conv_cache = causal_conv_silu(qkv, self.conv_weight, cache["conv"] if cache else None,
-                                               doc_start if doc_id is not None else None)
-            q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
-            q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
+            doc_starts = doc_start if doc_id is not None else None
+            if cache is None:   # the chunk op runs the conv itself and keeps its input, not q, k, v, for the backward
+                q, k, v = ShortConv(qkv, self.conv_weight, doc_starts), None, None
+            else:
+                qkv, conv_cache = causal_conv_silu(qkv, self.conv_weight, cache["conv"], doc_starts)
+                q, k, v = (t.view(B, T, H, -1) for t in qkv.split([H * K, H * K, H * V], dim=-1))
             # the decay's inputs rather than g: the chunk kernels compute g where they read it (no fp32 g kept),
             # and the chunk op makes f = f_up(f_low) itself, forward and backward (f not kept either)
             g = DecayGate(GateProjection(f_low, self.f_up.weight, None), self.A_log, self.dt_bias.view(H, K),

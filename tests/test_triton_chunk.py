@@ -293,6 +293,61 @@ def test_decay_gate_projection(monkeypatch, backend, dtype, mode):
         assert runs[0][1] == runs[1][1] - 1   # f [B, T, H, K] is not kept
 
 
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_short_conv(monkeypatch, packed, backend, dtype, mode):
+    """q, k, v given as a ShortConv (the model's conv input and weight) compute what q, k, v made by
+    causal_conv_silu outside compute, bit for bit: o, S and every gradient (the conv input's and weight's
+    included), in rows or as packed documents (the conv's doc_start with the chunk's cu_seqlens). On the
+    Triton path the chunk op keeps the conv input, which the conv keeps anyway, instead of q, k and v."""
+    monkeypatch.setenv("CARVE_BACKEND", backend)
+    B, T, H, K, V, C = (1, 40, 2, 16, 32, 16) if packed else (2, 40, 2, 16, 32, 16)
+    x = make_inputs(B, T, H, K, V, mode, seed=15)
+    gen = torch.Generator().manual_seed(16)
+    channels = H * (2 * K + V)
+    leaves = {n: t.to(DEVICE, torch.float32 if n in ("D", "U") else dtype).requires_grad_()
+              for n, t in {**x, "conv_x": torch.randn(B, T, channels, generator=gen)}.items()
+              if n not in ("q", "k", "v")}
+    conv_weight = (torch.randn(channels, 1, 4, generator=gen) / 2).to(DEVICE).requires_grad_()
+    cu_seqlens = [0, 17, T] if packed else None
+    doc_start = torch.tensor([0] * 17 + [17] * (T - 17), device=DEVICE) if packed else None
+    content = (leaves["D"], leaves["U"]) if mode == "carve" else None
+    runs = []
+    for inside in (True, False):
+        conv = carve_kernel.ShortConv(leaves["conv_x"], conv_weight, doc_start)
+        qkv = (conv, None, None) if inside else carve_kernel.short_conv_qkv(conv, H, K)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+            o, final = chunk_carve(*qkv, leaves["g"], leaves["b_logit"], leaves["w"], content, None, True, None, C,
+                                   cu_seqlens)
+        inputs = [*leaves.values(), conv_weight]
+        grads = torch.autograd.grad(o.float().square().sum() + final.S.square().sum(), inputs)
+        runs.append(([o, final.S, *grads], kept))
+    for name, a, b in zip(("o", "S", *[f"d{n}" for n in leaves], "dconv_weight"), runs[0][0], runs[1][0]):
+        assert torch.isfinite(a).all() and torch.equal(a, b), f"short conv {name}"
+    if backend == "triton":   # q and k [B, T, H, K] and v [B, T, H, V] are not kept
+        for shape, fewer in (((B, T, H, K), 2), ((B, T, H, V), 1)):
+            assert runs[0][1].count(shape) == runs[1][1].count(shape) - fewer, shape
+
+
+def test_short_conv_errors():
+    """A ShortConv of the wrong shape, or with k and v given too, is a one-line ValueError."""
+    B, T, H, K, V = 1, 8, 2, 16, 16
+    b_logit = torch.zeros(B, T, H, K)
+    x, weight = torch.zeros(B, T, H * (2 * K + V)), torch.zeros(H * (2 * K + V), 1, 4)
+    rest = (torch.zeros(B, T, H, K), b_logit, torch.zeros(B, T, H))
+    cases = [((carve_kernel.ShortConv(x, weight, None), torch.zeros(B, T, H, K), None), "pass k and v as None"),
+             ((carve_kernel.ShortConv(x[..., :-3], weight, None), None, None), "ShortConv.x has shape"),
+             ((carve_kernel.ShortConv(x, weight[:-1], None), None, None), "ShortConv.weight has shape"),
+             ((carve_kernel.ShortConv(x, weight, torch.zeros(T - 1, dtype=torch.long)), None, None),
+              "ShortConv.doc_start has shape")]
+    for qkv, message in cases:
+        with pytest.raises(ValueError, match=message):
+            chunk_carve(*qkv, *rest)
+
+
 if torch.cuda.is_available():   # one layer of the 1.3B model: too big for the interpreter
     @pytest.mark.parametrize("mode", ["carve", "gdn2"])
     def test_decay_gate_inside_the_kernels_at_1b3_shapes(mode):
@@ -635,10 +690,10 @@ def test_compiles_without_graph_breaks():
         inputs = [*leaves[:3], *gate, *leaves[4:]]
         for plan in ((False, 16, 1, 16, 1), (True, 16, 2, 16, 2)):
             torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
-                                  (*inputs, *content, None, None, None, table, 0.25, 16, *plan, None))
+                                  (*inputs, *content, None, None, None, table, 0.25, 16, *plan, None, None, None, None))
         with torch.no_grad():
             out = torch.ops.carve.chunk_fwd(*inputs, *content, None, None, None, table, 0.25, 16, False, 16, 1, 16, 1,
-                                            None)
+                                            None, None, None, None)
         do = torch.randn_like(out[0])
         # inputs in another memory layout (as inductor may pass them): the outputs are still contiguous
         strided = [(t.detach().transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 4 else t.detach())
@@ -651,7 +706,18 @@ def test_compiles_without_graph_breaks():
                        for shape in ((1, 20, 4), (32, 4)))
     inputs = [*leaves[:3], f_low, *decay_gate_inputs[1:], *leaves[4:]]
     torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
-                          (*inputs, *content, None, None, None, table, 0.25, 16, False, 16, 1, 16, 1, f_weight))
+                          (*inputs, *content, None, None, None, table, 0.25, 16, False, 16, 1, 16, 1, f_weight,
+                           None, None, None))
+    # q, k, v from a short conv whose input the op keeps instead (a ShortConv); doc_start of two documents
+    conv_x = torch.randn(1, 20, 96, generator=gen).to(DEVICE).requires_grad_()
+    conv_weight = torch.randn(96, 1, 4, generator=gen).to(DEVICE).requires_grad_()
+    doc_start = torch.tensor([0] * 7 + [7] * 13, device=DEVICE)
+    with torch.no_grad():
+        qkv = carve_kernel.short_conv_qkv(carve_kernel.ShortConv(conv_x, conv_weight, doc_start), 2, 16)
+    qkv = [t.requires_grad_() for t in qkv]
+    torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
+                          (*qkv, *decay_gate_inputs, *leaves[4:], *content, None, None, None, table, 0.25, 16,
+                           False, 16, 1, 16, 1, None, conv_x, conv_weight, doc_start))
 
 
 @pytest.mark.parametrize("mixer", ["carve", "gdn2,attn"])
