@@ -13,6 +13,7 @@ design; its section numbers are cited below.
     y, new_cache = causal_conv_silu(x, weight, cache=None, doc_start=None)
     q, k, v = short_conv_qkv(ShortConv(x, weight, doc_start), H, K)   # causal_conv_silu's y as q, k, v views
     y = linear(x, weight, bias=None)   # F.linear; a Triton GEMV for one row without gradient (decode)
+    y = swiglu_linear(gate_up, weight)  # F.linear(SiLU(gate) * up, weight), not keeping the product
 
     q, k     [B, T, H, K]  L2-normalised here, inside the kernel
     v        [B, T, H, V]  (chunk_carve: q may be a ShortConv(x, weight, doc_start) standing for all three,
@@ -37,8 +38,9 @@ The file reads top to bottom:
   4. Triton chunk backward: a walk that rebuilds the block states, the reverse walk, two parallel
      kernels, and the content gradients.
   5. Triton decode: the per-token kernel behind recurrent_carve and a layer's fused decode step.
-  6. Triton layer pieces: the short causal conv + SiLU over the q, k, v projection, and the layer's
-     RMSNorm(o) * act(gate), each forward and backward; the batch-1 GEMV of a decode step.
+  6. Triton layer pieces: the short causal conv + SiLU over the q, k, v projection, the layer's
+     RMSNorm(o) * act(gate) and the MLP's SiLU(gate) * up, each forward and backward; the batch-1 GEMV
+     of a decode step.
   7. The torch.library custom ops around the Triton launchers, so torch.compile keeps one graph.
 Triton is optional: without it (a CPU-only install, macOS) every call takes the torch path.
 """
@@ -269,6 +271,17 @@ def linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
+def swiglu_linear(gate_up, weight):
+    """F.linear(swiglu(gate_up), weight): the MLP's second product, all in gate_up's dtype (weight in it
+    too). Where backend_for says so, a Triton kernel makes h = SiLU(gate) * up and the op keeps gate_up,
+    not h [..., F], for the backward, whose op makes h again itself: made by torch ops in a backward
+    formula, torch.compile merged it with the forward's h and kept that (3.4 GiB over a 1.3B step of
+    16,384 tokens). Else swiglu_linear_torch."""
+    if backend_for(gate_up) == "triton":
+        return torch.ops.carve.swiglu_linear(gate_up, weight)
+    return swiglu_linear_torch(gate_up, weight)
+
+
 # ============================================================================================
 # 2. Torch definitions (docs/DESIGN.md sections 1-3 and 10)
 # ============================================================================================
@@ -321,6 +334,17 @@ def output_norm_gate_torch(o, gate, weight, eps, activation="silu"):
     """output_norm_gate's definition: the norm and the gate in fp32, one rounding to o's dtype."""
     normed = F.rms_norm(o.float(), (o.shape[-1],), weight.float(), eps)
     return (normed * (F.silu(gate.float()) if activation == "silu" else torch.sigmoid(gate.float()))).to(o.dtype)
+
+
+def swiglu(gate_up):
+    """SiLU(gate) * up for gate_up = [gate, up] along its last axis, in its dtype (SiLU rounded to it first)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu_linear_torch(gate_up, weight):
+    """swiglu_linear's definition."""
+    return F.linear(swiglu(gate_up), weight)
 
 
 def causal_conv_silu_torch(x, weight, cache=None, doc_start=None):
@@ -2216,6 +2240,57 @@ def _gemv_kernel(x, weight, bias, out, N, K, sw, HAS_BIAS: tl.constexpr, ROWS: t
         y += tl.load(bias + rows, mask=m_rows, other=0.0).to(tl.float32)
     tl.store(out + rows, y.to(out.dtype.element_ty), mask=m_rows)
 
+# The MLP's SiLU(gate) * up: [SWIGLU_ROWS, SWIGLU_COLS] tiles of gate_up's rows; the backward's kernel
+# writes h again beside the gradient, so the op never keeps it. The roundings are autograd's through
+# F.silu(gate) * up in gate_up's dtype: SiLU, the product and dh * up each rounded to it.
+
+SWIGLU_ROWS, SWIGLU_COLS = 16, 128
+
+
+def swiglu_triton(gate_up):
+    """swiglu's h [N, F] of gate_up [N, 2F] (unit stride along its rows)."""
+    n_rows, F2 = gate_up.shape
+    h = torch.empty(n_rows, F2 // 2, dtype=gate_up.dtype, device=gate_up.device)
+    grid = (triton.cdiv(n_rows, SWIGLU_ROWS), triton.cdiv(F2 // 2, SWIGLU_COLS))
+    _swiglu_kernel[grid](gate_up=gate_up, dh=None, d_gate_up=None, h=h, n_rows=n_rows, F=F2 // 2,
+                         s_row=gate_up.stride(0), BACKWARD=False, ROWS=SWIGLU_ROWS, COLS=SWIGLU_COLS)
+    return h
+
+
+def swiglu_backward_triton(gate_up, dh):
+    """(d_gate_up [N, 2F], h [N, F]) from gate_up [N, 2F] and dh [N, F], the gradient of h."""
+    n_rows, F2 = gate_up.shape
+    h = torch.empty(n_rows, F2 // 2, dtype=gate_up.dtype, device=gate_up.device)
+    d_gate_up = torch.empty(n_rows, F2, dtype=gate_up.dtype, device=gate_up.device)
+    grid = (triton.cdiv(n_rows, SWIGLU_ROWS), triton.cdiv(F2 // 2, SWIGLU_COLS))
+    _swiglu_kernel[grid](gate_up=gate_up, dh=dh.contiguous(), d_gate_up=d_gate_up, h=h, n_rows=n_rows, F=F2 // 2,
+                         s_row=gate_up.stride(0), BACKWARD=True, ROWS=SWIGLU_ROWS, COLS=SWIGLU_COLS)
+    return d_gate_up, h
+
+
+@triton_jit
+def _swiglu_kernel(gate_up, dh, d_gate_up, h, n_rows, F, s_row, BACKWARD: tl.constexpr, ROWS: tl.constexpr,
+                   COLS: tl.constexpr):
+    """h = SiLU(g) u; with BACKWARD also, from dh: dg = round(dh u) s (1 + g (1 - s)) (s = sigmoid(g)),
+    du = dh SiLU(g), into d_gate_up's two halves."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    mask = (rows < n_rows)[:, None] & (cols < F)[None, :]
+    p_gate = rows[:, None].to(tl.int64) * s_row + cols[None, :]
+    g = tl.load(gate_up + p_gate, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gate_up + p_gate + F, mask=mask, other=0.0).to(tl.float32)
+    dt = h.dtype.element_ty
+    s = tl.sigmoid(g)
+    silu = (g * s).to(dt).to(tl.float32)
+    p_h = rows[:, None].to(tl.int64) * F + cols[None, :]
+    tl.store(h + p_h, (silu * u).to(dt), mask=mask)
+    if BACKWARD:
+        d = tl.load(dh + p_h, mask=mask, other=0.0).to(tl.float32)
+        d_silu = (d * u).to(dt).to(tl.float32)
+        p_grad = rows[:, None].to(tl.int64) * (2 * F) + cols[None, :]
+        tl.store(d_gate_up + p_grad, (d_silu * s * (1.0 + g * (1.0 - s))).to(dt), mask=mask)
+        tl.store(d_gate_up + p_grad + F, (d * silu).to(dt), mask=mask)
+
 # ============================================================================================
 # 7. Custom ops: each Triton launcher behind a torch.library op, so torch.compile sees one opaque
 #    node instead of a launch it cannot trace, and the graph does not break
@@ -2233,7 +2308,7 @@ if triton is not None:
                       conv_doc_start: Optional[torch.Tensor]) -> List[torch.Tensor]:
         """With g_weight, g is a GateProjection's x and the raw decay input f = x g_weight^T is made here.
         With conv_weight, q, k, v are short_conv_qkv of ShortConv(conv_x, conv_weight, conv_doc_start):
-        the forward reads q, k, v; the backward makes them again from conv_x."""
+        the forward reads q, k, v; carve::chunk_bwd makes them again from conv_x."""
         f = projected_gate(GateProjection(g, g_weight, None), q.shape)
         out = chunk_forward_triton(q, k, v, f, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table,
                                    scale, chunk_size, ChunkSchedule(split_forward, walk_columns, forward_pieces))
@@ -2247,23 +2322,33 @@ if triton is not None:
         return [*out[:4], *out.saved]
 
     @torch.library.custom_op("carve::chunk_bwd", mutates_args=())
-    def _chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, A_log: Optional[torch.Tensor],
-                      dt_bias: Optional[torch.Tensor], a_log_min: float, b_logit: torch.Tensor, w: torch.Tensor,
-                      do: torch.Tensor, dS_end: Optional[torch.Tensor], saved: List[torch.Tensor], table: List[int],
-                      scale: float, chunk_size: int, walk_columns: int, pieces: int) -> List[torch.Tensor]:
+    def _chunk_bwd_op(q: Optional[torch.Tensor], k: Optional[torch.Tensor], v: Optional[torch.Tensor], g: torch.Tensor,
+                      A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], a_log_min: float,
+                      b_logit: torch.Tensor, w: torch.Tensor, do: torch.Tensor, dS_end: Optional[torch.Tensor],
+                      saved: List[torch.Tensor], table: List[int], scale: float, chunk_size: int, walk_columns: int,
+                      pieces: int, conv_x: Optional[torch.Tensor], conv_weight: Optional[torch.Tensor],
+                      conv_doc_start: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """With conv_weight, q, k, v are None and made here from the ShortConv, inside the op: made in the
+        registered backward instead, they would be the forward's conv call again, which torch.compile merges
+        with it (common subexpressions), keeping the forward's q, k, v after all."""
+        if conv_weight is not None:
+            q, k, v = short_conv_qkv(ShortConv(conv_x, conv_weight, conv_doc_start), *b_logit.shape[2:])
         return chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, ChunkSaved(*saved),
                                      table, scale, chunk_size, walk_columns, pieces)
 
     @_chunk_bwd_op.register_fake
     def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved, table, scale, chunk_size,
-          walk_columns, pieces):
+          walk_columns, pieces, conv_x, conv_weight, conv_doc_start):
         N, n_chunks = len(table) // SEQ_FIELDS, _table_sizes(table)[1]
-        H, K = q.shape[2:]
+        H, K = b_logit.shape[2:]
+        V = do.shape[-1]
         f32 = torch.float32
-        fresh = lambda x: x.new_empty(x.shape)  # noqa: E731  (contiguous, like the real outputs)
-        return [fresh(q), fresh(k), fresh(v), fresh(g), fresh(b_logit), fresh(w),
-                q.new_empty(n_chunks, H, K, dtype=f32), q.new_empty(N, H, K, v.shape[-1], dtype=f32),
-                q.new_empty(H, K, dtype=f32), q.new_empty(H, dtype=f32)]
+        new = lambda *shape, dtype=do.dtype: do.new_empty(shape, dtype=dtype)  # noqa: E731  (contiguous, like the real outputs)
+        qk_dtype, v_dtype = (conv_x.dtype, conv_x.dtype) if conv_weight is not None else (q.dtype, v.dtype)
+        return [new(*b_logit.shape, dtype=qk_dtype), new(*b_logit.shape, dtype=qk_dtype),
+                new(*do.shape, dtype=v_dtype), new(*g.shape, dtype=g.dtype), new(*b_logit.shape, dtype=b_logit.dtype),
+                new(*w.shape, dtype=w.dtype), new(n_chunks, H, K, dtype=f32), new(N, H, K, V, dtype=f32),
+                new(H, K, dtype=f32), new(H, dtype=f32)]
 
     def _chunk_setup_context(ctx, inputs, output):
         (q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size, *_,
@@ -2282,20 +2367,19 @@ if triton is not None:
         q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, conv_x, conv_weight, conv_doc_start, *saved = \
             ctx.saved_tensors
         saved = ChunkSaved(*saved)
-        if conv_weight is not None:
-            q, k, v = short_conv_qkv(ShortConv(conv_x, conv_weight, conv_doc_start), *b_logit.shape[2:])
         if do is None:  # only the final state was used
-            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
+            do = torch.zeros(saved.v_new.shape, dtype=(v if v is not None else conv_x).dtype, device=b_logit.device)
         projection = GateProjection(g, g_weight, None)
         dq, dk, dv, dg, db_logit, dw, d_delta, dS0, d_dt_bias, d_A_log = torch.ops.carve.chunk_bwd(
-            q, k, v, projected_gate(projection, q.shape), A_log, dt_bias, ctx.a_log_min, b_logit, w, do,
-            dS, list(saved), ctx.table, ctx.scale, ctx.chunk_size, ctx.backward_columns, ctx.backward_pieces)
+            q, k, v, projected_gate(projection, b_logit.shape), A_log, dt_bias, ctx.a_log_min, b_logit, w, do,
+            dS, list(saved), ctx.table, ctx.scale, ctx.chunk_size, ctx.backward_columns, ctx.backward_pieces,
+            conv_x, conv_weight, conv_doc_start)
         d_g_weight = None
         if g_weight is not None:   # back through f = x W^T
             needs = ctx.needs_input_grad
             dg, d_g_weight, _ = projection_backward(dg, projection, (needs[3], needs[-4], False))   # g, g_weight
         dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved.chunk_mean, D, U, ctx.table,
-                                          ctx.chunk_size, q)
+                                          ctx.chunk_size, b_logit)
         if A_log is not None:   # through the floor max(A_log, a_log_min): no gradient below it
             d_A_log = (d_A_log * (A_log >= ctx.a_log_min)).to(A_log.dtype)
             d_dt_bias = d_dt_bias.to(dt_bias.dtype)
@@ -2418,3 +2502,37 @@ if triton is not None:
     @_gemv_op.register_fake
     def _(x, weight, bias):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.custom_op("carve::swiglu_linear", mutates_args=())
+    def _swiglu_linear_op(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = swiglu_triton(_unit_channel_stride(gate_up.reshape(-1, gate_up.shape[-1])))
+        return F.linear(h, weight).view(*gate_up.shape[:-1], weight.shape[0])
+
+    @_swiglu_linear_op.register_fake
+    def _(gate_up, weight):
+        return gate_up.new_empty((*gate_up.shape[:-1], weight.shape[0]))
+
+    def _swiglu_linear_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)   # gate_up and weight: h is made again in the backward
+
+    def _swiglu_linear_backward(ctx, dy):
+        gate_up, weight = ctx.saved_tensors
+        d_gate_up, *d_weight = torch.ops.carve.swiglu_linear_bwd(dy, gate_up, weight, ctx.needs_input_grad[1])
+        return d_gate_up, d_weight[0] if d_weight else None
+
+    torch.library.register_autograd("carve::swiglu_linear", _swiglu_linear_backward,
+                                    setup_context=_swiglu_linear_setup_context)
+
+    @torch.library.custom_op("carve::swiglu_linear_bwd", mutates_args=())
+    def _swiglu_linear_bwd_op(dy: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor,
+                              weight_grad: bool) -> List[torch.Tensor]:
+        """[d_gate_up, d_weight if weight_grad]: h made here, not in the registered backward, where
+        torch.compile would merge it with the forward's and keep that."""
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        d_gate_up, h = swiglu_backward_triton(_unit_channel_stride(gate_up.reshape(-1, gate_up.shape[-1])), dy2 @ weight)
+        return [d_gate_up.view(gate_up.shape), *([dy2.t() @ h] if weight_grad else [])]
+
+    @_swiglu_linear_bwd_op.register_fake
+    def _(dy, gate_up, weight, weight_grad):
+        return [torch.empty_like(gate_up, memory_format=torch.contiguous_format),
+                *([torch.empty_like(weight)] if weight_grad else [])]

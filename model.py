@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from carve_kernel import (CarveState, DecayGate, GateProjection, ShortConv, backend_for, causal_conv_silu, chunk_carve,
-                          fused_decode_step, linear, output_norm_gate, recurrent_carve, zero_state)
+                          fused_decode_step, linear, output_norm_gate, recurrent_carve, swiglu, swiglu_linear,
+                          zero_state)
 
 MIXERS = ("carve", "gdn2", "attn")
 
@@ -329,37 +330,10 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
         if torch.is_grad_enabled() and (gate_up.requires_grad or self.down_proj.weight.requires_grad):
+            # training: the product SiLU(gate) * up is not kept for the backward (swiglu_linear)
             with torch.autocast(x.device.type, enabled=False):   # the weight in gate_up's dtype, as autocast's
-                return SwiGLUDown.apply(gate_up, self.down_proj.weight.to(gate_up.dtype))
+                return swiglu_linear(gate_up, self.down_proj.weight.to(gate_up.dtype))
         return self.down_proj(swiglu(gate_up))
-
-
-def swiglu(gate_up):
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-class SwiGLUDown(torch.autograd.Function):
-    """F.linear(swiglu(gate_up), weight) with autograd's gradients, bit for bit, that keeps gate_up rather
-    than the product h = SiLU(gate) * up for the backward and makes h again there, for the weight's
-    gradient: h is [tokens, mlp_hidden], 3.4 GiB over the 18 layers of a 1.3B step of 16,384 tokens, and
-    torch.compile's partitioner kept it. Its weight is not a Linear module's call: hooks do not see it."""
-
-    @staticmethod
-    def forward(ctx, gate_up, weight):
-        ctx.save_for_backward(gate_up, weight)
-        return F.linear(swiglu(gate_up), weight)
-
-    @staticmethod
-    def backward(ctx, dy):
-        gate_up, weight = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        silu = F.silu(gate)
-        dh = dy @ weight
-        d_weight = dy.flatten(0, -2).t() @ (silu * up).flatten(0, -2) if ctx.needs_input_grad[1] else None
-        d_gate_up = torch.cat([torch.ops.aten.silu_backward(dh * up, gate), dh * silu], dim=-1) \
-            if ctx.needs_input_grad[0] else None
-        return d_gate_up, d_weight
 
 
 class Block(nn.Module):

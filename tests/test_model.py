@@ -6,7 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LM, ModelConfig, SwiGLU, linear_cross_entropy, swiglu
+import model as model_module
+from carve_kernel import swiglu, swiglu_linear
+from model import LM, ModelConfig, SwiGLU, linear_cross_entropy
 from reference import TOL_LOGITS, assert_rel, perturb, prefill_then_decode, record, rel_err, tiny, tokens
 
 
@@ -218,31 +220,31 @@ def test_activation_checkpointing_changes_nothing(mixer):
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_swiglu_keeps_gate_up_not_the_product(autocast):
-    """SwiGLU's training path (SwiGLUDown) gives autograd's values through down_proj(SiLU(gate) * up),
-    output and every gradient, bit for bit, also with a frozen down_proj; it keeps gate_up for the backward
-    and no [..., mlp_hidden] product; without a gradient it runs down_proj itself."""
+def test_swiglu_module(monkeypatch, autocast):
+    """SwiGLU's training path (swiglu_linear on the weight in gate_up's dtype) gives autograd's values
+    through down_proj(SiLU(gate) * up), output and every gradient, bit for bit, also with a frozen
+    down_proj (the torch path; tests/test_swiglu.py checks the Triton one); without a gradient it runs
+    down_proj itself (the batch-1 GEMV's Linear)."""
     cfg = ModelConfig(d_model=24, mlp_hidden=40)
     mlp = SwiGLU(cfg)
     x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    calls = []
+    monkeypatch.setattr(model_module, "swiglu_linear", lambda *args: calls.append(1) or swiglu_linear(*args))
     for frozen in (False, True):
         mlp.down_proj.weight.requires_grad_(not frozen)
         params = [p for p in mlp.parameters() if p.requires_grad]
         runs = []
         for fused in (True, False):
-            kept = []
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
-                    torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 y = mlp(x) if fused else mlp.down_proj(swiglu(mlp.gate_up_proj(x)))
-            runs.append(([y, *torch.autograd.grad(y.float().square().sum(), [x, *params])], kept))
-        for a, b in zip(runs[0][0], runs[1][0]):
+            runs.append([y, *torch.autograd.grad(y.float().square().sum(), [x, *params])])
+        for a, b in zip(*runs):
             assert torch.isfinite(a).all() and torch.equal(a, b)
-        assert (2, 7, 40) in runs[1][1] and (2, 7, 40) not in runs[0][1]   # h is kept only by the plain path
+    assert len(calls) == 2
     mlp.down_proj.weight.requires_grad_(True)
-    calls = []
     mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
-        assert torch.equal(mlp(x), mlp.down_proj(swiglu(mlp.gate_up_proj(x)))) and len(calls) == 2
+        assert torch.equal(mlp(x), mlp.down_proj(swiglu(mlp.gate_up_proj(x)))) and len(calls) == 4
 
 
 # ----------------------------------------------------------------------------- the loss

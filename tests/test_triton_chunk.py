@@ -8,6 +8,8 @@ below the floor, poisoned outputs, torch.compile, and the model on the Triton pa
 Without a GPU the kernels run on CPU tensors in the Triton interpreter (conftest.py), so the shapes
 are small; with a GPU the same tests run the compiled kernels, and test_parity_fp16 adds longer
 sequences and wider heads."""
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -700,7 +702,7 @@ def test_compiles_without_graph_breaks():
                    if torch.is_tensor(t) else t for t in inputs]
         for pieces in (1, 2):  # the reverse walk's columns and pieces
             torch.library.opcheck(torch.ops.carve.chunk_bwd.default,
-                                  (strided + [do, None, out[4:], table, 0.25, 16, 16, pieces]))
+                                  (strided + [do, None, out[4:], table, 0.25, 16, 16, pieces, None, None, None]))
     # f made inside from a low-rank input and its weight (a DecayGate whose f is a GateProjection)
     f_low, f_weight = (torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()
                        for shape in ((1, 20, 4), (32, 4)))
@@ -715,9 +717,17 @@ def test_compiles_without_graph_breaks():
     with torch.no_grad():
         qkv = carve_kernel.short_conv_qkv(carve_kernel.ShortConv(conv_x, conv_weight, doc_start), 2, 16)
     qkv = [t.requires_grad_() for t in qkv]
+    conv_inputs = [*qkv, *decay_gate_inputs, *leaves[4:]]
     torch.library.opcheck(torch.ops.carve.chunk_fwd.default,
-                          (*qkv, *decay_gate_inputs, *leaves[4:], *content, None, None, None, table, 0.25, 16,
-                           False, 16, 1, 16, 1, None, conv_x, conv_weight, doc_start))
+                          (*conv_inputs, *content, None, None, None, table, 0.25, 16, False, 16, 1, 16, 1, None,
+                           conv_x, conv_weight, doc_start))
+    with torch.no_grad():
+        out = torch.ops.carve.chunk_fwd(*conv_inputs, *content, None, None, None, table, 0.25, 16, False, 16, 1, 16,
+                                        1, None, conv_x, conv_weight, doc_start)
+    bwd_inputs = [None, None, None, *[t.detach() if torch.is_tensor(t) else t for t in conv_inputs[3:]]]
+    torch.library.opcheck(torch.ops.carve.chunk_bwd.default,
+                          (bwd_inputs + [torch.randn_like(out[0]), None, out[4:], table, 0.25, 16, 16, 1,
+                                         conv_x.detach(), conv_weight.detach(), doc_start]))
 
 
 @pytest.mark.parametrize("mixer", ["carve", "gdn2,attn"])
@@ -740,6 +750,42 @@ def test_model_compiles_without_graph_breaks(monkeypatch, mixer):
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+@pytest.mark.parametrize("mixer", ["carve", "gdn2"])
+def test_compiled_step_keeps_no_recomputed_tensor(monkeypatch, mixer):
+    """What a compiled training step keeps for its backward (the forward graph's saved tensors, as
+    torch.compile's partitioner picks them): nothing made by the conv (q, k, v: the chunk op makes them
+    again from the conv's input) and no [.., mlp_hidden] tensor (SiLU(gate) * up: swiglu_linear makes it
+    again). Recomputed by torch ops in a backward formula, they would be merged with the forward's and kept."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    monkeypatch.setenv("CARVE_BACKEND", "triton")
+    cfg = tiny(mixer, d_model=32, head_k_dim=16, head_v_dim=16, chunk_size=16, mlp_hidden=40)
+    model = perturb(LM(cfg)).to(DEVICE)
+    idx = tokens(2, 32, cfg.vocab_size).to(DEVICE)
+    saved = []
+
+    def partition(joint, inputs, **kw):
+        forward, backward = min_cut_rematerialization_partition(joint, inputs, **kw)
+        saved.extend(next(n for n in forward.graph.nodes if n.op == "output").args[0][kw["num_fwd_outputs"]:])
+        return forward, backward
+
+    def source(node):   # through views and splits to the op that made the tensor
+        while node.op == "call_function" and (node.target is operator.getitem or "view" in str(node.target)
+                                              or "split" in str(node.target) or "slice" in str(node.target)):
+            node = node.args[0]
+        return node.target
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm, partition_fn=partition)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = torch.compile(lambda idx: model(idx, idx)[1], backend=backend, fullgraph=True)(idx)
+    loss.backward()
+    tensors = [n for n in saved if n is not None and isinstance(n.meta.get("val"), torch.Tensor)]
+    assert tensors and any(source(n) == torch.ops.carve.chunk_fwd.default for n in tensors)
+    assert not [n for n in tensors if source(n) == torch.ops.carve.conv_silu.default]
+    activations = [n.meta["val"] for n in tensors if n.meta["val"].shape[:-1].numel() == idx.numel()]
+    assert not [t for t in activations if t.shape[-1] == cfg.mlp_hidden]   # the down_proj weight's cast may be
 
 
 # ----------------------------------------------------------------------------- the model on the Triton path
