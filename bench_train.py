@@ -21,7 +21,8 @@ tokens/s here is a slight underestimate.
 tokens/s = tokens per optimizer step / mean time of the --steps steps after --warmup steps (the
 first steps compile and allocate the optimizer state); MFU = model.flops_per_token(seq_len) * tokens/s /
 the GPU's dense bf16 peak (train.py's peak_flops; --peak_tflops=... sets it); peak GiB = most memory
-allocated during the timed steps. --profile adds the device time of one more step by kind of kernel
+allocated during the timed steps; kept GiB = what one micro-batch's forward keeps for its backward
+(memory allocated after the forward less before it, measured after the timed steps). --profile adds the device time of one more step by kind of kernel
 (chunk kernels, matrix products, attention, everything else) and its top 15 kernels (torch.profiler).
 
 --fla: the reference is model.py's LM with every mixer replaced by flash-linear-attention's
@@ -188,8 +189,9 @@ def measure(name, build_model, config, compiled, args):
     optimizer = torch.optim.AdamW(model.optim_groups(config["weight_decay"]), lr=config["lr"],
                                   betas=(config["beta1"], config["beta2"]), fused=True)
     flops_per_token = model.flops_per_token(config["seq_len"])
-    step = make_step(torch.compile(model) if compiled else model, optimizer,
-                     synthetic_batches(config, model.cfg.vocab_size, args.accum), config)
+    run = torch.compile(model) if compiled else model
+    batches = synthetic_batches(config, model.cfg.vocab_size, args.accum)
+    step = make_step(run, optimizer, batches, config)
     tokens_per_step = args.accum * config["micro_batch_size"] * config["seq_len"]
 
     for _ in range(args.warmup):
@@ -202,17 +204,32 @@ def measure(name, build_model, config, compiled, args):
     torch.cuda.synchronize()
     step_ms = (time.perf_counter() - start) / args.steps * 1e3
     peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
+    kept_gib = kept_for_backward(run, batches[0], config) / 2 ** 30
+    optimizer.zero_grad(set_to_none=True)
 
     tokens_per_s = tokens_per_step / (step_ms / 1e3)
     peak = train.peak_flops(config, torch.device("cuda"))
     mfu = flops_per_token * tokens_per_s / peak if peak else None
     mode = "compiled" if compiled else "eager"
-    print(f"{name:<40} {mode:<9} {tokens_per_s:10,.0f} {step_ms:9.1f} {format_mfu(mfu):>6} {peak_gib:8.1f}",
-          flush=True)
+    print(f"{name:<40} {mode:<9} {tokens_per_s:10,.0f} {step_ms:9.1f} {format_mfu(mfu):>6} {peak_gib:8.1f} "
+          f"{kept_gib:8.1f}", flush=True)
     if args.profile:
         print_profile(device_times(step), step_ms)
     return {"name": name, "mode": mode, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_gib": peak_gib,
-            "shape": shape_of(config)}
+            "kept_gib": kept_gib, "shape": shape_of(config)}
+
+
+def kept_for_backward(model, batch, config):
+    """Bytes one micro-batch's forward keeps for its backward (the activations, and what the loss keeps);
+    the backward then runs, leaving gradients for the caller to drop."""
+    x, y = batch
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with train.autocast_for(config, torch.device("cuda")):
+        _, loss = model(x, y)
+    kept = torch.cuda.memory_allocated() - before
+    loss.backward()
+    return kept
 
 
 def release_gpu_memory():
@@ -271,7 +288,8 @@ def main():
         print(f"\n{config_name}: {model_config.mixer}, {model_config.n_layer} layers, d_model {model_config.d_model}, "
               f"vocab {model_config.vocab_size}; {args.accum} x {config['micro_batch_size']} x {config['seq_len']} "
               f"tokens per step; activation checkpointing {'on' if config['activation_checkpointing'] else 'off'}")
-        print(f"{'run':<40} {'mode':<9} {'tokens/s':>10} {'step ms':>9} {'MFU':>6} {'peak GiB':>8}", flush=True)
+        print(f"{'run':<40} {'mode':<9} {'tokens/s':>10} {'step ms':>9} {'MFU':>6} {'peak GiB':>8} {'kept GiB':>8}",
+              flush=True)
         for compiled in modes:
             results.append(measure(config_name, lambda: LM(model_config), config, compiled, args))
             release_gpu_memory()
@@ -296,8 +314,8 @@ def main():
 
 def print_summary(results, fla_references):
     """Every run as a Markdown table row (for docs/BENCHMARKS.md), with ratios to the fla reference of its shape."""
-    print("\n| run | mode | tokens/s | MFU | peak GiB | tokens/s vs fla | peak vs fla |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| run | mode | tokens/s | MFU | peak GiB | kept GiB | tokens/s vs fla | peak vs fla |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in results:
         reference = fla_references.get(row["shape"])
         name = row["name"] + (" (the reference)" if row is reference else "")
@@ -306,7 +324,7 @@ def print_summary(results, fla_references):
             ratios = (f"{row['tokens_per_s'] / reference['tokens_per_s']:.2f}x | "
                       f"{row['peak_gib'] / reference['peak_gib']:.2f}x")
         print(f"| {name} | {row['mode']} | {row['tokens_per_s']:,.0f} | {format_mfu(row['mfu'])} | "
-              f"{row['peak_gib']:.1f} | {ratios} |", flush=True)
+              f"{row['peak_gib']:.1f} | {row['kept_gib']:.1f} | {ratios} |", flush=True)
 
 
 

@@ -27,9 +27,9 @@ min_lr = 4e-5
 weight_decay = 0.1
 grad_clip = 1.0
 
-# torch.compile: 47,000 against 41,600 tokens/s eager and 67.1 against 70.4 GiB peak for CARVE on one
-# H200 (docs/BENCHMARKS.md, run 1 of 2026-12-03; compiled on a later tree: 48,500 at 58.1 GiB); the
-# configs that execute this file inherit it
+# torch.compile: 48,400 against 41,700 tokens/s eager for CARVE on one H200, at 55.8 against 48.9 GiB
+# peak (docs/BENCHMARKS.md, run 3 of 2026-12-03, before the compiled step stopped keeping q, k, v and
+# the MLP product: about 49 GiB by accounting); the configs that execute this file inherit it
 compile = True
 
 eval_interval = 1000
