@@ -277,6 +277,9 @@ def swiglu_linear(gate_up, weight):
     not h [..., F], for the backward, whose op makes h again itself: made by torch ops in a backward
     formula, torch.compile merged it with the forward's h and kept that (3.4 GiB over a 1.3B step of
     16,384 tokens). Else swiglu_linear_torch."""
+    if weight.dim() != 2 or gate_up.shape[-1] != 2 * weight.shape[1] or weight.dtype != gate_up.dtype:
+        raise ValueError(f"swiglu_linear: gate_up {tuple(gate_up.shape)} {gate_up.dtype} needs a weight [out, "
+                         f"{gate_up.shape[-1] // 2}] in {gate_up.dtype}; got {tuple(weight.shape)} {weight.dtype}")
     if backend_for(gate_up) == "triton":
         return torch.ops.carve.swiglu_linear(gate_up, weight)
     return swiglu_linear_torch(gate_up, weight)

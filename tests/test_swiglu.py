@@ -91,3 +91,11 @@ def test_compiles_and_passes_opcheck(monkeypatch):
     for weight_grad in (True, False):
         torch.library.opcheck(torch.ops.carve.swiglu_linear_bwd.default,
                               (dy, gate_up.detach(), weight.detach(), weight_grad))
+
+
+def test_swiglu_linear_rejects_mismatched_weight():
+    """A weight of the wrong width or dtype is a one-line ValueError naming both."""
+    gate_up = torch.zeros(2, 3, 16)
+    for weight in (torch.zeros(4, 7), torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(8)):
+        with pytest.raises(ValueError, match="swiglu_linear: gate_up"):
+            swiglu_linear(gate_up, weight)
