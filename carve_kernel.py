@@ -156,8 +156,11 @@ def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None, output
     if conv is not None:
         _check_short_conv(conv, k, v, b_logit)
     x = conv.x if conv is not None else q
-    H, K = b_logit.shape[2:]
-    V = v.shape[-1] if conv is None else (x.shape[-1] - 2 * H * K) // H
+    if conv is None:
+        K, V = q.shape[-1], v.shape[-1]
+    else:   # _check_short_conv checked b_logit's [B, T, H, K] and x's channels
+        H, K = b_logit.shape[2:]
+        V = (x.shape[-1] - 2 * H * K) // H
     triton_path = backend_for(x) == "triton" and chunk_triton_supports(K, V, chunk_size)
     with torch.autocast(x.device.type, enabled=False):  # fp32 inside, whatever autocast the caller runs
         if triton_path:
@@ -280,9 +283,10 @@ def swiglu_linear(gate_up, weight):
     if weight.dim() != 2 or gate_up.shape[-1] != 2 * weight.shape[1] or weight.dtype != gate_up.dtype:
         raise ValueError(f"swiglu_linear: gate_up {tuple(gate_up.shape)} {gate_up.dtype} needs a weight [out, "
                          f"{gate_up.shape[-1] // 2}] in {gate_up.dtype}; got {tuple(weight.shape)} {weight.dtype}")
-    if backend_for(gate_up) == "triton":
-        return torch.ops.carve.swiglu_linear(gate_up, weight)
-    return swiglu_linear_torch(gate_up, weight)
+    with torch.autocast(gate_up.device.type, enabled=False):   # the dtype given, as the op's fake says
+        if backend_for(gate_up) == "triton":
+            return torch.ops.carve.swiglu_linear(gate_up, weight)
+        return swiglu_linear_torch(gate_up, weight)
 
 
 # ============================================================================================
@@ -2256,37 +2260,39 @@ def swiglu_triton(gate_up):
     h = torch.empty(n_rows, F2 // 2, dtype=gate_up.dtype, device=gate_up.device)
     grid = (triton.cdiv(n_rows, SWIGLU_ROWS), triton.cdiv(F2 // 2, SWIGLU_COLS))
     _swiglu_kernel[grid](gate_up=gate_up, dh=None, d_gate_up=None, h=h, n_rows=n_rows, F=F2 // 2,
-                         s_row=gate_up.stride(0), BACKWARD=False, ROWS=SWIGLU_ROWS, COLS=SWIGLU_COLS)
+                         s_row=gate_up.stride(0), BACKWARD=False, STORE_H=True, ROWS=SWIGLU_ROWS, COLS=SWIGLU_COLS)
     return h
 
 
-def swiglu_backward_triton(gate_up, dh):
-    """(d_gate_up [N, 2F], h [N, F]) from gate_up [N, 2F] and dh [N, F], the gradient of h."""
+def swiglu_backward_triton(gate_up, dh, make_h):
+    """(d_gate_up [N, 2F], h [N, F], or None without make_h) from gate_up [N, 2F] and dh [N, F], the
+    gradient of h."""
     n_rows, F2 = gate_up.shape
-    h = torch.empty(n_rows, F2 // 2, dtype=gate_up.dtype, device=gate_up.device)
+    h = torch.empty(n_rows, F2 // 2, dtype=gate_up.dtype, device=gate_up.device) if make_h else None
     d_gate_up = torch.empty(n_rows, F2, dtype=gate_up.dtype, device=gate_up.device)
     grid = (triton.cdiv(n_rows, SWIGLU_ROWS), triton.cdiv(F2 // 2, SWIGLU_COLS))
     _swiglu_kernel[grid](gate_up=gate_up, dh=dh.contiguous(), d_gate_up=d_gate_up, h=h, n_rows=n_rows, F=F2 // 2,
-                         s_row=gate_up.stride(0), BACKWARD=True, ROWS=SWIGLU_ROWS, COLS=SWIGLU_COLS)
+                         s_row=gate_up.stride(0), BACKWARD=True, STORE_H=make_h, ROWS=SWIGLU_ROWS, COLS=SWIGLU_COLS)
     return d_gate_up, h
 
 
 @triton_jit
-def _swiglu_kernel(gate_up, dh, d_gate_up, h, n_rows, F, s_row, BACKWARD: tl.constexpr, ROWS: tl.constexpr,
-                   COLS: tl.constexpr):
-    """h = SiLU(g) u; with BACKWARD also, from dh: dg = round(dh u) s (1 + g (1 - s)) (s = sigmoid(g)),
-    du = dh SiLU(g), into d_gate_up's two halves."""
+def _swiglu_kernel(gate_up, dh, d_gate_up, h, n_rows, F, s_row, BACKWARD: tl.constexpr, STORE_H: tl.constexpr,
+                   ROWS: tl.constexpr, COLS: tl.constexpr):
+    """h = SiLU(g) u (stored if STORE_H); with BACKWARD, from dh: dg = round(dh u) s (1 + g (1 - s))
+    (s = sigmoid(g)), du = dh SiLU(g), into d_gate_up's two halves."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
     mask = (rows < n_rows)[:, None] & (cols < F)[None, :]
     p_gate = rows[:, None].to(tl.int64) * s_row + cols[None, :]
     g = tl.load(gate_up + p_gate, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gate_up + p_gate + F, mask=mask, other=0.0).to(tl.float32)
-    dt = h.dtype.element_ty
+    dt = gate_up.dtype.element_ty
     s = tl.sigmoid(g)
     silu = (g * s).to(dt).to(tl.float32)
     p_h = rows[:, None].to(tl.int64) * F + cols[None, :]
-    tl.store(h + p_h, (silu * u).to(dt), mask=mask)
+    if STORE_H:
+        tl.store(h + p_h, (silu * u).to(dt), mask=mask)
     if BACKWARD:
         d = tl.load(dh + p_h, mask=mask, other=0.0).to(tl.float32)
         d_silu = (d * u).to(dt).to(tl.float32)
@@ -2532,10 +2538,11 @@ if triton is not None:
         """[d_gate_up, d_weight if weight_grad]: h made here, not in the registered backward, where
         torch.compile would merge it with the forward's and keep that."""
         dy2 = dy.reshape(-1, dy.shape[-1])
-        d_gate_up, h = swiglu_backward_triton(_unit_channel_stride(gate_up.reshape(-1, gate_up.shape[-1])), dy2 @ weight)
+        d_gate_up, h = swiglu_backward_triton(_unit_channel_stride(gate_up.reshape(-1, gate_up.shape[-1])),
+                                              dy2 @ weight, weight_grad)
         return [d_gate_up.view(gate_up.shape), *([dy2.t() @ h] if weight_grad else [])]
 
     @_swiglu_linear_bwd_op.register_fake
     def _(dy, gate_up, weight, weight_grad):
         return [torch.empty_like(gate_up, memory_format=torch.contiguous_format),
-                *([torch.empty_like(weight)] if weight_grad else [])]
+                *([weight.new_empty(weight.shape)] if weight_grad else [])]

@@ -88,9 +88,12 @@ def test_compiles_and_passes_opcheck(monkeypatch):
         assert torch.equal(a, b)
     torch.library.opcheck(torch.ops.carve.swiglu_linear.default, (gate_up, weight))
     dy = torch.randn(2, 5, 24, device=DEVICE)
-    for weight_grad in (True, False):
-        torch.library.opcheck(torch.ops.carve.swiglu_linear_bwd.default,
-                              (dy, gate_up.detach(), weight.detach(), weight_grad))
+    strided_weight = weight.detach().t().contiguous().t()   # the product's gradient is contiguous all the same
+    for w in (weight.detach(), strided_weight):
+        for weight_grad in (True, False):
+            torch.library.opcheck(torch.ops.carve.swiglu_linear_bwd.default, (dy, gate_up.detach(), w, weight_grad))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):   # the op runs in the given dtype, autocast or not
+        assert swiglu_linear(gate_up, weight).dtype == torch.float32
 
 
 def test_swiglu_linear_rejects_mismatched_weight():
