@@ -5,13 +5,17 @@ flash-linear-attention's chunk_gdn2 and chunk_kda, and the decode step against i
     python bench_kernels.py --breakdown      # also device time per kernel (torch.profiler)
     python bench_kernels.py --shapes 8x2048  # fewer chunk shapes (fla autotunes at every new shape)
     python bench_kernels.py --no-kda --no-decode  # only what compares against chunk_gdn2
+    python bench_kernels.py --gemv           # only the batch-1 GEMV at the 1.3B Linear shapes, and a sweep
 
 flash-linear-attention is optional: `pip install fla-core==0.6.0` (pure Python) and set
 FLA_DISABLE_BACKEND_DISPATCH=1. H = 16, K = V = 128, chunk 64, bf16 q, k, v, b_logit, w, fp32 g;
 times are medians of triton.testing.do_bench; peak memory is the most allocated above the inputs during
 one forward + backward. Decode: one step (T = 1), fp32 state, time of the whole call and of its replay
 in a CUDA graph; state traffic = read + write of S (2 B H K V 4 bytes), against the card's copy
-bandwidth measured in the same run. Record results in docs/BENCHMARKS.md with the machine and versions.
+bandwidth measured in the same run. GEMV: one bf16 row times each 1.3B Linear weight [N, K] (bf16),
+replayed from a CUDA graph as in a decode step: F.linear (cuBLAS), carve_kernel.gemv_triton as
+launched now, and its fastest launch settings (output features a program, columns a step, warps).
+Record results in docs/BENCHMARKS.md with the machine and versions.
 """
 import argparse
 import itertools
@@ -22,7 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from carve_kernel import CarveState, ChunkSchedule, chunk_carve_torch, chunk_carve_triton, recurrent_carve_triton
+from carve_kernel import (CarveState, ChunkSchedule, chunk_carve_torch, chunk_carve_triton, gemv_triton,
+                          recurrent_carve_triton)
 
 H, K, V, C, RANK = 16, 128, 128, 64, 16
 SHAPES = [(8, 2048), (4, 4096), (1, 32768)]  # the 1.3B recipe's micro-batches, and long context
@@ -154,12 +159,40 @@ def time_decode(B, fused_recurrent_gdn2):
     return t, t_graph, t_fla
 
 
+# the Linear weights [N, K] a 1.3B decode step reads (carve_1b3; GDN-2's w_proj is [2048, 2304])
+GEMV_SHAPES = {"in_proj": (8448, 2304), "beta_proj": (16, 2304), "f_up, g_up": (2048, 128),
+               "o_proj": (2304, 2048), "gate_up_proj": (12416, 2304), "down_proj": (2304, 6208),
+               "head": (50304, 2304)}
+GEMV_SWEEP = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8)))   # rows, cols, warps
+
+
+def gemv_table():
+    """Each GEMV_SHAPES product at one row: us and the share of the copy bandwidth its weight's bytes
+    reach, for cuBLAS, the GEMV as launched now, and the GEMV's fastest settings in GEMV_SWEEP."""
+    copy = copy_bandwidth()
+    print(f"\nbatch-1 products, bf16, in a CUDA graph; copy bandwidth {copy:.2f} TB/s")
+    print(f"{'weight':<14} {'N x K':>12} {'cuBLAS us, share':>17} {'GEMV us, share':>15} {'best us, share':>15}"
+          f"  best (rows, cols, warps)")
+    graph_us = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3  # noqa: E731
+    share = lambda us, nbytes: f"{nbytes / (us * 1e-6) / 1e12 / copy:4.0%}"  # noqa: E731
+    with torch.no_grad():
+        for name, (N, K) in GEMV_SHAPES.items():
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+            cublas, now = graph_us(lambda: F.linear(x, w)), graph_us(lambda: gemv_triton(x, w, None))
+            best = min((graph_us(lambda: gemv_triton(x, w, None, r, c, n)), (r, c, n)) for r, c, n in GEMV_SWEEP)
+            nbytes = 2 * N * K
+            print(f"{name:<14} {f'{N} x {K}':>12} {cublas:12.1f} {share(cublas, nbytes)} {now:10.1f} "
+                  f"{share(now, nbytes)} {best[0]:10.1f} {share(best[0], nbytes)}  {best[1]}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--breakdown", action="store_true", help="device time per kernel (torch.profiler)")
     parser.add_argument("--no-kda", action="store_true",
                         help="skip fla's chunk_kda (it autotunes for minutes per shape)")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
+    parser.add_argument("--gemv", action="store_true", help="only the batch-1 GEMV table (and its launch sweep)")
     parser.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES),
                         help="chunk shapes BxT, comma-separated (default: %(default)s)")
     args = parser.parse_args()
@@ -171,6 +204,9 @@ def main():
         raise SystemExit("bench_kernels.py needs a CUDA GPU (the tests run the kernels on a CPU)")
     os.environ.setdefault("FLA_DISABLE_BACKEND_DISPATCH", "1")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.gemv:
+        gemv_table()
+        return
     check()
     chunk_gdn2, chunk_kda, fused_recurrent_gdn2 = fla_chunk()
     names = (["fla chunk_gdn2"] if chunk_gdn2 else []) + ["CARVE (ours)", "GDN-2 mode (ours)"]

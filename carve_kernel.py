@@ -2222,13 +2222,14 @@ def gemv_rows(n_features, sm_count):
     return rows
 
 
-def gemv_triton(x, weight, bias):
-    """x [..., K] of one row, weight [N, K] (unit stride along K), bias [N] or None: x @ weight^T + bias."""
+def gemv_triton(x, weight, bias, rows=None, cols=GEMV_COLS, num_warps=4):
+    """x [..., K] of one row, weight [N, K] (unit stride along K), bias [N] or None: x @ weight^T + bias.
+    rows (default gemv_rows), cols and num_warps: the launch settings (bench_kernels.py --gemv sweeps them)."""
     N, K = weight.shape
     out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
-    rows = gemv_rows(N, _sm_count(x.device))
+    rows = rows or gemv_rows(N, _sm_count(x.device))
     _gemv_kernel[(triton.cdiv(N, rows),)](x=x, weight=weight, bias=bias, out=out, N=N, K=K, sw=weight.stride(0),
-                                          HAS_BIAS=bias is not None, ROWS=rows, COLS=GEMV_COLS)
+                                          HAS_BIAS=bias is not None, ROWS=rows, COLS=cols, num_warps=num_warps)
     return out
 
 
