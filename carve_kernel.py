@@ -35,8 +35,8 @@ The file reads top to bottom:
   2. Torch definitions: the per-token recurrence `recurrent_carve_torch` (what every kernel computes,
      and the torch decode path) and the chunked WY form `chunk_carve_torch` (the torch training path).
   3. Triton chunk forward: the schedule, the sequence table, the forward's two forms and its kernels.
-  4. Triton chunk backward: a walk that rebuilds the block states, the reverse walk, two parallel
-     kernels, and the content gradients.
+  4. Triton chunk backward: the block tiles made again, a walk that rebuilds the block states, the
+     reverse walk, two parallel kernels, and the content gradients.
   5. Triton decode: the per-token kernel behind recurrent_carve and a layer's fused decode step.
   6. Triton layer pieces: the short causal conv + SiLU over the q, k, v projection, the layer's
      RMSNorm(o) * act(gate) and the MLP's SiLU(gate) * up, each forward and backward; the batch-1 GEMV
@@ -679,18 +679,28 @@ class ChunkSaved(NamedTuple):
     """What the chunk forward stores for the backward (docs/DESIGN.md section 4). The dot operands
     among them are in the operand dtype (_operand_dtype), so the backward reads what the forward used.
     Not the state at each block's start: the backward walks it again from R, k_end and G_L
-    (_chunk_rebuild_states), since keeping it took 512 MiB a 1.3B layer of 4 x 4096 tokens. The walk
-    starts from a copy of S0: a model's cache overwrites S0 in place after the call."""
+    (_chunk_rebuild_states), since keeping it took 512 MiB a 1.3B layer of 4 x 4096 tokens. Nor the
+    block tiles Y, gamma q and k_end (BlockTiles), which the backward makes again (_chunk_bwd_tiles).
+    The walk starts from a copy of S0: a model's cache overwrites S0 in place after the call."""
     chunk_delta: torch.Tensor   # [chunks, H, K] fp32 Delta of each chunk
     chunk_mean: torch.Tensor    # [chunks, H, V] fp32 m of each complete chunk (0 elsewhere and for GDN-2)
     v_new: torch.Tensor         # [B, T, H, V] R = A Z - Y S of every token
     inverse: torch.Tensor       # [B, T, H, BT] fp32 A = (I + T)^-1 of each block, a row per token
     decayed_qk: torch.Tensor    # [B, T, H, BT] fp32 M of each block, a row per token
+    block_decay: torch.Tensor   # [blocks, H, K] fp32 the block's total log-decay G_L
+    initial_state: torch.Tensor  # [N, H, K, V] fp32 copy of S0 (empty without one), where the re-walk starts
+
+
+class BlockTiles(NamedTuple):
+    """Per-token tiles in the operand dtype that the forward's walks and the backward's two walks read,
+    made by each pass for itself (3 x 64 MiB a 1.3B layer of 16,384 tokens, not kept in between)."""
     y: torch.Tensor             # [B, T, H, K] Y = A (gamma b k)
     gamma_q: torch.Tensor       # [B, T, H, K] gamma q
     k_end: torch.Tensor         # [B, T, H, K] the keys decayed to their block's end
-    block_decay: torch.Tensor   # [blocks, H, K] fp32 the block's total log-decay G_L
-    initial_state: torch.Tensor  # [N, H, K, V] fp32 copy of S0 (empty without one), where the re-walk starts
+
+
+def _block_tiles_buffers(q):
+    return BlockTiles(*(torch.empty(q.shape, dtype=_operand_dtype(q.dtype), device=q.device) for _ in range(3)))
 
 
 class ChunkForward(NamedTuple):
@@ -839,8 +849,7 @@ def _forward_buffers(q, v, table, has_initial, new=torch.empty):
     rows = lambda D, dtype: new((B, T, H, D), dtype)  # noqa: E731
     saved = ChunkSaved(chunk_delta=new((n_chunks, H, K), f32),
                        chunk_mean=new((n_chunks, H, V), f32), v_new=rows(V, dt), inverse=rows(CHUNK_BT, f32),
-                       decayed_qk=rows(CHUNK_BT, f32), y=rows(K, dt), gamma_q=rows(K, dt), k_end=rows(K, dt),
-                       block_decay=new((n_blocks, H, K), f32),
+                       decayed_qk=rows(CHUNK_BT, f32), block_decay=new((n_blocks, H, K), f32),
                        initial_state=new((N, H, K, V) if has_initial else (0,), f32))
     return ChunkForward(o=rows(V, v.dtype), S=new((N, H, K, V), f32), o_sum=new((N, H, V), f32),
                         delta=new((N, H, K), f32), saved=saved)
@@ -874,9 +883,10 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
                   b_logit=b_logit, v=v, w=w, sq=q.stride(1), sk=k.stride(1), sg=g.stride(1), sb=b_logit.stride(1),
                   sv=v.stride(1), sw=w.stride(1), H=H)
     common = dict(K=K, V=V, C=chunk_size, BT=CHUNK_BT, **_dot_operands(q.dtype))
+    tiles = _block_tiles_buffers(q)   # this call's only: the backward makes its own (_chunk_bwd_tiles)
     stores = dict(o=out.o, S_out=out.S, o_sum_out=out.o_sum, delta_out=out.delta, h_store=block_state,
                   delta_store=saved.chunk_delta, m_store=saved.chunk_mean, r_store=saved.v_new, a_store=saved.inverse,
-                  mm_store=saved.decayed_qk, y_store=saved.y, gq_store=saved.gamma_q, kend_store=saved.k_end,
+                  mm_store=saved.decayed_qk, y_store=tiles.y, gq_store=tiles.gamma_q, kend_store=tiles.k_end,
                   gl_store=saved.block_decay, scale=scale)
     walk = dict(D=D, U=U, RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4, HAS_CONTENT=has_content,
                 STORE_STATES=False, **inputs, **stores, **common, **CHUNK_LAUNCH)   # True: a test's witness
@@ -897,8 +907,8 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
     for i, (piece_table, piece) in enumerate(zip(pieces, _pieces_on_device(pieces, dev, seqs))):
         piece_chunks = _table_sizes(piece_table)[3]
         _chunk_prep_kernel[(N * piece_chunks * H,)](
-            delta_in=delta0, mm_store=saved.decayed_qk, gq_store=saved.gamma_q, kend_store=saved.k_end,
-            gl_store=saved.block_decay, a_store=saved.inverse, y_store=saved.y, u_store=u,
+            delta_in=delta0, mm_store=saved.decayed_qk, gq_store=tiles.gamma_q, kend_store=tiles.k_end,
+            gl_store=saved.block_decay, a_store=saved.inverse, y_store=tiles.y, u_store=u,
             delta_store=saved.chunk_delta, seqs=piece, max_chunks=piece_chunks, VALUE_GATE=w.dim() == 4,
             SOLVE=not has_content, **key_tiles, **inputs, **common, **PREP_LAUNCH)
         # a later piece starts from the state, o_sum and delta the previous one left (read, then rewritten)
@@ -909,7 +919,7 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
                 _chunk_fwd_kernel[(N * H,)](seqs=piece, PREPPED=True, **start, **key_tiles, **walk)
             else:
                 _chunk_fwd_gdn2_walk[(N * H * (V // BV),)](
-                    u_store=u, y_store=saved.y, kend_store=saved.k_end, gl_store=saved.block_decay,
+                    u_store=u, y_store=tiles.y, kend_store=tiles.k_end, gl_store=saved.block_decay,
                     S_out=out.S, o_sum_out=out.o_sum, delta_out=out.delta, h_store=block_state,
                     r_store=saved.v_new, seqs=piece, H=H, BV=BV, **start, **common, **GDN2_WALK_LAUNCH)
     if walk_stream is not None:
@@ -917,7 +927,7 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
     if not has_content:
         _chunk_fwd_output[(N * max_chunks * H,)](
             o=out.o, h_store=block_state, r_store=saved.v_new, mm_store=saved.decayed_qk,
-            gq_store=saved.gamma_q, o_sum_out=out.o_sum, seqs=seqs, max_chunks=max_chunks, H=H, scale=scale,
+            gq_store=tiles.gamma_q, o_sum_out=out.o_sum, seqs=seqs, max_chunks=max_chunks, H=H, scale=scale,
             **common, **CHUNK_LAUNCH)
     return out
 
@@ -1357,8 +1367,9 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
 # ============================================================================================
 # 4. Triton chunk backward (docs/DESIGN.md section 5)
 # ============================================================================================
-# Four kernels: two sequential ones, _chunk_rebuild_states (the state at each block start, walked again
-# forward) and _chunk_bwd_walk (blocks in reverse, per value block, carrying the state gradient), then
+# Five kernels: _chunk_bwd_tiles (the forward's block tiles Y, gamma q and k_end again, parallel over
+# chunks); two sequential ones, _chunk_rebuild_states (the state at each block start, walked again
+# forward) and _chunk_bwd_walk (blocks in reverse, per value block, carrying the state gradient); then
 # two kernels parallel over chunks: _chunk_bwd_values (dv, dw and the
 # value-summed pieces) and _chunk_bwd_keys (the chain through A, T and M to dq, dk, dg, db_logit, dDelta;
 # given a DecayGate, df for dg and the parts of the gradients of dt_bias and A_log).
@@ -1387,11 +1398,19 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
     dr_store = torch.empty(B, T, H, V, dtype=dt, device=dev)    # only read as a dot operand
     ds_store = torch.empty(n_blocks, H, K, V, dtype=dt, device=dev)
     block_state = torch.empty(n_blocks, H, K, V, dtype=dt, device=dev)
+    tiles = _block_tiles_buffers(q)
+    max_chunks = _table_sizes(table)[3]
+    _chunk_bwd_tiles[(N * max_chunks * H,)](
+        q=q, k=k, g=g, A_log=A_log, dt_bias=dt_bias, a_log_min=a_log_min, b_logit=b_logit,
+        delta_store=saved.chunk_delta, a_store=saved.inverse, y_store=tiles.y, gq_store=tiles.gamma_q,
+        kend_store=tiles.k_end, seqs=seqs, max_chunks=max_chunks, sq=q.stride(1), sk=k.stride(1), sg=g.stride(1),
+        sb=b_logit.stride(1), H=H, K=K, C=chunk_size, RAW_DECAY=A_log is not None, BT=CHUNK_BT, **dots,
+        **PREP_LAUNCH)
     # 32 columns a program: the walk is a chain of one small product a block, so more and narrower
     # programs finish sooner (at 4 x 4096, 256 programs for 132 SMs rather than 128 of 64 columns)
     rebuild_columns = min(V, 32)
     _chunk_rebuild_states[(N * H * (V // rebuild_columns),)](
-        S_in=saved.initial_state, kend_store=saved.k_end, r_store=saved.v_new,
+        S_in=saved.initial_state, kend_store=tiles.k_end, r_store=saved.v_new,
         gl_store=saved.block_decay, h_store=block_state, seqs=seqs, H=H, K=K, V=V,
         BV=rebuild_columns, C=chunk_size, USE_INITIAL=saved.initial_state.numel() > 0, BT=CHUNK_BT, **dots,
         **GDN2_WALK_LAUNCH)
@@ -1404,8 +1423,8 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
     for piece in piece_seqs:
         with _after_current(walk_stream):
             _chunk_bwd_walk[(n_walks,)](
-                do=do, h_store=block_state, mm_store=saved.decayed_qk, y_store=saved.y,
-                gq_store=saved.gamma_q, kend_store=saved.k_end, gl_store=saved.block_decay, dS_carry=dS0,
+                do=do, h_store=block_state, mm_store=saved.decayed_qk, y_store=tiles.y,
+                gq_store=tiles.gamma_q, kend_store=tiles.k_end, gl_store=saved.block_decay, dS_carry=dS0,
                 dr_store=dr_store, ds_store=ds_store, d_gl=d_gl, seqs=piece, H=H, scale=scale, K=K, V=V, BV=BV,
                 C=chunk_size, BT=CHUNK_BT, **dots, num_warps=4 if n_walks > sms else 8, num_stages=2)
             walked.append(walk_stream.record_event() if walk_stream is not None else None)
@@ -1425,7 +1444,7 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
             max_chunks=piece_chunks, sv=v.stride(1), sw=w.stride(1), H=H, scale=scale, K=K, V=V, C=chunk_size,
             VALUE_GATE=w.dim() == 4, BT=CHUNK_BT, **dots, **CHUNK_LAUNCH)
         if i == len(pieces) - 1:
-            del dr_store, ds_store, block_state   # read for the last time (the key side does not read them)
+            del dr_store, ds_store, block_state, tiles   # read for the last time (the key side does not read them)
         if i == 0:   # made here so that, with one piece, they take the memory of the stores just freed
             dq, dk, db_logit = (torch.empty(B, T, H, K, dtype=x.dtype, device=dev) for x in (q, k, b_logit))
             dg = torch.empty(B, T, H, K, dtype=g.dtype, device=dev)
@@ -1481,6 +1500,32 @@ def _state_grad_step(dS, gq, Y, gammaL, dO, dR, scale, DT: tl.constexpr, PREC: t
     R = U - Y S and S_end = gamma_L S + k_end^T R: gamma_L dS + (gamma q)^T dO scale - Y^T dR."""
     dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
     return tl.dot(tl.trans((-Y).to(DT)), dR, acc=dS, input_precision=PREC)
+
+
+@triton_jit
+def _chunk_bwd_tiles(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a_store, y_store, gq_store, kend_store,
+                     seqs, max_chunks, sq, sk, sg, sb, H, K: tl.constexpr, C: tl.constexpr, RAW_DECAY: tl.constexpr,
+                     DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+    """One program per (sequence, chunk, head): the forward's block tiles again, bit for bit: gamma q and
+    k_end from _block_tiles, and Y = A (b gamma k) from the stored A and Delta, as _block_wy makes it."""
+    i_n, i_h, j = _chunk_program(H, max_chunks)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    if j < n_chunks:
+        a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
+        o_k = tl.arange(0, K)
+        delta = tl.load(delta_store + ((chunk0 + j) * H + i_h) * K + o_k)
+        for a in range(a0, a1 + 1):
+            tok, valid = _block_rows(a, bos, offset, length, BT)
+            m_row = valid[:, None]
+            _, gq_dt, k_end_dt, _, _, _, gk = _block_tiles(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq,
+                                                           sk, sg, K, RAW_DECAY, DT, PREC, BT)
+            b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
+            A = _load_rows16(a_store, tok, valid, i_h, H, BT, True)
+            Y_dt = tl.dot(A.to(DT), (b * gk).to(DT), input_precision=PREC).to(DT)
+            p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
+            tl.store(y_store + p_k, Y_dt.to(y_store.dtype.element_ty), mask=m_row)
+            tl.store(gq_store + p_k, gq_dt.to(gq_store.dtype.element_ty), mask=m_row)
+            tl.store(kend_store + p_k, k_end_dt.to(kend_store.dtype.element_ty), mask=m_row)
 
 
 @triton_jit

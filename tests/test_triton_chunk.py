@@ -296,6 +296,25 @@ def test_decay_gate_projection(monkeypatch, backend, dtype, mode):
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("form", ["walk", "split"])
+def test_chunk_op_keeps_no_key_sized_tensor_but_its_inputs(mode, form):
+    """Of the [B, T, H, K] tensors the chunk op keeps for its backward, every one is an input (q, k, g,
+    b_logit): the block tiles Y, gamma q and k_end are made again in the backward (_chunk_bwd_tiles)."""
+    B, T, H, K, V, C = 1, 40, 2, 32, 16, 16
+    x = make_inputs(B, T, H, K, V, mode, seed=19)
+    leaves = {n: t.to(DEVICE).requires_grad_() for n, t in x.items()}
+    content = (leaves["D"], leaves["U"]) if mode == "carve" else None
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        o, _ = chunk_carve_triton(*(leaves[n] for n in NAMES), content, None, False, None, C,
+                                  schedule=schedule(form, V))
+    inputs = [leaves[n] for n in ("q", "k", "g", "b_logit")]
+    key_sized = [t for t in kept if t is not None and tuple(t.shape) == (B, T, H, K)]
+    assert key_sized and all(any(t is i for i in inputs) for t in key_sized), [tuple(t.shape) for t in key_sized]
+    assert torch.isfinite(torch.autograd.grad(o.sum(), leaves["q"])[0]).all()
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
