@@ -22,8 +22,9 @@ tokens/s = tokens per optimizer step / mean time of the --steps steps after --wa
 first steps compile and allocate the optimizer state); MFU = model.flops_per_token(seq_len) * tokens/s /
 the GPU's dense bf16 peak (train.py's peak_flops; --peak_tflops=... sets it); peak GiB = most memory
 allocated during the timed steps; kept GiB = what one micro-batch's forward keeps for its backward
-(memory allocated after the forward less before it, measured after the timed steps). --profile adds the device time of one more step by kind of kernel
-(chunk kernels, matrix products, attention, everything else) and its top 15 kernels (torch.profiler).
+(memory allocated after the forward less before it, measured after the timed steps). --profile adds
+the device time of one more step by kind of kernel (chunk kernels, matrix products, attention,
+everything else) and its top 15 kernels (torch.profiler).
 
 --fla: the reference is model.py's LM with every mixer replaced by flash-linear-attention's
 GatedDeltaNet2 (same d_model, layers, heads and head dims, SwiGLU, vocabulary, conv size), so only

@@ -692,15 +692,18 @@ class ChunkSaved(NamedTuple):
 
 
 class BlockTiles(NamedTuple):
-    """Per-token tiles in the operand dtype that the forward's walks and the backward's two walks read,
-    made by each pass for itself (3 x 64 MiB a 1.3B layer of 16,384 tokens, not kept in between)."""
+    """Per-token tiles in the operand dtype that the split forward's walks and the backward's two walks
+    read, made by each pass for itself (3 x 64 MiB a 1.3B layer of 16,384 tokens, not kept in between)."""
     y: torch.Tensor             # [B, T, H, K] Y = A (gamma b k)
     gamma_q: torch.Tensor       # [B, T, H, K] gamma q
     k_end: torch.Tensor         # [B, T, H, K] the keys decayed to their block's end
 
 
-def _block_tiles_buffers(q):
-    return BlockTiles(*(torch.empty(q.shape, dtype=_operand_dtype(q.dtype), device=q.device) for _ in range(3)))
+def _block_tiles_buffers(q, y=True, gamma_q_and_k_end=True):
+    """BlockTiles of q's shape in the operand dtype; None for those not wanted."""
+    def new(wanted):
+        return torch.empty(q.shape, dtype=_operand_dtype(q.dtype), device=q.device) if wanted else None
+    return BlockTiles(new(y), new(gamma_q_and_k_end), new(gamma_q_and_k_end))
 
 
 class ChunkForward(NamedTuple):
@@ -883,10 +886,13 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
                   b_logit=b_logit, v=v, w=w, sq=q.stride(1), sk=k.stride(1), sg=g.stride(1), sb=b_logit.stride(1),
                   sv=v.stride(1), sw=w.stride(1), H=H)
     common = dict(K=K, V=V, C=chunk_size, BT=CHUNK_BT, **_dot_operands(q.dtype))
-    tiles = _block_tiles_buffers(q)   # this call's only: the backward makes its own (_chunk_bwd_tiles)
+    # the split form's prep kernel hands its walks gamma q and k_end (GDN-2's also Y); the walk alone keeps
+    # them in registers. The backward makes its own (_chunk_bwd_tiles)
+    tiles = _block_tiles_buffers(q, y=schedule.split_forward and not has_content,
+                                 gamma_q_and_k_end=schedule.split_forward)
     stores = dict(o=out.o, S_out=out.S, o_sum_out=out.o_sum, delta_out=out.delta, h_store=block_state,
                   delta_store=saved.chunk_delta, m_store=saved.chunk_mean, r_store=saved.v_new, a_store=saved.inverse,
-                  mm_store=saved.decayed_qk, y_store=tiles.y, gq_store=tiles.gamma_q, kend_store=tiles.k_end,
+                  mm_store=saved.decayed_qk, gq_store=tiles.gamma_q, kend_store=tiles.k_end,
                   gl_store=saved.block_decay, scale=scale)
     walk = dict(D=D, U=U, RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4, HAS_CONTENT=has_content,
                 STORE_STATES=False, **inputs, **stores, **common, **CHUNK_LAUNCH)   # True: a test's witness
@@ -1147,9 +1153,9 @@ def _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, h_offsets, STORE: tl.constex
 def _block_tiles(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq, sk, sg, K: tl.constexpr,
                  RAW_DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """What a block's forward needs that depends on neither the state nor Delta: M, gamma q and the keys
-    decayed to the block end in the operand dtype, and the block's total log-decay (all four kept for
-    the backward, see _store_block_tiles); and the key tiles T and Y are built from, Kp = k exp(G - G_L/2)
-    and gamma k in fp32, Pk = k exp(G_L/2 - G) in the operand dtype."""
+    decayed to the block end in the operand dtype, and the block's total log-decay (M and G_L kept for
+    the backward, gamma q and k_end made again by it: _chunk_bwd_tiles); and the key tiles T and Y are
+    built from, Kp = k exp(G - G_L/2) and gamma k in fp32, Pk = k exp(G_L/2 - G) in the operand dtype."""
     qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq,
                                                           sk, sg, K, RAW_DECAY)
     Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
@@ -1162,14 +1168,16 @@ def _block_tiles(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq, sk, sg
 
 @triton_jit
 def _store_block_tiles(mm_store, gq_store, kend_store, gl_store, Mm, gq_dt, k_end_dt, GL, tok, valid, i_h,
-                       i_blk, H, K: tl.constexpr, BT: tl.constexpr):
-    """_block_tiles' four tiles for the backward (i_blk: the block's row in gl_store)."""
+                       i_blk, H, K: tl.constexpr, BT: tl.constexpr, TILES: tl.constexpr):
+    """_block_tiles' M and G_L for the backward (i_blk: the block's row in gl_store), and with TILES
+    gamma q and k_end for a walk of this call that reads them (the split forward's)."""
     o_k = tl.arange(0, K)
     m_row = valid[:, None]
     p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
     tl.store(mm_store + (tok[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], Mm, mask=m_row)
-    tl.store(gq_store + p_k, gq_dt.to(gq_store.dtype.element_ty), mask=m_row)
-    tl.store(kend_store + p_k, k_end_dt.to(kend_store.dtype.element_ty), mask=m_row)
+    if TILES:
+        tl.store(gq_store + p_k, gq_dt.to(gq_store.dtype.element_ty), mask=m_row)
+        tl.store(kend_store + p_k, k_end_dt.to(kend_store.dtype.element_ty), mask=m_row)
     tl.store(gl_store + i_blk * K + o_k, GL)
 
 
@@ -1198,7 +1206,7 @@ def _chunk_prep_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, delta_
             Mm, gq_dt, k_end_dt, GL, Kp, Pk_dt, gk = _block_tiles(
                 q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq, sk, sg, K, RAW_DECAY, DT, PREC, BT)
             _store_block_tiles(mm_store, gq_store, kend_store, gl_store, Mm, gq_dt, k_end_dt, GL, tok, valid, i_h,
-                               (block0 + a - blk_first) * H + i_h, H, K, BT)
+                               (block0 + a - blk_first) * H + i_h, H, K, BT, True)
             p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
             if SOLVE:
                 b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
@@ -1291,7 +1299,7 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, 
 
 @triton_jit
 def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o, S_in, o_sum_in, delta_in, S_out,
-                      o_sum_out, delta_out, h_store, delta_store, m_store, r_store, a_store, mm_store, y_store,
+                      o_sum_out, delta_out, h_store, delta_store, m_store, r_store, a_store, mm_store,
                       gq_store, kend_store, gl_store, kp_store, pk_store, gk_store, seqs, sq, sk, sg, sb, sv, sw, H,
                       scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, RANK: tl.constexpr,
                       RAW_DECAY: tl.constexpr, VALUE_GATE: tl.constexpr, HAS_CONTENT: tl.constexpr,
@@ -1336,7 +1344,7 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
             Mm, gq_dt, k_end_dt, GL, Kp, Pk_dt, gk = _block_tiles(
                 q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq, sk, sg, K, RAW_DECAY, DT, PREC, BT)
             _store_block_tiles(mm_store, gq_store, kend_store, gl_store, Mm, gq_dt, k_end_dt, GL, tok, valid, i_h,
-                               i_blk, H, K, BT)
+                               i_blk, H, K, BT, False)
         b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
         A = _block_solve(b * Kp, Pk_dt, DT, PREC, BT)
         Y_dt, AZ = _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V, VALUE_GATE, DT, PREC)
@@ -1347,7 +1355,6 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
         p_o = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
         tl.store(o + p_o, O.to(o.dtype.element_ty), mask=m_row)
         tl.store(r_store + p_o, R_dt.to(r_store.dtype.element_ty), mask=m_row)
-        tl.store(y_store + p_k, Y_dt.to(y_store.dtype.element_ty), mask=m_row)
         tl.store(a_store + p_16, A, mask=m_row)
         if (((a + 1) * BT) % C == 0) & ((a + 1) * BT <= offset + length):   # a chunk is complete
             if HAS_CONTENT:
@@ -2398,7 +2405,7 @@ if triton is not None:
         H, K = b_logit.shape[2:]
         V = do.shape[-1]
         f32 = torch.float32
-        new = lambda *shape, dtype=do.dtype: do.new_empty(shape, dtype=dtype)  # noqa: E731  (contiguous, like the real outputs)
+        new = lambda *shape, dtype: do.new_empty(shape, dtype=dtype)  # noqa: E731  (contiguous, like the real outputs)
         qk_dtype, v_dtype = (conv_x.dtype, conv_x.dtype) if conv_weight is not None else (q.dtype, v.dtype)
         return [new(*b_logit.shape, dtype=qk_dtype), new(*b_logit.shape, dtype=qk_dtype),
                 new(*do.shape, dtype=v_dtype), new(*g.shape, dtype=g.dtype), new(*b_logit.shape, dtype=b_logit.dtype),
