@@ -1540,9 +1540,9 @@ def _chunk_rebuild_states(S_in, kend_store, r_store, gl_store, h_store, seqs, H,
                           BV: tl.constexpr, C: tl.constexpr, USE_INITIAL: tl.constexpr, DT: tl.constexpr,
                           PREC: tl.constexpr, BT: tl.constexpr):
     """The state at every block start, one program per (sequence, head, value block), walked again from
-    the sequence's initial state with the R and k_end the forward kept: S' = gamma_L S + k_end^T R
-    (_state_after_block, as in _walk_block), with the same operands, so the backward reads the states
-    the forward used."""
+    the sequence's initial state with the R the forward kept and k_end made again (_chunk_bwd_tiles):
+    S' = gamma_L S + k_end^T R (_state_after_block, as in _walk_block), with the same operands, so the
+    backward reads the states the forward used."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     o_k = tl.arange(0, K)
