@@ -1382,12 +1382,13 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
 # given a DecayGate, df for dg and the parts of the gradients of dt_bias and A_log).
 
 def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved: ChunkSaved, table,
-                          scale, chunk_size, walk_columns, pieces):
+                          scale, chunk_size, walk_columns, pieces, split_forward):
     """The launches of one chunk backward (the body of carve::chunk_bwd): dq, dk, dv, dg, db_logit,
     dw, dDelta of each chunk, each initial state's gradient, and for a DecayGate (A_log given; dg is
     then df) the gradients of dt_bias and A_log, the latter before A_log's floor (zeros without). With
     pieces (chunk_schedule), the value and key sides of the piece just walked run beside the reverse
-    walk of the pieces before it."""
+    walk of the pieces before it. split_forward: the forward's form (its block tiles are made again with
+    the launch settings of the kernel that made them)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N, n_chunks, n_blocks, _ = _table_sizes(table)
@@ -1412,7 +1413,10 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
         delta_store=saved.chunk_delta, a_store=saved.inverse, y_store=tiles.y, gq_store=tiles.gamma_q,
         kend_store=tiles.k_end, seqs=seqs, max_chunks=max_chunks, sq=q.stride(1), sk=k.stride(1), sg=g.stride(1),
         sb=b_logit.stride(1), H=H, K=K, C=chunk_size, RAW_DECAY=A_log is not None, BT=CHUNK_BT, **dots,
-        **PREP_LAUNCH)
+        # launched as the forward kernel that made them (the prep kernel, or the walk alone): a 16 x K tile's
+        # in-block cumsum and sum are spread over the warps by their number, and another number of warps
+        # adds them in another order, which would change the tiles' last bits
+        **(PREP_LAUNCH if split_forward else CHUNK_LAUNCH))
     # 32 columns a program: the walk is a chain of one small product a block, so more and narrower
     # programs finish sooner (at 4 x 4096, 256 programs for 132 SMs rather than 128 of 64 columns)
     rebuild_columns = min(V, 32)
@@ -2388,19 +2392,19 @@ if triton is not None:
                       A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], a_log_min: float,
                       b_logit: torch.Tensor, w: torch.Tensor, do: torch.Tensor, dS_end: Optional[torch.Tensor],
                       saved: List[torch.Tensor], table: List[int], scale: float, chunk_size: int, walk_columns: int,
-                      pieces: int, conv_x: Optional[torch.Tensor], conv_weight: Optional[torch.Tensor],
-                      conv_doc_start: Optional[torch.Tensor]) -> List[torch.Tensor]:
+                      pieces: int, split_forward: bool, conv_x: Optional[torch.Tensor],
+                      conv_weight: Optional[torch.Tensor], conv_doc_start: Optional[torch.Tensor]) -> List[torch.Tensor]:
         """With conv_weight, q, k, v are None and made here from the ShortConv, inside the op: made in the
         registered backward instead, they would be the forward's conv call again, which torch.compile merges
         with it (common subexpressions), keeping the forward's q, k, v after all."""
         if conv_weight is not None:
             q, k, v = short_conv_qkv(ShortConv(conv_x, conv_weight, conv_doc_start), *b_logit.shape[2:])
         return chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, ChunkSaved(*saved),
-                                     table, scale, chunk_size, walk_columns, pieces)
+                                     table, scale, chunk_size, walk_columns, pieces, split_forward)
 
     @_chunk_bwd_op.register_fake
     def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved, table, scale, chunk_size,
-          walk_columns, pieces, conv_x, conv_weight, conv_doc_start):
+          walk_columns, pieces, split_forward, conv_x, conv_weight, conv_doc_start):
         N, n_chunks = len(table) // SEQ_FIELDS, _table_sizes(table)[1]
         H, K = b_logit.shape[2:]
         V = do.shape[-1]
@@ -2413,8 +2417,8 @@ if triton is not None:
                 new(H, K, dtype=f32), new(H, dtype=f32)]
 
     def _chunk_setup_context(ctx, inputs, output):
-        (q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size, *_,
-         backward_columns, backward_pieces, g_weight, conv_x, conv_weight, conv_doc_start) = inputs
+        (q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size,
+         split_forward, _, _, backward_columns, backward_pieces, g_weight, conv_x, conv_weight, conv_doc_start) = inputs
         if conv_weight is not None:   # the conv's input instead of its output: the conv's backward keeps it too
             q = k = v = None
         ctx.save_for_backward(q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, conv_x, conv_weight,
@@ -2422,6 +2426,7 @@ if triton is not None:
         ctx.set_materialize_grads(False)   # the saved outputs get no gradient: no zero tensors of their size
         ctx.table, ctx.scale, ctx.chunk_size, ctx.a_log_min = table, scale, chunk_size, a_log_min
         ctx.backward_columns, ctx.backward_pieces = backward_columns, backward_pieces
+        ctx.split_forward = split_forward
         ctx.has_S0, ctx.has_delta0 = S0 is not None, delta0 is not None
 
     def _chunk_backward(ctx, grads):
@@ -2435,6 +2440,7 @@ if triton is not None:
         dq, dk, dv, dg, db_logit, dw, d_delta, dS0, d_dt_bias, d_A_log = torch.ops.carve.chunk_bwd(
             q, k, v, projected_gate(projection, b_logit.shape), A_log, dt_bias, ctx.a_log_min, b_logit, w, do,
             dS, list(saved), ctx.table, ctx.scale, ctx.chunk_size, ctx.backward_columns, ctx.backward_pieces,
+            ctx.split_forward,
             conv_x, conv_weight, conv_doc_start)
         d_g_weight = None
         if g_weight is not None:   # back through f = x W^T

@@ -29,7 +29,8 @@ grad_clip = 1.0
 
 # torch.compile: 48,400 against 41,700 tokens/s eager for CARVE on one H200, at 55.8 against 48.9 GiB
 # peak (docs/BENCHMARKS.md, run 3 of 2026-12-03, before the compiled step stopped keeping q, k, v and
-# the MLP product: about 49 GiB by accounting); the configs that execute this file inherit it
+# the MLP product and the chunk op's block tiles: about 46 GiB by accounting); the configs that execute
+# this file inherit it
 compile = True
 
 eval_interval = 1000

@@ -528,6 +528,36 @@ def test_backward_reads_the_forward_block_states(monkeypatch, mode, form, dtype,
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("K", [16] + ([128] if torch.cuda.is_available() else []))
+def test_backward_makes_the_forward_block_tiles_again(monkeypatch, mode, dtype, K):
+    """The split forward hands gamma q and k_end (and GDN-2's Y) to its walks; the backward makes all three
+    again (_chunk_bwd_tiles) with the launch of the kernel that made them: bit for bit the forward's, for
+    packed sequences from initial states at offsets. (On a GPU, K = 128 in bf16 takes the wgmma path.)"""
+    made = []
+    real = carve_kernel._block_tiles_buffers
+    monkeypatch.setattr(carve_kernel, "_block_tiles_buffers", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    lengths, offsets, H, V, C = (50, 0, 33), (5, 0, 9), 2, 32, 16
+    bounds = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    x = {n: t.to(DEVICE, torch.float32 if n in ("g", "D", "U") else dtype)
+         for n, t in make_inputs(1, bounds[-1], H, K, V, mode, seed=24).items()}
+    content = (x["D"], x["U"]) if mode == "carve" else None
+    gen = torch.Generator().manual_seed(25)
+    state = CarveState(*(torch.randn(len(lengths), H, *dims, generator=gen).to(DEVICE) for dims in ((K, V), (V,), (K,))),
+                       offsets)
+    x["q"].requires_grad_()
+    o, _ = chunk_carve_triton(*(x[n] for n in NAMES), content, state, True, None, C, bounds,
+                              schedule=schedule("split", V))
+    o.float().pow(2).sum().backward()
+    forward, backward = made
+    names = ("y", "gamma_q", "k_end") if mode == "gdn2" else ("gamma_q", "k_end")
+    assert mode == "gdn2" or forward.y is None
+    for name in names:
+        a, b = getattr(forward, name), getattr(backward, name)
+        assert a.abs().sum() > 0 and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mode", ["carve", "gdn2"])
 def test_initial_state_overwritten_after_the_call(mode):
     """A model's cache writes the new state into the tensor it passed as S0 (model.DeltaMixer): the
     backward, which walks the block states again from S0, still gets the gradients of the S0 that
@@ -721,7 +751,7 @@ def test_compiles_without_graph_breaks():
                    if torch.is_tensor(t) else t for t in inputs]
         for pieces in (1, 2):  # the reverse walk's columns and pieces
             torch.library.opcheck(torch.ops.carve.chunk_bwd.default,
-                                  (strided + [do, None, out[4:], table, 0.25, 16, 16, pieces, None, None, None]))
+                                  (strided + [do, None, out[4:], table, 0.25, 16, 16, pieces, False, None, None, None]))
     # f made inside from a low-rank input and its weight (a DecayGate whose f is a GateProjection)
     f_low, f_weight = (torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()
                        for shape in ((1, 20, 4), (32, 4)))
@@ -745,7 +775,7 @@ def test_compiles_without_graph_breaks():
                                         1, None, conv_x, conv_weight, doc_start)
     bwd_inputs = [None, None, None, *[t.detach() if torch.is_tensor(t) else t for t in conv_inputs[3:]]]
     torch.library.opcheck(torch.ops.carve.chunk_bwd.default,
-                          (bwd_inputs + [torch.randn_like(out[0]), None, out[4:], table, 0.25, 16, 16, 1,
+                          (bwd_inputs + [torch.randn_like(out[0]), None, out[4:], table, 0.25, 16, 16, 1, False,
                                          conv_x.detach(), conv_weight.detach(), doc_start]))
 
 
