@@ -153,13 +153,11 @@ def chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None, output
     the shapes fit (chunk_triton_supports), else chunk_carve_torch. q may be a ShortConv standing for
     q, k and v (k and v None)."""
     conv = q if isinstance(q, ShortConv) else None
-    if conv is not None:
-        _check_short_conv(conv, k, v, b_logit)
-    x = conv.x if conv is not None else q
     if conv is None:
-        K, V = q.shape[-1], v.shape[-1]
-    else:   # _check_short_conv checked b_logit's [B, T, H, K] and x's channels
-        H, K = b_logit.shape[2:]
+        x, K, V = q, q.shape[-1], v.shape[-1]
+    else:
+        _check_short_conv(conv, k, v, b_logit)   # b_logit [B, T, H, K] and x [B, T, H (2K + V)]
+        x, (H, K) = conv.x, b_logit.shape[2:]
         V = (x.shape[-1] - 2 * H * K) // H
     triton_path = backend_for(x) == "triton" and chunk_triton_supports(K, V, chunk_size)
     with torch.autocast(x.device.type, enabled=False):  # fp32 inside, whatever autocast the caller runs
