@@ -1111,6 +1111,13 @@ def _block_solve(Pb, Pk_dt, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constex
 
 
 @triton_jit
+def _block_y(A, b, gk, DT: tl.constexpr, PREC: tl.constexpr):
+    """Y = A (b gamma k) in the operand dtype: the forward (_block_wy) and the backward's tiles
+    (_chunk_bwd_tiles) both make it here, so the two agree bit for bit."""
+    return tl.dot(A.to(DT), (b * gk).to(DT), input_precision=PREC).to(DT)
+
+
+@triton_jit
 def _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V: tl.constexpr, VALUE_GATE: tl.constexpr,
               DT: tl.constexpr, PREC: tl.constexpr):
     """Y = A (b gamma k) in the operand dtype and A Z in fp32, Z = w * v (w a vector or a scalar a row)."""
@@ -1122,8 +1129,7 @@ def _block_wy(A, b, gk, v, w, tok, valid, i_h, sv, sw, V: tl.constexpr, VALUE_GA
         Z = w_t.to(tl.float32) * v_t
     else:
         Z = tl.load(w + tok * sw + i_h, mask=valid, other=0.0).to(tl.float32)[:, None] * v_t
-    Y_dt = tl.dot(A.to(DT), (b * gk).to(DT), input_precision=PREC).to(DT)
-    return Y_dt, tl.dot(A.to(DT), Z.to(DT), input_precision=PREC)
+    return _block_y(A, b, gk, DT, PREC), tl.dot(A.to(DT), Z.to(DT), input_precision=PREC)
 
 
 @triton_jit
@@ -1389,7 +1395,7 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
     the launch settings of the kernel that made them)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    N, n_chunks, n_blocks, _ = _table_sizes(table)
+    N, n_chunks, n_blocks, max_chunks = _table_sizes(table)
     dev, f32, dt = q.device, torch.float32, _operand_dtype(q.dtype)
     q, k, v, g, b_logit, w, do = (_token_rows(x) for x in (q, k, v, g, b_logit, w, do))
     BV = walk_columns
@@ -1405,7 +1411,6 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
     ds_store = torch.empty(n_blocks, H, K, V, dtype=dt, device=dev)
     block_state = torch.empty(n_blocks, H, K, V, dtype=dt, device=dev)
     tiles = _block_tiles_buffers(q)
-    max_chunks = _table_sizes(table)[3]
     _chunk_bwd_tiles[(N * max_chunks * H,)](
         q=q, k=k, g=g, A_log=A_log, dt_bias=dt_bias, a_log_min=a_log_min, b_logit=b_logit,
         delta_store=saved.chunk_delta, a_store=saved.inverse, y_store=tiles.y, gq_store=tiles.gamma_q,
@@ -1516,7 +1521,7 @@ def _chunk_bwd_tiles(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a
                      seqs, max_chunks, sq, sk, sg, sb, H, K: tl.constexpr, C: tl.constexpr, RAW_DECAY: tl.constexpr,
                      DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """One program per (sequence, chunk, head): the forward's block tiles again, bit for bit: gamma q and
-    k_end from _block_tiles, and Y = A (b gamma k) from the stored A and Delta, as _block_wy makes it."""
+    k_end from _block_tiles, and Y = A (b gamma k) (_block_y) from the stored A and Delta."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
@@ -1529,8 +1534,7 @@ def _chunk_bwd_tiles(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a
             _, gq_dt, k_end_dt, _, _, _, gk = _block_tiles(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq,
                                                            sk, sg, K, RAW_DECAY, DT, PREC, BT)
             b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
-            A = _load_rows16(a_store, tok, valid, i_h, H, BT, True)
-            Y_dt = tl.dot(A.to(DT), (b * gk).to(DT), input_precision=PREC).to(DT)
+            Y_dt = _block_y(_load_rows16(a_store, tok, valid, i_h, H, BT, True), b, gk, DT, PREC)
             p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
             tl.store(y_store + p_k, Y_dt.to(y_store.dtype.element_ty), mask=m_row)
             tl.store(gq_store + p_k, gq_dt.to(gq_store.dtype.element_ty), mask=m_row)
@@ -2309,26 +2313,18 @@ def _gemv_kernel(x, weight, bias, out, N, K, sw, HAS_BIAS: tl.constexpr, ROWS: t
 SWIGLU_ROWS, SWIGLU_COLS = 16, 128
 
 
-def swiglu_triton(gate_up):
-    """swiglu's h [N, F] of gate_up [N, 2F] (unit stride along its rows)."""
+def swiglu_triton(gate_up, dh=None, make_h=True):
+    """(h, d_gate_up) for gate_up [N, 2F] (unit stride along its rows): h [N, F] = swiglu(gate_up) if
+    make_h, else None; with dh [N, F], the gradient of h, d_gate_up [N, 2F], else None."""
     n_rows, F2 = gate_up.shape
-    h = torch.empty(n_rows, F2 // 2, dtype=gate_up.dtype, device=gate_up.device)
+    def new(cols, wanted):
+        return torch.empty(n_rows, cols, dtype=gate_up.dtype, device=gate_up.device) if wanted else None
+    h, d_gate_up = new(F2 // 2, make_h), new(F2, dh is not None)
     grid = (triton.cdiv(n_rows, SWIGLU_ROWS), triton.cdiv(F2 // 2, SWIGLU_COLS))
-    _swiglu_kernel[grid](gate_up=gate_up, dh=None, d_gate_up=None, h=h, n_rows=n_rows, F=F2 // 2,
-                         s_row=gate_up.stride(0), BACKWARD=False, STORE_H=True, ROWS=SWIGLU_ROWS, COLS=SWIGLU_COLS)
-    return h
-
-
-def swiglu_backward_triton(gate_up, dh, make_h):
-    """(d_gate_up [N, 2F], h [N, F], or None without make_h) from gate_up [N, 2F] and dh [N, F], the
-    gradient of h."""
-    n_rows, F2 = gate_up.shape
-    h = torch.empty(n_rows, F2 // 2, dtype=gate_up.dtype, device=gate_up.device) if make_h else None
-    d_gate_up = torch.empty(n_rows, F2, dtype=gate_up.dtype, device=gate_up.device)
-    grid = (triton.cdiv(n_rows, SWIGLU_ROWS), triton.cdiv(F2 // 2, SWIGLU_COLS))
-    _swiglu_kernel[grid](gate_up=gate_up, dh=dh.contiguous(), d_gate_up=d_gate_up, h=h, n_rows=n_rows, F=F2 // 2,
-                         s_row=gate_up.stride(0), BACKWARD=True, STORE_H=make_h, ROWS=SWIGLU_ROWS, COLS=SWIGLU_COLS)
-    return d_gate_up, h
+    _swiglu_kernel[grid](gate_up=gate_up, dh=None if dh is None else dh.contiguous(), d_gate_up=d_gate_up, h=h,
+                         n_rows=n_rows, F=F2 // 2, s_row=gate_up.stride(0), BACKWARD=dh is not None, STORE_H=make_h,
+                         ROWS=SWIGLU_ROWS, COLS=SWIGLU_COLS)
+    return h, d_gate_up
 
 
 @triton_jit
@@ -2391,7 +2387,8 @@ if triton is not None:
                       b_logit: torch.Tensor, w: torch.Tensor, do: torch.Tensor, dS_end: Optional[torch.Tensor],
                       saved: List[torch.Tensor], table: List[int], scale: float, chunk_size: int, walk_columns: int,
                       pieces: int, split_forward: bool, conv_x: Optional[torch.Tensor],
-                      conv_weight: Optional[torch.Tensor], conv_doc_start: Optional[torch.Tensor]) -> List[torch.Tensor]:
+                      conv_weight: Optional[torch.Tensor],
+                      conv_doc_start: Optional[torch.Tensor]) -> List[torch.Tensor]:
         """With conv_weight, q, k, v are None and made here from the ShortConv, inside the op: made in the
         registered backward instead, they would be the forward's conv call again, which torch.compile merges
         with it (common subexpressions), keeping the forward's q, k, v after all."""
@@ -2571,7 +2568,7 @@ if triton is not None:
 
     @torch.library.custom_op("carve::swiglu_linear", mutates_args=())
     def _swiglu_linear_op(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        h = swiglu_triton(_unit_channel_stride(gate_up.reshape(-1, gate_up.shape[-1])))
+        h, _ = swiglu_triton(_unit_channel_stride(gate_up.reshape(-1, gate_up.shape[-1])))
         return F.linear(h, weight).view(*gate_up.shape[:-1], weight.shape[0])
 
     @_swiglu_linear_op.register_fake
@@ -2595,8 +2592,8 @@ if triton is not None:
         """[d_gate_up, d_weight if weight_grad]: h made here, not in the registered backward, where
         torch.compile would merge it with the forward's and keep that."""
         dy2 = dy.reshape(-1, dy.shape[-1])
-        d_gate_up, h = swiglu_backward_triton(_unit_channel_stride(gate_up.reshape(-1, gate_up.shape[-1])),
-                                              dy2 @ weight, weight_grad)
+        h, d_gate_up = swiglu_triton(_unit_channel_stride(gate_up.reshape(-1, gate_up.shape[-1])), dy2 @ weight,
+                                     weight_grad)
         return [d_gate_up.view(gate_up.shape), *([dy2.t() @ h] if weight_grad else [])]
 
     @_swiglu_linear_bwd_op.register_fake

@@ -330,9 +330,9 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
         if torch.is_grad_enabled() and (gate_up.requires_grad or self.down_proj.weight.requires_grad):
-            # training: on the Triton path the product SiLU(gate) * up is not kept for the backward (swiglu_linear)
-            with torch.autocast(x.device.type, enabled=False):   # the weight in gate_up's dtype, as autocast's
-                return swiglu_linear(gate_up, self.down_proj.weight.to(gate_up.dtype))
+            # training: on the Triton path the product SiLU(gate) * up is not kept for the backward (swiglu_linear);
+            # the weight in gate_up's dtype, as autocast would round it
+            return swiglu_linear(gate_up, self.down_proj.weight.to(gate_up.dtype))
         return self.down_proj(swiglu(gate_up))
 
 
