@@ -13,8 +13,9 @@ times are medians of triton.testing.do_bench; peak memory is the most allocated 
 one forward + backward. Decode: one step (T = 1), fp32 state, time of the whole call and of its replay
 in a CUDA graph; state traffic = read + write of S (2 B H K V 4 bytes), against the card's copy
 bandwidth measured in the same run. GEMV: one bf16 row times each 1.3B Linear weight [N, K] (bf16),
-replayed from a CUDA graph as in a decode step: F.linear (cuBLAS), carve_kernel.gemv_triton as
-launched now, and its fastest launch settings (output features a program, columns a step, warps).
+replayed from a CUDA graph and streamed from memory as in a decode step: F.linear (cuBLAS),
+carve_kernel.gemv_triton as launched now, and its fastest launch settings (output features a program,
+columns a step, warps).
 Record results in docs/BENCHMARKS.md with the machine and versions.
 """
 import argparse
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from carve_kernel import (CarveState, ChunkSchedule, chunk_carve_torch, chunk_carve_triton, gemv_triton,
+from carve_kernel import (CarveState, ChunkSchedule, chunk_carve_torch, chunk_carve_triton, GemvSettings, gemv_triton,
                           recurrent_carve_triton)
 
 H, K, V, C, RANK = 16, 128, 128, 64, 16
@@ -159,31 +160,46 @@ def time_decode(B, fused_recurrent_gdn2):
     return t, t_graph, t_fla
 
 
-# the Linear weights [N, K] a 1.3B decode step reads (carve_1b3; GDN-2's w_proj is [2048, 2304])
+# the Linear weights [N, K] a 1.3B decode step reads (w_proj: GDN-2's write gate)
 GEMV_SHAPES = {"in_proj": (8448, 2304), "beta_proj": (16, 2304), "f_up, g_up": (2048, 128),
-               "o_proj": (2304, 2048), "gate_up_proj": (12416, 2304), "down_proj": (2304, 6208),
-               "head": (50304, 2304)}
-GEMV_SWEEP = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8)))   # rows, cols, warps
+               "w_proj": (2048, 2304), "o_proj": (2304, 2048), "gate_up_proj": (12416, 2304),
+               "down_proj": (2304, 6208), "head": (50304, 2304)}
+# rows, cols, warps, with at most 64 fp32 products a thread held in the accumulator
+GEMV_SWEEP = [GemvSettings(r, c, n) for r, c, n in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (4, 8))
+              if r * c <= 2048 * n]
+GEMV_STREAM_BYTES = 2 ** 28   # a step streams its weights from memory: cycle through copies past the L2 cache
 
 
 def gemv_table():
     """Each GEMV_SHAPES product at one row: us and the share of the copy bandwidth its weight's bytes
-    reach, for cuBLAS, the GEMV as launched now, and the GEMV's fastest settings in GEMV_SWEEP."""
+    reach, for cuBLAS, the GEMV as launched now, and the GEMV's fastest settings in GEMV_SWEEP. Each time
+    is a graph over copies of the weight (enough to pass the L2 cache, up to 256) divided by the copies:
+    a decode step streams its weights from memory, and the L2 cache would hold the smaller ones.
+    Returns {(N, K): the fastest settings}."""
     copy = copy_bandwidth()
     print(f"\nbatch-1 products, bf16, in a CUDA graph; copy bandwidth {copy:.2f} TB/s")
     print(f"{'weight':<14} {'N x K':>12} {'cuBLAS us, share':>17} {'GEMV us, share':>15} {'best us, share':>15}"
-          f"  best (rows, cols, warps)")
-    graph_us = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3  # noqa: E731
+          f"  best settings")
     share = lambda us, nbytes: f"{nbytes / (us * 1e-6) / 1e12 / copy:4.0%}"  # noqa: E731
+    best_settings = {}
     with torch.no_grad():
         for name, (N, K) in GEMV_SHAPES.items():
-            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-            cublas, now = graph_us(lambda: F.linear(x, w)), graph_us(lambda: gemv_triton(x, w, None))
-            best = min((graph_us(lambda: gemv_triton(x, w, None, r, c, n)), (r, c, n)) for r, c, n in GEMV_SWEEP)
             nbytes = 2 * N * K
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(min(256, max(2, GEMV_STREAM_BYTES // nbytes)))]
+            def graph_us(product):
+                def all_copies():
+                    for w in weights:
+                        product(w)
+                return triton.testing.do_bench_cudagraph(all_copies, rep=20, return_mode="median") * 1e3 / len(weights)
+            cublas, now = graph_us(lambda w: F.linear(x, w)), graph_us(lambda w: gemv_triton(x, w, None))
+            best = min((graph_us(lambda w: gemv_triton(x, w, None, settings)), settings) for settings in GEMV_SWEEP)
             print(f"{name:<14} {f'{N} x {K}':>12} {cublas:12.1f} {share(cublas, nbytes)} {now:10.1f} "
-                  f"{share(now, nbytes)} {best[0]:10.1f} {share(best[0], nbytes)}  {best[1]}", flush=True)
+                  f"{share(now, nbytes)} {best[0]:10.1f} {share(best[0], nbytes)}  {tuple(best[1])}", flush=True)
+            del weights
+            best_settings[(N, K)] = best[1]
+    return best_settings
 
 
 def main():

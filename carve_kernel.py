@@ -2264,28 +2264,40 @@ def _norm_gate_bwd_kernel(dy, o, gate, weight, rstd, do, dgate, dweight_parts, n
     tl.store(do + offsets, dx.to(do.dtype.element_ty), mask=mask)
 
 
-# The batch-1 GEMV: one program per gemv_rows output features reads those rows of the weight whole,
-# so that the programs (N / rows, some hundreds at the 1.3B shapes) keep every SM streaming; each
-# accumulates [rows, GEMV_COLS] products in fp32 and sums them once at the end. It took the 1.3B
-# CARVE's graph-replayed batch-1 decode step from 1.96 to 1.89 ms on an H200 (docs/BENCHMARKS.md).
+# The batch-1 GEMV: one program per `rows` output features reads those rows of the weight whole, in
+# [rows, cols] tiles, accumulates the products in fp32 and sums them once at the end. At one row a
+# product streams its weight from memory once, so the settings are those that keep the most bytes in
+# flight on every SM. bench_kernels.py --gemv sweeps them on weights that stream from memory as in a
+# decode step (docs/BENCHMARKS.md): the wide weights (in_proj, gate_up_proj, the head) run best with
+# 16 rows a program, the narrow ones (2048 or 2304 outputs over 2048 to 6208 inputs: o_proj,
+# down_proj, GDN-2's w_proj) with 2 rows of 1024 columns, 1.4-1.8x faster than 8 rows of 256: four
+# times the programs, each loading as many bytes a step. That took the compiled 1.3B CARVE decode
+# step's device time from 1.48 to 1.29 ms.
 
-GEMV_COLS = 256
+class GemvSettings(NamedTuple):
+    rows: int        # output features a program
+    cols: int        # weight columns a loop step loads
+    num_warps: int
 
 
-def gemv_rows(n_features, sm_count):
-    """Output features a program: the most (up to 16) that still give every SM two programs."""
+def gemv_settings(n_features, k_in, sm_count):
+    """Launch settings for a [n_features, k_in] weight: 2 rows of 1024 columns a program when 16 rows
+    would leave an SM fewer than two programs and 2 rows give it at least four over 1024 or more
+    inputs; otherwise the most rows (up to 16) that still give every SM two programs, of 256 columns."""
+    if triton.cdiv(n_features, 16) < 2 * sm_count and n_features >= 8 * sm_count and k_in >= 1024:
+        return GemvSettings(2, 1024, 4)
     rows = 16
     while rows > 1 and triton.cdiv(n_features, rows) < 2 * sm_count:
         rows //= 2
-    return rows
+    return GemvSettings(rows, 256, 4)
 
 
-def gemv_triton(x, weight, bias, rows=None, cols=GEMV_COLS, num_warps=4):
+def gemv_triton(x, weight, bias, settings=None):
     """x [..., K] of one row, weight [N, K] (unit stride along K), bias [N] or None: x @ weight^T + bias.
-    rows (default gemv_rows), cols and num_warps: the launch settings (bench_kernels.py --gemv sweeps them)."""
+    settings: a GemvSettings (default gemv_settings'; bench_kernels.py --gemv sweeps them)."""
     N, K = weight.shape
     out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
-    rows = rows or gemv_rows(N, _sm_count(x.device))
+    rows, cols, num_warps = settings or gemv_settings(N, K, _sm_count(x.device))
     _gemv_kernel[(triton.cdiv(N, rows),)](x=x, weight=weight, bias=bias, out=out, N=N, K=K, sw=weight.stride(0),
                                           HAS_BIAS=bias is not None, ROWS=rows, COLS=cols, num_warps=num_warps)
     return out

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import carve_kernel
-from carve_kernel import linear
+from carve_kernel import GemvSettings, linear
 from reference import DEVICE, TOL_BF16, TOL_FWD, assert_rel, needs_triton
 
 # N not a multiple of a program's rows, K below, at and not a multiple of its 256 columns
@@ -44,6 +44,17 @@ def test_gemv_against_float64(calls, poisoned_empty, N, K, dtype, bias):
     assert y.dtype == dtype and y.shape == (1, 1, N)
     ref = x.double() @ weight.double().T + (b.double() if bias else 0)
     assert_rel(y, ref, TOL_BF16 if dtype == torch.bfloat16 else TOL_FWD, f"gemv {dtype}")
+
+
+@needs_triton
+@pytest.mark.parametrize("settings", [GemvSettings(2, 1024, 4), GemvSettings(1, 2048, 8), GemvSettings(16, 256, 4)],
+                         ids=str)
+def test_gemv_settings_against_float64(poisoned_empty, settings):
+    """Every launch setting gemv_settings or the sweep may choose, with rows and columns left over."""
+    x, weight, b = operands(37, 2100, torch.bfloat16, True)
+    with torch.no_grad():
+        y = carve_kernel.gemv_triton(x, weight, b, settings)
+    assert_rel(y, x.double() @ weight.double().T + b.double(), TOL_BF16, f"gemv {settings}")
 
 
 @needs_triton
