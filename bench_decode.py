@@ -10,7 +10,8 @@ Configs load exactly as in train.py (a path, or a bare name in configs/; `--key=
 to every config). The model has random weights (vocab_size 0 means 50304), its Linear weights in bf16 as
 sample.py holds them (inference_weights), under bf16 autocast. The step is sample.py's (decode_step:
 the model's one-token step on the cache, sample_next at temperature 0.8 with top-k 200, replayed from
-CUDA graphs unless --no_graph), followed by the `.tolist()` generate_samples does each step. With
+CUDA graphs unless --no_graph), with generate_samples' reading of each step's ids on the host while the
+next step runs (sample.ids_to_host). With
 --compile (both by default) the step also runs through torch.compile (sample.py --compile) before
 it is captured.
 
@@ -33,7 +34,7 @@ import torch
 
 from bench_train import device_times, load_configs, model_config_of, print_profile
 from model import LM, set_cache_offset
-from sample import decode_step, inference_weights, sample_next
+from sample import decode_step, ids_to_host, inference_weights, sample_next
 
 DTYPE = torch.bfloat16
 
@@ -99,9 +100,11 @@ def measure(model, batch, context, steps, graph, compile, profile=False):
             ids = step(ids)
             ids.tolist()
         start = time.perf_counter()   # the .tolist() above waited for the device
-        for _ in range(steps):
+        for _ in range(steps):   # as generate_samples: the next step runs while the host reads these ids
+            tokens = ids_to_host(ids)
             ids = step(ids)
-            ids.tolist()   # generate_samples reads each step's tokens on the host
+            tokens()
+        ids.tolist()   # the last step
         seconds = time.perf_counter() - start
         kernels = device_times(lambda: step(ids)) if profile else None
     weights, moved = step_bytes(model, cache, context)

@@ -92,6 +92,24 @@ class CudaGraphStep:
         return self.outputs[completes_chunk]
 
 
+def ids_to_host(ids):
+    """Starts copying ids to the host behind the work queued so far; returns the function that waits for
+    that copy alone and gives them as a list. The device can then run the next step, queued after the
+    copy, while the host handles these ids: a step's host side (its bookkeeping and the graph launch)
+    hides behind the previous step instead of adding to it."""
+    if ids.device.type != "cuda":
+        return ids.tolist
+    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    host.copy_(ids, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait():
+        copied.synchronize()
+        return host.tolist()
+    return wait
+
+
 def decode_step(model, cache, pick, generator=None, cuda_graph=True, compile=False):
     """generate_samples' step, ids [B] -> next ids [B]: one token a row on top of the cached state, then
     pick(logits); replayed from CUDA graphs (CudaGraphStep) on a GPU unless cuda_graph=False. compile=True
@@ -137,7 +155,7 @@ def generate_samples(model, prompt_ids, num_samples, max_new_tokens, temperature
     samples, finished = [[] for _ in rows], [max_new_tokens == 0] * len(rows)
 
     def record(row_ids, ids):
-        for row, token in zip(row_ids, ids.tolist()):
+        for row, token in zip(row_ids, ids):
             if finished[row]:
                 continue  # a finished row still steps with the batch; its tokens are dropped
             if eot is not None and token == eot:
@@ -158,7 +176,7 @@ def generate_samples(model, prompt_ids, num_samples, max_new_tokens, temperature
         if active:   # the shorter prompts' rows catch up, one plain step a token, then the batches join
             step = decode_step(model, cache, pick, generator, cuda_graph=False)
             while cache_offset(cache[0]) < length:
-                record(active, next_ids)
+                record(active, next_ids.tolist())
                 next_ids = step(next_ids)
             cache, next_ids = join_caches([cache, group_cache]), torch.cat([next_ids, group_ids])
         else:
@@ -166,11 +184,14 @@ def generate_samples(model, prompt_ids, num_samples, max_new_tokens, temperature
         active += group
     step = decode_step(model, cache, pick, generator, cuda_graph, compile)
     while True:
-        record(active, next_ids)
+        ids = ids_to_host(next_ids)
+        # the device runs the next step while the host records these ids, unless they are every row's last
+        # (a row that samples eot ends one step later: that step's ids are dropped)
+        if not all(finished[row] or len(samples[row]) + 1 == max_new_tokens for row in active):
+            next_ids = step(next_ids)
+        record(active, ids())
         if all(finished):
-            break  # no forward for tokens that would never be used
-        next_ids = step(next_ids)
-    return samples
+            return samples
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,

@@ -217,6 +217,20 @@ def test_batched_samples_equal_single_ones():
         assert row == (full[:full.index(stop)] if stop in full else full)
 
 
+def test_generation_steps_once_a_token_and_at_most_once_past_eot(monkeypatch):
+    """The next step runs while the host reads a step's ids (sample.ids_to_host): none after the last
+    token of max_new_tokens, and one whose ids are dropped after a row's eot ends the batch."""
+    from sample import generate_samples
+    model = tiny_model()
+    lengths, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, **kw: lengths.append(ids.shape[1]) or forward(ids, **kw))
+    first = generate_samples(model, [3, 1, 4, 1, 5], 1, 12, temperature=0)[0]
+    assert lengths == [5] + [1] * 11
+    lengths.clear()
+    assert generate_samples(model, [3, 1, 4, 1, 5], 1, 12, temperature=0, eot=first[6]) == [first[:first.index(first[6])]]
+    assert lengths == [5] + [1] * (first.index(first[6]) + 1)
+
+
 def test_main_reports_generated_tokens(run_dir, capsys):
     main(["--out_dir", str(run_dir), "--max_new_tokens", "9", "--device", "cpu", "--num_samples", "3",
           "--temperature", "1.0"])
