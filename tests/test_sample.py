@@ -227,8 +227,9 @@ def test_generation_steps_once_a_token_and_at_most_once_past_eot(monkeypatch):
     first = generate_samples(model, [3, 1, 4, 1, 5], 1, 12, temperature=0)[0]
     assert lengths == [5] + [1] * 11
     lengths.clear()
-    assert generate_samples(model, [3, 1, 4, 1, 5], 1, 12, temperature=0, eot=first[6]) == [first[:first.index(first[6])]]
-    assert lengths == [5] + [1] * (first.index(first[6]) + 1)
+    stop = first.index(first[6])   # its first occurrence
+    assert generate_samples(model, [3, 1, 4, 1, 5], 1, 12, temperature=0, eot=first[6]) == [first[:stop]]
+    assert lengths == [5] + [1] * (stop + 1)
 
 
 def test_main_reports_generated_tokens(run_dir, capsys):
