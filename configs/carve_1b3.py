@@ -27,10 +27,8 @@ min_lr = 4e-5
 weight_decay = 0.1
 grad_clip = 1.0
 
-# torch.compile: 48,400 against 41,700 tokens/s eager for CARVE on one H200, at 55.8 against 48.9 GiB
-# peak (docs/BENCHMARKS.md, run 3 of 2026-12-03, before the compiled step stopped keeping q, k, v and
-# the MLP product and the chunk op's block tiles: about 46 GiB by accounting); the configs that execute
-# this file inherit it
+# torch.compile: 47,600 against 44,200 tokens/s eager for CARVE on one H200, both at 45.6 GiB peak
+# (docs/BENCHMARKS.md, run 4 of 2026-12-03); the configs that execute this file inherit it
 compile = True
 
 eval_interval = 1000
