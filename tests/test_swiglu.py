@@ -48,6 +48,23 @@ def test_swiglu_linear(monkeypatch, poisoned_empty, backend, dtype, shape):
         assert_rel(got.cpu(), ref, TOL_GRAD if fp32 else TOL_BF16, f"swiglu {backend} {dtype} {name}")
 
 
+if torch.cuda.is_available():  # the 1.3B recipe's MLP: 4 x 4096 tokens, hidden 6208, d_model 2304 (GPU only)
+    def test_swiglu_linear_at_the_1b3_shape(monkeypatch):
+        """bf16 at the 1.3B shape (int32 offsets and every tile at full size), against float64 on the GPU."""
+        monkeypatch.setenv("CARVE_BACKEND", "triton")
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        gate_up = (2 * torch.randn(4, 4096, 2 * 6208, device="cuda", generator=gen)).bfloat16().requires_grad_()
+        weight = (torch.randn(2304, 6208, device="cuda", generator=gen) / 6208 ** 0.5).bfloat16().requires_grad_()
+        y = swiglu_linear(gate_up, weight)
+        dy = torch.randn(y.shape, device="cuda", generator=gen).bfloat16()
+        grads = torch.autograd.grad(y, (gate_up, weight), dy)
+        leaves = [t.detach().double().requires_grad_() for t in (gate_up, weight)]
+        want = formula(*leaves)
+        assert_rel(y, want, TOL_BF16, "swiglu 1.3B shape bf16 y")
+        for name, got, ref in zip(("d_gate_up", "d_weight"), grads, torch.autograd.grad(want, leaves, dy.double())):
+            assert_rel(got, ref, TOL_BF16, f"swiglu 1.3B shape bf16 {name}")
+
+
 @needs_triton
 def test_triton_path_keeps_gate_up_not_the_product(monkeypatch):
     """The Triton path keeps only gate_up and the weight for the backward (the torch path also keeps h);
