@@ -28,8 +28,9 @@ mqar_examples. By default the checkpoint's own test set (its seq_len, mqar_pairs
 datasets (--harness_include: a folder of your own task YAML files, local data included).
 
 --task=gates reports, per recurrent layer, what the erase gate does on the run's text: its mean (the
-erase rate) and, for CARVE, the distribution of the content shift Delta and the norms of U and D (U
-starts at zero). Run it on a CARVE and a GDN-2 checkpoint to compare their erase rates, and with --step
+erase rate) and, for CARVE, the distribution of the content shift Delta, the norms of U and D (U
+starts at zero) and how far D moved from its random start (the run's initial model, rebuilt from its
+seed as train.py built it). Run it on a CARVE and a GDN-2 checkpoint to compare their erase rates, and with --step
 on checkpoints along a run (train.py keeps the newest keep_checkpoints) to follow Delta over training;
 `plot.py gates` draws such lines.
 
@@ -252,12 +253,20 @@ def content_shift(o, content, chunk_size):
     return delta
 
 
+def initial_model(seed, model_config):
+    """The run's model before its first step, as train.py builds it: on the CPU, right after
+    torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    return LM(ModelConfig.from_dict(model_config))
+
+
 @torch.inference_mode()
-def gate_statistics(model, windows, autocast):
+def gate_statistics(model, windows, autocast, initial=None):
     """Per recurrent layer, over the token windows [n, T]: the erase gate b = sigmoid(b_logit + Delta)
     (its mean, the erase rate), CARVE's content shift Delta = U D m_{c-1} (mean |Delta| and its 5/50/95th
     percentiles over chunks, heads and channels) and the norms of U and D (U starts at 0: a norm above 0
-    means it moved). Delta is recomputed from what each layer's chunk_carve call got and returned: m of
+    means it moved); with `initial`, the model before training (initial_model), how far D moved from its
+    random start: |D - D_0| / |D_0|. Delta is recomputed from what each layer's chunk_carve call got and returned: m of
     a chunk is the mean of its outputs, as the kernels keep it."""
     calls = []
     real = model_module.chunk_carve
@@ -294,6 +303,9 @@ def gate_statistics(model, windows, autocast):
             row.update(delta_abs_mean=float(delta.abs().mean()), **{
                 f"delta_p{q}": float(sample.quantile(q / 100)) for q in (5, 50, 95)},
                 U_norm=float(mixer.content_up.norm()), D_norm=float(mixer.content_down.norm()))
+            if initial is not None:
+                D_0 = initial.blocks[i].mixer.content_down.to(mixer.content_down.device)
+                row["D_moved"] = float((mixer.content_down - D_0).norm() / D_0.norm())
         result.append(row)
     return result
 
@@ -448,16 +460,17 @@ def main(argv=None):
             fail(f"{source} holds fewer than seq_len={seq_len} tokens")
         print(f"gates: {args.out_dir} (step {record['step']}) on {count} windows of {seq_len} tokens of {source}",
               file=sys.stderr)
-        rows = gate_statistics(model, windows, autocast)
+        rows = gate_statistics(model, windows, autocast, initial_model(config["seed"], record["model_config"]))
         if args.json:
             print(json.dumps({"checkpoint_step": record["step"], "layers": rows}))
             return
-        print("layer mixer erase_rate " + ("mean|delta| delta_p5 delta_p50 delta_p95 |U| |D|"
+        print("layer mixer erase_rate " + ("mean|delta| delta_p5 delta_p50 delta_p95 |U| |D| |D-D0|/|D0|"
                                            if "delta_abs_mean" in rows[0] else ""))
         for row in rows:
             print(f"{row['layer']:>5} {row['mixer']:>5} {row['erase_rate']:10.4f}" + (
                 f" {row['delta_abs_mean']:11.4f} {row['delta_p5']:8.4f} {row['delta_p50']:9.4f} "
-                f"{row['delta_p95']:9.4f} {row['U_norm']:.3f} {row['D_norm']:.3f}" if "delta_abs_mean" in row else ""))
+                f"{row['delta_p95']:9.4f} {row['U_norm']:.3f} {row['D_norm']:.3f} {row['D_moved']:.4f}"
+                if "delta_abs_mean" in row else ""))
         return
     if len(tokens) < 2:
         fail(f"{source} holds {len(tokens)} tokens: nothing to score")

@@ -19,7 +19,8 @@ depths), one line per file.
 
 gates: files of `eval.py --task=gates --json` lines, one line per checkpoint of a run (eval.py --step):
 each layer's erase rate against the checkpoint's step, and for CARVE the mean |Delta| with its 5th-95th
-percentiles, one line per (file, layer). Compare a CARVE and a GDN-2 run on the same text:
+percentiles and how far D moved from its start, one line per (file, layer). Compare a CARVE and a
+GDN-2 run on the same text:
 
     for s in 1000 2000 3000; do python eval.py --out_dir=out/carve --task=gates --step=$s --json >> carve.jsonl; done
     python plot.py gates carve.jsonl gdn2.jsonl -o gates.png
@@ -130,7 +131,7 @@ def passkey_points(paths):
 
 def gate_points(paths):
     """{(file label, layer): {"step": [...], "erase_rate": [...], and for CARVE "delta_abs_mean",
-    "delta_p5", "delta_p95"}} of eval.py --task=gates --json lines, by checkpoint step."""
+    "delta_p5", "delta_p95", "D_moved"}} of eval.py --task=gates --json lines, by checkpoint step."""
     result = defaultdict(lambda: defaultdict(list))
     for path in paths:
         label = os.path.splitext(os.path.basename(path))[0]
@@ -141,7 +142,7 @@ def gate_points(paths):
                 for row in line["layers"]:
                     series = result[(label, row["layer"])]
                     series["step"].append(line["checkpoint_step"])
-                    for key in ("erase_rate", "delta_abs_mean", "delta_p5", "delta_p95"):
+                    for key in ("erase_rate", "delta_abs_mean", "delta_p5", "delta_p95", "D_moved"):
                         if key in row:
                             series[key].append(row[key])
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -176,7 +177,7 @@ def draw(kind, inputs, output):
             ax.legend()
     elif kind == "mqar":
         settings = best_over_learning_rates(mqar_points(inputs))
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
         for ax, x_index, line_index, x_label, line_label in ((axes[0], 2, 1, "key-value pairs", "d_model"),
                                                              (axes[1], 1, 2, "d_model", "pairs")):
             lines = defaultdict(list)
@@ -194,7 +195,7 @@ def draw(kind, inputs, output):
         axes[0].set_title("MQAR: accuracy against key-value pairs")
         axes[1].set_title("MQAR: accuracy against model width")
     elif kind == "gates":
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
         for (label, layer), series in sorted(gate_points(inputs).items()):
             name = f"{label}, layer {layer}"
             axes[0].plot(series["step"], series["erase_rate"], marker="o", label=name)
@@ -202,8 +203,11 @@ def draw(kind, inputs, output):
                 line = axes[1].plot(series["step"], series["delta_abs_mean"], marker="o", label=name)[0]
                 axes[1].fill_between(series["step"], series["delta_p5"], series["delta_p95"], color=line.get_color(),
                                      alpha=0.15)
+            if series["D_moved"]:
+                axes[2].plot(series["step"], series["D_moved"], marker="o", label=name)
         axes[0].set_title("erase rate: mean of sigmoid(b_logit + Delta)")
         axes[1].set_title("CARVE: mean |Delta| (5th-95th percentile shaded)")
+        axes[2].set_title("CARVE: D's distance from its start, |D - D_0| / |D_0|")
         for ax in axes:
             ax.set_xlabel("checkpoint step")
             ax.legend(fontsize=7)

@@ -132,6 +132,20 @@ def test_content_shift_is_the_kernels_delta():
     assert torch.allclose(delta[:, 8:16], want[:, None].expand(-1, 8, -1, -1), atol=1e-6)
 
 
+def test_gates_measure_d_from_the_runs_own_start(shakespeare, tmp_path, capsys):
+    """A run at learning rate 0 keeps its initial weights: --task=gates rebuilds them from the seed, so D
+    has moved by exactly 0 (and U is still 0); another seed's start would be far off."""
+    out = str(tmp_path / "still")
+    train.main(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=3",
+                "--lr=0", "--min_lr=0", "--seed=7"])
+    layers = result_of(["--out_dir", out, "--task", "gates", "--max_tokens", "480"], capsys)["layers"]
+    assert all(row["D_moved"] == 0 and row["U_norm"] == 0 for row in layers)
+    from eval import initial_model
+    model, other = model_of(out), initial_model(8, train.load_newest_checkpoint(out, log=print)[1]["model_config"])
+    moved = (other.blocks[0].mixer.content_down - model.blocks[0].mixer.content_down).norm()
+    assert moved > 0.5 * model.blocks[0].mixer.content_down.norm()
+
+
 def test_step_picks_a_checkpoint(run, capsys):
     """--step=N scores the checkpoint of step N; a step with no checkpoint names the steps there are."""
     assert result_of(["--out_dir", run, "--step", "3", "--max_tokens", "100"], capsys)["checkpoint_step"] == 3
@@ -146,6 +160,7 @@ def test_gate_statistics(run, capsys):
     layers = result["layers"]
     assert [row["layer"] for row in layers] == [0, 1] and all(0 < row["erase_rate"] < 1 for row in layers)
     assert all(row["delta_p5"] <= row["delta_p50"] <= row["delta_p95"] and row["U_norm"] > 0 for row in layers)
+    assert all(row["D_moved"] > 0 for row in layers)
     from eval import gate_statistics
     model = LM(ModelConfig(vocab_size=256, n_layer=1, d_model=32, n_head=2, head_k_dim=16, head_v_dim=16,
                            mlp_hidden=64, chunk_size=16, mixer="gdn2")).eval()

@@ -62,7 +62,8 @@ def gates_file(path, steps):
     """Lines as eval.py --task=gates --json prints them, one a checkpoint (out of order), two CARVE layers."""
     lines = [{"checkpoint_step": s, "layers": [
         {"layer": i, "mixer": "carve", "erase_rate": 0.5 + 0.01 * s + i, "delta_abs_mean": 0.1 * s,
-         "delta_p5": -0.2 * s, "delta_p50": 0.0, "delta_p95": 0.2 * s, "U_norm": 1.0, "D_norm": 1.0}
+         "delta_p5": -0.2 * s, "delta_p50": 0.0, "delta_p95": 0.2 * s, "U_norm": 1.0, "D_norm": 1.0,
+         "D_moved": 0.001 * s}
         for i in range(2)]} for s in steps]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return str(path)
@@ -72,7 +73,7 @@ def test_gates_follow_each_layer_over_checkpoints(tmp_path):
     points = plot.gate_points([gates_file(tmp_path / "carve.jsonl", [20, 10])])
     assert sorted(points) == [("carve", 0), ("carve", 1)]
     assert points[("carve", 1)]["step"] == [10, 20] and points[("carve", 1)]["erase_rate"] == [1.6, 1.7]
-    assert points[("carve", 0)]["delta_p95"] == [2.0, 4.0]
+    assert points[("carve", 0)]["delta_p95"] == [2.0, 4.0] and points[("carve", 0)]["D_moved"] == [0.01, 0.02]
     (tmp_path / "bad.jsonl").write_text('{"checkpoint_step": 1}\n')
     with pytest.raises(SystemExit, match="not lines of eval.py --task=gates --json"):
         plot.gate_points([str(tmp_path / "bad.jsonl")])
