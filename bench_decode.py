@@ -11,9 +11,8 @@ to every config). The model has random weights (vocab_size 0 means 50304), its L
 sample.py holds them (inference_weights), under bf16 autocast. The step is sample.py's (decode_step:
 the model's one-token step on the cache, sample_next at temperature 0.8 with top-k 200, replayed from
 CUDA graphs unless --no_graph), with generate_samples' reading of each step's ids on the host while the
-next step runs (sample.ids_to_host). With
---compile (both by default) the step also runs through torch.compile (sample.py --compile) before
-it is captured.
+next step runs (sample.ids_to_host). With --compile (both by default) the step also runs through
+torch.compile (sample.py --compile) before it is captured.
 
 The cache is set as after `context` tokens instead of prefilling them: a recurrent layer's state and
 an attention layer's keys and values random, its offset at `context`. A step's work does not depend

@@ -188,7 +188,7 @@ def gemv_table():
             x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
             weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
                        for _ in range(min(256, max(2, GEMV_STREAM_BYTES // nbytes)))]
-            def graph_us(product):
+            def graph_us(product, weights=weights):
                 def all_copies():
                     for w in weights:
                         product(w)

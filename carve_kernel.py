@@ -2268,10 +2268,11 @@ def _norm_gate_bwd_kernel(dy, o, gate, weight, rstd, do, dgate, dweight_parts, n
 # [rows, cols] tiles, accumulates the products in fp32 and sums them once at the end. At one row a
 # product streams its weight from memory once, so the settings are those that keep the most bytes in
 # flight on every SM. bench_kernels.py --gemv sweeps them on weights that stream from memory as in a
-# decode step (docs/BENCHMARKS.md): the wide weights (in_proj, gate_up_proj, the head) run best with
-# 16 rows a program, the narrow ones (2048 or 2304 outputs over 2048 to 6208 inputs: o_proj,
-# down_proj, GDN-2's w_proj) with 2 rows of 1024 columns, 1.4-1.8x faster than 8 rows of 256: four
-# times the programs, each loading as many bytes a step. That took the compiled 1.3B CARVE decode
+# decode step (docs/BENCHMARKS.md): the wide weights (in_proj, gate_up_proj, the head) run as well
+# with 16 rows a program of 256 columns as with any other setting; the narrow ones (2048 or 2304
+# outputs over 2048 to 6208 inputs: o_proj, down_proj, GDN-2's w_proj) run 1.4-1.8x faster with 2 rows
+# of 1024 columns than with the 4 or 8 rows of 256 that the wide weights' rule gives them: 2 or 4 times
+# the programs, each loading as many or twice the bytes a step. That took the compiled 1.3B CARVE decode
 # step's device time from 1.48 to 1.29 ms.
 
 class GemvSettings(NamedTuple):

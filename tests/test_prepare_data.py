@@ -152,7 +152,7 @@ def test_local_files_before_the_plays(tmp_path, monkeypatch):
     text = prepare_data.get_tokenizer("byte").decode(np.concatenate([train, val]))
     assert text == (tmp_path / "kjv.txt").read_text() + plays
     assert plays.endswith(prepare_data.get_tokenizer("byte").decode(val))
-    assert meta["source"].startswith("1 local files from kjv.txt; Shakespeare: 38 plays")
+    assert meta["source"].startswith("1 local file from kjv.txt; Shakespeare: 38 plays")
 
 
 def test_local_source_default_out_dir_and_errors(tmp_path, monkeypatch):
