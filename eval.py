@@ -21,7 +21,9 @@ across tokenizers, unlike perplexity. Progress goes to stderr; the result is one
 --task=mqar scores multi-query associative recall (train.py --task=mqar trains on it): the fraction of
 queried values the model predicts exactly (argmax at the query), over examples of prepare_data.py's
 mqar_examples. By default the checkpoint's own test set (its seq_len, mqar_pairs, mqar_seed); --seq_len,
---mqar_pairs and --examples ask for other settings (the test stream of the same seed).
+--mqar_pairs and --examples ask for other settings (the test stream of the same seed). It also gives
+the accuracy by the query's order in its example: a model that has learnt which values were already
+asked for, and not which value belongs to which key, is right on the last queries only.
 
 --task=harness runs lm-evaluation-harness tasks (pip install lm-eval) through HarnessAdapter, e.g.
 --harness_tasks=wikitext,lambada_openai,piqa,hellaswag,arc_easy,winogrande; the harness downloads their
@@ -312,15 +314,20 @@ def gate_statistics(model, windows, autocast, initial=None):
 
 @torch.inference_mode()
 def mqar_accuracy(model, inputs, targets, batch_size, device, autocast):
-    """(queries answered right, queries): the argmax at each scored position against its target."""
-    right = total = 0
+    """(queries answered right, queries), each by the query's order in its example (first to last):
+    the argmax at each scored position against its target. The order tells recall from elimination: a
+    model that has learnt only which values were already asked for is right on the last queries alone."""
+    pairs = int((targets[0] >= 0).sum())
+    right, total = np.zeros(pairs, dtype=np.int64), np.zeros(pairs, dtype=np.int64)
     for i in range(0, len(inputs), batch_size):
         x = torch.from_numpy(inputs[i:i + batch_size]).to(device)
         y = torch.from_numpy(targets[i:i + batch_size]).to(device)
         with autocast:
             predicted = model(x)[0].argmax(-1)
-        right += int((predicted == y).sum())
-        total += int((y >= 0).sum())
+        scored = y >= 0
+        order = (scored.cumsum(dim=1) - 1)[scored].cpu().numpy()
+        right += np.bincount(order, weights=(predicted == y)[scored].cpu().numpy(), minlength=pairs).astype(np.int64)
+        total += np.bincount(order, minlength=pairs)
     return right, total
 
 
@@ -409,10 +416,13 @@ def main(argv=None):
         print(f"mqar: {args.out_dir} (step {record['step']}), {count} examples of {seq_len} tokens, {pairs} pairs, "
               f"{device}", file=sys.stderr)
         right, total = mqar_accuracy(model, inputs, targets, args.batch_size, device, autocast)
+        by_order = [float(r / t) for r, t in zip(right, total)]
         result = {"checkpoint_step": record["step"], "seq_len": seq_len, "mqar_pairs": pairs, "examples": count,
-                  "accuracy": right / total}
+                  "accuracy": float(right.sum() / total.sum()), "accuracy_by_query_order": by_order}
         print(json.dumps(result) if args.json else
-              f"mqar: accuracy {right / total:.4f} ({right:,} of {total:,} queries; seq_len {seq_len}, {pairs} pairs)")
+              f"mqar: accuracy {right.sum() / total.sum():.4f} ({right.sum():,} of {total.sum():,} queries; seq_len "
+              f"{seq_len}, {pairs} pairs)\nby the query's order in its example, first to last: "
+              + " ".join(f"{a:.3f}" for a in by_order))
         return
     if args.task == "harness":
         try:

@@ -84,10 +84,29 @@ def test_training_resumes_exactly_and_eval_scores_the_checkpoint(tmp_path, capsy
     result = json.loads(capsys.readouterr().out)
     assert result["examples"] == 40 and result["mqar_pairs"] == 4
     assert result["accuracy"] == pytest.approx(record["val_acc"], abs=1e-9)
+    assert len(result["accuracy_by_query_order"]) == 4   # every example asks each key once: equal counts
+    assert sum(result["accuracy_by_query_order"]) / 4 == pytest.approx(result["accuracy"], abs=1e-12)
     with pytest.raises(SystemExit, match="trained on MQAR"):
         evaluate_cli.main(["--out_dir", full])
     with pytest.raises(SystemExit, match="seq_len >= 64"):
         evaluate_cli.main(["--out_dir", full, "--task", "mqar", "--mqar_pairs", "16"])
+
+
+def test_accuracy_by_query_order_shows_elimination():
+    """A model right on each example's last query only (what recall by elimination gives) scores 1 there
+    and 0 on the others: the accuracy by query order separates it from recall."""
+    from eval import mqar_accuracy
+    inputs, targets = mqar_examples(30, 64, 4, 256, seed=5)
+
+    def last_query_only(x):   # one batch of all 30 examples
+        logits = torch.zeros(*x.shape, 256)
+        for row, t in enumerate(targets):
+            last = np.flatnonzero(t >= 0)[-1]
+            logits[row, last, t[last]] = 1.0
+        return logits, None
+
+    right, total = mqar_accuracy(last_query_only, inputs, targets, 30, "cpu", torch.autocast("cpu", enabled=False))
+    assert list(total) == [30] * 4 and list(right) == [0, 0, 0, 30]
 
 
 def test_task_errors(tmp_path):
