@@ -5,7 +5,7 @@ Evaluate a checkpoint: perplexity and bits per byte on held-out token files or o
     python eval.py --out_dir=out/carve_shakespeare --data_dir=data/other_byte --split=train --max_tokens=1e6
     python eval.py --out_dir=out/carve_shakespeare --text=notes/ book.txt   # files, folders of .txt/.md
     python eval.py --out_dir=out/carve_shakespeare --task=passkey --contexts=1024,2048 --depths=0,50,100
-    python eval.py --out_dir=out/mqar_carve --task=mqar --mqar_pairs=32
+    python eval.py --out_dir=out/mqar --task=mqar --mqar_pairs=32
 
 The newest good checkpoint of --out_dir is used (train.py's rule: its sha256 must match its record);
 --step=N takes the checkpoint of step N instead.
@@ -22,19 +22,22 @@ across tokenizers, unlike perplexity. Progress goes to stderr; the result is one
 queried values the model predicts exactly (argmax at the query), over examples of prepare_data.py's
 mqar_examples. By default the checkpoint's own test set (its seq_len, mqar_pairs, mqar_seed); --seq_len,
 --mqar_pairs and --examples ask for other settings (the test stream of the same seed). It also gives
-the accuracy by the query's order in its example: a model that has learnt which values were already
-asked for, and not which value belongs to which key, is right on the last queries only.
+the accuracy by the query's order in its example (accuracy_by_query_order, first to last): a model that
+has learnt which values were already asked for, and not which value belongs to which key, is right on
+the last queries only.
 
 --task=harness runs lm-evaluation-harness tasks (pip install lm-eval) through HarnessAdapter, e.g.
 --harness_tasks=wikitext,lambada_openai,piqa,hellaswag,arc_easy,winogrande; the harness downloads their
 datasets (--harness_include: a folder of your own task YAML files, local data included).
 
---task=gates reports, per recurrent layer, what the erase gate does on the run's text: its mean (the
-erase rate) and, for CARVE, the distribution of the content shift Delta, the norms of U and D (U
-starts at zero) and how far D moved from its random start (the run's initial model, rebuilt from its
-seed as train.py built it). Run it on a CARVE and a GDN-2 checkpoint to compare their erase rates, and with --step
-on checkpoints along a run (train.py keeps the newest keep_checkpoints) to follow Delta over training;
-`plot.py gates` draws such lines.
+--task=gates reports, per recurrent layer, what the erase gate does on the run's text (65,536 tokens
+unless --max_tokens says otherwise): its mean (erase_rate) and, for CARVE, the distribution of the
+content shift Delta (delta_abs_mean, delta_p5, delta_p50, delta_p95), the norms of U and D (U_norm,
+D_norm; U starts at zero) and how far D moved from its random start, D_moved = |D - D_0| / |D_0|, with
+D_0 from the run's initial model rebuilt from its seed as train.py built it (a second model on the CPU,
+made only for a CARVE checkpoint). Run it on a CARVE and a GDN-2 checkpoint to compare their erase
+rates, and with --step on checkpoints along a run (train.py keeps the newest keep_checkpoints) to follow
+Delta over training; `plot.py gates` draws such lines.
 
 --task=passkey is an S-NIAH-style probe (RULER's single needle): a five-digit pass key stated once at
 a given depth of repeated filler sentences, asked for at the end; the model's greedy continuation (the
@@ -365,7 +368,8 @@ def main(argv=None):
     parser.add_argument("--split", default="val", choices=["val", "train"], help="(default: %(default)s)")
     parser.add_argument("--text", nargs="+", default=None, help="score these text files / folders instead")
     parser.add_argument("--seq_len", type=int, default=0, help="window length; 0 = the run's seq_len")
-    parser.add_argument("--max_tokens", type=float, default=0, help="score at most this many tokens; 0 = all")
+    parser.add_argument("--max_tokens", type=float, default=0,
+                        help="score at most this many tokens; 0 = all (--task=gates: 65,536)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows a forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     parser.add_argument("--json", action="store_true", help="print the result as a JSON object")
@@ -392,7 +396,7 @@ def main(argv=None):
     trained_on_mqar = checkpoint["config"].get("task") == "mqar"
     if (args.task == "mqar") != trained_on_mqar:
         fail(f"the checkpoint was trained on {'MQAR' if trained_on_mqar else 'text'}: use "
-             f"{'--task=mqar' if trained_on_mqar else '--task=lm or --task=passkey'}")
+             f"{'--task=mqar' if trained_on_mqar else '--task=lm, passkey, harness or gates'}")
     if not trained_on_mqar:
         try:
             tokenizer = get_tokenizer(record["tokenizer"])
@@ -470,16 +474,23 @@ def main(argv=None):
             fail(f"{source} holds fewer than seq_len={seq_len} tokens")
         print(f"gates: {args.out_dir} (step {record['step']}) on {count} windows of {seq_len} tokens of {source}",
               file=sys.stderr)
-        rows = gate_statistics(model, windows, autocast, initial_model(config["seed"], record["model_config"]))
+        kinds = [getattr(block.mixer, "kind", None) for block in model.blocks]
+        if not any(kinds):
+            fail(f"{args.out_dir}: the model has no recurrent layer (mixer={model.cfg.mixer!r}): no erase gate "
+                 f"to report; use a CARVE or GDN-2 checkpoint")
+        initial = initial_model(config["seed"], record["model_config"]) if "carve" in kinds else None
+        rows = gate_statistics(model, windows, autocast, initial)
         if args.json:
             print(json.dumps({"checkpoint_step": record["step"], "layers": rows}))
             return
-        print("layer mixer erase_rate " + ("mean|delta| delta_p5 delta_p50 delta_p95 |U| |D| |D-D0|/|D0|"
-                                           if "delta_abs_mean" in rows[0] else ""))
+        print(f"{'layer':>5} {'mixer':>5} {'erase_rate':>10}" + (
+            f" {'mean|Delta|':>11} {'Delta_p5':>9} {'Delta_p50':>9} {'Delta_p95':>9} {'|U|':>7} {'|D|':>7} "
+            f"{'D_moved':>7}"
+            if "carve" in kinds else ""))
         for row in rows:
             print(f"{row['layer']:>5} {row['mixer']:>5} {row['erase_rate']:10.4f}" + (
-                f" {row['delta_abs_mean']:11.4f} {row['delta_p5']:8.4f} {row['delta_p50']:9.4f} "
-                f"{row['delta_p95']:9.4f} {row['U_norm']:.3f} {row['D_norm']:.3f} {row['D_moved']:.4f}"
+                f" {row['delta_abs_mean']:11.2e} {row['delta_p5']:9.2e} {row['delta_p50']:9.2e} "
+                f"{row['delta_p95']:9.2e} {row['U_norm']:7.3f} {row['D_norm']:7.3f} {row['D_moved']:7.4f}"
                 if "delta_abs_mean" in row else ""))
         return
     if len(tokens) < 2:

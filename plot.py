@@ -2,7 +2,7 @@
 Plots as PNG files from train.py runs and eval.py results (needs matplotlib: pip install matplotlib).
 
     python plot.py curves out/carve_shakespeare out/gdn2_shakespeare -o curves.png
-    python plot.py mqar out/mqar_* -o mqar.png          # accuracy against key-value pairs and width
+    python plot.py mqar out/mqar_sweep/* -o mqar.png    # accuracy against key-value pairs and width
     python plot.py passkey carve.json gdn2.json -o passkey.png
 
 curves: the training loss and the validation loss / bits per byte / accuracy against tokens seen,
@@ -129,10 +129,14 @@ def passkey_points(paths):
     return result
 
 
+GATE_KEYS = ("erase_rate", "delta_abs_mean", "delta_p5", "delta_p95", "D_moved")
+
+
 def gate_points(paths):
-    """{(file label, layer): {"step": [...], "erase_rate": [...], and for CARVE "delta_abs_mean",
-    "delta_p5", "delta_p95", "D_moved"}} of eval.py --task=gates --json lines, by checkpoint step."""
-    result = defaultdict(lambda: defaultdict(list))
+    """{(file label, layer): {key: ([checkpoint steps], [values])}} of eval.py --task=gates --json lines, by
+    step, for each GATE_KEYS key a layer's lines hold: erase_rate always, the others for CARVE (lines of
+    an older eval.py lack D_moved)."""
+    points = defaultdict(lambda: defaultdict(list))
     for path in paths:
         label = os.path.splitext(os.path.basename(path))[0]
         try:
@@ -140,14 +144,15 @@ def gate_points(paths):
                 lines = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["checkpoint_step"])
             for line in lines:
                 for row in line["layers"]:
-                    series = result[(label, row["layer"])]
-                    series["step"].append(line["checkpoint_step"])
-                    for key in ("erase_rate", "delta_abs_mean", "delta_p5", "delta_p95", "D_moved"):
+                    for key in GATE_KEYS:
                         if key in row:
-                            series[key].append(row[key])
+                            points[(label, row["layer"])][key].append((line["checkpoint_step"], row[key]))
+                    if "erase_rate" not in row:
+                        raise KeyError("erase_rate")
         except (OSError, ValueError, KeyError, TypeError) as e:
             fail(f"{path}: not lines of eval.py --task=gates --json ({e})")
-    return result
+    return {where: {key: tuple(map(list, zip(*pairs))) for key, pairs in series.items()}
+            for where, series in points.items()}
 
 
 def draw(kind, inputs, output):
@@ -177,7 +182,7 @@ def draw(kind, inputs, output):
             ax.legend()
     elif kind == "mqar":
         settings = best_over_learning_rates(mqar_points(inputs))
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, x_index, line_index, x_label, line_label in ((axes[0], 2, 1, "key-value pairs", "d_model"),
                                                              (axes[1], 1, 2, "d_model", "pairs")):
             lines = defaultdict(list)
@@ -198,19 +203,19 @@ def draw(kind, inputs, output):
         fig, axes = plt.subplots(1, 3, figsize=(16, 4))
         for (label, layer), series in sorted(gate_points(inputs).items()):
             name = f"{label}, layer {layer}"
-            axes[0].plot(series["step"], series["erase_rate"], marker="o", label=name)
-            if series["delta_abs_mean"]:
-                line = axes[1].plot(series["step"], series["delta_abs_mean"], marker="o", label=name)[0]
-                axes[1].fill_between(series["step"], series["delta_p5"], series["delta_p95"], color=line.get_color(),
-                                     alpha=0.15)
-            if series["D_moved"]:
-                axes[2].plot(series["step"], series["D_moved"], marker="o", label=name)
+            axes[0].plot(*series["erase_rate"], marker="o", label=name)
+            if "delta_abs_mean" in series:
+                line = axes[1].plot(*series["delta_abs_mean"], marker="o", label=name)[0]
+                axes[1].fill_between(*series["delta_p5"], series["delta_p95"][1], color=line.get_color(), alpha=0.15)
+            if "D_moved" in series:
+                axes[2].plot(*series["D_moved"], marker="o", label=name)
         axes[0].set_title("erase rate: mean of sigmoid(b_logit + Delta)")
         axes[1].set_title("CARVE: mean |Delta| (5th-95th percentile shaded)")
         axes[2].set_title("CARVE: D's distance from its start, |D - D_0| / |D_0|")
         for ax in axes:
             ax.set_xlabel("checkpoint step")
-            ax.legend(fontsize=7)
+            if ax.lines:   # a GDN-2 run alone leaves the CARVE panels empty
+                ax.legend(fontsize=7)
     else:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, (contexts, accuracy) in passkey_points(inputs).items():

@@ -23,7 +23,7 @@ Sources:
     shakespeare PATH ...  the plays and files together, in the order given; val.bin is the end of the
                  stream (of the last source, when it holds at least --val_fraction of the tokens).
                  More English text, offline: the King James Bible from Debian's packages (README,
-                 "Offline machines"), e.g. --source kjv.txt shakespeare: the Bible and most of the
+                 "Offline machines"), e.g. --source /tmp/kjv.txt shakespeare: the Bible and most of the
                  plays to train on, the last plays (in the wheel's order) to validate on.
 
 gpt2 and cl100k_base need tiktoken's rank files. Offline: python scripts/fetch_bpe.py DIR and
@@ -296,7 +296,8 @@ def progress_line(tokens, target, started):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", nargs="+", default=["shakespeare"], help="shakespeare | fineweb | PATH ...")
+    parser.add_argument("--source", nargs="+", default=["shakespeare"],
+                        help="shakespeare | fineweb | PATH ... | shakespeare and PATHs in any order (fineweb alone)")
     parser.add_argument("--tokenizer", default="byte", choices=["byte", "gpt2", "cl100k_base"])
     parser.add_argument("--out_dir", help="default: data/<source>_<tokenizer>")
     parser.add_argument("--val_fraction", type=float, help="share of tokens for val.bin (default 0.1, fineweb 0.01)")

@@ -194,8 +194,9 @@ class TokenData:
     def __init__(self, data_dir, seq_len, seed):
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isfile(meta_path):
-            raise SystemExit(f"error: {meta_path} not found (data_dir={data_dir!r}). "
-                             f"Prepare data first, e.g.: python prepare_data.py")
+            how = ("python prepare_data.py --source /tmp/kjv.txt shakespeare (README, 'Offline machines')"
+                   if "kjv" in os.path.basename(os.path.normpath(data_dir)) else "python prepare_data.py")
+            raise SystemExit(f"error: {meta_path} not found (data_dir={data_dir!r}). Prepare data first, e.g.: {how}")
         try:
             with open(meta_path) as f:
                 self.meta = json.load(f)

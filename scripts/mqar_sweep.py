@@ -8,7 +8,8 @@ best learning rate of each seed; mean and standard deviation over seeds) and the
     python scripts/mqar_sweep.py ... --max_steps=2000 --seq_len=512     # any train.py key, to every run
 
 Runs start from configs/mqar.py. A mixer is train.py's `mixer` with '+' for ',' (carve+attn: a hybrid);
-each run has head dimensions of 64 and d_model / 64 heads (at least one). A run that finished (its
+each run has heads of min(64, d_model) dimensions, d_model / 64 of them (at least one), and min_lr
+from configs/mqar.py (1e-4) at every learning rate, as a fixed floor of the cosine schedule. A run that finished (its
 record at max_steps) is skipped and one that stopped resumes (train.py --init_from=resume), so the sweep
 can be stopped and started again, and spread over several sessions. --parallel runs that many at once
 (small models leave a GPU mostly idle). The table goes to stdout and OUT_DIR/results.json; the plot to

@@ -146,6 +146,20 @@ def test_gates_measure_d_from_the_runs_own_start(shakespeare, tmp_path, capsys):
     assert moved > 0.5 * model.blocks[0].mixer.content_down.norm()
 
 
+def test_gates_table_and_a_model_without_recurrent_layers(run, shakespeare, tmp_path, capsys):
+    """The text table has a column for each CARVE statistic; an attention-only run is a one-line error."""
+    evaluate_script.main(["--out_dir", run, "--task", "gates", "--max_tokens", "480", "--device", "cpu"])
+    header, *rows = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["layer", "mixer", "erase_rate", "mean|Delta|", "Delta_p5", "Delta_p50", "Delta_p95",
+                              "|U|", "|D|", "D_moved"]
+    assert len(rows) == 2 and all(len(row.split()) == 10 for row in rows)
+    out = str(tmp_path / "attn")
+    train.main(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=1",
+                "--mixer=attn"])
+    with pytest.raises(SystemExit, match="no recurrent layer"):
+        evaluate_script.main(["--out_dir", out, "--task", "gates", "--max_tokens", "480", "--device", "cpu"])
+
+
 def test_step_picks_a_checkpoint(run, capsys):
     """--step=N scores the checkpoint of step N; a step with no checkpoint names the steps there are."""
     assert result_of(["--out_dir", run, "--step", "3", "--max_tokens", "100"], capsys)["checkpoint_step"] == 3

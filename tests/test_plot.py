@@ -72,8 +72,16 @@ def gates_file(path, steps):
 def test_gates_follow_each_layer_over_checkpoints(tmp_path):
     points = plot.gate_points([gates_file(tmp_path / "carve.jsonl", [20, 10])])
     assert sorted(points) == [("carve", 0), ("carve", 1)]
-    assert points[("carve", 1)]["step"] == [10, 20] and points[("carve", 1)]["erase_rate"] == [1.6, 1.7]
-    assert points[("carve", 0)]["delta_p95"] == [2.0, 4.0] and points[("carve", 0)]["D_moved"] == [0.01, 0.02]
+    assert points[("carve", 1)]["erase_rate"] == ([10, 20], [1.6, 1.7])
+    assert points[("carve", 0)]["delta_p95"] == ([10, 20], [2.0, 4.0])
+    assert points[("carve", 0)]["D_moved"] == ([10, 20], [0.01, 0.02])
+    older = tmp_path / "older.jsonl"   # lines of an eval.py before D_moved, then one with it
+    lines = open(gates_file(tmp_path / "new.jsonl", [30])).read()
+    older.write_text("".join(json.dumps({**json.loads(line), "layers": [
+        {k: v for k, v in row.items() if k != "D_moved"} for row in json.loads(line)["layers"]]}) + "\n"
+        for line in open(gates_file(tmp_path / "old.jsonl", [10, 20]))) + lines)
+    mixed = plot.gate_points([str(older)])[("older", 0)]
+    assert mixed["erase_rate"][0] == [10, 20, 30] and mixed["D_moved"] == ([30], [0.03])
     (tmp_path / "bad.jsonl").write_text('{"checkpoint_step": 1}\n')
     with pytest.raises(SystemExit, match="not lines of eval.py --task=gates --json"):
         plot.gate_points([str(tmp_path / "bad.jsonl")])
@@ -87,7 +95,10 @@ def test_each_kind_writes_a_png(runs, tmp_path):
                          ("gates", [gates])):
         out = tmp_path / f"{kind}.png"
         plot.main([kind, *inputs, "-o", str(out)])
-        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        png = out.read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        width = int.from_bytes(png[16:20], "big")   # the IHDR chunk's width: 120 dpi a figure inch
+        assert width == {"mqar": 11, "gates": 16, "passkey": 6}.get(kind, width / 120) * 120, (kind, width)
 
 
 def test_errors(tmp_path, runs):
