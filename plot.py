@@ -31,6 +31,7 @@ import os
 import re
 import sys
 from collections import defaultdict
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -87,28 +88,42 @@ def curves(run_dirs):
     return result
 
 
+class MqarRun(NamedTuple):
+    """An MQAR run's setting and the test accuracy of its newest record, overall and on each example's
+    first and last query alone (None in a record of a train.py from before they were kept)."""
+    mixer: str
+    d_model: int
+    pairs: int
+    seed: int
+    lr: float
+    accuracy: float
+    first_query: Optional[float]
+    last_query: Optional[float]
+
+
 def mqar_points(run_dirs):
-    """[(mixer, d_model, mqar_pairs, seed, lr, accuracy)] of the newest record of each MQAR run."""
+    """[MqarRun] of the newest record of each MQAR run."""
     points = []
     for run_dir in run_dirs:
         record = read_record(run_dir)
         if record.get("task") != "mqar":
             fail(f"{run_dir} is not a train.py --task=mqar run (its meta.json says task {record.get('task')!r})")
         config = record["config"]
-        points.append((config["mixer"], config["d_model"], config["mqar_pairs"], config["seed"], config["lr"],
-                       record["val_acc"]))
+        points.append(MqarRun(config["mixer"], config["d_model"], config["mqar_pairs"], config["seed"], config["lr"],
+                              record["val_acc"], record.get("val_acc_first_query"), record.get("val_acc_last_query")))
     return points
 
 
 def best_over_learning_rates(points):
-    """{(mixer, d_model, pairs): [the best accuracy over learning rates, one per seed]}."""
+    """{(mixer, d_model, pairs): [the MqarRun of the best learning rate, one per seed]}."""
     best = {}
-    for mixer, width, pairs, seed, lr, accuracy in points:
-        key = (mixer, width, pairs, seed)
-        best[key] = max(best.get(key, 0.0), accuracy)
+    for run in points:
+        key = (run.mixer, run.d_model, run.pairs, run.seed)
+        if key not in best or run.accuracy > best[key].accuracy:
+            best[key] = run
     by_setting = defaultdict(list)
-    for (mixer, width, pairs, seed), accuracy in sorted(best.items()):
-        by_setting[(mixer, width, pairs)].append(accuracy)
+    for (mixer, width, pairs, seed), run in sorted(best.items()):
+        by_setting[(mixer, width, pairs)].append(run)
     return by_setting
 
 
@@ -186,8 +201,8 @@ def draw(kind, inputs, output):
         for ax, x_index, line_index, x_label, line_label in ((axes[0], 2, 1, "key-value pairs", "d_model"),
                                                              (axes[1], 1, 2, "d_model", "pairs")):
             lines = defaultdict(list)
-            for setting, accuracies in settings.items():
-                lines[(setting[0], setting[line_index])].append((setting[x_index], accuracies))
+            for setting, runs in settings.items():
+                lines[(setting[0], setting[line_index])].append((setting[x_index], [run.accuracy for run in runs]))
             for (mixer, other), rows in sorted(lines.items()):
                 rows.sort()
                 ax.errorbar([r[0] for r in rows], [np.mean(r[1]) for r in rows], yerr=[np.std(r[1]) for r in rows],

@@ -396,7 +396,7 @@ def save_checkpoint(config, model, optimizer, step, data_position, wandb_run_id,
               "tokenizer": tokenizer, "data_dir": config["data_dir"], "step": step,
               "tokens_seen": step * config["batch_tokens"], "data_position": data_position,
               "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"), "task": config["task"],
-              **({"val_acc": last_eval["val_acc"]} if "val_acc" in last_eval else {}), "config": config,
+              **{key: value for key, value in last_eval.items() if key.startswith("val_acc")}, "config": config,
               "num_params": model.num_params(), "torch_version": torch.__version__,
               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(record, path[:-3] + ".json")
@@ -536,25 +536,32 @@ def apply_update(model, optimizer, loss_sum, grad_clip, ddp):
 @torch.no_grad()
 def evaluate(model, data, config, rank, world, device, autocast):
     """Mean validation loss (nats per target) over a fixed window set, summed over ranks; bits per byte
-    for text, the fraction of targets predicted exactly (argmax) for a task with scored positions (MQAR)."""
+    for text, the fraction of targets predicted exactly (argmax) for a task with scored positions (MQAR),
+    also on each example's first and last scored position alone: a model that recalls by elimination
+    (answering with the value not yet asked for) is right on the last query only."""
     model.eval()
     windows = data.val_windows(max(1, config["eval_tokens"] // config["seq_len"]))[rank::world]
     scored = config["task"] != "lm"
-    total = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, targets, right predictions
+    # summed loss, targets, right predictions; first scored positions and right ones there; the same for the last
+    total = torch.zeros(7, dtype=torch.float64, device=device)
     for i in range(0, len(windows), config["micro_batch_size"]):
         x = torch.stack([w[0] for w in windows[i:i + config["micro_batch_size"]]]).to(device)
         y = torch.stack([w[1] for w in windows[i:i + config["micro_batch_size"]]]).to(device)
-        targets = (y >= 0).sum()
+        scored_at = y >= 0
         with autocast:
             _, loss = model(x, y)
-            right = (model(x)[0].argmax(-1) == y).sum() if scored else 0
-        total += torch.stack([loss.double() * targets, targets.double(), torch.as_tensor(right).double()]).to(device)
+            right = model(x)[0].argmax(-1) == y if scored else torch.zeros_like(scored_at)
+        order = scored_at.cumsum(dim=1)
+        first, last = scored_at & (order == 1), scored_at & (order == order[:, -1:])
+        counts = [scored_at.sum(), right.sum(), first.sum(), (right & first).sum(), last.sum(), (right & last).sum()]
+        total += torch.stack([loss.double() * counts[0], *(c.double() for c in counts)]).to(device)
     if world > 1:
         dist.all_reduce(total)
     model.train()
     val_loss = (total[0] / total[1]).item()
     if scored:
-        return {"val_loss": val_loss, "val_acc": (total[2] / total[1]).item()}
+        return {"val_loss": val_loss, "val_acc": (total[2] / total[1]).item(),
+                "val_acc_first_query": (total[4] / total[3]).item(), "val_acc_last_query": (total[6] / total[5]).item()}
     val_meta = data.meta["val"]
     return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * val_meta["tokens"] / val_meta["bytes"]}
 
@@ -722,8 +729,10 @@ def main(argv):
             t_last, tokens_since = time.time(), 0
         if step % config["eval_interval"] == 0 or step == config["max_steps"] or stop_requested:
             last_eval = evaluate(model, data, config, rank, world, device, autocast)
-            second = ("val acc", last_eval["val_acc"]) if "val_acc" in last_eval else ("val bpb", last_eval["val_bpb"])
-            log(f"step {step} | val loss {last_eval['val_loss']:.4f} | {second[0]} {second[1]:.4f}")
+            second = (f"val acc {last_eval['val_acc']:.4f} (first query {last_eval['val_acc_first_query']:.3f}, last "
+                      f"{last_eval['val_acc_last_query']:.3f})" if "val_acc" in last_eval else
+                      f"val bpb {last_eval['val_bpb']:.4f}")
+            log(f"step {step} | val loss {last_eval['val_loss']:.4f} | {second}")
             publish(last_eval)
             if master:
                 save_checkpoint(config, raw_model, optimizer, step, data_position, wandb_run_id, last_eval,

@@ -1,7 +1,8 @@
 """
 A grid of MQAR runs (train.py --task=mqar) as in the Zoology benchmark: mixers x widths x key-value pairs
 x learning rates x seeds, each run in its own folder, then a table of the accuracy of each setting (the
-best learning rate of each seed; mean and standard deviation over seeds) and the plot.
+best learning rate of each seed; mean and standard deviation over seeds, and the means on each
+example's first and last query: recall scores alike on both, elimination on the last only) and the plot.
 
     python scripts/mqar_sweep.py --out_dir=out/mqar_sweep --mixers=carve,gdn2,attn,carve+attn \\
         --widths=64,128,256 --pairs=4,8,16,32,64 --lrs=1e-4,3e-4,1e-3,3e-3 --seeds=1,2,3 --parallel=4
@@ -120,16 +121,24 @@ def main(argv=None):
                            for cell in grid], max_steps, args.parallel, log)
     done = [run_dir(args.out_dir, *cell) for cell in grid if finished(run_dir(args.out_dir, *cell), max_steps)]
     settings = plot.best_over_learning_rates(plot.mqar_points(done))
-    rows = [{"mixer": mixer, "d_model": width, "mqar_pairs": pair, "seeds": len(accuracies),
-             "accuracy_mean": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies))}
-            for (mixer, width, pair), accuracies in sorted(settings.items())]
+    def mean(values):   # None when a record predates the first- and last-query accuracies
+        return None if None in values else float(np.mean(values))
+    rows = [{"mixer": mixer, "d_model": width, "mqar_pairs": pair, "seeds": len(runs),
+             "accuracy_mean": float(np.mean([run.accuracy for run in runs])),
+             "accuracy_std": float(np.std([run.accuracy for run in runs])),
+             "first_query_mean": mean([run.first_query for run in runs]),
+             "last_query_mean": mean([run.last_query for run in runs])}
+            for (mixer, width, pair), runs in sorted(settings.items())]
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump({"overrides": overrides, "lrs": lrs, "rows": rows}, f, indent=2)
-    print("| mixer | d_model | pairs | seeds | accuracy (best lr a seed), mean ± std |")
-    print("|---|---|---|---|---|")
+    # first and last query apart: recall scores alike on both, elimination (the value not yet asked for) on the last
+    print("| mixer | d_model | pairs | seeds | accuracy (best lr a seed), mean ± std | first query | last query |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
+        first, last = (f"{row[key]:.3f}" if row[key] is not None else "-" for key in ("first_query_mean",
+                                                                                        "last_query_mean"))
         print(f"| {row['mixer']} | {row['d_model']} | {row['mqar_pairs']} | {row['seeds']} | "
-              f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} |")
+              f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | {first} | {last} |")
     try:
         plot.draw("mqar", done, os.path.join(args.out_dir, "mqar.png"))
     except SystemExit as e:   # no matplotlib: the table is still there

@@ -86,6 +86,9 @@ def test_training_resumes_exactly_and_eval_scores_the_checkpoint(tmp_path, capsy
     assert result["accuracy"] == pytest.approx(record["val_acc"], abs=1e-9)
     assert len(result["accuracy_by_query_order"]) == 4   # every example asks each key once: equal counts
     assert sum(result["accuracy_by_query_order"]) / 4 == pytest.approx(result["accuracy"], abs=1e-12)
+    # train.py's first- and last-query accuracies, computed apart from eval.py's by-order ones
+    assert record["val_acc_first_query"] == pytest.approx(result["accuracy_by_query_order"][0], abs=1e-9)
+    assert record["val_acc_last_query"] == pytest.approx(result["accuracy_by_query_order"][-1], abs=1e-9)
     with pytest.raises(SystemExit, match="trained on MQAR"):
         evaluate_cli.main(["--out_dir", full])
     with pytest.raises(SystemExit, match="seq_len >= 64"):
@@ -140,5 +143,9 @@ def test_the_sweep_trains_each_cell_once_and_tables_the_best_learning_rate(tmp_p
     rows = json.load(open(out / "results.json"))["rows"]
     accuracies = [json.load(open(out / f"carve_d32_p2_lr{lr}_seed1" / "meta.json"))["val_acc"] for lr in ("0.001", "0.01")]
     assert len(rows) == 1 and rows[0]["accuracy_mean"] == max(accuracies) and rows[0]["seeds"] == 1
+    best = json.load(open(out / f"carve_d32_p2_lr{('0.001', '0.01')[accuracies.index(max(accuracies))]}_seed1"
+                          / "meta.json"))
+    assert (rows[0]["first_query_mean"], rows[0]["last_query_mean"]) == (best["val_acc_first_query"],
+                                                                        best["val_acc_last_query"])
     assert (out / "mqar.png").read_bytes()[:4] == b"\x89PNG"
     assert "| carve | 32 | 2 | 1 |" in second_call_output(sweep, argv, out, capsys)

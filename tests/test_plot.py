@@ -39,15 +39,15 @@ def test_curves_group_seeds(runs):
 
 
 def test_mqar_takes_the_best_learning_rate_of_each_seed():
-    points = [("carve", 64, 8, 1, 1e-3, 0.5), ("carve", 64, 8, 1, 3e-3, 0.7), ("carve", 64, 8, 2, 1e-3, 0.6),
-              ("gdn2", 64, 8, 1, 1e-3, 0.2)]
-    assert plot.best_over_learning_rates(points) == {("carve", 64, 8): [0.7, 0.6], ("gdn2", 64, 8): [0.2]}
+    runs = [plot.MqarRun("carve", 64, 8, 1, 1e-3, 0.5, 0.4, 0.6), plot.MqarRun("carve", 64, 8, 1, 3e-3, 0.7, 0.6, 0.8),
+            plot.MqarRun("carve", 64, 8, 2, 1e-3, 0.6, None, None), plot.MqarRun("gdn2", 64, 8, 1, 1e-3, 0.2, 0.1, 0.3)]
+    assert plot.best_over_learning_rates(runs) == {("carve", 64, 8): [runs[1], runs[2]], ("gdn2", 64, 8): [runs[3]]}
 
 
 def test_mqar_points_read_the_records(runs):
-    points = plot.mqar_points([runs["carve_p4_lr_seed1"]])
-    (mixer, width, pairs, seed, lr, accuracy), = points
-    assert (mixer, width, pairs, seed, lr) == ("carve", 32, 4, 1, 1e-2) and 0 <= accuracy <= 1
+    (run,) = plot.mqar_points([runs["carve_p4_lr_seed1"]])
+    assert (run.mixer, run.d_model, run.pairs, run.seed, run.lr) == ("carve", 32, 4, 1, 1e-2)
+    assert all(0 <= value <= 1 for value in (run.accuracy, run.first_query, run.last_query))
 
 
 def test_passkey_means_over_depths(tmp_path):
