@@ -105,7 +105,8 @@ def main(argv=None):
     grid = list(itertools.product(mixers, lrs, seeds))
     for mixer, lr, seed in grid:   # every run's config is checked before the first one starts
         train.load_config(run_args(mixer, widths[mixer][0], lr, seed, "unused", overrides))
-    train.TokenData(base["data_dir"], base["seq_len"], base["seed"])   # and the data: else every run fails alike
+    # and the data, where the runs (started in the repository) will look: else every run fails alike
+    train.TokenData(os.path.join(ROOT, base["data_dir"]), base["seq_len"], base["seed"])
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     for mixer, (hidden, params) in widths.items():
         log(f"{mixer}: mlp_hidden {hidden}, {params:,} parameters in the blocks")

@@ -42,14 +42,15 @@ def test_study_matches_parameters_trains_once_and_picks_each_mixers_best_lr(tmp_
     assert "| carve |" in second_call_output(study, argv, out, capsys)
 
 
-def test_a_target_no_width_can_meet_is_refused_before_training(tmp_path, tmp_path_factory, monkeypatch, data_dir):
+def test_a_target_no_width_can_meet_is_refused_before_training(tmp_path, tmp_path_factory, data_dir):
     with pytest.raises(SystemExit, match="--mixers carve: the closest model has .* not within 2% of --params=100"):
         load_script("lm_study").main([f"--out_dir={tmp_path}", "--mixers=carve", "--params=100",
                                       f"--data_dir={data_dir}", *TINY])
     assert not list(tmp_path.iterdir())
-    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))   # the config's data_dir, relative, holds no data there
+    missing = tmp_path_factory.mktemp("no_data") / "kjv_shakespeare_byte"
     with pytest.raises(SystemExit, match="kjv_shakespeare_byte/meta.json not found.*--source /tmp/kjv.txt shakespeare"):
-        load_script("lm_study").main([f"--out_dir={tmp_path}", "--mixers=carve", "--params=1e6", *TINY])
+        load_script("lm_study").main([f"--out_dir={tmp_path}", "--mixers=carve", "--params=1e6",
+                                      f"--data_dir={missing}", *TINY])
     assert not list(tmp_path.iterdir())
 
 
