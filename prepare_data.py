@@ -320,6 +320,9 @@ def main(argv=None):
     elif args.source == ["fineweb"]:
         documents, description = fineweb_documents(args.fineweb_name)
         source_name, token_target, val_fraction = "fineweb", args.fineweb_tokens, 0.01
+    elif "fineweb" in args.source:
+        raise SystemExit(f"--source {' '.join(args.source)}: fineweb streams alone (write ./fineweb for a folder of "
+                         f"that name)")
     elif "shakespeare" in args.source:   # the plays and local files, in the order given
         parts = [shakespeare_documents() if item == "shakespeare" else local_documents([item]) for item in args.source]
         documents = itertools.chain.from_iterable(part_documents for part_documents, _ in parts)

@@ -163,6 +163,8 @@ def test_local_source_default_out_dir_and_errors(tmp_path, monkeypatch):
 
     with pytest.raises(SystemExit, match="no such file or folder"):
         prepare_data.main(["--source", "missing.txt"])
+    with pytest.raises(SystemExit, match="fineweb streams alone"):
+        prepare_data.main(["--source", "fineweb", "book.txt"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .txt or .md files"):
         prepare_data.main(["--source", "empty"])
