@@ -2448,8 +2448,7 @@ if triton is not None:
         dq, dk, dv, dg, db_logit, dw, d_delta, dS0, d_dt_bias, d_A_log = torch.ops.carve.chunk_bwd(
             q, k, v, projected_gate(projection, b_logit.shape), A_log, dt_bias, ctx.a_log_min, b_logit, w, do,
             dS, list(saved), ctx.table, ctx.scale, ctx.chunk_size, ctx.backward_columns, ctx.backward_pieces,
-            ctx.split_forward,
-            conv_x, conv_weight, conv_doc_start)
+            ctx.split_forward, conv_x, conv_weight, conv_doc_start)
         d_g_weight = None
         if g_weight is not None:   # back through f = x W^T
             needs = ctx.needs_input_grad

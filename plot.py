@@ -144,13 +144,13 @@ def passkey_points(paths):
     return result
 
 
-GATE_KEYS = ("erase_rate", "delta_abs_mean", "delta_p5", "delta_p95", "D_moved")
+CARVE_GATE_KEYS = ("delta_abs_mean", "delta_p5", "delta_p95", "D_moved")
 
 
 def gate_points(paths):
     """{(file label, layer): {key: ([checkpoint steps], [values])}} of eval.py --task=gates --json lines, by
-    step, for each GATE_KEYS key a layer's lines hold: erase_rate always, the others for CARVE (lines of
-    an older eval.py lack D_moved)."""
+    step: erase_rate for every layer, and each CARVE_GATE_KEYS key a layer's lines hold (lines of an older
+    eval.py lack D_moved)."""
     points = defaultdict(lambda: defaultdict(list))
     for path in paths:
         label = os.path.splitext(os.path.basename(path))[0]
@@ -159,11 +159,9 @@ def gate_points(paths):
                 lines = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["checkpoint_step"])
             for line in lines:
                 for row in line["layers"]:
-                    for key in GATE_KEYS:
-                        if key in row:
-                            points[(label, row["layer"])][key].append((line["checkpoint_step"], row[key]))
-                    if "erase_rate" not in row:
-                        raise KeyError("erase_rate")
+                    series = points[(label, row["layer"])]
+                    for key in ("erase_rate", *(key for key in CARVE_GATE_KEYS if key in row)):
+                        series[key].append((line["checkpoint_step"], row[key]))
         except (OSError, ValueError, KeyError, TypeError) as e:
             fail(f"{path}: not lines of eval.py --task=gates --json ({e})")
     return {where: {key: tuple(map(list, zip(*pairs))) for key, pairs in series.items()}
