@@ -239,7 +239,7 @@ def main(argv=None):
                         help="autocast dtype; auto = bfloat16 on cuda (float16 without bf16 support), float32 on cpu")
     parser.add_argument("--no_stream", action="store_true", help="print each sample once it is complete")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step: faster tokens (a 1.3B CARVE on an H200: 704 against 528 "
+                        help="torch.compile the decode step: faster tokens (a 1.3B CARVE on an H200: 711 against 528 "
                              "a second at batch 1, docs/BENCHMARKS.md) after a one-time "
                              "compile at the first steps")
     parser.add_argument("--max_prompt_tokens", type=int, default=65536,
