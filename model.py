@@ -452,9 +452,11 @@ class LM(nn.Module):
         init_linear(self.head)
         nn.init.normal_(self.embed.weight, std=0.02)  # after the head: a tied head keeps N(0, 0.02)
 
-    def forward(self, idx, targets=None, cache=None, last_only=True):
+    def forward(self, idx, targets=None, cache=None, last_only=True, sparse_targets=False):
         """idx [B, T] token ids. Training: returns (None, mean cross-entropy over targets != -1), never
-        making the logits (linear_cross_entropy); without targets, (logits, None);
+        making the logits (linear_cross_entropy); with sparse_targets (most targets are -1, as in MQAR,
+        which scores its queries only), over the scored rows alone, picked at the cost of one host sync,
+        instead of the head's product and softmax at every position; without targets, (logits, None);
         with cfg.doc_start_token set, each row may hold several documents that never see each other.
         With a cache (generation): returns the logits of the last position only (last_only=False: of every
         position, to score a continuation) and updates the cache."""
@@ -481,7 +483,11 @@ class LM(nn.Module):
             return self.head(x[:, -1:] if last_only else x), None
         if targets is None:
             return self.head(x), None
-        return None, linear_cross_entropy(x.flatten(0, 1), self.head.weight, targets.flatten())
+        x, targets = x.flatten(0, 1), targets.flatten()
+        if sparse_targets:
+            scored = (targets != -1).nonzero()[:, 0]
+            x, targets = x[scored], targets[scored]
+        return None, linear_cross_entropy(x, self.head.weight, targets)
 
     def init_cache(self, batch_size, device=None, max_len=None, dtype=torch.float32):
         """An empty per-layer cache for generation, updated in place by each call. Attention layers grow

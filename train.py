@@ -503,15 +503,16 @@ def autocast_for(config, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def accumulate_gradients(model, micro_batches, accum, autocast, ddp):
+def accumulate_gradients(model, micro_batches, accum, autocast, ddp, sparse_targets=False):
     """Forward and backward of a step's `accum` micro-batches (x, y), each loss divided by accum; returns
-    their summed loss. Under DDP the gradients are all-reduced with the last micro-batch only."""
+    their summed loss. Under DDP the gradients are all-reduced with the last micro-batch only.
+    sparse_targets: the loss over the scored positions alone (LM.forward)."""
     loss_sum = 0.0
     for micro, (x, y) in enumerate(micro_batches):
         sync = nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
         with sync:  # no_sync must cover the forward too, or DDP syncs anyway
             with autocast:
-                _, loss = model(x, y)
+                _, loss = model(x, y, sparse_targets=sparse_targets)
             (loss / accum).backward()
         loss_sum = loss_sum + loss.detach()
     return loss_sum
@@ -549,7 +550,7 @@ def evaluate(model, data, config, rank, world, device, autocast):
         y = torch.stack([w[1] for w in windows[i:i + config["micro_batch_size"]]]).to(device)
         scored_at = y >= 0
         with autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, sparse_targets=scored)
             right = model(x)[0].argmax(-1) == y if scored else torch.zeros_like(scored_at)
         order = scored_at.cumsum(dim=1)
         first, last = scored_at & (order == 1), scored_at & (order == order[:, -1:])
@@ -696,7 +697,8 @@ def main(argv):
                 first = data_position + (micro * world + rank) * seqs_per_micro
                 x, y = data.train_batch(first, seqs_per_micro)
                 yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss_sum = accumulate_gradients(model, micro_batches(), accum, autocast, ddp)
+        loss_sum = accumulate_gradients(model, micro_batches(), accum, autocast, ddp,
+                                        sparse_targets=config["task"] != "lm")
         grad_norm, applied = apply_update(model, optimizer, loss_sum, config["grad_clip"], ddp)
         if not applied:
             skipped += 1

@@ -292,6 +292,28 @@ if torch.cuda.is_available():  # the 1.3B recipe's head: a GPU check, not collec
 
 
 @pytest.mark.parametrize("mixer", ["carve", "attn"])
+def test_sparse_targets_loss_is_the_full_loss(mixer):
+    """With sparse_targets the loss over the scored rows alone equals the loss over every row, and so do
+    all gradients, with a few scored positions per row as in MQAR; with none scored it is 0, with zero
+    gradients, not NaN."""
+    model = perturb(LM(tiny(mixer)))
+    idx, all_targets = tokens(3, 40, model.cfg.vocab_size), tokens(3, 40, model.cfg.vocab_size, seed=1)
+    targets = torch.full_like(all_targets, -1)
+    targets[:, [3, 17, 30]] = all_targets[:, [3, 17, 30]]
+    targets[2, 17] = -1
+    want = model(idx, targets)[1]
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    got = model(idx, targets, sparse_targets=True)[1]
+    got_grads = torch.autograd.grad(got, list(model.parameters()))
+    assert_rel(got, want, 1e-6, "sparse-target loss")
+    for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads):
+        assert_rel(g, w, 1e-5, f"sparse-target loss grad {name}")
+    none = model(idx, torch.full_like(targets, -1), sparse_targets=True)[1]
+    grads = torch.autograd.grad(none, list(model.parameters()), allow_unused=True)
+    assert none.item() == 0 and all(g is None or (g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("mixer", ["carve", "attn"])
 def test_model_loss_is_the_cross_entropy_of_its_logits(mixer):
     """The model's training loss (no logits made) equals F.cross_entropy over its fp32 logits, in fp32
     and under bf16 autocast (where both round the head's product to bf16 first), with the same gradients."""
