@@ -35,7 +35,8 @@ unless --max_tokens says otherwise): its mean (erase_rate) and, for CARVE, the d
 content shift Delta (delta_abs_mean, delta_p5, delta_p50, delta_p95), the norms of U and D (U_norm,
 D_norm; U starts at zero) and how far D moved from its random start, D_moved = |D - D_0| / |D_0|, with
 D_0 from the run's initial model rebuilt from its seed as train.py built it (a second model on the CPU,
-made only for a CARVE checkpoint). Run it on a CARVE and a GDN-2 checkpoint to compare their erase
+made only for a CARVE checkpoint); and the loss on the same text (loss, nats per token), for CARVE also
+with Delta taken away (loss_without_content_shift: U set to 0), which is what the content shift is worth. Run it on a CARVE and a GDN-2 checkpoint to compare their erase
 rates, and with --step on checkpoints along a run (train.py keeps the newest keep_checkpoints) to follow
 Delta over training; `plot.py gates` draws such lines.
 
@@ -316,6 +317,32 @@ def gate_statistics(model, windows, autocast, initial=None):
 
 
 @torch.inference_mode()
+def content_shift_worth(model, windows, autocast):
+    """(loss, loss with Delta = 0), each in nats per token over the windows [n, T] (predicting tokens
+    1 .. T-1 of each): what CARVE's content shift is worth to the trained model, measured by taking it
+    away (U, hence Delta = U D m, set to 0 in every CARVE layer, then restored). A model whose shift
+    learnt nothing useful loses nothing."""
+    device = model.embed.weight.device
+
+    def mean_loss():
+        with autocast:
+            return sum(model(w[:, :-1], w[:, 1:])[1].item()
+                       for w in (torch.as_tensor(window, device=device)[None] for window in windows)) / len(windows)
+
+    loss = mean_loss()
+    ups = [block.mixer.content_up for block in model.blocks if getattr(block.mixer, "kind", None) == "carve"]
+    kept = [up.clone() for up in ups]
+    try:
+        for up in ups:
+            up.zero_()
+        without = mean_loss()
+    finally:
+        for up, value in zip(ups, kept):
+            up.copy_(value)
+    return loss, without
+
+
+@torch.inference_mode()
 def mqar_accuracy(model, inputs, targets, batch_size, device, autocast):
     """(queries answered right, queries), each by the query's order in its example (first to last):
     the argmax at each scored position against its target. The order tells recall from elimination: a
@@ -480,8 +507,10 @@ def main(argv=None):
                  f"to report; use a CARVE or GDN-2 checkpoint")
         initial = initial_model(config["seed"], record["model_config"]) if "carve" in kinds else None
         rows = gate_statistics(model, windows, autocast, initial)
+        loss, without = content_shift_worth(model, windows, autocast)
+        losses = {"loss": loss, **({"loss_without_content_shift": without} if "carve" in kinds else {})}
         if args.json:
-            print(json.dumps({"checkpoint_step": record["step"], "layers": rows}))
+            print(json.dumps({"checkpoint_step": record["step"], **losses, "layers": rows}))
             return
         print(f"{'layer':>5} {'mixer':>5} {'erase_rate':>10}" + (
             f" {'mean|Delta|':>11} {'Delta_p5':>9} {'Delta_p50':>9} {'Delta_p95':>9} {'|U|':>7} {'|D|':>7} "
@@ -492,6 +521,8 @@ def main(argv=None):
                 f" {row['delta_abs_mean']:11.2e} {row['delta_p5']:9.2e} {row['delta_p50']:9.2e} "
                 f"{row['delta_p95']:9.2e} {row['U_norm']:7.3f} {row['D_norm']:7.3f} {row['D_moved']:7.4f}"
                 if "delta_abs_mean" in row else ""))
+        print(f"loss {loss:.4f} nats/token" + (f"; with Delta = 0 (U zeroed in every CARVE layer): {without:.4f}, "
+                                              f"{without - loss:+.2e}" if "carve" in kinds else ""))
         return
     if len(tokens) < 2:
         fail(f"{source} holds {len(tokens)} tokens: nothing to score")

@@ -138,8 +138,9 @@ def test_gates_measure_d_from_the_runs_own_start(shakespeare, tmp_path, capsys):
     out = str(tmp_path / "still")
     train.main(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=3",
                 "--lr=0", "--min_lr=0", "--seed=7"])
-    layers = result_of(["--out_dir", out, "--task", "gates", "--max_tokens", "480"], capsys)["layers"]
-    assert all(row["D_moved"] == 0 and row["U_norm"] == 0 for row in layers)
+    result = result_of(["--out_dir", out, "--task", "gates", "--max_tokens", "480"], capsys)
+    assert all(row["D_moved"] == 0 and row["U_norm"] == 0 for row in result["layers"])
+    assert result["loss"] == result["loss_without_content_shift"]   # U = 0: there is no shift to take away
     from eval import initial_model
     model, other = model_of(out), initial_model(8, train.load_newest_checkpoint(out, log=print)[1]["model_config"])
     moved = (other.blocks[0].mixer.content_down - model.blocks[0].mixer.content_down).norm()
@@ -149,15 +150,44 @@ def test_gates_measure_d_from_the_runs_own_start(shakespeare, tmp_path, capsys):
 def test_gates_table_and_a_model_without_recurrent_layers(run, shakespeare, tmp_path, capsys):
     """The text table has a column for each CARVE statistic; an attention-only run is a one-line error."""
     evaluate_script.main(["--out_dir", run, "--task", "gates", "--max_tokens", "480", "--device", "cpu"])
-    header, *rows = capsys.readouterr().out.strip().splitlines()
+    header, *rows, losses = capsys.readouterr().out.strip().splitlines()
     assert header.split() == ["layer", "mixer", "erase_rate", "mean|Delta|", "Delta_p5", "Delta_p50", "Delta_p95",
                               "|U|", "|D|", "D_moved"]
     assert len(rows) == 2 and all(len(row.split()) == 10 for row in rows)
+    assert losses.startswith("loss ") and "with Delta = 0" in losses
     out = str(tmp_path / "attn")
     train.main(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=1",
                 "--mixer=attn"])
     with pytest.raises(SystemExit, match="no recurrent layer"):
         evaluate_script.main(["--out_dir", out, "--task", "gates", "--max_tokens", "480", "--device", "cpu"])
+
+
+def test_content_shift_worth_takes_delta_away_and_restores_it():
+    """content_shift_worth: the loss as is and with every CARVE layer's U at 0, each equal to the loss
+    computed apart on the windows (the same operations: equal to the bit); U is the same after as
+    before, and the two losses differ (an untrained model's loss barely depends on its gates, so by
+    little: 6e-6 here)."""
+    from eval import content_shift_worth
+    torch.manual_seed(0)
+    model = LM(ModelConfig(vocab_size=256, n_layer=2, d_model=32, n_head=2, head_k_dim=16, head_v_dim=16,
+                           mlp_hidden=64, chunk_size=8, content_rank=4, mixer="carve,gdn2")).eval()
+    with torch.no_grad():
+        model.blocks[0].mixer.content_up.normal_(0, 100.0)   # Delta of order 1: m, a mean of outputs, is small
+    U = model.blocks[0].mixer.content_up.clone()
+    windows = [np.random.default_rng(i).integers(0, 256, 41) for i in range(3)]
+    no_autocast = torch.autocast("cpu", enabled=False)
+
+    def loss_apart():
+        with torch.no_grad():
+            return sum(model(torch.as_tensor(w[None, :-1]), torch.as_tensor(w[None, 1:]))[1].item()
+                       for w in windows) / 3
+
+    loss, without = content_shift_worth(model, windows, no_autocast)
+    assert torch.equal(model.blocks[0].mixer.content_up, U)
+    assert loss == loss_apart()
+    with torch.no_grad():
+        model.blocks[0].mixer.content_up.zero_()
+    assert without == loss_apart() and without != loss
 
 
 def test_step_picks_a_checkpoint(run, capsys):
