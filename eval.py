@@ -36,8 +36,9 @@ content shift Delta (delta_abs_mean, delta_p5, delta_p50, delta_p95), the norms 
 D_norm; U starts at zero) and how far D moved from its random start, D_moved = |D - D_0| / |D_0|, with
 D_0 from the run's initial model rebuilt from its seed as train.py built it (a second model on the CPU,
 made only for a CARVE checkpoint); and the loss on the same text (loss, nats per token), for CARVE also
-with Delta taken away (loss_without_content_shift: U set to 0), which is what the content shift is worth. Run it on a CARVE and a GDN-2 checkpoint to compare their erase
-rates, and with --step on checkpoints along a run (train.py keeps the newest keep_checkpoints) to follow
+with Delta taken away from the trained model, without training it again (loss_without_content_shift: U
+set to 0): what the content shift is worth to it. Run it on a CARVE and a GDN-2 checkpoint to compare
+their erase rates, and with --step on checkpoints along a run (train.py keeps the newest keep_checkpoints) to follow
 Delta over training; `plot.py gates` draws such lines.
 
 --task=passkey is an S-NIAH-style probe (RULER's single needle): a five-digit pass key stated once at
@@ -331,6 +332,8 @@ def content_shift_worth(model, windows, autocast):
 
     loss = mean_loss()
     ups = [block.mixer.content_up for block in model.blocks if getattr(block.mixer, "kind", None) == "carve"]
+    if not ups:   # no shift to take away
+        return loss, loss
     kept = [up.clone() for up in ups]
     try:
         for up in ups:

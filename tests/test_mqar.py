@@ -121,7 +121,7 @@ def test_training_evaluation_scores_first_and_last_query_apart():
     pairs = config["mqar_pairs"]
 
     class LastQueryOnly(torch.nn.Module):
-        def forward(self, x, y=None):
+        def forward(self, x, y=None, sparse_targets=False):
             logits = torch.zeros(*x.shape, 256)
             for row in range(len(x)):
                 keys, values = x[row, :2 * pairs:2].tolist(), x[row, 1:2 * pairs:2].tolist()
