@@ -214,45 +214,46 @@ def fineweb_documents(name):
 # bounded batches, because Pool.imap would read an endless stream into memory ahead of them.
 
 
-MQAR_FILLER = 0  # the token between the queries of an MQAR example
-
-
 def mqar_examples(count, seq_len, num_pairs, vocab_size, seed, power_a=0.01):
     """`count` examples of multi-query associative recall (MQAR, the recall task of the Zoology benchmark),
     drawn reproducibly from `seed`: (inputs, targets), int64 numpy arrays [count, seq_len].
 
     An example starts with num_pairs key-value pairs k1 v1 ... kn vn (distinct keys from 1 .. vocab/2 - 1,
-    values from vocab/2 .. vocab - 1); the rest is filler (token 0) in which every key comes again once,
-    followed by its value. The n queries take n of the two-token slots after the pairs, drawn without
-    replacement with weights (j + 1)^(power_a - 1) for slot j, a power law over the distance from the
-    pairs. targets[p] is the value where inputs[p] is a queried key, -1 elsewhere (not scored): a
-    model is right on a query when it predicts that value at p."""
+    distinct values from vocab/2 .. vocab - 1); after them every key comes again once, as a query, in
+    one of the two-token slots after the pairs, drawn without replacement with weights (j + 1)^(power_a - 1)
+    for slot j, a power law over the distance from the pairs. Every other position holds a random token of
+    the whole vocabulary. targets[p] is the value where inputs[p] is a query, -1 elsewhere (not scored): a
+    model is right on a query when it predicts that value at p. As in Zoology, the value never follows its
+    query in the inputs: a model that saw the answers of earlier queries could name the one value not yet
+    asked for (elimination) without recalling anything."""
     slots = (seq_len - 2 * num_pairs) // 2
     if num_pairs < 1 or slots < num_pairs:
         raise ValueError(f"MQAR with {num_pairs} key-value pairs needs seq_len >= {4 * max(num_pairs, 1)} (the pairs, "
-                         f"then a key and its value for each query); got seq_len={seq_len}")
+                         f"then a slot of two tokens for each query); got seq_len={seq_len}")
     if vocab_size // 2 - 1 < num_pairs:
         raise ValueError(f"MQAR with {num_pairs} distinct keys needs vocab_size >= {2 * num_pairs + 2}; "
                          f"got {vocab_size}")
     rng = np.random.default_rng(seed)
-    inputs = np.full((count, seq_len), MQAR_FILLER, dtype=np.int64)
+    inputs = rng.integers(0, vocab_size, size=(count, seq_len))
     targets = np.full((count, seq_len), -1, dtype=np.int64)
     slot_log_weight = (power_a - 1) * np.log(np.arange(1, slots + 1))
     rows = np.arange(count)[:, None]
-    for start in range(0, count, 1024):   # blocks: the key draws hold a [block, vocab/2] array
+
+    def distinct(n, low, high):   # n rows of num_pairs distinct numbers in low .. high - 1: the top of random scores
+        return low + np.argpartition(rng.random((n, high - low)), num_pairs - 1, axis=1)[:, :num_pairs]
+
+    for start in range(0, count, 1024):   # blocks: the draws hold a [block, vocab/2] array
         block = rows[start:start + 1024]
         n = len(block)
-        # n distinct keys a row, and n distinct slots by weight: the top n of random (Gumbel) scores
-        keys = 1 + np.argpartition(rng.random((n, vocab_size // 2 - 1)), num_pairs - 1, axis=1)[:, :num_pairs]
-        values = rng.integers(vocab_size // 2, vocab_size, size=(n, num_pairs))
+        keys, values = distinct(n, 1, vocab_size // 2), distinct(n, vocab_size // 2, vocab_size)
         inputs[block, 2 * np.arange(num_pairs)] = keys
         inputs[block, 2 * np.arange(num_pairs) + 1] = values
+        # n distinct slots by weight: the top n of the log weights plus Gumbel noise
         scores = slot_log_weight - np.log(-np.log(rng.random((n, slots))))
         chosen = np.argpartition(-scores, num_pairs - 1, axis=1)[:, :num_pairs]
         order = np.argsort(rng.random((n, num_pairs)), axis=1)       # which pair each chosen slot queries
         query_pos = 2 * num_pairs + 2 * chosen
         inputs[block, query_pos] = np.take_along_axis(keys, order, axis=1)
-        inputs[block, query_pos + 1] = np.take_along_axis(values, order, axis=1)
         targets[block, query_pos] = np.take_along_axis(values, order, axis=1)
     return inputs, targets
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import eval as evaluate_cli
-from prepare_data import MQAR_FILLER, mqar_examples
+from prepare_data import mqar_examples
 from reference import TINY_MODEL_ARGS, newest_checkpoint, train_in_process, train_log
 
 
@@ -18,17 +18,24 @@ def test_examples_hold_pairs_and_one_query_for_each_key(seq_len, pairs, vocab):
     for x, y in zip(inputs, targets):
         keys, values = x[:2 * pairs:2], x[1:2 * pairs:2]
         assert len(set(keys)) == pairs and keys.min() >= 1 and keys.max() < vocab // 2
-        assert values.min() >= vocab // 2 and values.max() < vocab
+        assert len(set(values)) == pairs and values.min() >= vocab // 2 and values.max() < vocab
         assert (y[:2 * pairs] == -1).all()
         queries = np.flatnonzero(y >= 0)
-        assert len(queries) == pairs
+        assert len(queries) == pairs and ((queries - 2 * pairs) % 2 == 0).all()   # each at the start of a slot
         answer = dict(zip(keys, values))
         assert sorted(x[queries]) == sorted(keys)               # every key asked once
-        assert all(y[p] == answer[x[p]] == x[p + 1] for p in queries)
+        assert all(y[p] == answer[x[p]] for p in queries)
         rest = np.ones(seq_len, dtype=bool)
-        rest[:2 * pairs] = False
-        rest[queries] = rest[queries + 1] = False
-        assert (x[rest] == MQAR_FILLER).all()
+        rest[:2 * pairs] = rest[queries] = False
+        assert x[rest].min() >= 0 and x[rest].max() < vocab
+    # the rest is random tokens: the value after its query no more often than chance
+    queries = targets >= 0
+    after = np.roll(queries, 1, axis=1)
+    assert (inputs[after] == targets[queries]).mean() < 0.1
+    rest = np.ones(inputs.shape, dtype=bool)
+    rest[:, :2 * pairs] = False
+    rest[queries] = False
+    assert len(np.unique(inputs[rest])) > min(vocab, rest.sum()) // 4
 
 
 def test_examples_are_reproducible_and_seeds_differ():
@@ -120,16 +127,19 @@ def test_training_evaluation_scores_first_and_last_query_apart():
               "mqar_train_examples": 8, "mqar_test_examples": 30, "micro_batch_size": 7}
     pairs = config["mqar_pairs"]
 
+    data = train.MQARData(config)
+    targets_of = {tuple(x): y for x, y in zip(*data.test)}   # the stand-in knows each test example's answers
+
     class LastQueryOnly(torch.nn.Module):
         def forward(self, x, y=None, sparse_targets=False):
             logits = torch.zeros(*x.shape, 256)
             for row in range(len(x)):
-                keys, values = x[row, :2 * pairs:2].tolist(), x[row, 1:2 * pairs:2].tolist()
-                asked = [p for p in range(2 * pairs, x.shape[1]) if x[row, p] in keys]
-                logits[row, asked[-1], values[keys.index(x[row, asked[-1]])]] = 1.0
+                target = targets_of[tuple(x[row].tolist())]
+                last = np.flatnonzero(target >= 0)[-1]
+                logits[row, last, target[last]] = 1.0
             return logits, (torch.tensor(0.0) if y is not None else None)
 
-    result = train.evaluate(LastQueryOnly(), train.MQARData(config), config, 0, 1, torch.device("cpu"),
+    result = train.evaluate(LastQueryOnly(), data, config, 0, 1, torch.device("cpu"),
                             torch.autocast("cpu", enabled=False))
     assert result["val_acc"] == pytest.approx(1 / pairs)
     assert (result["val_acc_first_query"], result["val_acc_last_query"]) == (0.0, 1.0)
