@@ -322,7 +322,7 @@ def content_shift_worth(model, windows, autocast):
     """(loss, loss with Delta = 0), each in nats per token over the windows [n, T] (predicting tokens
     1 .. T-1 of each): what CARVE's content shift is worth to the trained model, measured by taking it
     away (U, hence Delta = U D m, set to 0 in every CARVE layer, then restored). A model whose shift
-    learnt nothing useful loses nothing."""
+    learnt nothing useful loses nothing; one without CARVE layers has no shift (None)."""
     device = model.embed.weight.device
 
     def mean_loss():
@@ -332,8 +332,8 @@ def content_shift_worth(model, windows, autocast):
 
     loss = mean_loss()
     ups = [block.mixer.content_up for block in model.blocks if getattr(block.mixer, "kind", None) == "carve"]
-    if not ups:   # no shift to take away
-        return loss, loss
+    if not ups:
+        return loss, None
     kept = [up.clone() for up in ups]
     try:
         for up in ups:
@@ -511,7 +511,7 @@ def main(argv=None):
         initial = initial_model(config["seed"], record["model_config"]) if "carve" in kinds else None
         rows = gate_statistics(model, windows, autocast, initial)
         loss, without = content_shift_worth(model, windows, autocast)
-        losses = {"loss": loss, **({"loss_without_content_shift": without} if "carve" in kinds else {})}
+        losses = {"loss": loss, **({"loss_without_content_shift": without} if without is not None else {})}
         if args.json:
             print(json.dumps({"checkpoint_step": record["step"], **losses, "layers": rows}))
             return
@@ -525,7 +525,7 @@ def main(argv=None):
                 f"{row['delta_p95']:9.2e} {row['U_norm']:7.3f} {row['D_norm']:7.3f} {row['D_moved']:7.4f}"
                 if "delta_abs_mean" in row else ""))
         print(f"loss {loss:.4f} nats/token" + (f"; with Delta = 0 (U zeroed in every CARVE layer): {without:.4f}, "
-                                              f"{without - loss:+.2e}" if "carve" in kinds else ""))
+                                              f"{without - loss:+.2e}" if without is not None else ""))
         return
     if len(tokens) < 2:
         fail(f"{source} holds {len(tokens)} tokens: nothing to score")

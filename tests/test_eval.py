@@ -166,7 +166,7 @@ def test_content_shift_worth_takes_delta_away_and_restores_it():
     """content_shift_worth: the loss as is and with every CARVE layer's U at 0, each equal to the loss
     computed apart on the windows (the same operations: equal to the bit); U is the same after as
     before, and the two losses differ (an untrained model's loss barely depends on its gates, so by
-    little: 6e-6 here); a model without CARVE layers gets its loss twice."""
+    little: 6e-6 here); a model without CARVE layers has no shift to take away (None)."""
     from eval import content_shift_worth
     torch.manual_seed(0)
     model = LM(ModelConfig(vocab_size=256, n_layer=2, d_model=32, n_head=2, head_k_dim=16, head_v_dim=16,
@@ -191,7 +191,7 @@ def test_content_shift_worth_takes_delta_away_and_restores_it():
     model = LM(ModelConfig(vocab_size=256, n_layer=1, d_model=32, n_head=2, head_k_dim=16, head_v_dim=16,
                            mlp_hidden=64, chunk_size=8, mixer="gdn2")).eval()
     loss, without = content_shift_worth(model, windows, no_autocast)
-    assert loss == without == loss_apart()   # no CARVE layer: nothing to take away
+    assert loss == loss_apart() and without is None   # no CARVE layer: no shift to take away
 
 
 def test_step_picks_a_checkpoint(run, capsys):
