@@ -22,9 +22,10 @@ across tokenizers, unlike perplexity. Progress goes to stderr; the result is one
 queried values the model predicts exactly (argmax at the query), over examples of prepare_data.py's
 mqar_examples. By default the checkpoint's own test set (its seq_len, mqar_pairs, mqar_seed); --seq_len,
 --mqar_pairs and --examples ask for other settings (the test stream of the same seed). It also gives
-the accuracy by the query's order in its example (accuracy_by_query_order, first to last): a model that
-has learnt which values were already asked for, and not which value belongs to which key, is right on
-the last queries only.
+the accuracy by the query's order in its example (accuracy_by_query_order, first to last): whether
+recall holds for the later queries, further from the pairs. (On a task that showed each answer after
+its query, it exposed elimination: right on the last queries only, by naming the value not yet asked
+for; mqar_examples never shows them.)
 
 --task=harness runs lm-evaluation-harness tasks (pip install lm-eval) through HarnessAdapter, e.g.
 --harness_tasks=wikitext,lambada_openai,piqa,hellaswag,arc_easy,winogrande; the harness downloads their
@@ -348,8 +349,8 @@ def content_shift_worth(model, windows, autocast):
 @torch.inference_mode()
 def mqar_accuracy(model, inputs, targets, batch_size, device, autocast):
     """(queries answered right, queries), each by the query's order in its example (first to last):
-    the argmax at each scored position against its target. The order tells recall from elimination: a
-    model that has learnt only which values were already asked for is right on the last queries alone."""
+    the argmax at each scored position against its target, by order: whether recall holds for the later
+    queries."""
     pairs = int((targets[0] >= 0).sum())
     right, total = np.zeros(pairs, dtype=np.int64), np.zeros(pairs, dtype=np.int64)
     for i in range(0, len(inputs), batch_size):

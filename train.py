@@ -538,8 +538,8 @@ def apply_update(model, optimizer, loss_sum, grad_clip, ddp):
 def evaluate(model, data, config, rank, world, device, autocast):
     """Mean validation loss (nats per target) over a fixed window set, summed over ranks; bits per byte
     for text, the fraction of targets predicted exactly (argmax) for a task with scored positions (MQAR),
-    also on each example's first and last scored position alone: a model that recalls by elimination
-    (answering with the value not yet asked for) is right on the last query only."""
+    also on each example's first and last scored position alone (whether recall holds for the later
+    queries, as eval.py --task=mqar's accuracy by query order shows in full)."""
     model.eval()
     windows = data.val_windows(max(1, config["eval_tokens"] // config["seq_len"]))[rank::world]
     scored = config["task"] != "lm"

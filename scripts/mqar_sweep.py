@@ -2,7 +2,7 @@
 A grid of MQAR runs (train.py --task=mqar) as in the Zoology benchmark: mixers x widths x key-value pairs
 x learning rates x seeds, each run in its own folder, then a table of the accuracy of each setting (the
 best learning rate of each seed; mean and standard deviation over seeds, and the means on each
-example's first and last query: recall scores alike on both, elimination on the last only) and the plot.
+example's first and last query, which differ when recall fades with the query's order) and the plot.
 
     python scripts/mqar_sweep.py --out_dir=out/mqar_sweep --mixers=carve,gdn2,attn,carve+attn \\
         --widths=64,128,256 --pairs=4,8,16,32,64 --lrs=1e-4,3e-4,1e-3,3e-3 --seeds=1,2,3 --parallel=4
@@ -131,7 +131,6 @@ def main(argv=None):
             for (mixer, width, pair), runs in sorted(settings.items())]
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump({"overrides": overrides, "lrs": lrs, "rows": rows}, f, indent=2)
-    # first and last query apart: recall scores alike on both, elimination (the value not yet asked for) on the last
     print("| mixer | d_model | pairs | seeds | accuracy (best lr a seed), mean ± std | first query | last query |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
