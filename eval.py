@@ -251,14 +251,11 @@ def content_shift(o, content, chunk_size):
     """CARVE's Delta at every token [B, T, H, K] of sequences that start at position 0, from the layer's
     outputs o [B, T, H, V]: 0 in the first chunk, then U D m of the chunk before (m: its mean output)."""
     B, T, H, _ = o.shape
-    D, U = (t.float().cpu() for t in content)
+    D, U = (t.float().to(o.device) for t in content)
     chunks = T // chunk_size
     m = o[:, :chunks * chunk_size].reshape(B, chunks, chunk_size, H, -1).mean(2)        # [B, chunks, H, V]
     shift = torch.einsum("hkr,hrv,bchv->bchk", U, D, m)                               # Delta after chunk c
-    delta = torch.zeros(B, T, H, U.shape[1])
-    for c in range(1, (T + chunk_size - 1) // chunk_size):
-        delta[:, c * chunk_size:(c + 1) * chunk_size] = shift[:, c - 1, None]
-    return delta
+    return torch.cat([torch.zeros_like(shift[:, :1]), shift], 1).repeat_interleave(chunk_size, 1)[:, :T]
 
 
 def initial_model(seed, model_config):
@@ -268,14 +265,23 @@ def initial_model(seed, model_config):
     return LM(ModelConfig.from_dict(model_config))
 
 
+def window_batches(windows, batch_size, device):
+    """The windows (equal lengths) stacked batch_size at a time, on the device."""
+    for i in range(0, len(windows), batch_size):
+        yield torch.as_tensor(np.stack(windows[i:i + batch_size]), device=device)
+
+
 @torch.inference_mode()
-def gate_statistics(model, windows, autocast, initial=None):
-    """Per recurrent layer, over the token windows [n, T]: the erase gate b = sigmoid(b_logit + Delta)
+def gate_statistics(model, windows, batch_size, autocast, initial=None):
+    """Per recurrent layer, over the token windows (equal lengths): the erase gate b = sigmoid(b_logit + Delta)
     (its mean, the erase rate), CARVE's content shift Delta = U D m_{c-1} (mean |Delta| and its 5/50/95th
     percentiles over chunks, heads and channels) and the norms of U and D (U starts at 0: a norm above 0
     means it moved); with `initial`, the model before training (initial_model), how far D moved from its
-    random start: |D - D_0| / |D_0|. Delta is recomputed from what each layer's chunk_carve call got and returned: m of
-    a chunk is the mean of its outputs, as the kernels keep it."""
+    random start: |D - D_0| / |D_0|. Delta is recomputed from what each layer's chunk_carve call got and
+    returned: m of a chunk is the mean of its outputs, as the kernels keep it. Everything stays on the
+    model's device (moving every gate to the CPU made a GPU evaluation take minutes)."""
+    layers = [i for i, block in enumerate(model.blocks) if hasattr(block.mixer, "kind")]
+    erase_sum, gates, deltas = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0), {i: [] for i in layers}
     calls = []
     real = model_module.chunk_carve
 
@@ -284,30 +290,32 @@ def gate_statistics(model, windows, autocast, initial=None):
             fail("--task=gates reads windows of one document each: a window holds a document start (eot) "
                  "after its first token; evaluate on text without them (--text) or a run without reset_at_eot")
         o, state = real(q, k, v, g, b_logit, w, content, *args, chunk_size=chunk_size, **kwargs)
-        calls.append((b_logit.float(), o.float(), content, chunk_size))
+        layer = layers[len(calls)]
+        calls.append(layer)
+        delta = content_shift(o.float(), content, chunk_size) if content is not None else 0
+        erase_sum[layer] += torch.sigmoid(b_logit.float() + delta).sum()
+        gates[layer] += b_logit.numel()
+        if content is not None:
+            deltas[layer].append(delta[:, chunk_size:].flatten())
         return o, state
 
     model_module.chunk_carve = recording
     try:
-        with autocast:
-            for window in windows:
-                model(torch.as_tensor(window, device=model.embed.weight.device)[None])
+        for batch in window_batches(windows, batch_size, model.embed.weight.device):
+            calls.clear()
+            with autocast:
+                model(batch)
     finally:
         model_module.chunk_carve = real
-    layers = [i for i, block in enumerate(model.blocks) if hasattr(block.mixer, "kind")]
-    per_layer = {i: {"b": [], "delta": []} for i in layers}
-    for n, (b_logit, o, content, chunk_size) in enumerate(calls):
-        delta = content_shift(o.cpu(), content, chunk_size) if content is not None else torch.zeros(b_logit.shape)
-        per_layer[layers[n % len(layers)]]["b"].append(torch.sigmoid(b_logit.cpu() + delta).flatten())
-        if content is not None:
-            per_layer[layers[n % len(layers)]]["delta"].append(delta[:, chunk_size:].flatten())
     result = []
     for i in layers:
-        mixer, b = model.blocks[i].mixer, torch.cat(per_layer[i]["b"])
-        row = {"layer": i, "mixer": mixer.kind, "erase_rate": float(b.mean())}
-        if per_layer[i]["delta"]:
-            delta = torch.cat(per_layer[i]["delta"])
-            sample = delta[torch.randperm(len(delta), generator=torch.Generator().manual_seed(0))[:1 << 20]]
+        mixer = model.blocks[i].mixer
+        row = {"layer": i, "mixer": mixer.kind, "erase_rate": float(erase_sum[i] / gates[i])}
+        if deltas[i]:
+            delta = torch.cat(deltas[i])
+            # quantiles of a fixed random sample: torch.quantile takes at most 2^24 values
+            sample = delta[torch.randint(len(delta), (1 << 20,), generator=torch.Generator().manual_seed(0))
+                           .to(delta.device)]
             row.update(delta_abs_mean=float(delta.abs().mean()), **{
                 f"delta_p{q}": float(sample.quantile(q / 100)) for q in (5, 50, 95)},
                 U_norm=float(mixer.content_up.norm()), D_norm=float(mixer.content_down.norm()))
@@ -319,17 +327,17 @@ def gate_statistics(model, windows, autocast, initial=None):
 
 
 @torch.inference_mode()
-def content_shift_worth(model, windows, autocast):
-    """(loss, loss with Delta = 0), each in nats per token over the windows [n, T] (predicting tokens
-    1 .. T-1 of each): what CARVE's content shift is worth to the trained model, measured by taking it
+def content_shift_worth(model, windows, batch_size, autocast):
+    """(loss, loss with Delta = 0), each in nats per token over the token windows (equal lengths; predicting
+    tokens 1 .. T-1 of each): what CARVE's content shift is worth to the trained model, measured by taking it
     away (U, hence Delta = U D m, set to 0 in every CARVE layer, then restored). A model whose shift
     learnt nothing useful loses nothing; one without CARVE layers has no shift (None)."""
     device = model.embed.weight.device
 
     def mean_loss():
         with autocast:
-            return sum(model(w[:, :-1], w[:, 1:])[1].item()
-                       for w in (torch.as_tensor(window, device=device)[None] for window in windows)) / len(windows)
+            return sum(model(batch[:, :-1], batch[:, 1:])[1].item() * len(batch)
+                       for batch in window_batches(windows, batch_size, device)) / len(windows)
 
     loss = mean_loss()
     ups = [block.mixer.content_up for block in model.blocks if getattr(block.mixer, "kind", None) == "carve"]
@@ -510,8 +518,8 @@ def main(argv=None):
             fail(f"{args.out_dir}: the model has no recurrent layer (mixer={model.cfg.mixer!r}): no erase gate "
                  f"to report; use a CARVE or GDN-2 checkpoint")
         initial = initial_model(config["seed"], record["model_config"]) if "carve" in kinds else None
-        rows = gate_statistics(model, windows, autocast, initial)
-        loss, without = content_shift_worth(model, windows, autocast)
+        rows = gate_statistics(model, windows, args.batch_size, autocast, initial)
+        loss, without = content_shift_worth(model, windows, args.batch_size, autocast)
         losses = {"loss": loss, **({"loss_without_content_shift": without} if without is not None else {})}
         if args.json:
             print(json.dumps({"checkpoint_step": record["step"], **losses, "layers": rows}))

@@ -164,9 +164,10 @@ def test_gates_table_and_a_model_without_recurrent_layers(run, shakespeare, tmp_
 
 def test_content_shift_worth_takes_delta_away_and_restores_it():
     """content_shift_worth: the loss as is and with every CARVE layer's U at 0, each equal to the loss
-    computed apart on the windows (the same operations: equal to the bit); U is the same after as
-    before, and the two losses differ (an untrained model's loss barely depends on its gates, so by
-    little: 6e-6 here); a model without CARVE layers has no shift to take away (None)."""
+    computed apart on the windows (one a batch: the same operations, equal to the bit; two a batch, the
+    last batch of one: the same to rounding); U is the same after as before, and the two losses differ (an
+    untrained model's loss barely depends on its gates, so by little: 6e-6 here); a model without CARVE
+    layers has no shift to take away (None)."""
     from eval import content_shift_worth
     torch.manual_seed(0)
     model = LM(ModelConfig(vocab_size=256, n_layer=2, d_model=32, n_head=2, head_k_dim=16, head_v_dim=16,
@@ -182,15 +183,16 @@ def test_content_shift_worth_takes_delta_away_and_restores_it():
             return sum(model(torch.as_tensor(w[None, :-1]), torch.as_tensor(w[None, 1:]))[1].item()
                        for w in windows) / 3
 
-    loss, without = content_shift_worth(model, windows, no_autocast)
+    loss, without = content_shift_worth(model, windows, 1, no_autocast)
     assert torch.equal(model.blocks[0].mixer.content_up, U)
     assert loss == loss_apart()
+    assert content_shift_worth(model, windows, 2, no_autocast) == pytest.approx((loss, without), rel=1e-6, abs=0)
     with torch.no_grad():
         model.blocks[0].mixer.content_up.zero_()
     assert without == loss_apart() and without != loss
     model = LM(ModelConfig(vocab_size=256, n_layer=1, d_model=32, n_head=2, head_k_dim=16, head_v_dim=16,
                            mlp_hidden=64, chunk_size=8, mixer="gdn2")).eval()
-    loss, without = content_shift_worth(model, windows, no_autocast)
+    loss, without = content_shift_worth(model, windows, 1, no_autocast)
     assert loss == loss_apart() and without is None   # no CARVE layer: no shift to take away
 
 
@@ -212,5 +214,19 @@ def test_gate_statistics(run, capsys):
     from eval import gate_statistics
     model = LM(ModelConfig(vocab_size=256, n_layer=1, d_model=32, n_head=2, head_k_dim=16, head_v_dim=16,
                            mlp_hidden=64, chunk_size=16, mixer="gdn2")).eval()
-    rows = gate_statistics(model, [np.arange(40) % 256], torch.autocast("cpu", enabled=False))
+    rows = gate_statistics(model, [np.arange(40) % 256], 8, torch.autocast("cpu", enabled=False))
     assert len(rows) == 1 and set(rows[0]) == {"layer", "mixer", "erase_rate"}
+
+
+def test_gate_statistics_do_not_depend_on_the_batch_size(run):
+    """The windows in batches of one or of two (the last one short) give the same statistics to rounding,
+    CARVE's Delta distribution included: each window's Delta comes from its own outputs."""
+    from eval import gate_statistics
+    model = model_of(run)
+    windows = [np.random.default_rng(i).integers(0, 256, 40) for i in range(3)]
+    no_autocast = torch.autocast("cpu", enabled=False)
+    one, two = (gate_statistics(model, windows, size, no_autocast) for size in (1, 2))
+    assert "delta_p95" in one[0] and one[0]["delta_abs_mean"] > 0
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys() and all(b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9)
+                                            for key in a if key not in ("layer", "mixer"))
