@@ -292,8 +292,9 @@ def gate_statistics(model, windows, batch_size, autocast, initial=None):
         o, state = real(q, k, v, g, b_logit, w, content, *args, chunk_size=chunk_size, **kwargs)
         layer = layers[len(calls)]
         calls.append(layer)
-        delta = content_shift(o.float(), content, chunk_size) if content is not None else 0
-        erase_sum[layer] += torch.sigmoid(b_logit.float() + delta).sum()
+        with torch.autocast(o.device.type, enabled=False):   # statistics in float32, not the model's bfloat16
+            delta = content_shift(o.float(), content, chunk_size) if content is not None else 0
+            erase_sum[layer] += torch.sigmoid(b_logit.float() + delta).sum()
         gates[layer] += b_logit.numel()
         if content is not None:
             deltas[layer].append(delta[:, chunk_size:].flatten())
