@@ -195,23 +195,28 @@ def draw(kind, inputs, output):
             ax.legend()
     elif kind == "mqar":
         settings = best_over_learning_rates(mqar_points(inputs))
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, x_index, line_index, x_label, line_label in ((axes[0], 2, 1, "key-value pairs", "d_model"),
-                                                             (axes[1], 1, 2, "d_model", "pairs")):
+        # a panel for each of pairs and width that takes more than one value (one point a line says nothing)
+        panels = [panel for panel in ((2, 1, "key-value pairs", "d_model"), (1, 2, "d_model", "pairs"))
+                  if len({setting[panel[0]] for setting in settings}) > 1] or [(2, 1, "key-value pairs", "d_model")]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+        colors = {mixer: f"C{i}" for i, mixer in enumerate(sorted({setting[0] for setting in settings}))}
+        for ax, (x_index, line_index, x_label, line_label) in zip(axes[0], panels):
             lines = defaultdict(list)
             for setting, runs in settings.items():
                 lines[(setting[0], setting[line_index])].append((setting[x_index], [run.accuracy for run in runs]))
+            styles = {other: style for other, style in zip(sorted({other for _, other in lines}), ("-", "--", ":", "-."))}
             for (mixer, other), rows in sorted(lines.items()):
                 rows.sort()
+                # a mixer keeps its colour in both panels; the other setting (width or pairs) is the line style
                 ax.errorbar([r[0] for r in rows], [np.mean(r[1]) for r in rows], yerr=[np.std(r[1]) for r in rows],
-                            marker="o", capsize=3, label=f"{mixer}, {line_label} {other}")
+                            marker="o", capsize=3, color=colors[mixer], linestyle=styles.get(other, "-"),
+                            label=f"{mixer}, {line_label} {other}")
             ax.set_xscale("log", base=2)
             ax.set_xlabel(x_label)
             ax.set_ylabel("accuracy")
             ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"MQAR: accuracy against {'key-value pairs' if x_index == 2 else 'model width'}")
             ax.legend(fontsize=8)
-        axes[0].set_title("MQAR: accuracy against key-value pairs")
-        axes[1].set_title("MQAR: accuracy against model width")
     elif kind == "gates":
         fig, axes = plt.subplots(1, 3, figsize=(16, 4))
         for (label, layer), series in sorted(gate_points(inputs).items()):
