@@ -196,8 +196,9 @@ def draw(kind, inputs, output):
     elif kind == "mqar":
         settings = best_over_learning_rates(mqar_points(inputs))
         # a panel for each of pairs and width that takes more than one value (one point a line says nothing)
-        panels = [panel for panel in ((2, 1, "key-value pairs", "d_model"), (1, 2, "d_model", "pairs"))
-                  if len({setting[panel[0]] for setting in settings}) > 1] or [(2, 1, "key-value pairs", "d_model")]
+        by_pairs, by_width = (2, 1, "key-value pairs", "d_model"), (1, 2, "d_model", "pairs")
+        panels = [panel for panel in (by_pairs, by_width)
+                  if len({setting[panel[0]] for setting in settings}) > 1] or [by_pairs]
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
         colors = {mixer: f"C{i}" for i, mixer in enumerate(sorted({setting[0] for setting in settings}))}
         for ax, (x_index, line_index, x_label, line_label) in zip(axes[0], panels):
@@ -215,7 +216,7 @@ def draw(kind, inputs, output):
             ax.set_xlabel(x_label)
             ax.set_ylabel("accuracy")
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"MQAR: accuracy against {'key-value pairs' if x_index == 2 else 'model width'}")
+            ax.set_title(f"MQAR: accuracy against {'model width' if x_index == by_width[0] else 'key-value pairs'}")
             ax.legend(fontsize=8)
     elif kind == "gates":
         fig, axes = plt.subplots(1, 3, figsize=(16, 4))
