@@ -220,14 +220,18 @@ def draw(kind, inputs, output):
             ax.legend(fontsize=8)
     elif kind == "gates":
         fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-        for (label, layer), series in sorted(gate_points(inputs).items()):
-            name = f"{label}, layer {layer}"
-            axes[0].plot(*series["erase_rate"], marker="o", label=name)
+        points = gate_points(inputs)
+        # a layer keeps its colour and a file (run) its line style: default colours repeat after ten lines
+        styles = {label: style for label, style in zip(sorted({label for label, _ in points}), ("-", "--", ":", "-."))}
+        for (label, layer), series in sorted(points.items()):
+            look = dict(marker="o", markersize=3, color=f"C{layer % 10}", linestyle=styles.get(label, "-"),
+                        label=f"{label}, layer {layer}")
+            axes[0].plot(*series["erase_rate"], **look)
             if "delta_abs_mean" in series:
-                line = axes[1].plot(*series["delta_abs_mean"], marker="o", label=name)[0]
-                axes[1].fill_between(*series["delta_p5"], series["delta_p95"][1], color=line.get_color(), alpha=0.15)
+                axes[1].plot(*series["delta_abs_mean"], **look)
+                axes[1].fill_between(*series["delta_p5"], series["delta_p95"][1], color=look["color"], alpha=0.15)
             if "D_moved" in series:
-                axes[2].plot(*series["D_moved"], marker="o", label=name)
+                axes[2].plot(*series["D_moved"], **look)
         axes[0].set_title("erase rate: mean of sigmoid(b_logit + Delta)")
         axes[1].set_title("CARVE: mean |Delta| (5th-95th percentile shaded)")
         axes[2].set_title("CARVE: D's distance from its start, |D - D_0| / |D_0|")

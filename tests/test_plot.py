@@ -103,6 +103,17 @@ def test_each_kind_writes_a_png(runs, tmp_path):
             assert width == {"mqar": 5.5, "gates": 16, "passkey": 6}[kind] * 120, (kind, width)
 
 
+def test_gates_give_a_layer_its_colour_and_a_run_its_line_style(tmp_path, monkeypatch):
+    import matplotlib.figure
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    plot.draw("gates", [gates_file(tmp_path / "seed1.jsonl", [1, 2]), gates_file(tmp_path / "seed2.jsonl", [1, 2])],
+              str(tmp_path / "g.png"))
+    looks = {line.get_label(): (line.get_color(), line.get_linestyle()) for line in figures[0].axes[0].lines}
+    assert looks["seed1, layer 0"][0] == looks["seed2, layer 0"][0] != looks["seed1, layer 1"][0]
+    assert looks["seed1, layer 0"][1] == looks["seed1, layer 1"][1] != looks["seed2, layer 0"][1]
+
+
 def test_errors(tmp_path, runs):
     with pytest.raises(SystemExit, match="log.jsonl not found"):
         plot.curves([str(tmp_path)])
