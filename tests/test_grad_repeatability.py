@@ -1,0 +1,50 @@
+"""scripts/grad_repeatability.py: which gradients differ between passes over one batch, and its exit status."""
+import pytest
+import torch
+
+import model as model_module
+import prepare_data
+from reference import load_script
+
+TINY = ["--n_layer=1", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_v_dim=16", "--chunk_size=16",
+        "--content_rank=4", "--seq_len=32", "--micro_batch_size=2", "--device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    (root / "text.txt").write_text("Now is the winter of our discontent.\n" * 100, encoding="utf-8")
+    prepare_data.main(["--source", str(root / "text.txt"), "--out_dir", str(root / "data")])
+    return root / "data"
+
+
+def test_differing_gradients_lists_only_what_changed():
+    script = load_script("grad_repeatability")
+    same, moved = torch.ones(3), torch.tensor([1.0, 1.0, 1.0 + 2 ** -20])
+    passes = [{"a": same, "b": same}, {"a": same.clone(), "b": same.clone()}, {"a": same.clone(), "b": moved}]
+    assert script.differing_gradients(passes) == [("b", 2 ** -20, 1.0)]
+
+
+def test_a_cpu_step_repeats_and_an_unrepeatable_one_is_named(data_dir, capsys, monkeypatch):
+    script = load_script("grad_repeatability")
+    argv = ["carve_shakespeare", f"--data_dir={data_dir}", *TINY]
+    script.main(argv)   # returns: exit status 0
+    assert "gradients the same bits in every pass" in capsys.readouterr().out
+    forward, calls = model_module.LM.forward, []
+
+    def drifting(self, *args, **kwargs):   # each pass adds a different multiple of one weight to the loss
+        logits, loss = forward(self, *args, **kwargs)
+        calls.append(None)
+        return logits, loss + len(calls) * 1e-3 * self.embed.weight.sum()
+    monkeypatch.setattr(model_module.LM, "forward", drifting)
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    assert stop.value.code == 1
+    out = capsys.readouterr().out
+    assert "loss: differs" in out and "  embed.weight: largest difference" in out
+    assert out.count("largest difference") == 1
+
+
+def test_one_pass_is_refused():
+    with pytest.raises(SystemExit, match="--passes must be at least 2"):
+        load_script("grad_repeatability").main(["--passes=1"])
