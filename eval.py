@@ -40,7 +40,9 @@ made only for a CARVE checkpoint); and the loss on the same text (loss, nats per
 with Delta taken away from the trained model, without training it again (loss_without_content_shift: U
 set to 0): what the content shift is worth to it. Run it on a CARVE and a GDN-2 checkpoint to compare
 their erase rates, and with --step on checkpoints along a run (train.py keeps the newest keep_checkpoints) to follow
-Delta over training; `plot.py gates` draws such lines.
+Delta over training; `plot.py gates` draws such lines. On an MQAR checkpoint it runs on the test examples
+(as --task=mqar chooses them) and reports the accuracy instead of the loss, also without Delta
+(accuracy, accuracy_without_content_shift): whether recall rests on the content shift.
 
 --task=passkey is an S-NIAH-style probe (RULER's single needle): a five-digit pass key stated once at
 a given depth of repeated filler sentences, asked for at the end; the model's greedy continuation (the
@@ -328,31 +330,32 @@ def gate_statistics(model, windows, batch_size, autocast, initial=None):
 
 
 @torch.inference_mode()
-def content_shift_worth(model, windows, batch_size, autocast):
-    """(loss, loss with Delta = 0), each in nats per token over the token windows (equal lengths; predicting
-    tokens 1 .. T-1 of each): what CARVE's content shift is worth to the trained model, measured by taking it
-    away (U, hence Delta = U D m, set to 0 in every CARVE layer, then restored). A model whose shift
-    learnt nothing useful loses nothing; one without CARVE layers has no shift (None)."""
-    device = model.embed.weight.device
-
-    def mean_loss():
-        with autocast:
-            return sum(model(batch[:, :-1], batch[:, 1:])[1].item() * len(batch)
-                       for batch in window_batches(windows, batch_size, device)) / len(windows)
-
-    loss = mean_loss()
+def content_shift_worth(model, measure):
+    """(measure(), measure() with Delta = 0): what CARVE's content shift is worth to the trained model,
+    measured by taking it away (U, hence Delta = U D m, set to 0 in every CARVE layer, then restored). A
+    model whose shift learnt nothing useful loses nothing; one without CARVE layers has no shift (None)."""
+    value = measure()
     ups = [block.mixer.content_up for block in model.blocks if getattr(block.mixer, "kind", None) == "carve"]
     if not ups:
-        return loss, None
+        return value, None
     kept = [up.clone() for up in ups]
     try:
         for up in ups:
             up.zero_()
-        without = mean_loss()
+        without = measure()
     finally:
-        for up, value in zip(ups, kept):
-            up.copy_(value)
-    return loss, without
+        for up, value_kept in zip(ups, kept):
+            up.copy_(value_kept)
+    return value, without
+
+
+@torch.inference_mode()
+def window_loss(model, windows, batch_size, autocast):
+    """Mean loss in nats per token over the token windows (equal lengths; predicting tokens 1 .. T-1 of each)."""
+    device = model.embed.weight.device
+    with autocast:
+        return sum(model(batch[:, :-1], batch[:, 1:])[1].item() * len(batch)
+                   for batch in window_batches(windows, batch_size, device)) / len(windows)
 
 
 @torch.inference_mode()
@@ -399,6 +402,35 @@ def score(model, tokens, seq_len, batch_size, device, autocast, token_lengths, p
     return total_nats, total_tokens, total_bytes
 
 
+def gates(args, model, config, record, windows, autocast, score):
+    """--task=gates: the gate statistics over the windows, and score = (name, measure): what the model scores
+    on them (the loss on text, the accuracy on MQAR), as is and with the content shift taken away."""
+    kinds = [getattr(block.mixer, "kind", None) for block in model.blocks]
+    if not any(kinds):
+        fail(f"{args.out_dir}: the model has no recurrent layer (mixer={model.cfg.mixer!r}): no erase gate "
+             f"to report; use a CARVE or GDN-2 checkpoint")
+    initial = initial_model(config["seed"], record["model_config"]) if "carve" in kinds else None
+    rows = gate_statistics(model, windows, args.batch_size, autocast, initial)
+    name, measure = score
+    value, without = content_shift_worth(model, measure)
+    scores = {name: value, **({f"{name}_without_content_shift": without} if without is not None else {})}
+    if args.json:
+        print(json.dumps({"checkpoint_step": record["step"], **scores, "layers": rows}))
+        return
+    print(f"{'layer':>5} {'mixer':>5} {'erase_rate':>10}" + (
+        f" {'mean|Delta|':>11} {'Delta_p5':>9} {'Delta_p50':>9} {'Delta_p95':>9} {'|U|':>7} {'|D|':>7} "
+        f"{'D_moved':>7}"
+        if "carve" in kinds else ""))
+    for row in rows:
+        print(f"{row['layer']:>5} {row['mixer']:>5} {row['erase_rate']:10.4f}" + (
+            f" {row['delta_abs_mean']:11.2e} {row['delta_p5']:9.2e} {row['delta_p50']:9.2e} "
+            f"{row['delta_p95']:9.2e} {row['U_norm']:7.3f} {row['D_norm']:7.3f} {row['D_moved']:7.4f}"
+            if "delta_abs_mean" in row else ""))
+    unit = " nats/token" if name == "loss" else ""
+    print(f"{name} {value:.4f}{unit}" + (f"; with Delta = 0 (U zeroed in every CARVE layer): {without:.4f}, "
+                                         f"{without - value:+.2e}" if without is not None else ""))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out_dir", default="out/carve_shakespeare", help="run directory of train.py")
@@ -434,9 +466,10 @@ def main(argv=None):
 
     checkpoint, record = load_newest_checkpoint(args.out_dir, lambda line: print(line, file=sys.stderr), args.step)
     trained_on_mqar = checkpoint["config"].get("task") == "mqar"
-    if (args.task == "mqar") != trained_on_mqar:
-        fail(f"the checkpoint was trained on {'MQAR' if trained_on_mqar else 'text'}: use "
-             f"{'--task=mqar' if trained_on_mqar else '--task=lm, passkey, harness or gates'}")
+    allowed = ("mqar", "gates") if trained_on_mqar else ("lm", "passkey", "harness", "gates")
+    if args.task not in allowed:
+        fail(f"the checkpoint was trained on {'MQAR' if trained_on_mqar else 'text'}: use --task="
+             + (" or ".join(allowed) if trained_on_mqar else ", ".join(allowed[:-1]) + " or " + allowed[-1]))
     if not trained_on_mqar:
         try:
             tokenizer = get_tokenizer(record["tokenizer"])
@@ -451,14 +484,20 @@ def main(argv=None):
     model.to(device).eval()
     config = checkpoint["config"]
     del checkpoint
-    if args.task == "mqar":
+    if trained_on_mqar:
         pairs, count = args.mqar_pairs or config["mqar_pairs"], args.examples or config["mqar_test_examples"]
         try:
             inputs, targets = mqar_split(config, "test", count, pairs, seq_len)
         except ValueError as e:
             fail(str(e))
-        print(f"mqar: {args.out_dir} (step {record['step']}), {count} examples of {seq_len} tokens, {pairs} pairs, "
-              f"{device}", file=sys.stderr)
+        print(f"{args.task}: {args.out_dir} (step {record['step']}), {count} examples of {seq_len} tokens, {pairs} "
+              f"pairs, {device}", file=sys.stderr)
+        if args.task == "gates":
+            def accuracy():
+                right, total = mqar_accuracy(model, inputs, targets, args.batch_size, device, autocast)
+                return float(right.sum() / total.sum())
+            gates(args, model, config, record, list(inputs), autocast, ("accuracy", accuracy))
+            return
         right, total = mqar_accuracy(model, inputs, targets, args.batch_size, device, autocast)
         by_order = [float(r / t) for r, t in zip(right, total)]
         result = {"checkpoint_step": record["step"], "seq_len": seq_len, "mqar_pairs": pairs, "examples": count,
@@ -514,28 +553,8 @@ def main(argv=None):
             fail(f"{source} holds fewer than seq_len={seq_len} tokens")
         print(f"gates: {args.out_dir} (step {record['step']}) on {count} windows of {seq_len} tokens of {source}",
               file=sys.stderr)
-        kinds = [getattr(block.mixer, "kind", None) for block in model.blocks]
-        if not any(kinds):
-            fail(f"{args.out_dir}: the model has no recurrent layer (mixer={model.cfg.mixer!r}): no erase gate "
-                 f"to report; use a CARVE or GDN-2 checkpoint")
-        initial = initial_model(config["seed"], record["model_config"]) if "carve" in kinds else None
-        rows = gate_statistics(model, windows, args.batch_size, autocast, initial)
-        loss, without = content_shift_worth(model, windows, args.batch_size, autocast)
-        losses = {"loss": loss, **({"loss_without_content_shift": without} if without is not None else {})}
-        if args.json:
-            print(json.dumps({"checkpoint_step": record["step"], **losses, "layers": rows}))
-            return
-        print(f"{'layer':>5} {'mixer':>5} {'erase_rate':>10}" + (
-            f" {'mean|Delta|':>11} {'Delta_p5':>9} {'Delta_p50':>9} {'Delta_p95':>9} {'|U|':>7} {'|D|':>7} "
-            f"{'D_moved':>7}"
-            if "carve" in kinds else ""))
-        for row in rows:
-            print(f"{row['layer']:>5} {row['mixer']:>5} {row['erase_rate']:10.4f}" + (
-                f" {row['delta_abs_mean']:11.2e} {row['delta_p5']:9.2e} {row['delta_p50']:9.2e} "
-                f"{row['delta_p95']:9.2e} {row['U_norm']:7.3f} {row['D_norm']:7.3f} {row['D_moved']:7.4f}"
-                if "delta_abs_mean" in row else ""))
-        print(f"loss {loss:.4f} nats/token" + (f"; with Delta = 0 (U zeroed in every CARVE layer): {without:.4f}, "
-                                              f"{without - loss:+.2e}" if without is not None else ""))
+        gates(args, model, config, record, windows, autocast,
+              ("loss", lambda: window_loss(model, windows, args.batch_size, autocast)))
         return
     if len(tokens) < 2:
         fail(f"{source} holds {len(tokens)} tokens: nothing to score")

@@ -163,12 +163,12 @@ def test_gates_table_and_a_model_without_recurrent_layers(run, shakespeare, tmp_
 
 
 def test_content_shift_worth_takes_delta_away_and_restores_it():
-    """content_shift_worth: the loss as is and with every CARVE layer's U at 0, each equal to the loss
+    """content_shift_worth of window_loss: the loss as is and with every CARVE layer's U at 0, each equal to the loss
     computed apart on the windows (one a batch: the same operations, equal to the bit; two a batch, the
     last batch of one: the same to rounding); U is the same after as before, and the two losses differ (an
     untrained model's loss barely depends on its gates, so by little: 6e-6 here); a model without CARVE
     layers has no shift to take away (None)."""
-    from eval import content_shift_worth
+    from eval import content_shift_worth, window_loss
     torch.manual_seed(0)
     model = LM(ModelConfig(vocab_size=256, n_layer=2, d_model=32, n_head=2, head_k_dim=16, head_v_dim=16,
                            mlp_hidden=64, chunk_size=8, content_rank=4, mixer="carve,gdn2")).eval()
@@ -183,16 +183,17 @@ def test_content_shift_worth_takes_delta_away_and_restores_it():
             return sum(model(torch.as_tensor(w[None, :-1]), torch.as_tensor(w[None, 1:]))[1].item()
                        for w in windows) / 3
 
-    loss, without = content_shift_worth(model, windows, 1, no_autocast)
+    loss, without = content_shift_worth(model, lambda: window_loss(model, windows, 1, no_autocast))
     assert torch.equal(model.blocks[0].mixer.content_up, U)
     assert loss == loss_apart()
-    assert content_shift_worth(model, windows, 2, no_autocast) == pytest.approx((loss, without), rel=1e-6, abs=0)
+    assert content_shift_worth(model, lambda: window_loss(model, windows, 2, no_autocast)) == pytest.approx(
+        (loss, without), rel=1e-6, abs=0)
     with torch.no_grad():
         model.blocks[0].mixer.content_up.zero_()
     assert without == loss_apart() and without != loss
     model = LM(ModelConfig(vocab_size=256, n_layer=1, d_model=32, n_head=2, head_k_dim=16, head_v_dim=16,
                            mlp_hidden=64, chunk_size=8, mixer="gdn2")).eval()
-    loss, without = content_shift_worth(model, windows, 1, no_autocast)
+    loss, without = content_shift_worth(model, lambda: window_loss(model, windows, 1, no_autocast))
     assert loss == loss_apart() and without is None   # no CARVE layer: no shift to take away
 
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import eval as evaluate_cli
+import train
+from model import LM, ModelConfig
 from prepare_data import mqar_examples
 from reference import TINY_MODEL_ARGS, newest_checkpoint, train_in_process, train_log
 
@@ -100,6 +102,34 @@ def test_training_resumes_exactly_and_eval_scores_the_checkpoint(tmp_path, capsy
         evaluate_cli.main(["--out_dir", full])
     with pytest.raises(SystemExit, match="seq_len >= 64"):
         evaluate_cli.main(["--out_dir", full, "--task", "mqar", "--mqar_pairs", "16"])
+
+
+def test_gates_on_an_mqar_checkpoint_score_recall_with_and_without_the_content_shift(tmp_path, capsys):
+    """eval.py --task=gates on an MQAR run: the gate statistics over its test examples, and the accuracy
+    as --task=mqar gives it, then with U zeroed in every CARVE layer, equal to that accuracy computed
+    apart on a copy of the model whose U is zeroed."""
+    from eval import mqar_accuracy
+    out = str(tmp_path / "mqar")
+    train_in_process([*MQAR, f"--out_dir={out}", "--max_steps=4"])
+    capsys.readouterr()
+    evaluate_cli.main(["--out_dir", out, "--task", "mqar", "--json", "--device", "cpu"])
+    accuracy = json.loads(capsys.readouterr().out)["accuracy"]
+    evaluate_cli.main(["--out_dir", out, "--task", "gates", "--json", "--device", "cpu", "--batch_size", "16"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert [row["mixer"] for row in result["layers"]] == ["carve", "carve"]
+    assert all(row["U_norm"] > 0 and 0 < row["erase_rate"] < 1 for row in result["layers"])
+    checkpoint = newest_checkpoint(out)
+    model = LM(ModelConfig.from_dict(checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mixer.content_up.zero_()
+    inputs, targets = train.mqar_split(checkpoint["config"], "test")
+    right, total = mqar_accuracy(model.eval(), inputs, targets, 40, "cpu", torch.autocast("cpu", enabled=False))
+    assert result["accuracy_without_content_shift"] == pytest.approx(right.sum() / total.sum(), abs=1e-12)
+    evaluate_cli.main(["--out_dir", out, "--task", "gates", "--device", "cpu"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("accuracy ")
 
 
 def test_accuracy_by_query_order_shows_elimination():

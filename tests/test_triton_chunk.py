@@ -491,7 +491,8 @@ def test_backward_reads_the_forward_block_states(monkeypatch, mode, form, dtype,
     """The forward keeps no state at each block start; the backward walks them again
     (_chunk_rebuild_states, 32 columns a program). What the reverse walk reads equals, bit for bit, what
     the forward walk computed, for packed sequences from zero or initial states at offsets, in every
-    form. (The walks that compute O as they go store no states: here they get a buffer to store them.)"""
+    form (on a CPU, to the last bit's rounding). (The walks that compute O as they go store no states: here
+    they get a buffer to store them.)"""
     written, read = [], []
     for name, seen in (("_chunk_fwd_kernel", written), ("_chunk_fwd_gdn2_walk", written), ("_chunk_bwd_walk", read)):
         kernel = getattr(carve_kernel, name)
@@ -524,7 +525,13 @@ def test_backward_reads_the_forward_block_states(monkeypatch, mode, form, dtype,
     assert written[0].data_ptr() != read[0].data_ptr()
     states = read[0]
     assert states.abs().sum() > 0
-    assert torch.equal(written[0].flatten()[:states.numel()].view(states.shape), states)
+    stored = written[0].flatten()[:states.numel()].view(states.shape)
+    if states.is_cuda:
+        assert torch.equal(stored, states)
+    else:   # the interpreter's products are numpy's, whose rounding can depend on the tile's width (OpenBLAS on an
+        # AMD EPYC: 1 float32 ulp apart in 4% of the entries, which bfloat16 storage can round to one of its ulps)
+        ulp = torch.finfo(dtype).eps
+        torch.testing.assert_close(stored.float(), states.float(), rtol=ulp, atol=ulp * states.float().abs().max())
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
@@ -843,8 +850,8 @@ def test_compiled_step_keeps_no_recomputed_tensor(monkeypatch, mixer):
 @pytest.mark.parametrize("form", FORMS)
 def test_model_identity_at_init(monkeypatch, form):
     """docs/DESIGN.md section 9: fresh GDN-2 weights in a fresh CARVE model give bit-identical logits
-    on the Triton path too, in every form of the forward (GDN-2 and CARVE run different kernels in the
-    split form), the form forced through chunk_schedule."""
+    on the Triton path too (on a GPU; in the interpreter to rounding), in every form of the forward
+    (GDN-2 and CARVE run different kernels in the split form), the form forced through chunk_schedule."""
     monkeypatch.setenv("CARVE_BACKEND", "triton")
     forced = schedule(form, 32)
     monkeypatch.setattr(carve_kernel, "chunk_schedule", lambda *args, **kwargs: forced)
@@ -855,7 +862,13 @@ def test_model_identity_at_init(monkeypatch, form):
     carve.load_state_dict(gdn2.state_dict(), strict=False)
     idx = tokens(2, 3 * 16 + 5, 61).to(DEVICE)
     with torch.no_grad():
-        assert torch.equal(carve(idx)[0], gdn2(idx)[0])
+        logits, want = carve(idx)[0], gdn2(idx)[0]
+    if logits.is_cuda:
+        assert torch.equal(logits, want)
+    else:   # in the interpreter the two kernels' products are numpy's, whose rounding can depend on the tile's
+        # shape (OpenBLAS on an AMD EPYC): equal to the last bit's rounding there
+        eps = torch.finfo(torch.float32).eps
+        torch.testing.assert_close(logits, want, rtol=4 * eps, atol=4 * eps * want.abs().max())
 
 
 @pytest.mark.parametrize("mixer", ["carve", "gdn2"])
