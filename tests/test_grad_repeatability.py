@@ -3,19 +3,9 @@ import pytest
 import torch
 
 import model as model_module
-import prepare_data
-from reference import load_script
+from reference import TINY_MODEL_ARGS, load_script
 
-TINY = ["--n_layer=1", "--d_model=32", "--n_head=2", "--head_k_dim=16", "--head_v_dim=16", "--chunk_size=16",
-        "--content_rank=4", "--seq_len=32", "--micro_batch_size=2", "--device=cpu"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    (root / "text.txt").write_text("Now is the winter of our discontent.\n" * 100, encoding="utf-8")
-    prepare_data.main(["--source", str(root / "text.txt"), "--out_dir", str(root / "data")])
-    return root / "data"
+TINY = [*TINY_MODEL_ARGS, "--seq_len=32", "--micro_batch_size=2", "--device=cpu"]
 
 
 def test_differing_gradients_lists_only_what_changed():
@@ -25,9 +15,9 @@ def test_differing_gradients_lists_only_what_changed():
     assert script.differing_gradients(passes) == [("b", 2 ** -20, 1.0)]
 
 
-def test_a_cpu_step_repeats_and_an_unrepeatable_one_is_named(data_dir, capsys, monkeypatch):
+def test_a_cpu_step_repeats_and_an_unrepeatable_one_is_named(shakespeare, capsys, monkeypatch):
     script = load_script("grad_repeatability")
-    argv = ["carve_shakespeare", f"--data_dir={data_dir}", *TINY]
+    argv = ["carve_shakespeare", f"--data_dir={shakespeare}", *TINY]
     script.main(argv)   # returns: exit status 0
     assert "gradients the same bits in every pass" in capsys.readouterr().out
     forward, calls = model_module.LM.forward, []
