@@ -8,7 +8,10 @@ byte apart, from gradients that differed in the embedding alone, by one part in 
     python scripts/grad_repeatability.py study_lm                    # any train.py config and --key=value
     python scripts/grad_repeatability.py mqar --mixer=gdn2 --passes=5
 
-Exits with status 1 when a gradient or the loss differs, 0 when every pass gave the same bits.
+It also compares the gradient arriving at each block's input, which says where a difference enters the
+backward: when embed.weight's gradient differs but the one into block 0's input (the embedding's output)
+does not, the embedding's own backward is the cause. Exits with status 1 when a gradient or the loss
+differs, 0 when every pass gave the same bits.
 """
 import os
 import sys
@@ -50,20 +53,34 @@ def main(argv):
     model = LM(ModelConfig(**{key: config[key] for key in train.MODEL_KEYS})).to(device)
     x, y = (t.to(device) for t in data.train_batch(0, config["micro_batch_size"]))
     autocast = train.autocast_for(config, device)
+    # the gradient arriving at each block's input too: where a difference enters the backward, which runs from
+    # the last block to the first (the input of block 0 is the embedding's output)
+    arriving = {}
+
+    def keep_input_gradient(name):
+        def hook(module, args):
+            if args[0].requires_grad:
+                args[0].register_hook(lambda grad: arriving.__setitem__(name, grad.clone()))
+        return hook
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(keep_input_gradient(f"gradient into blocks.{i}'s input"))
     losses, gradients = [], []
     for _ in range(passes):
         model.zero_grad(set_to_none=True)
+        arriving.clear()
         with autocast:
             _, loss = model(x, y, sparse_targets=config["task"] == "mqar")
         loss.backward()
         losses.append(loss.item())
-        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        gradients.append({**{name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+                          **arriving})
     print(f"{config['mixer']} on {device}, {x.shape[0]} x {x.shape[1]} tokens, {passes} passes")
     print(f"loss: {'the same bits' if len(set(losses)) == 1 else 'differs'} in every pass ({losses[0]:.6f})")
     differing = differing_gradients(gradients)
     for name, difference, scale in differing:
         print(f"  {name}: largest difference {difference:.3e} (largest |gradient| {scale:.3e})")
-    print(f"{len(gradients[0]) - len(differing)} of {len(gradients[0])} gradients the same bits in every pass")
+    print(f"{len(gradients[0]) - len(differing)} of {len(gradients[0])} gradients the same bits in every pass "
+          f"({len(gradients[0]) - len(arriving)} of parameters, {len(arriving)} into the blocks' inputs)")
     if differing or len(set(losses)) > 1:
         sys.exit(1)
 

@@ -1,4 +1,6 @@
 """scripts/grad_repeatability.py: which gradients differ between passes over one batch, and its exit status."""
+import re
+
 import pytest
 import torch
 
@@ -19,7 +21,9 @@ def test_a_cpu_step_repeats_and_an_unrepeatable_one_is_named(shakespeare, capsys
     script = load_script("grad_repeatability")
     argv = ["carve_shakespeare", f"--data_dir={shakespeare}", *TINY]
     script.main(argv)   # returns: exit status 0
-    assert "gradients the same bits in every pass" in capsys.readouterr().out
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"(\d+) of \1 gradients the same bits in every pass \(\d+ of parameters, 2 into the "
+                        r"blocks' inputs\)", last), last
     forward, calls = model_module.LM.forward, []
 
     def drifting(self, *args, **kwargs):   # each pass adds a different multiple of one weight to the loss
@@ -32,7 +36,17 @@ def test_a_cpu_step_repeats_and_an_unrepeatable_one_is_named(shakespeare, capsys
     assert stop.value.code == 1
     out = capsys.readouterr().out
     assert "loss: differs" in out and "  embed.weight: largest difference" in out
-    assert out.count("largest difference") == 1
+    assert out.count("largest difference") == 1   # the gradients into the blocks' inputs are the same bits
+    monkeypatch.setattr(model_module.LM, "forward", forward)
+    block_forward, blocks_run = model_module.Block.forward, []
+
+    def scaled(self, x, *args, **kwargs):   # a pass-dependent scale on every block's input
+        blocks_run.append(None)
+        return block_forward(self, x * (1 + len(blocks_run) * 2 ** -20), *args, **kwargs)
+    monkeypatch.setattr(model_module.Block, "forward", scaled)
+    with pytest.raises(SystemExit):
+        script.main(argv)
+    assert "  gradient into blocks.0's input: largest difference" in capsys.readouterr().out
 
 
 def test_one_pass_is_refused():
