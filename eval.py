@@ -335,7 +335,7 @@ def content_shift_worth(model, measure):
     measured by taking it away (U, hence Delta = U D m, set to 0 in every CARVE layer, then restored). A
     model whose shift learnt nothing useful loses nothing; one without CARVE layers has no shift (None)."""
     value = measure()
-    ups = [block.mixer.content_up for block in model.blocks if getattr(block.mixer, "kind", None) == "carve"]
+    ups = [block.mixer.content_up for block in model.blocks if getattr(block.mixer, "has_content", False)]
     if not ups:
         return value, None
     kept = [up.clone() for up in ups]
@@ -405,11 +405,11 @@ def score(model, tokens, seq_len, batch_size, device, autocast, token_lengths, p
 def gates(args, model, config, record, windows, autocast, score):
     """--task=gates: the gate statistics over the windows, and score = (name, measure): what the model scores
     on them (the loss on text, the accuracy on MQAR), as is and with the content shift taken away."""
-    kinds = [getattr(block.mixer, "kind", None) for block in model.blocks]
-    if not any(kinds):
+    if not any(hasattr(block.mixer, "kind") for block in model.blocks):
         fail(f"{args.out_dir}: the model has no recurrent layer (mixer={model.cfg.mixer!r}): no erase gate "
              f"to report; use a CARVE or GDN-2 checkpoint")
-    initial = initial_model(config["seed"], record["model_config"]) if "carve" in kinds else None
+    shift = any(getattr(block.mixer, "has_content", False) for block in model.blocks)
+    initial = initial_model(config["seed"], record["model_config"]) if shift else None
     rows = gate_statistics(model, windows, args.batch_size, autocast, initial)
     name, measure = score
     value, without = content_shift_worth(model, measure)
@@ -420,7 +420,7 @@ def gates(args, model, config, record, windows, autocast, score):
     print(f"{'layer':>5} {'mixer':>5} {'erase_rate':>10}" + (
         f" {'mean|Delta|':>11} {'Delta_p5':>9} {'Delta_p50':>9} {'Delta_p95':>9} {'|U|':>7} {'|D|':>7} "
         f"{'D_moved':>7}"
-        if "carve" in kinds else ""))
+        if shift else ""))
     for row in rows:
         print(f"{row['layer']:>5} {row['mixer']:>5} {row['erase_rate']:10.4f}" + (
             f" {row['delta_abs_mean']:11.2e} {row['delta_p5']:9.2e} {row['delta_p50']:9.2e} "

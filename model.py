@@ -37,7 +37,7 @@ class ModelConfig:
     mixer: str = "carve"          # comma-separated pattern repeated over the layers
     conv_size: int = 4            # depthwise causal short convolution on q, k, v
     chunk_size: int = 64          # C: CARVE's content gate changes once per chunk of C tokens
-    content_rank: int = 16        # r of CARVE's content projection U_h D_h
+    content_rank: int = 16        # r of CARVE's content projection U_h D_h; 0: none (Delta = 0, an ablation)
     a_log_min: float = -5.0       # floor on A_log before exp (docs/DESIGN.md section 7: a vanishing decay overflows)
     attn_window: int = 0          # sliding window of the attn mixer in tokens; 0 = full causal
     rope_theta: float = 10000.0
@@ -55,9 +55,12 @@ class ModelConfig:
         if self.gate_act not in ("silu", "sigmoid"):
             raise ValueError(f"gate_act={self.gate_act!r}: expected 'silu' or 'sigmoid'")
         for key in ("vocab_size", "n_layer", "d_model", "n_head", "head_k_dim", "head_v_dim", "mlp_hidden", "conv_size",
-                    "chunk_size", "content_rank"):
+                    "chunk_size"):
             if getattr(self, key) < 1 and not (key == "vocab_size" and self.vocab_size == 0):
                 raise ValueError(f"{key}={getattr(self, key)}: must be at least 1")
+        if self.content_rank < 0:
+            raise ValueError(f"content_rank={self.content_rank}: must be at least 0 (0: CARVE without its content "
+                             f"shift)")
         if "attn" in self.mixer_pattern() and self.head_k_dim % 2:
             raise ValueError(f"head_k_dim={self.head_k_dim}: attention layers rotate pairs of channels (RoPE), "
                              f"so it must be even")
@@ -137,12 +140,16 @@ class DeltaMixer(nn.Module):
         self.f_up = Linear(K, H * K, bias=False)
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H * K))
+        # content_rank 0 keeps CARVE's write gate and drops its content shift: the ablation that tells what
+        # the shift adds from what the scalar write strength does
+        self.has_content = kind == "carve" and cfg.content_rank > 0
         if kind == "gdn2":
             self.w_proj = Linear(d, H * V, bias=False)                 # write gate, value axis
         else:
             self.beta_proj = Linear(d, H, bias=False)                  # scalar write strength per head
-            self.content_down = nn.Parameter(torch.empty(H, cfg.content_rank, V))   # D_h: V -> r
-            self.content_up = nn.Parameter(torch.empty(H, K, cfg.content_rank))     # U_h: r -> K
+            if self.has_content:
+                self.content_down = nn.Parameter(torch.empty(H, cfg.content_rank, V))   # D_h: V -> r
+                self.content_up = nn.Parameter(torch.empty(H, K, cfg.content_rank))     # U_h: r -> K
         self.g_up = Linear(V, H * V, bias=True)                        # output gate, low rank d -> V -> H*V
         self.o_norm_weight = nn.Parameter(torch.ones(V))
         self.o_proj = Linear(H * V, d, bias=False)
@@ -164,9 +171,10 @@ class DeltaMixer(nn.Module):
             nn.init.zeros_(self.w_proj.weight)
         else:
             nn.init.zeros_(self.beta_proj.weight)
-            for h in range(H):
-                nn.init.xavier_uniform_(self.content_down[h], gain=2 ** -2.5)
-            nn.init.zeros_(self.content_up)
+            if self.has_content:
+                for h in range(H):
+                    nn.init.xavier_uniform_(self.content_down[h], gain=2 ** -2.5)
+                nn.init.zeros_(self.content_up)
         nn.init.ones_(self.o_norm_weight)
 
     def forward(self, x, cache=None, doc_id=None):
@@ -180,7 +188,7 @@ class DeltaMixer(nn.Module):
         H, K, V = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim
         qkv, f_low, b_logit, g_low = self.in_proj(x).split([2 * H * K + H * V, *self.in_sizes[3:]], dim=-1)
         w_raw = self.w_proj(x) if self.kind == "gdn2" else self.beta_proj(x)
-        content = None if self.kind == "gdn2" else (self.content_down, self.content_up)
+        content = (self.content_down, self.content_up) if self.has_content else None
         if cache is not None and T == 1 and self.fused_decode(x):
             # decode: the conv, the gates and the recurrence in one kernel, on the cache's tensors in place
             o, cache["state"] = fused_decode_step(qkv[:, 0], self.conv_weight, cache["conv"], self.f_up(f_low[:, 0]),

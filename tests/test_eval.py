@@ -148,13 +148,22 @@ def test_gates_measure_d_from_the_runs_own_start(shakespeare, tmp_path, capsys):
 
 
 def test_gates_table_and_a_model_without_recurrent_layers(run, shakespeare, tmp_path, capsys):
-    """The text table has a column for each CARVE statistic; an attention-only run is a one-line error."""
+    """The text table has a column for each CARVE statistic, none for a CARVE without content shift; an
+    attention-only run is a one-line error."""
     evaluate_script.main(["--out_dir", run, "--task", "gates", "--max_tokens", "480", "--device", "cpu"])
     header, *rows, losses = capsys.readouterr().out.strip().splitlines()
     assert header.split() == ["layer", "mixer", "erase_rate", "mean|Delta|", "Delta_p5", "Delta_p50", "Delta_p95",
                               "|U|", "|D|", "D_moved"]
     assert len(rows) == 2 and all(len(row.split()) == 10 for row in rows)
     assert losses.startswith("loss ") and "with Delta = 0" in losses
+    plain = str(tmp_path / "plain")   # CARVE without its content shift: erase rates only, no shift to take away
+    train.main(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={plain}", "--max_steps=1",
+                "--content_rank=0"])
+    capsys.readouterr()
+    evaluate_script.main(["--out_dir", plain, "--task", "gates", "--max_tokens", "480", "--device", "cpu"])
+    header, *rows, losses = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["layer", "mixer", "erase_rate"] and all(len(row.split()) == 3 for row in rows)
+    assert losses.startswith("loss ") and "Delta" not in losses
     out = str(tmp_path / "attn")
     train.main(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=1",
                 "--mixer=attn"])

@@ -66,6 +66,24 @@ def test_identity_at_init(pattern, autocast):
     assert gap > 1e-4
 
 
+def test_carve_without_content_is_gdn2_at_init_and_has_no_shift():
+    """content_rank=0 (the ablation): CARVE's write strength without U and D. It equals GDN-2 at
+    initialisation like the full CARVE, and a U that would move the full model's logits does not exist."""
+    torch.manual_seed(0)
+    gdn2 = LM(tiny("gdn2"))
+    torch.manual_seed(1)
+    plain = LM(tiny("carve", content_rank=0))
+    missing, unexpected = plain.load_state_dict(gdn2.state_dict(), strict=False)
+    assert sorted(missing) == [f"blocks.{i}.mixer.beta_proj.weight" for i in range(2)]
+    assert not [n for n, _ in plain.named_parameters() if "content" in n]
+    assert plain.num_params() == LM(tiny("carve")).num_params() - 2 * 2 * (4 * 12 + 8 * 4)   # H (r V + K r) a layer
+    idx = tokens(2, 4 * plain.cfg.chunk_size + 3, plain.cfg.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(plain(idx)[0], gdn2(idx)[0])
+    with pytest.raises(ValueError, match="content_rank=-1: must be at least 0"):
+        tiny("carve", content_rank=-1)
+
+
 # ----------------------------------------------------------------------------- prefill + decode
 
 DECODE_CONFIGS = [

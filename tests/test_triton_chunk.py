@@ -157,6 +157,22 @@ def test_parity_fp32(mode, with_state, B, H, T, K, V, C, form):
     assert final.offset == (state.offset if state else 0) + T
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form", FORMS)
+def test_parity_without_content(form, dtype):
+    """CARVE's scalar write strength with no content projection (the model's content_rank=0): the output,
+    the final state (delta exactly 0) and every gradient against the reference, in every form, from a
+    state after a prefix that ends inside a chunk."""
+    B, H, T, K, V, C = 2, 2, 37, 16, 32, 16
+    x = make_inputs(B, T, H, K, V, "carve", seed=4)
+    del x["D"], x["U"]
+    prefix = make_inputs(B, C + 5, H, K, V, "carve", seed=5)
+    _, (S, o_sum, delta, offset) = reference(*(prefix[n] for n in NAMES), None, chunk_size=C)
+    _, final = check(x, CarveState(S.float(), o_sum.float(), delta.float(), offset), C, dtype,
+                     tag=f"triton chunk carve without content {form}", form=form)
+    assert not final.delta.any()
+
+
 @pytest.mark.parametrize("used", ["o", "S", "delta"])
 def test_gradients_when_one_output_is_used(used):
     """The outputs a loss ignores reach the backward with no cotangent at all (None: autograd makes no
@@ -871,11 +887,12 @@ def test_model_identity_at_init(monkeypatch, form):
         torch.testing.assert_close(logits, want, rtol=4 * eps, atol=4 * eps * want.abs().max())
 
 
-@pytest.mark.parametrize("mixer", ["carve", "gdn2"])
-def test_model_training_step_matches_torch_path(monkeypatch, mixer):
+@pytest.mark.parametrize("mixer,rank", [("carve", 4), ("gdn2", 4), ("carve", 0)],
+                         ids=["carve", "gdn2", "carve-content_rank0"])
+def test_model_training_step_matches_torch_path(monkeypatch, mixer, rank):
     """Loss and every parameter gradient of a perturbed model: Triton path = torch path (fp32)."""
     torch.manual_seed(0)
-    model = perturb(LM(tiny(mixer, head_k_dim=16, head_v_dim=32, chunk_size=16))).to(DEVICE)
+    model = perturb(LM(tiny(mixer, head_k_dim=16, head_v_dim=32, chunk_size=16, content_rank=rank))).to(DEVICE)
     idx = tokens(2, 41, 61, seed=1).to(DEVICE)
     results = {}
     for backend in ("torch", "triton"):

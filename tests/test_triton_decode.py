@@ -88,6 +88,25 @@ def test_parity(mode, dtype, B, H, T, K, V, C, prefix):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_parity_without_content(dtype):
+    """CARVE's scalar write strength with no content projection (the model's content_rank=0): Delta stays 0,
+    from a zero state and from a state after a prefix that ends inside a chunk."""
+    B, H, T, K, V, C = 2, 2, 13, 16, 24, 8
+    x = make_inputs(B, T, H, K, V, "carve", seed=5)
+    del x["D"], x["U"]
+    prefix = make_inputs(B, C + 5, H, K, V, "carve", seed=6)
+    _, (S, o_sum, delta, offset) = reference(*(prefix[n] for n in ("q", "k", "v", "g", "b_logit", "w")), None,
+                                             chunk_size=C)
+    assert not delta.any()
+    for state in (None, CarveState(S.float(), o_sum.float(), delta.float(), offset)):
+        args, content, state = on_device(x, state, dtype)
+        assert content is None
+        o, final = recurrent_carve_triton(*args, None, initial_state=state, output_final_state=True, chunk_size=C)
+        check_against_reference(o, final, args, None, state, C, dtype, f"triton carve without content {dtype}")
+
+
+@needs_triton
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
 def test_decode_steps_equal_one_sequence(mode):
     """T = 2C + 3 single-token calls, each continuing from the last one's state (the decode loop,
@@ -336,9 +355,10 @@ def test_caller_autocast(monkeypatch):
 # ----------------------------------------------------------------------------- model
 
 @needs_triton
-@pytest.mark.parametrize("mixer,dims", [("carve", (16, 32)), ("gdn2", (16, 32)), ("carve,attn", (8, 12))],
-                         ids=["carve", "gdn2", "carve,attn-K8-V12"])
-def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims):
+@pytest.mark.parametrize("mixer,dims,rank", [("carve", (16, 32), 4), ("gdn2", (16, 32), 4), ("carve,attn", (8, 12), 4),
+                                              ("carve", (16, 32), 0)],
+                         ids=["carve", "gdn2", "carve,attn-K8-V12", "carve-content_rank0"])
+def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims, rank):
     """With CARVE_BACKEND=triton, prefill (chunk_carve: torch path for C = 8) and then one token at a time
     (the fused Triton decode step: conv, gates and recurrence in one kernel) equals one forward over the
     whole sequence (docs/DESIGN.md section 6): C = 8, T = 21, prefill 6 tokens, so the decode steps cross two
@@ -349,7 +369,7 @@ def test_model_prefill_then_triton_decode(monkeypatch, calls, mixer, dims):
     monkeypatch.setattr(carve_kernel, "decode_step_triton",
                         lambda *a, **kw: fused.append(1) or decode_step_triton(*a, **kw))
     torch.manual_seed(0)
-    model = perturb(LM(tiny(mixer, head_k_dim=dims[0], head_v_dim=dims[1]))).eval().to(DEVICE)
+    model = perturb(LM(tiny(mixer, head_k_dim=dims[0], head_v_dim=dims[1], content_rank=rank))).eval().to(DEVICE)
     B, T, T1 = 2, 21, 6
     idx = tokens(B, T, model.cfg.vocab_size, seed=3).to(DEVICE)
     full, stepped = prefill_then_decode(model, idx, T1)
