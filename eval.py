@@ -402,8 +402,8 @@ def score(model, tokens, seq_len, batch_size, device, autocast, token_lengths, p
     return total_nats, total_tokens, total_bytes
 
 
-def gates(args, model, config, record, windows, autocast, score):
-    """--task=gates: the gate statistics over the windows, and score = (name, measure): what the model scores
+def gates(args, model, config, record, windows, autocast, metric):
+    """--task=gates: the gate statistics over the windows, and metric = (name, measure): what the model scores
     on them (the loss on text, the accuracy on MQAR), as is and with the content shift taken away."""
     if not any(hasattr(block.mixer, "kind") for block in model.blocks):
         fail(f"{args.out_dir}: the model has no recurrent layer (mixer={model.cfg.mixer!r}): no erase gate "
@@ -411,7 +411,7 @@ def gates(args, model, config, record, windows, autocast, score):
     shift = any(getattr(block.mixer, "has_content", False) for block in model.blocks)
     initial = initial_model(config["seed"], record["model_config"]) if shift else None
     rows = gate_statistics(model, windows, args.batch_size, autocast, initial)
-    name, measure = score
+    name, measure = metric
     value, without = content_shift_worth(model, measure)
     scores = {name: value, **({f"{name}_without_content_shift": without} if without is not None else {})}
     if args.json:

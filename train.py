@@ -336,6 +336,19 @@ def check_data_matches(config, data, resumed_model_config=None):
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
+def load_data(config, resumed_model_config=None):
+    """The run's data, token files (task 'lm') or recall examples ('mqar'), checked against the config
+    (check_data_matches, which also takes vocab_size and doc_start_token from it)."""
+    if config["task"] not in ("lm", "mqar"):
+        raise SystemExit(f"error: task={config['task']!r}: expected 'lm' (token files) or 'mqar' (recall examples)")
+    if config["task"] == "lm":
+        data = TokenData(config["data_dir"], config["seq_len"], config["seed"])
+    else:
+        data = MQARData(config)
+    check_data_matches(config, data, resumed_model_config)
+    return data
+
+
 def atomic_write(path, write):
     """write(tmp_path), flushed to disk, then renamed over path: a crash at any moment (kill -9, power)
     leaves either the old file or the new one, never a part of either."""
@@ -604,13 +617,7 @@ def main(argv):
         raise SystemExit(f"error: {config['out_dir']} already holds checkpoints; pass --init_from=resume to continue "
                          f"that run, or choose another --out_dir (nothing was overwritten)")
 
-    if config["task"] not in ("lm", "mqar"):
-        raise SystemExit(f"error: task={config['task']!r}: expected 'lm' (token files) or 'mqar' (recall examples)")
-    if config["task"] == "lm":
-        data = TokenData(config["data_dir"], config["seq_len"], config["seed"])
-    else:
-        data = MQARData(config)
-    check_data_matches(config, data, checkpoint and checkpoint["config"])
+    data = load_data(config, checkpoint and checkpoint["config"])
     if checkpoint is not None:
         changed = {k: (checkpoint["model_config"][k], config[k]) for k in MODEL_KEYS
                    if checkpoint["model_config"][k] != config[k]}

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
-from model import LM, ModelConfig  # noqa: E402
+from eval import initial_model  # noqa: E402
 
 
 def differing_gradients(passes):
@@ -46,11 +46,8 @@ def main(argv):
     config = train.load_config(rest)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config["device"] == "auto"
                           else config["device"])
-    data = train.TokenData(config["data_dir"], config["seq_len"], config["seed"]) if config["task"] == "lm" \
-        else train.MQARData(config)
-    train.check_data_matches(config, data)
-    torch.manual_seed(config["seed"])
-    model = LM(ModelConfig(**{key: config[key] for key in train.MODEL_KEYS})).to(device)
+    data = train.load_data(config)
+    model = initial_model(config["seed"], config).to(device)   # as train.py builds it
     x, y = (t.to(device) for t in data.train_batch(0, config["micro_batch_size"]))
     autocast = train.autocast_for(config, device)
     # the gradient arriving at each block's input too: where a difference enters the backward, which runs from

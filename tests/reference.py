@@ -170,6 +170,26 @@ def make_state(B, H, K, V, mode, chunk_size, seed=1, prefix=None):
     return CarveState(S.float(), o_sum.float(), delta.float(), offset), content
 
 
+def state_without_content(B, H, K, V, chunk_size, seed):
+    """A state from the reference run over a random prefix of chunk_size + 5 tokens with CARVE's scalar write
+    strength and no content projection (the model's content_rank=0): offset inside a chunk, delta exactly 0."""
+    x = make_inputs(B, chunk_size + 5, H, K, V, "carve", seed=seed)
+    _, (S, o_sum, delta, offset) = reference(*(x[n] for n in NAMES), None, chunk_size=chunk_size)
+    assert not delta.any()
+    return CarveState(S.float(), o_sum.float(), delta.float(), offset)
+
+
+def assert_bits_on_gpu(got, want, interpreter_rtol):
+    """Bit-equal on a GPU. In Triton's interpreter the products are numpy's, whose rounding can depend on a
+    tile's width (OpenBLAS on an AMD EPYC: one float32 ulp apart), so there within interpreter_rtol, relative to
+    each entry and to want's largest."""
+    if want.is_cuda:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=interpreter_rtol,
+                                   atol=interpreter_rtol * want.float().abs().max())
+
+
 def model_style_gates(B, T, H, K, seed, fast_channels=0, fast_value=-20.0):
     """g = -exp(A_log) * softplus(f + dt_bias) as the model computes it (A_log ~ log U(1, 16), dt_bias
     the inverse softplus of a log-uniform dt in [1e-3, 1e-1]); the first `fast_channels` key

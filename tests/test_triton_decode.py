@@ -23,7 +23,7 @@ from carve_kernel import CarveState, backend_for, causal_conv_silu_torch, chunk_
 from model import LM
 from reference import (DEVICE, NAMES, TOL_BF16, TOL_FWD, TOL_LOGITS, assert_error, assert_rel, gate_sweep,
                        make_inputs, make_state, needs_triton, perturb, prefill_then_decode, reference, run_reference,
-                       tiny, tokens)
+                       state_without_content, tiny, tokens)
 
 
 def on_device(x, state, dtype):
@@ -95,11 +95,7 @@ def test_parity_without_content(dtype):
     B, H, T, K, V, C = 2, 2, 13, 16, 24, 8
     x = make_inputs(B, T, H, K, V, "carve", seed=5)
     del x["D"], x["U"]
-    prefix = make_inputs(B, C + 5, H, K, V, "carve", seed=6)
-    _, (S, o_sum, delta, offset) = reference(*(prefix[n] for n in ("q", "k", "v", "g", "b_logit", "w")), None,
-                                             chunk_size=C)
-    assert not delta.any()
-    for state in (None, CarveState(S.float(), o_sum.float(), delta.float(), offset)):
+    for state in (None, state_without_content(B, H, K, V, C, seed=6)):
         args, content, state = on_device(x, state, dtype)
         assert content is None
         o, final = recurrent_carve_triton(*args, None, initial_state=state, output_final_state=True, chunk_size=C)
