@@ -14,6 +14,7 @@ design; its section numbers are cited below.
     q, k, v = short_conv_qkv(ShortConv(x, weight, doc_start), H, K)   # causal_conv_silu's y as q, k, v views
     y = linear(x, weight, bias=None)   # F.linear; a Triton GEMV for one row without gradient (decode)
     y = swiglu_linear(gate_up, weight)  # F.linear(SiLU(gate) * up, weight), not keeping the product
+    x = embedding(idx, weight)          # F.embedding(idx, weight), its weight gradient the same bits every time
 
     q, k     [B, T, H, K]  L2-normalised here, inside the kernel
     v        [B, T, H, V]  (chunk_carve: q may be a ShortConv(x, weight, doc_start) standing for all three,
@@ -285,6 +286,17 @@ def swiglu_linear(gate_up, weight):
         if backend_for(gate_up) == "triton":
             return torch.ops.carve.swiglu_linear(gate_up, weight)
         return swiglu_linear_torch(gate_up, weight)
+
+
+def embedding(idx, weight):
+    """F.embedding(idx, weight). Where backend_for says triton and the weight needs a gradient, the backward is
+    section 6's kernel, which sums each token's rows in one fixed order: PyTorch's CUDA backward adds repeated
+    tokens with atomics in whatever order they land, and on an H200 its gradient was the one in the whole model
+    that differed between two identical passes, so no two runs of one command logged the same losses
+    (docs/DESIGN.md section 8)."""
+    if backend_for(weight) == "triton" and torch.is_grad_enabled() and weight.requires_grad:
+        return torch.ops.carve.embedding(idx, weight)
+    return F.embedding(idx, weight)
 
 
 # ============================================================================================
@@ -2364,6 +2376,44 @@ def _swiglu_kernel(gate_up, dh, d_gate_up, h, n_rows, F, s_row, BACKWARD: tl.con
         tl.store(d_gate_up + p_grad, (d_silu * s * (1.0 + g * (1.0 - s))).to(dt), mask=mask)
         tl.store(d_gate_up + p_grad + F, (d * silu).to(dt), mask=mask)
 
+# The token embedding's weight gradient, without atomics: the token positions sorted by token id (a stable
+# sort), then one program per (token, column block) adds that token's gradient rows in sorted order,
+# EMBED_ROWS at a time into an [EMBED_ROWS, EMBED_COLS] fp32 tile that it sums once at the end. Every call
+# adds in the same order, so the bits repeat; a frequent token costs its program a longer loop, not a race.
+
+EMBED_ROWS, EMBED_COLS = 16, 128
+
+
+def embedding_backward_triton(idx, dy, n_tokens):
+    """The gradient of weight [n_tokens, D] (in dy's dtype) for x = weight[idx], from dy = dL/dx [..., D]."""
+    ids = idx.reshape(-1)
+    dy = dy.reshape(ids.numel(), -1).contiguous()
+    D = dy.shape[1]
+    sorted_ids, order = torch.sort(ids, stable=True)
+    # starts[t] .. starts[t + 1] - 1: where token t's positions lie in `order`
+    starts = torch.searchsorted(sorted_ids, torch.arange(n_tokens + 1, device=ids.device, dtype=ids.dtype))
+    grad = torch.empty(n_tokens, D, dtype=dy.dtype, device=dy.device)
+    _embedding_backward_kernel[(n_tokens, triton.cdiv(D, EMBED_COLS))](
+        dy=dy, order=order, starts=starts, grad=grad, D=D, ROWS=EMBED_ROWS, COLS=EMBED_COLS)
+    return grad
+
+
+@triton_jit
+def _embedding_backward_kernel(dy, order, starts, grad, D, ROWS: tl.constexpr, COLS: tl.constexpr):
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    m_cols = cols < D
+    first = tl.load(starts + token)
+    end = tl.load(starts + token + 1)
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    for p0 in range(first, end, ROWS):
+        p = p0 + tl.arange(0, ROWS)
+        m_p = p < end
+        rows = tl.load(order + p, mask=m_p, other=0)
+        acc += tl.load(dy + rows[:, None] * D + cols[None, :], mask=m_p[:, None] & m_cols[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(grad + token.to(tl.int64) * D + cols, tl.sum(acc, axis=0).to(grad.dtype.element_ty), mask=m_cols)
+
 # ============================================================================================
 # 7. Custom ops: each Triton launcher behind a torch.library op, so torch.compile sees one opaque
 #    node instead of a launch it cannot trace, and the graph does not break
@@ -2612,3 +2662,29 @@ if triton is not None:
     def _(dy, gate_up, weight, weight_grad):
         return [torch.empty_like(gate_up, memory_format=torch.contiguous_format),
                 *([weight.new_empty(weight.shape)] if weight_grad else [])]
+
+    @torch.library.custom_op("carve::embedding", mutates_args=())
+    def _embedding_op(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, weight)
+
+    @_embedding_op.register_fake
+    def _(idx, weight):
+        return weight.new_empty((*idx.shape, weight.shape[1]))
+
+    def _embedding_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.n_tokens = inputs[1].shape[0]
+
+    def _embedding_backward(ctx, dy):
+        idx, = ctx.saved_tensors
+        return None, torch.ops.carve.embedding_bwd(idx, dy, ctx.n_tokens)
+
+    torch.library.register_autograd("carve::embedding", _embedding_backward, setup_context=_embedding_setup_context)
+
+    @torch.library.custom_op("carve::embedding_bwd", mutates_args=())
+    def _embedding_bwd_op(idx: torch.Tensor, dy: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        return embedding_backward_triton(idx, dy, n_tokens)
+
+    @_embedding_bwd_op.register_fake
+    def _(idx, dy, n_tokens):
+        return dy.new_empty((n_tokens, dy.shape[-1]))

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from carve_kernel import (CarveState, DecayGate, GateProjection, ShortConv, backend_for, causal_conv_silu, chunk_carve,
-                          fused_decode_step, linear, output_norm_gate, recurrent_carve, swiglu, swiglu_linear,
-                          zero_state)
+                          embedding, fused_decode_step, linear, output_norm_gate, recurrent_carve, swiglu,
+                          swiglu_linear, zero_state)
 
 MIXERS = ("carve", "gdn2", "attn")
 
@@ -480,7 +480,7 @@ class LM(nn.Module):
                                      f"(doc_start_token) may only come first in a prompt")
             elif starts[:, 1:].any():
                 doc_id = starts.cumsum(dim=1)
-        x = self.embed(idx)
+        x = embedding(idx, self.embed.weight)
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, None, doc_id, use_reentrant=False)
