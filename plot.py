@@ -192,7 +192,8 @@ def draw(kind, inputs, output):
             ax.set_xlabel("tokens seen")
             ax.xaxis.set_major_formatter(EngFormatter())   # 200k, 1M: raw counts run into each other
             ax.set_title(metric.replace("_", " "))
-            ax.legend()
+        # one legend, right of the panels: in every panel, nine runs' labels covered the curves
+        axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     elif kind == "mqar":
         settings = best_over_learning_rates(mqar_points(inputs))
         # a panel for each of pairs and width that takes more than one value (one point a line says nothing)
@@ -250,7 +251,8 @@ def draw(kind, inputs, output):
         ax.set_title("passkey retrieval")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
+    # curves: grown to take in its legend, outside the panels
+    fig.savefig(output, dpi=120, bbox_inches="tight" if kind == "curves" else None)
     plt.close(fig)
 
 
