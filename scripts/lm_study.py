@@ -8,6 +8,7 @@ seeds), the table of every learning rate, and the curves.
     python scripts/lm_study.py --out_dir=out/lm_study --mixers=carve,gdn2,attn --params=12e6 \\
         --lrs=1e-3,2e-3,4e-3 --seeds=1,2,3 --parallel=4
     python scripts/lm_study.py ... --max_steps=600 --data_dir=data/shakespeare_byte   # any train.py key, every run
+    python scripts/lm_study.py ... --report     # the table of the runs that finished; none trains
 
 Runs start from configs/study_lm.py. Each mixer gets the SwiGLU width (mlp_hidden, a multiple of 16)
 that brings the parameters in its blocks to --params; a mixer that cannot come within 2% stops the
@@ -90,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--lrs", default="1e-3,2e-3,4e-3")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default: %(default)s)")
+    parser.add_argument("--report", action="store_true", help="the table of the study's finished runs; train none")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--")]
     if bad:
@@ -113,7 +115,7 @@ def main(argv=None):
     log(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time")
     runs = [(run_args(mixer, widths[mixer][0], lr, seed, run_dir(args.out_dir, mixer, lr, seed), overrides),
              run_dir(args.out_dir, mixer, lr, seed)) for mixer, lr, seed in grid]
-    failures = train_runs(runs, base["max_steps"], args.parallel, log)
+    failures = train_runs(runs, base["max_steps"], args.parallel, log, args.report)
 
     rows, best_dirs = [], []
     for mixer in mixers:

@@ -7,6 +7,7 @@ example's first and last query, which differ when recall fades with the query's 
     python scripts/mqar_sweep.py --out_dir=out/mqar_sweep --mixers=carve,gdn2,attn,carve+attn \\
         --widths=64,128,256 --pairs=4,8,16,32,64 --lrs=1e-4,3e-4,1e-3,3e-3 --seeds=1,2,3 --parallel=4
     python scripts/mqar_sweep.py ... --max_steps=2000 --seq_len=512     # any train.py key, to every run
+    python scripts/mqar_sweep.py ... --report      # the table of the runs that finished; none trains
 
 Runs start from configs/mqar.py. A mixer is train.py's `mixer` with '+' for ',' (carve+attn: a hybrid);
 each run has heads of min(64, d_model) dimensions, d_model / 64 of them (at least one), and min_lr
@@ -78,9 +79,15 @@ def run_one(args, directory, max_steps, log, env):
     return "trained"
 
 
-def train_runs(runs, max_steps, parallel, log):
+def train_runs(runs, max_steps, parallel, log, report=False):
     """Trains each (train.py arguments, run directory) of `runs` (run_one), `parallel` at a time. Returns the
-    [(directory, why)] of the runs that failed, each also logged."""
+    [(directory, why)] of the runs that failed, each also logged. report: train none, log the unfinished ones."""
+    if report:
+        unfinished = [os.path.basename(directory) for _, directory in runs if not finished(directory, max_steps)]
+        if unfinished:
+            log(f"--report: {len(unfinished)} of {len(runs)} runs not finished, not in the table (none trained): "
+                + ", ".join(unfinished))
+        return []
     # runs side by side share the CPU cores: each its share of threads (oversubscribed, OpenMP's spinning
     # threads made two 2-thread runs on 2 cores 10x slower than one)
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, parallel))), **os.environ}
@@ -102,6 +109,7 @@ def main(argv=None):
     parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default: %(default)s)")
+    parser.add_argument("--report", action="store_true", help="the table of the grid's finished runs; train none")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--")]
     if bad:
@@ -118,7 +126,7 @@ def main(argv=None):
     print(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time", file=sys.stderr, flush=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     failures = train_runs([(run_args(*cell, run_dir(args.out_dir, *cell), overrides), run_dir(args.out_dir, *cell))
-                           for cell in grid], max_steps, args.parallel, log)
+                           for cell in grid], max_steps, args.parallel, log, args.report)
     done = [run_dir(args.out_dir, *cell) for cell in grid if finished(run_dir(args.out_dir, *cell), max_steps)]
     settings = plot.best_over_learning_rates(plot.mqar_points(done))
     def mean(values):   # None when a record predates the first- and last-query accuracies

@@ -215,3 +215,10 @@ def test_the_sweep_trains_each_cell_once_and_tables_the_best_learning_rate(tmp_p
         json.dump({k: v for k, v in json.load(open(record)).items() if not k.endswith("_query")}, open(record, "w"))
     table = second_call_output(sweep, argv, out, capsys)
     assert "| carve | 32 | 2 | 1 |" in table and table.rstrip().endswith("| - | - |")
+    # --report over a larger grid: the finished runs' table, and the runs of seed 2 named but not started
+    sweep.main([*argv, "--seeds=1,2", "--report"])
+    printed = capsys.readouterr()
+    assert "| carve | 32 | 2 | 1 |" in printed.out
+    assert ("--report: 2 of 4 runs not finished, not in the table (none trained): carve_d32_p2_lr0.001_seed2, "
+            "carve_d32_p2_lr0.01_seed2") in printed.err
+    assert not list(out.glob("*_seed2"))
