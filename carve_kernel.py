@@ -2038,7 +2038,7 @@ def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit
 
 # ============================================================================================
 # 6. Triton layer pieces: the causal conv + SiLU, the output norm and gate, the batch-1 GEMV
-#    (docs/DESIGN.md section 6)
+#    (docs/DESIGN.md section 6), the MLP's SiLU(gate) * up, the embedding's ordered backward (section 8)
 # ============================================================================================
 # Each replaces some ten torch kernels and their fp32 intermediates by one kernel each way; each
 # backward recomputes what its forward computed from the inputs (one more read) rather than storing it.
