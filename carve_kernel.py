@@ -2387,7 +2387,7 @@ EMBED_ROWS, EMBED_COLS = 16, 128
 def embedding_backward_triton(idx, dy, n_tokens):
     """The gradient of weight [n_tokens, D] (in dy's dtype) for x = weight[idx], from dy = dL/dx [..., D]."""
     ids = idx.reshape(-1)
-    dy = dy.reshape(ids.numel(), -1).contiguous()
+    dy = dy.reshape(-1, dy.shape[-1]).contiguous()
     D = dy.shape[1]
     sorted_ids, order = torch.sort(ids, stable=True)
     # starts[t] .. starts[t + 1] - 1: where token t's positions lie in `order`

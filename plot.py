@@ -180,20 +180,25 @@ def draw(kind, inputs, output):
         data = curves(inputs)
         metrics = [m for m in ("loss", "val_loss", "val_bpb", "val_acc") if any(m in d for d in data.values())]
         fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+        # a run keeps one colour in every panel, though a panel skips the runs that lack its metric
+        colours = {label: f"C{i % 10}" for i, label in enumerate(data)}
+        legend = {}
         for ax, metric in zip(axes[0], metrics):
             for label, series in data.items():
                 if metric in series:
                     tokens, values = series[metric]
                     n = len(values)
-                    line = ax.plot(tokens, values.mean(0), marker="." if len(tokens) < 30 else None,
-                                   label=label + (f" ({n} seeds)" if n > 1 else ""))[0]
+                    name = label + (f" ({n} seeds)" if n > 1 else "")
+                    legend[name] = ax.plot(tokens, values.mean(0), marker="." if len(tokens) < 30 else None,
+                                           color=colours[label])[0]
                     if n > 1:
-                        ax.fill_between(tokens, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+                        ax.fill_between(tokens, values.min(0), values.max(0), color=colours[label], alpha=0.2)
             ax.set_xlabel("tokens seen")
             ax.xaxis.set_major_formatter(EngFormatter())   # 200k, 1M: raw counts run into each other
             ax.set_title(metric.replace("_", " "))
-        # one legend, right of the panels: in every panel, nine runs' labels covered the curves
-        axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+        # one legend of every run, right of the panels: in every panel, nine runs' labels covered the curves
+        axes[0][-1].legend(legend.values(), legend.keys(), loc="upper left", bbox_to_anchor=(1.02, 1),
+                           borderaxespad=0)
     elif kind == "mqar":
         settings = best_over_learning_rates(mqar_points(inputs))
         # a panel for each of pairs and width that takes more than one value (one point a line says nothing)

@@ -107,12 +107,13 @@ def main(argv=None):
     grid = list(itertools.product(mixers, lrs, seeds))
     for mixer, lr, seed in grid:   # every run's config is checked before the first one starts
         train.load_config(run_args(mixer, widths[mixer][0], lr, seed, "unused", overrides))
-    # and the data, where the runs (started in the repository) will look: else every run fails alike
-    train.TokenData(os.path.join(ROOT, base["data_dir"]), base["seq_len"], base["seed"])
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    for mixer, (hidden, params) in widths.items():
-        log(f"{mixer}: mlp_hidden {hidden}, {params:,} parameters in the blocks")
-    log(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time")
+    if not args.report:
+        # and the data, where the runs (started in the repository) will look: else every run fails alike
+        train.TokenData(os.path.join(ROOT, base["data_dir"]), base["seq_len"], base["seed"])
+        for mixer, (hidden, params) in widths.items():
+            log(f"{mixer}: mlp_hidden {hidden}, {params:,} parameters in the blocks")
+        log(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time")
     runs = [(run_args(mixer, widths[mixer][0], lr, seed, run_dir(args.out_dir, mixer, lr, seed), overrides),
              run_dir(args.out_dir, mixer, lr, seed)) for mixer, lr, seed in grid]
     failures = train_runs(runs, base["max_steps"], args.parallel, log, args.report)
@@ -135,6 +136,8 @@ def main(argv=None):
                          "best_lr": lr == best_lr, "seeds": len(result["bpb"]),
                          "val_bpb_mean": float(np.mean(result["bpb"])), "val_bpb_std": float(np.std(result["bpb"])),
                          "tokens_at_best_mean": float(np.mean(result["tokens"]))})
+    if not rows:
+        raise SystemExit(f"lm_study.py: error: none of the study's {len(grid)} runs in {args.out_dir} has finished")
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump({"overrides": overrides, "params_target": args.params, "rows": rows}, f, indent=2)
     print("| mixer | parameters in blocks | mlp_hidden | lr | seeds | best val bpb, mean ± std | tokens at best |")

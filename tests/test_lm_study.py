@@ -40,6 +40,11 @@ def test_study_matches_parameters_trains_once_and_picks_each_mixers_best_lr(tmp_
     assert rows[0]["mlp_hidden"] != rows[2]["mlp_hidden"]   # attention's layer is smaller: a wider MLP
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "| carve |" in second_call_output(study, argv, out, capsys)
+    # --report over more seeds: the finished runs' table, seed 2's runs named and not started
+    study.main([*argv, "--seeds=1,2", "--report"])
+    printed = capsys.readouterr()
+    assert "| carve |" in printed.out and "--report: 4 of 8 runs not finished" in printed.err
+    assert not list(out.glob("*_seed2"))
 
 
 def test_a_target_no_width_can_meet_is_refused_before_training(tmp_path, tmp_path_factory, data_dir):

@@ -222,3 +222,5 @@ def test_the_sweep_trains_each_cell_once_and_tables_the_best_learning_rate(tmp_p
     assert ("--report: 2 of 4 runs not finished, not in the table (none trained): carve_d32_p2_lr0.001_seed2, "
             "carve_d32_p2_lr0.01_seed2") in printed.err
     assert not list(out.glob("*_seed2"))
+    with pytest.raises(SystemExit, match="none of the grid's 2 runs in .*nowhere has finished"):
+        sweep.main([*argv, f"--out_dir={tmp_path / 'nowhere'}", "--report"])

@@ -114,6 +114,26 @@ def test_gates_give_a_layer_its_colour_and_a_run_its_line_style(tmp_path, monkey
     assert looks["seed1, layer 0"][1] == looks["seed1, layer 1"][1] != looks["seed2, layer 0"][1]
 
 
+def test_curves_keep_a_runs_colour_and_list_every_run_once(tmp_path, runs, monkeypatch):
+    """A text run (bits per byte, no accuracy) beside an MQAR run (accuracy, no bits per byte): one legend
+    names both, and each run has one colour in every panel it appears in."""
+    import matplotlib.figure
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    text = tmp_path / "text_run"
+    text.mkdir()
+    (text / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "val_loss": 4.5, "val_bpb": 6.5}]))
+    (text / "meta.json").write_text(json.dumps({"config": {"batch_tokens": 256}}))
+    plot.draw("curves", [str(text), runs["attn_p2_seed1"]], str(tmp_path / "c.png"))
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["loss", "val loss", "val bpb", "val acc"]
+    assert [t.get_text() for t in axes[-1].get_legend().get_texts()] == ["text_run", "attn_p2"]
+    text_colours = {axes[0].lines[0].get_color(), axes[1].lines[0].get_color(), axes[2].lines[0].get_color()}
+    mqar_colours = {axes[0].lines[1].get_color(), axes[1].lines[1].get_color(), axes[3].lines[0].get_color()}
+    assert len(text_colours) == len(mqar_colours) == 1 and text_colours != mqar_colours
+
+
 def test_errors(tmp_path, runs):
     with pytest.raises(SystemExit, match="log.jsonl not found"):
         plot.curves([str(tmp_path)])
