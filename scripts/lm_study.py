@@ -22,7 +22,6 @@ OUT_DIR/curves.png when matplotlib is installed.
 """
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -35,7 +34,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]   # the repository's module
 import plot  # noqa: E402
 import train  # noqa: E402
 from model import LM, ModelConfig  # noqa: E402
-from mqar_sweep import finished, numbers, train_runs  # noqa: E402
+from mqar_sweep import finished, numbers, publish, train_runs  # noqa: E402
 
 BASE_CONFIG = "study_lm"
 STUDY_KEYS = ("mixer", "mlp_hidden", "lr", "min_lr", "seed", "out_dir")   # set per run here, not by overrides
@@ -138,19 +137,13 @@ def main(argv=None):
                          "tokens_at_best_mean": float(np.mean(result["tokens"]))})
     if not rows:
         raise SystemExit(f"lm_study.py: error: none of the study's {len(grid)} runs in {args.out_dir} has finished")
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump({"overrides": overrides, "params_target": args.params, "rows": rows}, f, indent=2)
-    print("| mixer | parameters in blocks | mlp_hidden | lr | seeds | best val bpb, mean ± std | tokens at best |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        lr = f"**{row['lr']:g}**" if row["best_lr"] else f"{row['lr']:g}"
-        print(f"| {row['mixer']} | {row['params']:,} | {row['mlp_hidden']} | {lr} | {row['seeds']} | "
-              f"{row['val_bpb_mean']:.4f} ± {row['val_bpb_std']:.4f} | {row['tokens_at_best_mean'] / 1e6:.1f}M |")
-    if best_dirs:
-        try:
-            plot.draw("curves", best_dirs, os.path.join(args.out_dir, "curves.png"))
-        except SystemExit as e:   # no matplotlib: the table is still there
-            log(str(e))
+    table = [[row["mixer"], f"{row['params']:,}", row["mlp_hidden"],
+              f"**{row['lr']:g}**" if row["best_lr"] else f"{row['lr']:g}", row["seeds"],
+              f"{row['val_bpb_mean']:.4f} ± {row['val_bpb_std']:.4f}", f"{row['tokens_at_best_mean'] / 1e6:.1f}M"]
+             for row in rows]
+    publish(args.out_dir, {"overrides": overrides, "params_target": args.params, "rows": rows},
+            ["mixer", "parameters in blocks", "mlp_hidden", "lr", "seeds", "best val bpb, mean ± std",
+             "tokens at best"], table, ("curves", best_dirs, "curves.png"), log)
     if failures:
         raise SystemExit(f"lm_study.py: {len(failures)} of {len(grid)} runs failed (listed above)")
 

@@ -99,6 +99,22 @@ def train_runs(runs, max_steps, parallel, log, report=False):
     return failures
 
 
+def publish(out_dir, results, header, table, figure, log):
+    """The end of a study: results to OUT_DIR/results.json, the table (header, rows of cells) to stdout in
+    Markdown, and figure = (plot.py kind, its inputs, file name) drawn into OUT_DIR if there is anything to
+    draw and matplotlib is installed (else the table is still there)."""
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    for cells in (header, ["---"] * len(header), *table):
+        print("| " + " | ".join(map(str, cells)) + " |")
+    kind, inputs, name = figure
+    if inputs:
+        try:
+            plot.draw(kind, inputs, os.path.join(out_dir, name))
+        except SystemExit as e:
+            log(str(e))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,19 +156,15 @@ def main(argv=None):
              "first_query_mean": mean([run.first_query for run in runs]),
              "last_query_mean": mean([run.last_query for run in runs])}
             for (mixer, width, pair), runs in sorted(settings.items())]
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump({"overrides": overrides, "lrs": lrs, "rows": rows}, f, indent=2)
-    print("| mixer | d_model | pairs | seeds | accuracy (best lr a seed), mean ± std | first query | last query |")
-    print("|---|---|---|---|---|---|---|")
+    table = []
     for row in rows:
         first, last = (f"{row[key]:.3f}" if row[key] is not None else "-" for key in ("first_query_mean",
                                                                                         "last_query_mean"))
-        print(f"| {row['mixer']} | {row['d_model']} | {row['mqar_pairs']} | {row['seeds']} | "
-              f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | {first} | {last} |")
-    try:
-        plot.draw("mqar", done, os.path.join(args.out_dir, "mqar.png"))
-    except SystemExit as e:   # no matplotlib: the table is still there
-        log(str(e))
+        table.append([row["mixer"], row["d_model"], row["mqar_pairs"], row["seeds"],
+                      f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f}", first, last])
+    publish(args.out_dir, {"overrides": overrides, "lrs": lrs, "rows": rows},
+            ["mixer", "d_model", "pairs", "seeds", "accuracy (best lr a seed), mean ± std", "first query",
+             "last query"], table, ("mqar", done, "mqar.png"), log)
     if failures:
         raise SystemExit(f"mqar_sweep.py: {len(failures)} of {len(grid)} runs failed (listed above)")
 
