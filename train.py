@@ -333,9 +333,6 @@ def check_data_matches(config, data, resumed_model_config=None):
                          f"but {config['data_dir']} holds {meta['tokenizer']!r} tokens")
 
 
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-
 def load_data(config, resumed_model_config=None):
     """The run's data, token files (task 'lm') or recall examples ('mqar'), checked against the config
     (check_data_matches, which also takes vocab_size and doc_start_token from it)."""
@@ -348,6 +345,9 @@ def load_data(config, resumed_model_config=None):
     check_data_matches(config, data, resumed_model_config)
     return data
 
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
 
 def atomic_write(path, write):
     """write(tmp_path), flushed to disk, then renamed over path: a crash at any moment (kill -9, power)

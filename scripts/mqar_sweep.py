@@ -139,9 +139,9 @@ def main(argv=None):
     for mixer, width, pair, lr, seed in grid:
         config = train.load_config(run_args(mixer, width, pair, lr, seed, "unused", overrides))
         max_steps = config["max_steps"]
-    if not args.report:
-        print(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time", file=sys.stderr, flush=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if not args.report:
+        log(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time")
     failures = train_runs([(run_args(*cell, run_dir(args.out_dir, *cell), overrides), run_dir(args.out_dir, *cell))
                            for cell in grid], max_steps, args.parallel, log, args.report)
     done = [run_dir(args.out_dir, *cell) for cell in grid if finished(run_dir(args.out_dir, *cell), max_steps)]
