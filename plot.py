@@ -6,13 +6,15 @@ Plots as PNG files from train.py runs and eval.py results (needs matplotlib: pip
     python plot.py passkey carve.json gdn2.json -o passkey.png
 
 curves: the training loss and the validation loss / bits per byte / accuracy against tokens seen,
-one line per run directory (its log.jsonl); runs whose names differ only in a trailing `_seedN` are
-one line, their mean, with the range of the seeds shaded.
+one line per run directory (its log.jsonl); runs of one folder whose names differ only in a trailing
+`_seedN` are one line, their mean, with the range of the seeds shaded.
 
 mqar: each run directory's newest record (meta.json of a train.py --task=mqar run): the final
 accuracy against mqar_pairs, one line per (mixer, d_model), and against d_model, one line per (mixer,
 mqar_pairs); several runs of one setting (seeds, learning rates: the best learning rate counts, as in
-Zoology) show as the mean over seeds of each seed's best, with error bars of their standard deviation.
+Zoology) show as the mean over seeds of each seed's best, with error bars of their standard deviation,
+and each seed's best as a dot (a run either learns or stays at chance, so a mean of 0.66 is two
+seeds that learnt and one that did not). CARVE runs with --content_rank=0 are a mixer of their own.
 
 passkey: files of `eval.py --task=passkey --json` output; accuracy against context length (mean over
 depths), one line per file.
@@ -62,9 +64,15 @@ def curves(run_dirs):
     """{label: {metric: (tokens [n], values [seeds, n])}} of each group of runs that differ only in their
     seed suffix; metrics: loss and the validation ones the runs logged. Runs of one group are cut to the
     steps they all logged."""
-    groups = defaultdict(list)
+    by_folder = defaultdict(list)
     for run_dir in run_dirs:
-        groups[SEED_SUFFIX.sub("", os.path.basename(os.path.normpath(run_dir)))].append(run_dir)
+        parent, name = os.path.split(os.path.normpath(run_dir))
+        by_folder[(parent, SEED_SUFFIX.sub("", name))].append(run_dir)
+    # a name in two folders (a study and its ablation: out/study_lm/carve_lr0.002_seed1 and
+    # out/study_lm_rank0/carve_lr0.002_seed1) is two lines labelled with their folders, not one mean
+    names = [name for _, name in by_folder]
+    groups = {(name if names.count(name) == 1 else f"{os.path.basename(parent)}/{name}"): dirs
+              for (parent, name), dirs in by_folder.items()}
     result = {}
     for label, dirs in groups.items():
         per_metric = defaultdict(list)
@@ -109,9 +117,15 @@ def mqar_points(run_dirs):
         if record.get("task") != "mqar":
             fail(f"{run_dir} is not a train.py --task=mqar run (its meta.json says task {record.get('task')!r})")
         config = record["config"]
-        points.append(MqarRun(config["mixer"], config["d_model"], config["mqar_pairs"], config["seed"], config["lr"],
+        points.append(MqarRun(mixer_label(config), config["d_model"], config["mqar_pairs"], config["seed"], config["lr"],
                               record["val_acc"], record.get("val_acc_first_query"), record.get("val_acc_last_query")))
     return points
+
+
+def mixer_label(config):
+    """The mixer as the plot names it: CARVE without its content shift is not CARVE."""
+    without_content = "carve" in config["mixer"] and config.get("content_rank") == 0
+    return config["mixer"] + (" (content_rank 0)" if without_content else "")
 
 
 def best_over_learning_rates(points):
@@ -218,7 +232,14 @@ def draw(kind, inputs, output):
                 ax.errorbar([r[0] for r in rows], [np.mean(r[1]) for r in rows], yerr=[np.std(r[1]) for r in rows],
                             marker="o", capsize=3, color=colors[mixer], linestyle=styles.get(other, "-"),
                             label=f"{mixer}, {line_label} {other}")
+                # the seeds, nudged sideways by mixer so that runs at one accuracy (often 0) stay apart
+                nudge = 2 ** (0.04 * (list(colors).index(mixer) - (len(colors) - 1) / 2))
+                seeds = [(x * nudge, accuracy) for x, accuracies in rows for accuracy in accuracies]
+                ax.scatter(*zip(*seeds), s=16, color=colors[mixer], alpha=0.6, linewidths=0)
             ax.set_xscale("log", base=2)
+            ticks = sorted({setting[x_index] for setting in settings})
+            ax.set_xticks(ticks, [str(tick) for tick in ticks])   # 64, not 2^6
+            ax.minorticks_off()
             ax.set_xlabel(x_label)
             ax.set_ylabel("accuracy")
             ax.set_ylim(-0.02, 1.02)

@@ -38,6 +38,16 @@ def test_curves_group_seeds(runs):
     assert data["carve_p2"]["val_acc"][1].shape == (2, 2) and "val_bpb" not in data["carve_p2"]
 
 
+def test_curves_keep_one_name_in_two_folders_apart(runs, tmp_path):
+    import shutil
+    for folder in ("study", "ablation"):
+        shutil.copytree(runs["carve_p2_seed1"], tmp_path / folder / "carve_p2_seed1")
+    data = plot.curves([str(tmp_path / "study" / "carve_p2_seed1"), str(tmp_path / "ablation" / "carve_p2_seed1"),
+                        runs["attn_p2_seed1"]])
+    assert set(data) == {"study/carve_p2", "ablation/carve_p2", "attn_p2"}
+    assert data["study/carve_p2"]["loss"][1].shape[0] == 1
+
+
 def test_mqar_takes_the_best_learning_rate_of_each_seed():
     runs = [plot.MqarRun("carve", 64, 8, 1, 1e-3, 0.5, 0.4, 0.6), plot.MqarRun("carve", 64, 8, 1, 3e-3, 0.7, 0.6, 0.8),
             plot.MqarRun("carve", 64, 8, 2, 1e-3, 0.6, None, None), plot.MqarRun("gdn2", 64, 8, 1, 1e-3, 0.2, 0.1, 0.3)]
@@ -48,6 +58,24 @@ def test_mqar_points_read_the_records(runs):
     (run,) = plot.mqar_points([runs["carve_p4_lr_seed1"]])
     assert (run.mixer, run.d_model, run.pairs, run.seed, run.lr) == ("carve", 32, 4, 1, 1e-2)
     assert all(0 <= value <= 1 for value in (run.accuracy, run.first_query, run.last_query))
+
+
+def test_mqar_keeps_carve_without_its_content_shift_apart():
+    assert plot.mixer_label({"mixer": "carve", "content_rank": 0}) == "carve (content_rank 0)"
+    assert plot.mixer_label({"mixer": "carve,attn", "content_rank": 0}) == "carve,attn (content_rank 0)"
+    assert plot.mixer_label({"mixer": "carve", "content_rank": 16}) == "carve"
+    assert plot.mixer_label({"mixer": "gdn2", "content_rank": 0}) == "gdn2"   # content_rank means nothing to it
+
+
+def test_mqar_draws_each_seed_as_a_dot(runs, tmp_path, monkeypatch):
+    import matplotlib.collections
+    import matplotlib.figure
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    plot.draw("mqar", list(runs.values()), str(tmp_path / "m.png"))
+    dots = [c for c in figures[0].axes[0].collections if isinstance(c, matplotlib.collections.PathCollection)]
+    accuracies = sorted(run.accuracy for run in plot.mqar_points(list(runs.values())))
+    assert sorted(y for dot in dots for _, y in dot.get_offsets()) == pytest.approx(accuracies)
 
 
 def test_passkey_means_over_depths(tmp_path):
