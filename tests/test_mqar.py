@@ -206,6 +206,7 @@ def test_the_sweep_trains_each_cell_once_and_tables_the_best_learning_rate(tmp_p
     rows = json.load(open(out / "results.json"))["rows"]
     accuracies = [json.load(open(out / f"carve_d32_p2_lr{lr}_seed1" / "meta.json"))["val_acc"] for lr in ("0.001", "0.01")]
     assert len(rows) == 1 and rows[0]["accuracy_mean"] == max(accuracies) and rows[0]["seeds"] == 1
+    assert rows[0]["seeds_learnt"] == (max(accuracies) > sweep.LEARNT)
     best = json.load(open(out / f"carve_d32_p2_lr{('0.001', '0.01')[accuracies.index(max(accuracies))]}_seed1"
                           / "meta.json"))
     assert (rows[0]["first_query_mean"], rows[0]["last_query_mean"]) == (best["val_acc_first_query"],
