@@ -7,14 +7,16 @@ Plots as PNG files from train.py runs and eval.py results (needs matplotlib: pip
 
 curves: the training loss and the validation loss / bits per byte / accuracy against tokens seen,
 one line per run directory (its log.jsonl); runs of one folder whose names differ only in a trailing
-`_seedN` are one line, their mean, with the range of the seeds shaded.
+`_seedN` are one line, their mean, with the range of the seeds shaded. A name found in two folders is
+two lines, each labelled with its folder.
 
 mqar: each run directory's newest record (meta.json of a train.py --task=mqar run): the final
 accuracy against mqar_pairs, one line per (mixer, d_model), and against d_model, one line per (mixer,
 mqar_pairs); several runs of one setting (seeds, learning rates: the best learning rate counts, as in
 Zoology) show as the mean over seeds of each seed's best, with error bars of their standard deviation,
-and each seed's best as a dot (a run either learns or stays at chance, so a mean of 0.66 is two
-seeds that learnt and one that did not). CARVE runs with --content_rank=0 are a mixer of their own.
+and each seed's best as a dot right of the mean (a run mostly either learns or stays at chance, so a
+mean of 0.66 can be two seeds that learnt and one that did not). CARVE runs with --content_rank=0 are
+a mixer of their own, "carve (content_rank 0)".
 
 passkey: files of `eval.py --task=passkey --json` output; accuracy against context length (mean over
 depths), one line per file.
@@ -66,12 +68,12 @@ def curves(run_dirs):
     steps they all logged."""
     by_folder = defaultdict(list)
     for run_dir in run_dirs:
-        parent, name = os.path.split(os.path.normpath(run_dir))
+        parent, name = os.path.split(os.path.abspath(run_dir))
         by_folder[(parent, SEED_SUFFIX.sub("", name))].append(run_dir)
     # a name in two folders (a study and its ablation: out/study_lm/carve_lr0.002_seed1 and
     # out/study_lm_rank0/carve_lr0.002_seed1) is two lines labelled with their folders, not one mean
     names = [name for _, name in by_folder]
-    groups = {(name if names.count(name) == 1 else f"{os.path.basename(parent)}/{name}"): dirs
+    groups = {(name if names.count(name) == 1 else os.path.join(os.path.relpath(parent), name)): dirs
               for (parent, name), dirs in by_folder.items()}
     result = {}
     for label, dirs in groups.items():
@@ -232,10 +234,11 @@ def draw(kind, inputs, output):
                 ax.errorbar([r[0] for r in rows], [np.mean(r[1]) for r in rows], yerr=[np.std(r[1]) for r in rows],
                             marker="o", capsize=3, color=colors[mixer], linestyle=styles.get(other, "-"),
                             label=f"{mixer}, {line_label} {other}")
-                # the seeds, nudged sideways by mixer so that runs at one accuracy (often 0) stay apart
-                nudge = 2 ** (0.04 * (list(colors).index(mixer) - (len(colors) - 1) / 2))
+                # the seeds, right of their mean and each line at its own distance, so that no mean marker
+                # or other line's seeds cover them (runs at one accuracy, often 0, are common)
+                nudge = 2 ** (0.05 * (sorted(lines).index((mixer, other)) + 1))
                 seeds = [(x * nudge, accuracy) for x, accuracies in rows for accuracy in accuracies]
-                ax.scatter(*zip(*seeds), s=16, color=colors[mixer], alpha=0.6, linewidths=0)
+                ax.scatter(*zip(*seeds), s=16, color=colors[mixer], alpha=0.6, linewidths=0, zorder=3)
             ax.set_xscale("log", base=2)
             ticks = sorted({setting[x_index] for setting in settings})
             ax.set_xticks(ticks, [str(tick) for tick in ticks])   # 64, not 2^6

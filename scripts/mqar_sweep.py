@@ -1,8 +1,9 @@
 """
 A grid of MQAR runs (train.py --task=mqar) as in the Zoology benchmark: mixers x widths x key-value pairs
 x learning rates x seeds, each run in its own folder, then a table of the accuracy of each setting (the
-best learning rate of each seed; mean and standard deviation over seeds, and the means on each
-example's first and last query, which differ when recall fades with the query's order) and the plot.
+best learning rate of each seed; mean and standard deviation over seeds, how many seeds passed
+accuracy 0.5, and the means on each example's first and last query, which differ when recall fades with
+the query's order) and the plot. With --content_rank=0 the mixer reads "carve (content_rank 0)".
 
     python scripts/mqar_sweep.py --out_dir=out/mqar_sweep --mixers=carve,gdn2,attn,carve+attn \\
         --widths=64,128,256 --pairs=4,8,16,32,64 --lrs=1e-4,3e-4,1e-3,3e-3 --seeds=1,2,3 --parallel=4

@@ -38,14 +38,17 @@ def test_curves_group_seeds(runs):
     assert data["carve_p2"]["val_acc"][1].shape == (2, 2) and "val_bpb" not in data["carve_p2"]
 
 
-def test_curves_keep_one_name_in_two_folders_apart(runs, tmp_path):
+def test_curves_keep_one_name_in_two_folders_apart(runs, tmp_path, monkeypatch):
     import shutil
-    for folder in ("study", "ablation"):
-        shutil.copytree(runs["carve_p2_seed1"], tmp_path / folder / "carve_p2_seed1")
-    data = plot.curves([str(tmp_path / "study" / "carve_p2_seed1"), str(tmp_path / "ablation" / "carve_p2_seed1"),
+    for folder in ("study", "ablation", "a/study", "b/study"):
+        for seed in (1, 2):
+            shutil.copytree(runs[f"carve_p2_seed{seed}"], tmp_path / folder / f"carve_p2_seed{seed}")
+    monkeypatch.chdir(tmp_path)
+    data = plot.curves(["study/carve_p2_seed1", str(tmp_path / "study" / "carve_p2_seed2"),  # one folder, two spellings
+                        "ablation/carve_p2_seed1", "a/study/carve_p2_seed1", "b/study/carve_p2_seed1",
                         runs["attn_p2_seed1"]])
-    assert set(data) == {"study/carve_p2", "ablation/carve_p2", "attn_p2"}
-    assert data["study/carve_p2"]["loss"][1].shape[0] == 1
+    assert set(data) == {"study/carve_p2", "ablation/carve_p2", "a/study/carve_p2", "b/study/carve_p2", "attn_p2"}
+    assert data["study/carve_p2"]["loss"][1].shape[0] == 2 and data["a/study/carve_p2"]["loss"][1].shape[0] == 1
 
 
 def test_mqar_takes_the_best_learning_rate_of_each_seed():
@@ -73,9 +76,14 @@ def test_mqar_draws_each_seed_as_a_dot(runs, tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
     plot.draw("mqar", list(runs.values()), str(tmp_path / "m.png"))
-    dots = [c for c in figures[0].axes[0].collections if isinstance(c, matplotlib.collections.PathCollection)]
+    ax = figures[0].axes[0]
+    dots = [c for c in ax.collections if isinstance(c, matplotlib.collections.PathCollection)]
     accuracies = sorted(run.accuracy for run in plot.mqar_points(list(runs.values())))
     assert sorted(y for dot in dots for _, y in dot.get_offsets()) == pytest.approx(accuracies)
+    # right of their mean (pairs 2 or 4), each line at its own distance, drawn over the lines and markers
+    offsets = {round(x, 6) for dot in dots for x, _ in dot.get_offsets()}
+    assert all(x > 4 or 2 < x < 4 for x in offsets) and len({x for x in offsets if x < 4}) == 2
+    assert min(dot.get_zorder() for dot in dots) > max(line.get_zorder() for line in ax.lines)
 
 
 def test_passkey_means_over_depths(tmp_path):
