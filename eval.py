@@ -23,9 +23,12 @@ queried values the model predicts exactly (argmax at the query), over examples o
 mqar_examples. By default the checkpoint's own test set (its seq_len, mqar_pairs, mqar_seed); --seq_len,
 --mqar_pairs and --examples ask for other settings (the test stream of the same seed). It also gives
 the accuracy by the query's order in its example (accuracy_by_query_order, first to last): whether
-recall holds for the later queries, further from the pairs. (On a task that showed each answer after
-its query, it exposed elimination: right on the last queries only, by naming the value not yet asked
-for; mqar_examples never shows them.)
+recall holds for the later queries, further from the pairs. On a GPU it can differ from the accuracy in
+the run's record in the fourth decimal (0.41088 against 0.41094 in one H200 run; on a CPU they agree at
+any --batch_size): eval.py runs --batch_size examples at a time (8), train.py its micro_batch_size, and
+in bf16 other shapes round differently and flip a few near-tied argmaxes. (On a task that showed each
+answer after its query, it exposed elimination: right on the last queries only, by naming the value
+not yet asked for; mqar_examples never shows them.)
 
 --task=harness runs lm-evaluation-harness tasks (pip install lm-eval) through HarnessAdapter, e.g.
 --harness_tasks=wikitext,lambada_openai,piqa,hellaswag,arc_easy,winogrande; the harness downloads their
