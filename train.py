@@ -106,10 +106,15 @@ def resolve_config_path(arg):
     raise SystemExit(f"error: config file {arg!r} not found.{hint} Available: {', '.join(known)}")
 
 
-USAGE = """usage: python train.py [CONFIG] [--key=value ...]
+# What a bare `python train.py [--key=value ...]` trains: the small default run. DEFAULTS alone would build
+# the 1.3B model (ModelConfig's defaults) on the Shakespeare bytes.
+DEFAULT_CONFIG = "carve_shakespeare"
 
-CONFIG is a config file; a bare name such as carve_1b3 resolves in configs/. --key=value overrides a key
-after the config (values are Python literals; anything else is a string). Keys and their defaults:"""
+USAGE = f"""usage: python train.py [CONFIG] [--key=value ...]
+
+CONFIG is a config file; a bare name such as carve_1b3 resolves in configs/; without one,
+configs/{DEFAULT_CONFIG}.py. --key=value overrides a key after the config (values are Python literals;
+anything else is a string). Keys and their defaults (a config file sets some of them):"""
 
 
 def print_help():
@@ -122,6 +127,9 @@ def print_help():
     print(USAGE)
     lines = [line.strip() for line in block.splitlines()]
     for previous, line in zip([""] + lines, lines):
+        if line.startswith("#  "):  # the key above's comment, continued: under that comment
+            print(" " * 42 + line[1:].strip())
+            continue
         if line.startswith("#"):  # a group heading, perhaps over several lines
             print(line if previous.startswith("#") else "\n" + line)
             continue
@@ -153,6 +161,8 @@ def check_type(key, value, source):
 
 
 def load_config(argv):
+    if all(arg.startswith("--") for arg in argv):
+        argv = [DEFAULT_CONFIG, *argv]
     config = dict(DEFAULTS)
     for arg in argv:
         if arg.startswith("--"):

@@ -35,6 +35,9 @@ def differing_gradients(passes):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        return
     passes = 3
     rest = []
     for arg in argv:

@@ -52,3 +52,8 @@ def test_a_cpu_step_repeats_and_an_unrepeatable_one_is_named(shakespeare, capsys
 def test_one_pass_is_refused():
     with pytest.raises(SystemExit, match="--passes must be at least 2"):
         load_script("grad_repeatability").main(["--passes=1"])
+
+
+def test_help_prints_the_usage_and_trains_nothing(capsys):
+    load_script("grad_repeatability").main(["--help"])
+    assert "python scripts/grad_repeatability.py study_lm" in capsys.readouterr().out

@@ -260,3 +260,13 @@ def test_fineweb_streams_until_the_token_target(monkeypatch, tmp_path, capsys):
     assert next(rows_read) < 2_000 + 2 * 64 * 2
     assert meta["source"].startswith("HuggingFaceFW/fineweb-edu name=sample-10BT")
     assert "[##############################] 100.0%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, status, shown", [(["--help"], 0, "python scripts/fetch_bpe.py [CACHE_DIR]"),
+                                                 (["a", "b"], 1, "takes one argument, the cache folder")])
+def test_fetch_bpe_help_and_extra_arguments_make_no_folder(tmp_path, args, status, shown):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fetch_bpe.py"
+    result = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == status and shown in result.stdout + result.stderr
+    assert not list(tmp_path.iterdir())   # before the fix, --help became a cache folder named '--help'

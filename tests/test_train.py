@@ -190,3 +190,13 @@ def test_help_lists_every_key_with_its_default_and_comment(args):
                          ("mixer", "comma-separated pattern repeated over the layers")):  # from ModelConfig
         assert any(f"--{key}=" in line and line.endswith(comment) for line in lines), (key, comment)
     assert "# optimiser: AdamW, linear warm-up then cosine from lr to min_lr over lr_decay_steps" in lines
+    # a key's comment over two lines continues in the comment column, not as a group heading
+    assert " " * 42 + "mqar_seed (prepare_data.mqar_examples), seq_len tokens each" in lines
+    assert not any(line.startswith("#  ") for line in lines)
+
+
+def test_no_config_file_means_the_default_run():
+    default = train.load_config([train.DEFAULT_CONFIG])
+    assert train.load_config([]) == default and default["d_model"] < train.DEFAULTS["d_model"]   # not the 1.3B
+    assert train.load_config(["--max_steps=5"]) == {**default, "max_steps": 5}
+    assert train.load_config(["gdn2_shakespeare"])["mixer"] == "gdn2"
