@@ -114,7 +114,8 @@ USAGE = f"""usage: python train.py [CONFIG] [--key=value ...]
 
 CONFIG is a config file; a bare name such as carve_1b3 resolves in configs/; without one,
 configs/{DEFAULT_CONFIG}.py. --key=value overrides a key after the config (values are Python literals;
-anything else is a string). Keys and their defaults (a config file sets some of them):"""
+anything else is a string). Keys and their defaults, which a config file (also the one applied without
+CONFIG) changes:"""
 
 
 def print_help():

@@ -199,4 +199,4 @@ def test_no_config_file_means_the_default_run():
     default = train.load_config([train.DEFAULT_CONFIG])
     assert train.load_config([]) == default and default["d_model"] < train.DEFAULTS["d_model"]   # not the 1.3B
     assert train.load_config(["--max_steps=5"]) == {**default, "max_steps": 5}
-    assert train.load_config(["gdn2_shakespeare"])["mixer"] == "gdn2"
+    assert train.load_config(["mqar"])["eval_tokens"] == train.DEFAULTS["eval_tokens"] != default["eval_tokens"]
