@@ -119,8 +119,9 @@ def mqar_points(run_dirs):
         if record.get("task") != "mqar":
             fail(f"{run_dir} is not a train.py --task=mqar run (its meta.json says task {record.get('task')!r})")
         config = record["config"]
-        points.append(MqarRun(mixer_label(config), config["d_model"], config["mqar_pairs"], config["seed"], config["lr"],
-                              record["val_acc"], record.get("val_acc_first_query"), record.get("val_acc_last_query")))
+        points.append(MqarRun(mixer_label(config), config["d_model"], config["mqar_pairs"], config["seed"],
+                              config["lr"], record["val_acc"], record.get("val_acc_first_query"),
+                              record.get("val_acc_last_query")))
     return points
 
 

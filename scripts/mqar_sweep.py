@@ -37,7 +37,7 @@ import train  # noqa: E402
 
 HEAD_DIM = 64
 # A run mostly either learns MQAR (0.85 or more) or stays near chance, by the seed: a mean of 0.66 over
-# three seeds is two that learnt and one that did not, so the table also counts the seeds above this.
+# three seeds can be two that learnt and one that did not, so the table also counts the seeds above this.
 LEARNT = 0.5
 
 
