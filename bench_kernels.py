@@ -9,8 +9,8 @@ flash-linear-attention's chunk_gdn2 and chunk_kda, and the decode step against i
 
 flash-linear-attention is optional: `pip install einops && pip install --no-deps fla-core==0.6.0`
 (pure Python) and set FLA_DISABLE_BACKEND_DISPATCH=1. H = 16, K = V = 128, chunk 64, bf16 q, k, v,
-b_logit, w, fp32 g; times are medians of triton.testing.do_bench; peak memory is the most allocated above the inputs during
-one forward + backward. Decode: one step (T = 1), fp32 state, time of the whole call and of its replay
+b_logit, w, fp32 g; times are medians of triton.testing.do_bench; peak memory is the most allocated
+above the inputs during one forward + backward. Decode: one step (T = 1), fp32 state, time of the whole call and of its replay
 in a CUDA graph; state traffic = read + write of S (2 B H K V 4 bytes), against the card's copy
 bandwidth measured in the same run. GEMV: one bf16 row times each 1.3B Linear weight [N, K] (bf16),
 replayed from a CUDA graph and streamed from memory as in a decode step: F.linear (cuBLAS),

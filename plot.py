@@ -229,7 +229,7 @@ def draw(kind, inputs, output):
             for setting, runs in settings.items():
                 lines[(setting[0], setting[line_index])].append((setting[x_index], [run.accuracy for run in runs]))
             styles = {other: style for other, style in zip(sorted({other for _, other in lines}), ("-", "--", ":", "-."))}
-            for (mixer, other), rows in sorted(lines.items()):
+            for line_number, ((mixer, other), rows) in enumerate(sorted(lines.items())):
                 rows.sort()
                 # a mixer keeps its colour in both panels; the other setting (width or pairs) is the line style
                 ax.errorbar([r[0] for r in rows], [np.mean(r[1]) for r in rows], yerr=[np.std(r[1]) for r in rows],
@@ -237,7 +237,7 @@ def draw(kind, inputs, output):
                             label=f"{mixer}, {line_label} {other}")
                 # the seeds, right of their mean and each line at its own distance, so that no mean marker
                 # or other line's seeds cover them (runs at one accuracy, often 0, are common)
-                nudge = 2 ** (0.05 * (sorted(lines).index((mixer, other)) + 1))
+                nudge = 2 ** (0.05 * (line_number + 1))
                 seeds = [(x * nudge, accuracy) for x, accuracies in rows for accuracy in accuracies]
                 ax.scatter(*zip(*seeds), s=16, color=colors[mixer], alpha=0.6, linewidths=0, zorder=3)
             ax.set_xscale("log", base=2)

