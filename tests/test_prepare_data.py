@@ -163,11 +163,59 @@ def test_local_source_default_out_dir_and_errors(tmp_path, monkeypatch):
 
     with pytest.raises(SystemExit, match="no such file or folder"):
         prepare_data.main(["--source", "missing.txt"])
-    with pytest.raises(SystemExit, match="fineweb streams alone"):
-        prepare_data.main(["--source", "fineweb", "book.txt"])
+    for source in (["fineweb", "book.txt"], ["book.txt", "passkey"]):
+        with pytest.raises(SystemExit, match="fineweb and passkey stand alone"):
+            prepare_data.main(["--source", *source])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .txt or .md files"):
         prepare_data.main(["--source", "empty"])
+
+
+def test_passkey_text():
+    """The needle sits at the asked depth of the filler, the prompt has the asked length (within one
+    filler sentence), and it ends with the question."""
+    tokenizer = prepare_data.get_tokenizer("byte")
+    sentence = len(prepare_data.PASSKEY_FILLER)
+    needle = prepare_data.PASSKEY_NEEDLE.format(key="12345")
+    for context in (300, 1000):
+        for depth in (0, 50, 100):
+            text = prepare_data.passkey_text(tokenizer, context, depth, "12345")
+            assert context - sentence < len(text) <= context
+            assert text.endswith(prepare_data.PASSKEY_QUESTION) and text.count("12345") == 2
+            filler = len(text) - len(prepare_data.PASSKEY_QUESTION) - len(needle)
+            where = text.index(needle) / filler   # the filler before the needle, as a share
+            assert abs(where - depth / 100) < 0.15, (context, depth, where)
+
+
+def test_passkey_corpus(tmp_path):
+    """--source passkey writes prompts of eval.py's probe, each answered with its own key, of lengths up to
+    --passkey_context, needles at all depths; the same seed gives the same bytes, another seed others."""
+    def corpus(seed, name):
+        out = tmp_path / name
+        prepare_data.main(["--source", "passkey", "--passkey_documents", "300", "--passkey_context", "400",
+                           "--passkey_seed", str(seed), "--out_dir", str(out)])
+        dtype = json.loads((out / "meta.json").read_text())["dtype"]
+        return prepare_data.get_tokenizer("byte").decode(
+            np.concatenate([np.fromfile(out / split, dtype=dtype) for split in ("train.bin", "val.bin")]))
+
+    stream = corpus(1, "a")
+    assert stream == corpus(1, "b") and stream != corpus(2, "c")
+    documents = stream.split("\n")
+    assert documents[-1] == "" and len(documents) == 301
+    depths, lengths = [], []
+    for document in documents[:-1]:
+        prompt, answer = document.rsplit(" ", 1)
+        key = answer.rstrip(".")
+        assert prompt.endswith(prepare_data.PASSKEY_QUESTION) and len(key) == 5 and prompt.count(key) == 2, document
+        needle = prompt.index(prepare_data.PASSKEY_NEEDLE.format(key=key))
+        filler = len(prompt) - len(prepare_data.PASSKEY_QUESTION) - len(prepare_data.PASSKEY_NEEDLE.format(key=key))
+        lengths.append(len(prompt))
+        depths.append(needle / filler if filler else None)
+    assert max(lengths) <= 400 and min(lengths) < 200 and max(lengths) > 400 - len(prepare_data.PASSKEY_FILLER)
+    depths = [d for d in depths if d is not None]
+    assert min(depths) < 0.1 and max(depths) > 0.9 and 0.4 < np.mean(depths) < 0.6
+    with pytest.raises(SystemExit, match="--passkey_documents and --passkey_context must be at least 1"):
+        prepare_data.main(["--source", "passkey", "--passkey_documents", "0", "--out_dir", str(tmp_path / "d")])
 
 
 @pytest.mark.parametrize(
