@@ -224,21 +224,21 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is"
 def passkey_text(tokenizer, context, depth, key):
     """A passkey prompt of `context` tokens (within one filler sentence): filler sentences with the needle
     at `depth` percent of them, then the question."""
-    encode = tokenizer.encode
-    fixed = len(encode(PASSKEY_NEEDLE.format(key=key))) + len(encode(PASSKEY_QUESTION))
-    sentences = max(0, (context - fixed) // len(encode(PASSKEY_FILLER)))
+    encode, needle = tokenizer.encode, PASSKEY_NEEDLE.format(key=key)
+    sentences = max(0, (context - len(encode(needle)) - len(encode(PASSKEY_QUESTION))) // len(encode(PASSKEY_FILLER)))
     before = round(sentences * depth / 100)
-    needle = PASSKEY_NEEDLE.format(key=key)
     return PASSKEY_FILLER * before + needle + PASSKEY_FILLER * (sentences - before) + PASSKEY_QUESTION
 
 
 def passkey_documents(tokenizer, count, max_context, seed):
-    """`count` passkey prompts, each followed by its answer: lengths uniform up to max_context tokens, needle
-    depths uniform in 0..100%, five-digit keys, all drawn from seed."""
+    """`count` passkey prompts, each followed by its answer: lengths uniform from the needle and question alone
+    up to max_context tokens, needle depths uniform in 0..100%, five-digit keys, all drawn from seed."""
     rng = np.random.default_rng(seed)
     for _ in range(count):
         key = str(rng.integers(10000, 100000))
-        yield passkey_text(tokenizer, rng.integers(0, max_context + 1), rng.uniform(0, 100), key) + f" {key}.\n"
+        shortest = len(tokenizer.encode(passkey_text(tokenizer, 0, 0, key)))
+        context = rng.integers(shortest, max(shortest, max_context) + 1)
+        yield passkey_text(tokenizer, context, rng.uniform(0, 100), key) + f" {key}.\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,9 +362,11 @@ def main(argv=None):
         documents, description = fineweb_documents(args.fineweb_name)
         source_name, token_target, val_fraction = "fineweb", args.fineweb_tokens, 0.01
     elif args.source == ["passkey"]:
-        if args.passkey_documents < 1 or args.passkey_context < 1:
-            raise SystemExit(f"--passkey_documents and --passkey_context must be at least 1, got "
-                             f"{args.passkey_documents} and {args.passkey_context}")
+        shortest = len(tok.encode(passkey_text(tok, 0, 0, "00000")))
+        if args.passkey_documents < 1 or args.passkey_context < shortest:
+            raise SystemExit(f"--passkey_documents must be at least 1 and --passkey_context at least {shortest} (the "
+                             f"needle and the question in {tok.name} tokens), got {args.passkey_documents} and "
+                             f"{args.passkey_context}")
         documents = passkey_documents(tok, args.passkey_documents, args.passkey_context, args.passkey_seed)
         description = (f"{args.passkey_documents:,} passkey documents of up to {args.passkey_context} tokens, "
                        f"seed {args.passkey_seed}")
