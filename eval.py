@@ -48,8 +48,9 @@ Delta over training; `plot.py gates` draws such lines. On an MQAR checkpoint it 
 (accuracy, accuracy_without_content_shift): whether recall rests on the content shift.
 
 --task=passkey is an S-NIAH-style probe (RULER's single needle): a five-digit pass key stated once at
-a given depth of repeated filler sentences, asked for at the end; the model's greedy continuation (the
-prompt prefilled in one pass, then one decode step a token) must contain the number. Accuracy per
+a given depth of repeated filler (blocks of five short sentences), asked for at the end; the model's
+greedy continuation (the prompt prefilled in one pass, then one decode step a token) must contain the
+number. Accuracy per
 context length (in tokens) and depth (0% = the needle first, 100% = just before the question), over
 --trials keys drawn from --seed. A model trained only on plays will fail it; the tool is for models
 trained on such data (prepare_data.py --source passkey writes a corpus of them), and for reporting that
@@ -68,9 +69,10 @@ import torch
 
 import model as model_module
 from model import LM, ModelConfig, join_caches
-from prepare_data import get_tokenizer, local_documents, passkey_text, token_byte_lengths
+from prepare_data import PASSKEY_KEYS, get_tokenizer, local_documents, passkey_blocks, passkey_text, token_byte_lengths
 from sample import generate
 from train import load_newest_checkpoint, load_weights, mqar_split
+
 
 def fail(message):
     raise SystemExit(f"eval.py: error: {message}")
@@ -100,14 +102,17 @@ def token_stream(args, record, tokenizer):
 def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
     """{(context, depth): accuracy} of the passkey probe; five digits a key, drawn from seed."""
     rng = np.random.default_rng(seed)
-    keys = [str(k) for k in rng.integers(10000, 100000, size=trials)]
+    keys = [str(k) for k in rng.integers(PASSKEY_KEYS.start, PASSKEY_KEYS.stop, size=trials)]
     accuracy = {}
     for context in contexts:
         for depth in depths:
             hits = 0
             for key in keys:
-                prompt = ([tokenizer.eot] if tokenizer.eot is not None else []) + tokenizer.encode(
-                    passkey_text(tokenizer, context, depth, key))
+                blocks = max(0, passkey_blocks(tokenizer, context, key))
+                before = round(blocks * depth / 100)
+                prompt = tokenizer.encode(passkey_text(before, blocks - before, key))
+                if tokenizer.eot is not None:
+                    prompt = [tokenizer.eot] + prompt
                 with autocast:
                     answer = generate(model, prompt, 8, temperature=0, eot=tokenizer.eot,
                                       vocab_size=tokenizer.vocab_size)

