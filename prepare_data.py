@@ -375,10 +375,10 @@ def main(argv=None):
     elif args.source == ["passkey"]:
         if args.passkey_documents < 1:
             raise SystemExit(f"--passkey_documents must be at least 1, got {args.passkey_documents}")
-        # every key, since a BPE spells some in more tokens than others
-        shortest = max(len(tok.encode(passkey_text(0, 0, str(key)))) for key in PASSKEY_KEYS)
-        if args.passkey_context < shortest:
-            raise SystemExit(f"--passkey_context must be at least {shortest} (the needle and the question in "
+        # over every key, since a BPE spells some in more tokens than others
+        needed = max(len(tok.encode(passkey_text(0, 0, str(key)))) for key in PASSKEY_KEYS)
+        if args.passkey_context < needed:
+            raise SystemExit(f"--passkey_context must be at least {needed} (the needle and the question in "
                              f"{tok.name} tokens), got {args.passkey_context}")
         documents = passkey_documents(tok, args.passkey_documents, args.passkey_context, args.passkey_seed)
         description = (f"{args.passkey_documents:,} passkey prompts of up to {args.passkey_context} tokens, answered, "
