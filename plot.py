@@ -272,9 +272,13 @@ def draw(kind, inputs, output):
                 ax.legend(fontsize=7)
     else:
         fig, ax = plt.subplots(figsize=(6, 4))
+        ticks = set()
         for label, (contexts, accuracy) in passkey_points(inputs).items():
             ax.plot(contexts, accuracy, marker="o", label=label)
+            ticks.update(contexts)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ticks), [str(tick) for tick in sorted(ticks)])   # 1024, not 2^10
+        ax.minorticks_off()
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("accuracy (mean over depths)")
         ax.set_ylim(-0.02, 1.02)
