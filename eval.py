@@ -47,14 +47,13 @@ Delta over training; `plot.py gates` draws such lines. On an MQAR checkpoint it 
 (as --task=mqar chooses them) and reports the accuracy instead of the loss, also without Delta
 (accuracy, accuracy_without_content_shift): whether recall rests on the content shift.
 
---task=passkey is an S-NIAH-style probe (RULER's single needle): a five-digit pass key stated once at
-a given depth of repeated filler (blocks of five short sentences), asked for at the end; the model's
+--task=passkey is an S-NIAH-style probe (RULER's single needle): a five-digit pass key stated once at a
+given depth of repeated filler (blocks of five short sentences), asked for at the end; the model's
 greedy continuation (the prompt prefilled in one pass, then one decode step a token) must contain the
-number. Accuracy per
-context length (in tokens) and depth (0% = the needle first, 100% = just before the question), over
---trials keys drawn from --seed. A model trained only on plays will fail it; the tool is for models
-trained on such data (prepare_data.py --source passkey writes a corpus of them), and for reporting that
-failure honestly.
+number. Accuracy per context length (in tokens) and depth (0% = the needle first, 100% = just before the
+question), over --trials keys drawn from --seed. A model trained only on plays will fail it; the tool is
+for models trained on such data (prepare_data.py --source passkey writes a corpus of them), and for
+reporting that failure honestly.
 """
 import argparse
 import json
