@@ -68,7 +68,8 @@ import torch
 
 import model as model_module
 from model import LM, ModelConfig, join_caches
-from prepare_data import PASSKEY_KEYS, get_tokenizer, local_documents, passkey_blocks, passkey_text, token_byte_lengths
+from prepare_data import (PASSKEY_KEYS, document_ids, get_tokenizer, local_documents, passkey_blocks, passkey_text,
+                          token_byte_lengths)
 from sample import generate
 from train import load_newest_checkpoint, load_weights, mqar_split
 
@@ -83,7 +84,7 @@ def token_stream(args, record, tokenizer):
         documents, description = local_documents(args.text)
         ids = []
         for text in documents:
-            ids += ([tokenizer.eot] if tokenizer.eot is not None else []) + tokenizer.encode(text)
+            ids += document_ids(tokenizer, text)
         return np.asarray(ids, dtype=np.int64), description
     data_dir = args.data_dir or record["data_dir"]
     meta_path, path = os.path.join(data_dir, "meta.json"), os.path.join(data_dir, f"{args.split}.bin")
@@ -109,9 +110,7 @@ def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
             for key in keys:
                 blocks = max(0, passkey_blocks(tokenizer, context, key))
                 before = round(blocks * depth / 100)
-                prompt = tokenizer.encode(passkey_text(before, blocks - before, key))
-                if tokenizer.eot is not None:
-                    prompt = [tokenizer.eot] + prompt
+                prompt = document_ids(tokenizer, passkey_text(before, blocks - before, key))
                 with autocast:
                     answer = generate(model, prompt, 8, temperature=0, eot=tokenizer.eot,
                                       vocab_size=tokenizer.vocab_size)

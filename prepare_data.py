@@ -112,6 +112,12 @@ class TiktokenTokenizer:
             return b""
 
 
+def document_ids(tokenizer, text):
+    """One document's token ids as the corpus holds them: the tokenizer's eot first, where it has one."""
+    ids = tokenizer.encode(text)
+    return ids if tokenizer.eot is None else [tokenizer.eot] + ids
+
+
 def token_byte_lengths(tokenizer):
     """The UTF-8 bytes each token id spells, eot none: bytes are counted from the tokens (each spells a
     fixed byte string), so bits per byte measures the text, whatever the tokenizer."""
@@ -307,9 +313,7 @@ def start_worker(tokenizer_name):
 
 
 def encode_document(text):
-    tok = worker_tokenizer
-    ids = tok.encode(text) if tok.eot is None else [tok.eot] + tok.encode(text)
-    return np.array(ids, dtype=token_dtype(tok.vocab_size))
+    return np.array(document_ids(worker_tokenizer, text), dtype=token_dtype(worker_tokenizer.vocab_size))
 
 
 def encoded_documents(tokenizer_name, documents, workers):

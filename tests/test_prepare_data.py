@@ -198,9 +198,8 @@ def test_passkey_corpus(tmp_path):
         out = tmp_path / name
         prepare_data.main(["--source", "passkey", "--passkey_documents", "400", "--passkey_context", "400",
                            "--passkey_seed", str(seed), "--out_dir", str(out)])
-        dtype = json.loads((out / "meta.json").read_text())["dtype"]
-        return prepare_data.get_tokenizer("byte").decode(
-            np.concatenate([np.fromfile(out / split, dtype=dtype) for split in ("train.bin", "val.bin")]))
+        _, train, val = read_output(out)
+        return prepare_data.get_tokenizer("byte").decode(np.concatenate([train, val]))
 
     stream = corpus(1, "a")
     assert stream == corpus(1, "b") and stream != corpus(2, "c")
