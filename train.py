@@ -30,6 +30,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from carve_kernel import chunk_triton_supports
@@ -574,8 +575,13 @@ def evaluate(model, data, config, rank, world, device, autocast):
         y = torch.stack([w[1] for w in windows[i:i + config["micro_batch_size"]]]).to(device)
         scored_at = y >= 0
         with autocast:
-            _, loss = model(x, y, sparse_targets=scored)
-            right = model(x)[0].argmax(-1) == y if scored else torch.zeros_like(scored_at)
+            if scored:   # one forward gives both the loss and the predictions
+                logits = model(x)[0]
+                loss = F.cross_entropy(logits[scored_at].float(), y[scored_at])
+                right = logits.argmax(-1) == y
+            else:
+                _, loss = model(x, y)
+                right = torch.zeros_like(scored_at)
         order = scored_at.cumsum(dim=1)
         first, last = scored_at & (order == 1), scored_at & (order == order[:, -1:])
         counts = [scored_at.sum(), right.sum(), first.sum(), (right & first).sum(), last.sum(), (right & last).sum()]
