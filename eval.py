@@ -3,7 +3,7 @@ Evaluate a checkpoint: perplexity and bits per byte on held-out token files or o
 
     python eval.py --out_dir=out/carve_shakespeare                          # the run's own val.bin
     python eval.py --out_dir=out/carve_shakespeare --data_dir=data/other_byte --split=train --max_tokens=1e6
-    python eval.py --out_dir=out/carve_shakespeare --text=notes/ book.txt   # files, folders of .txt/.md
+    python eval.py --out_dir=out/carve_shakespeare --text notes/ book.txt   # files, folders of .txt/.md
     python eval.py --out_dir=out/carve_shakespeare --task=passkey --contexts=1024,2048 --depths=0,50,100
     python eval.py --out_dir=out/mqar --task=mqar --mqar_pairs=32
 
@@ -81,7 +81,7 @@ def fail(message):
 def token_stream(args, record, tokenizer):
     """(tokens as an int64 numpy array, where they came from)."""
     if args.text:
-        documents, description = local_documents(args.text)
+        documents, description = local_documents(args.text, flag="--text")
         ids = []
         for text in documents:
             ids += document_ids(tokenizer, text)

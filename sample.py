@@ -7,8 +7,9 @@ Sample from a trained CARVE / GDN-2 model.
 
 The prompt is prefilled in one forward pass through the chunk kernel, then each new token costs one
 step of the per-token kernel on the cached recurrent state (O(1) per token for CARVE / GDN-2 layers;
-attention layers of a hybrid keep a growing KV cache). The text goes to stdout, streamed token by
-token; everything else (checkpoint, model, speed) goes to stderr, so `> out.txt` keeps just the text.
+attention layers of a hybrid keep key and value buffers of the full length, prompt plus new tokens).
+The text goes to stdout, streamed token by token; everything else (checkpoint, model, speed) goes to
+stderr, so `> out.txt` keeps just the text.
 """
 import argparse
 import codecs

@@ -2,7 +2,7 @@
 Train a CARVE / GDN-2 / Transformer / hybrid language model.
 
     python train.py configs/carve_shakespeare.py                      # one process (CPU or one GPU)
-    python train.py carve_shakespeare --max_steps=500 --lr=1e-3       # bare config name, overrides
+    python train.py carve_shakespeare --lr=1e-3 --out_dir=out/carve_lr1e-3   # bare config name, overrides
     torchrun --standalone --nproc_per_node=8 train.py configs/carve_1b3.py
 
 A config file is plain Python that assigns some of the keys in DEFAULTS below; `--key=value`
@@ -77,7 +77,7 @@ DEFAULTS = dict(
     # system
     seed=1337,
     device="auto",                      # 'auto' = cuda if available, else cpu
-    dtype="auto",                       # 'auto' = bfloat16 autocast on cuda, float32 on cpu
+    dtype="auto",                       # 'auto' = bfloat16 autocast on cuda, float32 on cpu; or 'bfloat16', 'float32'
     compile=False,
     activation_checkpointing=False,     # recompute each block in the backward: less memory, ~1/3 more compute
     peak_tflops=0.0,                    # for MFU; 0 = look it up from the GPU name, unknown -> no MFU
@@ -192,6 +192,10 @@ def load_config(argv):
         ModelConfig.from_dict(config)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    # float16 would need loss scaling, which this loop does not do; bfloat16 has float32's range
+    if config["dtype"] not in ("auto", "bfloat16", "float32"):
+        raise SystemExit(f"error: dtype={config['dtype']!r}: expected 'auto' (bfloat16 autocast on a GPU, float32 "
+                         f"on a CPU), 'bfloat16' or 'float32'")
     return config
 
 

@@ -34,7 +34,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]   # the repository's module
 import plot  # noqa: E402
 import train  # noqa: E402
 from model import LM, ModelConfig  # noqa: E402
-from mqar_sweep import finished, numbers, publish, train_runs  # noqa: E402
+from mqar_sweep import finished, numbers, parse_arguments, publish, train_runs  # noqa: E402
 
 BASE_CONFIG = "study_lm"
 STUDY_KEYS = ("mixer", "mlp_hidden", "lr", "min_lr", "seed", "out_dir")   # set per run here, not by overrides
@@ -91,14 +91,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default: %(default)s)")
     parser.add_argument("--report", action="store_true", help="the table of the study's finished runs; train none")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--")]
-    if bad:
-        parser.error(f"unexpected {bad[0]!r}: train.py keys go as --key=value")
-    fixed = [o for o in overrides if o[2:].split("=")[0] in STUDY_KEYS]
-    if fixed:
-        parser.error(f"{fixed[0]!r}: the study sets {', '.join(STUDY_KEYS)} for each run (--mixers, --params, --lrs, "
-                     f"--seeds, --out_dir choose them)")
+    args, overrides = parse_arguments(parser, argv, STUDY_KEYS, "--mixers, --params, --lrs, --seeds, --out_dir")
     mixers = args.mixers.split(",")
     lrs, seeds = numbers(args.lrs, float, "lrs"), numbers(args.seeds, int, "seeds")
     base = train.load_config([BASE_CONFIG, *overrides])

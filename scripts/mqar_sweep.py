@@ -7,7 +7,7 @@ the query's order) and the plot. With --content_rank=0 the mixer reads "carve (c
 
     python scripts/mqar_sweep.py --out_dir=out/mqar_sweep --mixers=carve,gdn2,attn,carve+attn \\
         --widths=64,128,256 --pairs=4,8,16,32,64 --lrs=1e-4,3e-4,1e-3,3e-3 --seeds=1,2,3 --parallel=4
-    python scripts/mqar_sweep.py ... --max_steps=2000 --seq_len=512     # any train.py key, to every run
+    python scripts/mqar_sweep.py ... --max_steps=2000 --seq_len=512     # other train.py keys, to every run
     python scripts/mqar_sweep.py ... --report      # the table of the runs that finished; none trains
 
 Runs start from configs/mqar.py. A mixer is train.py's `mixer` with '+' for ',' (carve+attn: a hybrid);
@@ -36,6 +36,8 @@ import plot  # noqa: E402
 import train  # noqa: E402
 
 HEAD_DIM = 64
+# set per run from the grid; an override of one would contradict the run's folder name
+SWEEP_KEYS = ("mixer", "d_model", "n_head", "head_k_dim", "head_v_dim", "mqar_pairs", "lr", "seed", "out_dir")
 # A run mostly either learns MQAR (0.85 or more) or stays near chance, by the seed: a mean of 0.66 over
 # three seeds can be two that learnt and one that did not, so the table also counts the seeds above this.
 LEARNT = 0.5
@@ -46,6 +48,20 @@ def numbers(text, kind, name):
         return [kind(item) for item in text.split(",")]
     except ValueError:
         raise SystemExit(f"mqar_sweep.py: error: --{name} takes comma-separated numbers, got {text!r}")
+
+
+def parse_arguments(parser, argv, grid_keys, chosen_by):
+    """The script's own arguments and the train.py --key=value overrides applied to every run; a key that
+    the grid sets for each run is refused. The parser must have allow_abbrev=False: else --lr and --seed
+    would be taken, silently, for the script's --lrs and --seeds."""
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--")]
+    if bad:
+        parser.error(f"unexpected {bad[0]!r}: train.py keys go as --key=value")
+    fixed = [o for o in overrides if o[2:].split("=")[0] in grid_keys]
+    if fixed:
+        parser.error(f"{fixed[0]!r}: the grid sets {', '.join(grid_keys)} for each run ({chosen_by} choose them)")
+    return args, overrides
 
 
 def run_dir(out_dir, mixer, width, pairs, lr, seed):
@@ -121,7 +137,7 @@ def publish(out_dir, results, header, table, figure, log):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--out_dir", default="out/mqar_sweep")
     parser.add_argument("--mixers", default="carve,gdn2,attn", help="'+' joins a hybrid's pattern: carve+attn")
     parser.add_argument("--widths", default="64,128,256")
@@ -130,10 +146,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default: %(default)s)")
     parser.add_argument("--report", action="store_true", help="the table of the grid's finished runs; train none")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--")]
-    if bad:
-        parser.error(f"unexpected {bad[0]!r}: train.py keys go as --key=value")
+    args, overrides = parse_arguments(parser, argv, SWEEP_KEYS, "--mixers, --widths, --pairs, --lrs, --seeds, --out_dir")
     mixers = args.mixers.split(",")
     widths, pairs = numbers(args.widths, int, "widths"), numbers(args.pairs, int, "pairs")
     lrs, seeds = numbers(args.lrs, float, "lrs"), numbers(args.seeds, int, "seeds")

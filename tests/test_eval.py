@@ -69,7 +69,8 @@ def test_token_files(run, shakespeare, capsys):
 def test_errors(run, tmp_path):
     for args, fragment in ((["--out_dir", str(tmp_path / "none")], "does not exist"),
                            (["--out_dir", run, "--data_dir", str(tmp_path)], "meta.json not found"),
-                           (["--out_dir", run, "--text", str(tmp_path / "missing.txt")], "no such file"),
+                           (["--out_dir", run, "--text", str(tmp_path / "missing.txt")],
+                            f"--text {tmp_path / 'missing.txt'}: no such file"),
                            (["--out_dir", run, "--batch_size=0"], "--batch_size must be at least 1")):
         with pytest.raises(SystemExit) as info:
             evaluate_script.main([*args, "--device", "cpu"])

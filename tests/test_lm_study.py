@@ -65,5 +65,5 @@ def test_keys_the_study_sets_cannot_be_overridden(tmp_path, data_dir, capsys):
         with pytest.raises(SystemExit):
             load_script("lm_study").main([f"--out_dir={tmp_path}", "--mixers=carve", "--params=40000",
                                           f"--data_dir={data_dir}", override, *TINY])
-        assert f"{override!r}: the study sets mixer, mlp_hidden, lr" in capsys.readouterr().err
+        assert f"{override!r}: the grid sets mixer, mlp_hidden, lr" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

@@ -229,3 +229,15 @@ def test_the_sweep_trains_each_cell_once_and_tables_the_best_learning_rate(tmp_p
     assert not list(out.glob("*_seed2"))
     with pytest.raises(SystemExit, match="none of the grid's 2 runs in .*nowhere has finished"):
         sweep.main([*argv, f"--out_dir={tmp_path / 'nowhere'}", "--report"])
+
+
+def test_the_sweep_refuses_the_keys_its_grid_sets(tmp_path, capsys):
+    """--lr and --seed are not abbreviations of --lrs and --seeds, and --d_model or --mqar_pairs would
+    contradict the run folder's name: each stops the sweep before anything is written."""
+    from reference import load_script
+    sweep = load_script("mqar_sweep")
+    for override in ("--lr=1e-3", "--seed=3", "--d_model=32", "--mqar_pairs=8"):
+        with pytest.raises(SystemExit):
+            sweep.main([f"--out_dir={tmp_path}", "--mixers=carve", "--widths=32", "--pairs=2", override])
+        assert f"{override!r}: the grid sets mixer, d_model" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
