@@ -51,7 +51,8 @@ Delta over training; `plot.py gates` draws such lines. On an MQAR checkpoint it 
 given depth of repeated filler (blocks of five short sentences), asked for at the end; the model's
 greedy continuation (the prompt prefilled in one pass, then one decode step a token) must contain the
 number. Accuracy per context length (in tokens) and depth (0% = the needle first, 100% = just before the
-question), over --trials keys drawn from --seed. A model trained only on plays will fail it; the tool is
+question), over --trials keys drawn from --seed; with --json also the number of filler blocks between
+the needle and the question, which mostly decides whether a recurrent model still holds the key. A model trained only on plays will fail it; the tool is
 for models trained on such data (prepare_data.py --source passkey writes a corpus of them), and for
 reporting that failure honestly.
 """
@@ -100,24 +101,30 @@ def token_stream(args, record, tokenizer):
 
 
 def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
-    """{(context, depth): accuracy} of the passkey probe; five digits a key, drawn from seed."""
+    """The passkey probe, a row for each context and depth: its accuracy, and how many filler blocks lay
+    between the needle and the question (the mean over the keys; with a BPE a key's spelling can change
+    how many blocks fit): what mostly decides whether a recurrent model still holds the key. Five digits
+    a key, drawn from seed."""
     rng = np.random.default_rng(seed)
     keys = [str(k) for k in rng.integers(PASSKEY_KEYS.start, PASSKEY_KEYS.stop, size=trials)]
-    accuracy = {}
+    rows = []
     for context in contexts:
         for depth in depths:
-            hits = 0
+            hits, after = 0, []
             for key in keys:
                 blocks = max(0, passkey_blocks(tokenizer, context, key))
                 before = round(blocks * depth / 100)
+                after.append(blocks - before)
                 prompt = document_ids(tokenizer, passkey_text(before, blocks - before, key))
                 with autocast:
                     answer = generate(model, prompt, 8, temperature=0, eot=tokenizer.eot,
                                       vocab_size=tokenizer.vocab_size)
                 hits += key in tokenizer.decode(answer)
-            accuracy[(context, depth)] = hits / trials
-            log(f"  context {context}, depth {depth}%: {hits}/{trials}")
-    return accuracy
+            rows.append({"context": context, "depth": depth, "accuracy": hits / trials,
+                         "filler_blocks_after_needle": float(np.mean(after))})
+            log(f"  context {context}, depth {depth}%: {hits}/{trials} "
+                f"({np.mean(after):g} filler blocks between needle and question)")
+    return rows
 
 
 class Progress:
@@ -524,12 +531,12 @@ def main(argv=None):
             fail("--trials must be at least 1, --depths within 0..100, --contexts at least 1")
         print(f"passkey: {args.out_dir} (step {record['step']}), {args.trials} keys a setting, {device}",
               file=sys.stderr)
-        accuracy = passkey(model, tokenizer, contexts, depths, args.trials, args.seed, autocast,
-                           lambda line: print(line, file=sys.stderr))
+        rows = passkey(model, tokenizer, contexts, depths, args.trials, args.seed, autocast,
+                       lambda line: print(line, file=sys.stderr))
         if args.json:
-            print(json.dumps({"checkpoint_step": record["step"], "trials": args.trials, "accuracy":
-                              [{"context": c, "depth": d, "accuracy": a} for (c, d), a in accuracy.items()]}))
+            print(json.dumps({"checkpoint_step": record["step"], "trials": args.trials, "accuracy": rows}))
         else:
+            accuracy = {(row["context"], row["depth"]): row["accuracy"] for row in rows}
             print("context \\ depth " + " ".join(f"{d:>6g}%" for d in depths))
             for c in contexts:
                 print(f"{c:>15} " + " ".join(f"{accuracy[(c, d)]:7.0%}" for d in depths))

@@ -19,7 +19,8 @@ mean of 0.66 can be two seeds that learnt and one that did not). CARVE runs with
 a mixer of their own, "carve (content_rank 0)".
 
 passkey: files of `eval.py --task=passkey --json` output; accuracy against context length (mean over
-depths), one line per file.
+depths), one line per file, and beside it accuracy against the number of filler blocks between the
+needle and the question (the distance the key must be carried).
 
 gates: files of `eval.py --task=gates --json` lines, one line per checkpoint of a run (eval.py --step):
 each layer's erase rate against the checkpoint's step, and for CARVE the mean |Delta| with its 5th-95th
@@ -144,20 +145,33 @@ def best_over_learning_rates(points):
     return by_setting
 
 
-def passkey_points(paths):
-    """{label: (contexts, mean accuracy over depths)} of eval.py --task=passkey --json files."""
-    result = {}
+def file_labels(paths):
+    """{path: its file name without the extension}, or the path without it where two files share a name
+    (out/seed1/carve.json and out/seed2/carve.json are two lines, not one)."""
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+    return {path: stem if stems.count(stem) == 1 else os.path.splitext(os.path.relpath(path))[0]
+            for path, stem in zip(paths, stems)}
+
+
+def passkey_points(paths, by="context"):
+    """{label: (values of `by`, mean accuracy at each)} of eval.py --task=passkey --json files. By context:
+    the mean over depths; by filler_blocks_after_needle: over every context and depth with that many
+    blocks between the needle and the question (files from an eval.py that did not count them are left
+    out)."""
+    result, labels = {}, file_labels(paths)
     for path in paths:
         try:
             with open(path) as f:
                 rows = json.loads(f.read().strip().splitlines()[-1])["accuracy"]
         except (OSError, ValueError, KeyError, IndexError) as e:
             fail(f"{path}: not the JSON line of eval.py --task=passkey --json ({e})")
-        by_context = defaultdict(list)
+        groups = defaultdict(list)
         for row in rows:
-            by_context[row["context"]].append(row["accuracy"])
-        contexts = sorted(by_context)
-        result[os.path.splitext(os.path.basename(path))[0]] = (contexts, [np.mean(by_context[c]) for c in contexts])
+            if by in row:
+                groups[row[by]].append(row["accuracy"])
+        if groups:
+            values = sorted(groups)
+            result[labels[path]] = (values, [np.mean(groups[v]) for v in values])
     return result
 
 
@@ -168,9 +182,9 @@ def gate_points(paths):
     """{(file label, layer): {key: ([checkpoint steps], [values])}} of eval.py --task=gates --json lines, by
     step: erase_rate for every layer, and each CARVE_GATE_KEYS key a layer's lines hold (lines of an older
     eval.py lack D_moved)."""
-    points = defaultdict(lambda: defaultdict(list))
+    points, labels = defaultdict(lambda: defaultdict(list)), file_labels(paths)
     for path in paths:
-        label = os.path.splitext(os.path.basename(path))[0]
+        label = labels[path]
         try:
             with open(path) as f:
                 lines = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["checkpoint_step"])
@@ -271,19 +285,29 @@ def draw(kind, inputs, output):
             if ax.lines:   # a GDN-2 run alone leaves the CARVE panels empty
                 ax.legend(fontsize=7)
     else:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ticks = set()
-        for label, (contexts, accuracy) in passkey_points(inputs).items():
-            ax.plot(contexts, accuracy, marker="o", label=label)
-            ticks.update(contexts)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(ticks), [str(tick) for tick in sorted(ticks)])   # 1024, not 2^10
-        ax.minorticks_off()
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("accuracy (mean over depths)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title("passkey retrieval")
-        ax.legend()
+        by_context, by_filler = passkey_points(inputs), passkey_points(inputs, "filler_blocks_after_needle")
+        colours = {label: f"C{i % 10}" for i, label in enumerate(by_context)}   # a file's colour in both panels
+        fig, axes = plt.subplots(1, 2 if by_filler else 1, figsize=(12 if by_filler else 6, 4), squeeze=False)
+        panels = [(by_context, "log", "context (tokens)", "accuracy (mean over depths)",
+                   "passkey retrieval against context"),
+                  (by_filler, "symlog", "filler blocks between needle and question",
+                   "accuracy (mean over contexts and depths)", "passkey retrieval against distance")]
+        for ax, (points, scale, x_label, y_label, title) in zip(axes[0], panels):
+            ticks = set()
+            for label, (values, accuracy) in points.items():
+                ax.plot(values, accuracy, marker="o", label=label, color=colours[label])
+                ticks.update(values)
+            # log for contexts (1K-8K); symlog for blocks, which start at 0 and run to ~90 at 8K bytes
+            ax.set_xscale(scale, base=2, **({"linthresh": 1} if scale == "symlog" else {}))
+            if scale == "symlog" and ticks:
+                ticks = [0] + [2 ** i for i in range(int(max(ticks)).bit_length() + 1) if 2 ** i <= 2 * max(ticks)]
+            ax.set_xticks(sorted(ticks), [f"{tick:g}" for tick in sorted(ticks)])   # 1024, not 2^10
+            ax.minorticks_off()
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(y_label)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(title)
+            ax.legend()
     fig.tight_layout()
     # curves: grown to take in its legend, outside the panels
     fig.savefig(output, dpi=120, bbox_inches="tight" if kind == "curves" else None)

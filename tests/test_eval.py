@@ -79,8 +79,9 @@ def test_errors(run, tmp_path):
 
 def test_passkey_scores_the_continuation(run, capsys, monkeypatch):
     """A model that answers with the key scores 100%, one that does not 0%; each prompt fills its context
-    (within a filler block) with the needle after the asked share of the blocks; the table has a row per
-    context and a column per depth; the tiny model runs the probe end to end."""
+    (within a filler block) with the needle after the asked share of the blocks, and the result counts
+    the blocks after it; the table has a row per context and a column per depth; the tiny model runs
+    the probe end to end."""
     from prepare_data import PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION
     answers, prompts = iter([]), []
 
@@ -96,11 +97,13 @@ def test_passkey_scores_the_continuation(run, capsys, monkeypatch):
     assert [r["accuracy"] for r in result["accuracy"]] == [1.0] * 6
     settings = [(context, depth, key) for context in (200, 400) for depth in (0, 50, 100) for key in keys]
     assert len(prompts) == len(settings)
-    for prompt, (context, depth, key) in zip(prompts, settings):
+    for i, (prompt, (context, depth, key)) in enumerate(zip(prompts, settings)):
         head, tail = prompt.split(PASSKEY_NEEDLE.format(key=key))
         blocks = (len(head) + len(tail) - len(PASSKEY_QUESTION)) // len(PASSKEY_FILLER)
         assert context - len(PASSKEY_FILLER) < len(prompt) <= context and tail.endswith(PASSKEY_QUESTION), prompt
         assert len(head) == round(blocks * depth / 100) * len(PASSKEY_FILLER), (context, depth, prompt)
+        after = result["accuracy"][i // 2]["filler_blocks_after_needle"]   # two keys a setting
+        assert after * len(PASSKEY_FILLER) == len(tail) - len(PASSKEY_QUESTION), (context, depth, after)
     answers = iter(["00000"] * 12)
     result = result_of(passkey, capsys)
     assert [r["accuracy"] for r in result["accuracy"]] == [0.0] * 6

@@ -86,12 +86,23 @@ def test_mqar_draws_each_seed_as_a_dot(runs, tmp_path, monkeypatch):
     assert min(dot.get_zorder() for dot in dots) > max(line.get_zorder() for line in ax.lines)
 
 
-def test_passkey_means_over_depths(tmp_path):
+def test_passkey_means_over_depths_and_over_equal_distances(tmp_path):
+    """By context: the mean over depths; by the filler between needle and question: the mean over every
+    context and depth with that many blocks; a file from before eval.py counted them has no distance
+    line; two files of one name in two folders are two lines."""
     path = tmp_path / "carve.json"
-    rows = [{"context": c, "depth": d, "accuracy": a} for c, d, a in
-            [(1024, 0, 1.0), (1024, 100, 0.5), (2048, 0, 0.0), (2048, 100, 0.5)]]
+    rows = [{"context": c, "depth": d, "accuracy": a, "filler_blocks_after_needle": f} for c, d, a, f in
+            [(1024, 0, 1.0, 10), (1024, 100, 0.5, 0), (2048, 0, 0.0, 21), (2048, 100, 0.25, 0)]]
     path.write_text("progress on stderr does not land here\n" + json.dumps({"accuracy": rows}) + "\n")
-    assert plot.passkey_points([str(path)]) == {"carve": ([1024, 2048], [0.75, 0.25])}
+    assert plot.passkey_points([str(path)]) == {"carve": ([1024, 2048], [0.75, 0.125])}
+    assert plot.passkey_points([str(path)], "filler_blocks_after_needle") == {"carve": ([0, 10, 21], [0.375, 1.0, 0.0])}
+    (tmp_path / "old").mkdir()
+    older = tmp_path / "old" / "carve.json"
+    older.write_text(json.dumps({"accuracy": [{key: row[key] for key in ("context", "depth", "accuracy")}
+                                              for row in rows]}))
+    both = plot.passkey_points([str(path), str(older)])
+    assert len(both) == 2 and list(both.values())[0] == list(both.values())[1]
+    assert list(plot.passkey_points([str(path), str(older)], "filler_blocks_after_needle")) == [list(both)[0]]
 
 
 def gates_file(path, steps):
@@ -124,19 +135,22 @@ def test_gates_follow_each_layer_over_checkpoints(tmp_path):
 
 
 def test_each_kind_writes_a_png(runs, tmp_path):
-    passkey = tmp_path / "p.json"
-    passkey.write_text(json.dumps({"accuracy": [{"context": 1024, "depth": 0, "accuracy": 1.0}]}))
+    passkey, older_passkey = tmp_path / "p.json", tmp_path / "older_p.json"
+    passkey.write_text(json.dumps({"accuracy": [{"context": 1024, "depth": 0, "accuracy": 1.0,
+                                                 "filler_blocks_after_needle": 10}]}))
+    older_passkey.write_text(json.dumps({"accuracy": [{"context": 1024, "depth": 0, "accuracy": 1.0}]}))
     gates = gates_file(tmp_path / "g.jsonl", [1, 2])
     for kind, inputs in (("curves", list(runs.values())), ("mqar", list(runs.values())), ("passkey", [str(passkey)]),
-                         ("gates", [gates])):
+                         ("older_passkey", [str(older_passkey)]), ("gates", [gates])):
         out = tmp_path / f"{kind}.png"
-        plot.main([kind, *inputs, "-o", str(out)])
+        plot.main([kind.replace("older_", ""), *inputs, "-o", str(out)])
         png = out.read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         width = int.from_bytes(png[16:20], "big")   # the IHDR chunk's width: 120 dpi a figure inch
         if kind != "curves":   # its width follows the metrics the runs logged
-            # mqar: one panel of 5.5 inches, against pairs; the runs share one width, so none against width
-            assert width == {"mqar": 5.5, "gates": 16, "passkey": 6}[kind] * 120, (kind, width)
+            # mqar: one panel of 5.5 inches, against pairs; the runs share one width, so none against width;
+            # passkey: against context and against distance, or only the first where no distances were counted
+            assert width == {"mqar": 5.5, "gates": 16, "passkey": 12, "older_passkey": 6}[kind] * 120, (kind, width)
 
 
 def test_gates_give_a_layer_its_colour_and_a_run_its_line_style(tmp_path, monkeypatch):
