@@ -26,7 +26,7 @@ for path in (TESTS, ROOT):  # the repository's modules, and tests/reference.py f
 # busy machine makes OpenMP's spinning threads 10-50x slower (measured on 2 cores with 2 busy processes).
 torch.set_num_threads(1)
 
-from reference import OBSERVED  # noqa: E402  (after the environment and sys.path above)
+from reference import OBSERVED, poisoned_allocations  # noqa: E402  (after the environment and sys.path above)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -47,19 +47,11 @@ def triton_installed():
 
 
 @pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty fills every floating-point tensor it makes with NaN and records it here, so an
-    element that a kernel's launcher allocates and the kernel does not write shows up as NaN."""
-    real_empty, made = torch.empty, []
-
-    def empty_nan(*shape, **kw):
-        t = real_empty(*shape, **kw)
-        if t.is_floating_point():
-            made.append(t.fill_(float("nan")))
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty_nan)
-    return made
+def poisoned_empty():
+    """For the whole test, torch.empty makes NaN-filled tensors and lists them here
+    (reference.poisoned_allocations)."""
+    with poisoned_allocations() as made:
+        yield made
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ per-token recurrence included) is tested against it rather than trusted."""
 import math
 import os
 from collections import defaultdict
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -37,7 +38,8 @@ TOL_GRAD = 2e-5
 # bf16 inputs: the output and the gradients of bf16 inputs are rounded to bf16 (2^-9 = 2e-3 relative
 # per element; observed <= 2e-3 overall); on the torch paths fp32 states and fp32-input gradients keep
 # the fp32 tolerances. The Triton chunk kernels use bf16 dot operands on a GPU for bf16 and fp16 inputs
-# (docs/DESIGN.md section 7), so there TOL_BF16 is the forward and the gradient tolerance of both.
+# (docs/DESIGN.md section 7), so there TOL_BF16 is the forward and the gradient tolerance of both; in
+# the interpreter their products are fp32, and their fp32 results keep the fp32 tolerances.
 TOL_BF16 = 1e-2
 # fp32 logits of the tiny models below: chunk vs per-token paths and prefill splits agree to
 # ~1e-7 relative; 1e-5 is ~50x above that and far below what any state or cache bug produces.
@@ -127,13 +129,14 @@ def reference(q, k, v, g, b_logit, w, content=None, S0=None, o_sum0=None, delta0
 def run_reference(leaves, state, chunk_size, detach_m=True):
     """The float64 reference on exactly the kernel's (possibly bf16-rounded) inputs: leaves holds
     q, k, v, g, b_logit, w (and D, U for CARVE); state is a CarveState or None. Returns the float64
-    leaves (initial S as "S0"), o and the final (S, o_sum, delta, offset)."""
+    leaves (initial S and delta as "S0" and "delta0"), o and the final (S, o_sum, delta, offset)."""
     ref = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
     content = (ref["D"], ref["U"]) if "D" in ref else None
     kw = {}
     if state is not None:
         ref["S0"] = state.S.detach().double().requires_grad_()
-        kw = dict(S0=ref["S0"], o_sum0=state.o_sum.double(), delta0=state.delta.double(), offset=state.offset)
+        ref["delta0"] = state.delta.detach().double().requires_grad_()
+        kw = dict(S0=ref["S0"], o_sum0=state.o_sum.double(), delta0=ref["delta0"], offset=state.offset)
     o, final = reference(ref["q"], ref["k"], ref["v"], ref["g"], ref["b_logit"], ref["w"], content,
                          chunk_size=chunk_size, detach_m=detach_m, **kw)
     return ref, o, final
@@ -177,6 +180,26 @@ def state_without_content(B, H, K, V, chunk_size, seed):
     _, (S, o_sum, delta, offset) = reference(*(x[n] for n in NAMES), None, chunk_size=chunk_size)
     assert not delta.any()
     return CarveState(S.float(), o_sum.float(), delta.float(), offset)
+
+
+@contextmanager
+def poisoned_allocations():
+    """Inside it, torch.empty fills every floating-point tensor it makes with NaN and lists it (the list
+    is what `with` gives), so an element that a kernel's launcher allocates and the kernel does not write
+    shows up as NaN, and rel_err fails on it."""
+    real_empty, made = torch.empty, []
+
+    def empty_nan(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        if t.is_floating_point():
+            made.append(t.fill_(float("nan")))
+        return t
+
+    torch.empty = empty_nan
+    try:
+        yield made
+    finally:
+        torch.empty = real_empty
 
 
 def assert_bits_on_gpu(got, want, interpreter_rtol):

@@ -41,6 +41,7 @@ def test_gemv_against_float64(calls, poisoned_empty, N, K, dtype, bias):
     with torch.no_grad():
         y = linear(x, weight, b)
     assert calls, "the GEMV did not run"
+    assert poisoned_empty, "the launcher no longer allocates with torch.empty"
     assert y.dtype == dtype and y.shape == (1, 1, N)
     ref = x.double() @ weight.double().T + (b.double() if bias else 0)
     assert_rel(y, ref, TOL_BF16 if dtype == torch.bfloat16 else TOL_FWD, f"gemv {dtype}")
@@ -55,6 +56,7 @@ def test_gemv_settings_against_float64(poisoned_empty, settings):
     x, weight, b = operands(37, 2100, torch.bfloat16, True)
     with torch.no_grad():
         y = carve_kernel.gemv_triton(x, weight, b, settings)
+    assert poisoned_empty, "the launcher no longer allocates with torch.empty"
     assert_rel(y, x.double() @ weight.double().T + b.double(), TOL_BF16, f"gemv {settings}")
 
 

@@ -189,6 +189,12 @@ def test_flops_per_token():
         assert attn_w.flops_per_token(L) == pytest.approx(expected, rel=1e-12)
     assert carve.flops_per_token(4096) == carve.flops_per_token(128)
     assert gdn2.flops_per_token(4096) == gdn2.flops_per_token(128)
+    for m in (carve, gdn2):   # the chunk form's count a token and head (docs/DESIGN.md section 3), x3 for fwd + bwd
+        C, K, V, H = m.cfg.chunk_size, m.cfg.head_k_dim, m.cfg.head_v_dim, m.cfg.n_head
+        rows_of_T_and_M, solves, M_R, state_products = 2 * C * K, C * (K + V), C * V, 6 * K * V
+        mixing = 3 * H * (rows_of_T_and_M + solves + M_R + state_products) * m.cfg.n_layer
+        linear = 6 * sum(x.weight.numel() for x in m.modules() if isinstance(x, nn.Linear))
+        assert m.flops_per_token(128) == linear + mixing
 
 
 # ----------------------------------------------------------------------------- config validation

@@ -61,13 +61,15 @@ def test_torch_definition(shape, dtype, activation):
 @pytest.mark.parametrize("activation", ["silu", "sigmoid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_triton_kernels(monkeypatch, shape, dtype, activation):
+def test_triton_kernels(monkeypatch, poisoned_empty, shape, dtype, activation):
+    """The kernels against the float64 formula, with every buffer they allocate starting as NaN."""
     monkeypatch.setenv("CARVE_BACKEND", "triton")
     calls = []
     real = carve_kernel.norm_gate_triton
     monkeypatch.setattr(carve_kernel, "norm_gate_triton", lambda *a: calls.append(1) or real(*a))
     check(output_norm_gate, shape, dtype, activation, f"norm gate triton {dtype}")
     assert calls, "the Triton kernel did not run"
+    assert poisoned_empty, "the launchers no longer allocate with torch.empty"
 
 
 @needs_triton

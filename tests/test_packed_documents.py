@@ -44,7 +44,10 @@ def test_cu_seqlens_equals_each_sequence_alone(mode, with_state):
     ref_content = (ref_leaves["D"], ref_leaves["U"]) if mode == "carve" else None
     outs = []
     for i, (a, b) in enumerate(zip(BOUNDS, BOUNDS[1:])):
-        if a == b:
+        if a == b:   # an empty sequence: its state passes through unchanged (zero without an initial state)
+            for field in ("S", "o_sum", "delta"):
+                want = getattr(state, field)[i] if with_state else torch.zeros_like(getattr(final, field)[i])
+                assert torch.equal(getattr(final, field)[i], want), f"empty sequence's final {field}"
             continue
         kw = dict(S0=state.S[i:i + 1].double(), o_sum0=state.o_sum[i:i + 1].double(),
                   delta0=state.delta[i:i + 1].double(), offset=offsets[i]) if with_state else {}
@@ -138,7 +141,9 @@ def shakespeare_gpt2(tmp_path_factory):
     return str(out)
 
 
-def test_train_resets_at_eot(shakespeare_gpt2, tmp_path):
+def test_reset_at_eot_gives_the_model_its_document_start(shakespeare_gpt2, tmp_path):
+    """--reset_at_eot=True on gpt2 tokens: the trained model's config holds eot as its document start
+    (what the model does with it: test_packed_documents_see_nothing_of_each_other)."""
     small = ["--n_layer=1", "--d_model=32", "--n_head=2", "--head_k_dim=8", "--head_v_dim=8", "--mlp_hidden=64",
              "--chunk_size=8", "--content_rank=2", "--seq_len=64", "--micro_batch_size=2", "--batch_tokens=128",
              "--warmup_steps=1", "--eval_tokens=256", "--eval_interval=2", "--max_steps=2", "--log_interval=1"]

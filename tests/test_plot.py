@@ -1,6 +1,7 @@
 """plot.py: what each plot reads from runs and results (seed groups, the best learning rate a seed,
 passkey means), and that each kind writes a PNG."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -60,7 +61,9 @@ def test_mqar_takes_the_best_learning_rate_of_each_seed():
 def test_mqar_points_read_the_records(runs):
     (run,) = plot.mqar_points([runs["carve_p4_lr_seed1"]])
     assert (run.mixer, run.d_model, run.pairs, run.seed, run.lr) == ("carve", 32, 4, 1, 1e-2)
-    assert all(0 <= value <= 1 for value in (run.accuracy, run.first_query, run.last_query))
+    record = json.load(open(os.path.join(runs["carve_p4_lr_seed1"], "meta.json")))
+    assert (run.accuracy, run.first_query, run.last_query) == (record["val_acc"], record["val_acc_first_query"],
+                                                               record["val_acc_last_query"])
 
 
 def test_mqar_keeps_carve_without_its_content_shift_apart():

@@ -23,7 +23,8 @@ def run_kernel(kernel, x, state, chunk_size, dtype=torch.float32):
     leaves = {n: t.detach().to(torch.float32 if n in ("g", "D", "U") else dtype).requires_grad_()
               for n, t in x.items()}
     if state is not None:
-        state = state._replace(S=state.S.detach().clone().requires_grad_())
+        state = state._replace(S=state.S.detach().clone().requires_grad_(),
+                               delta=state.delta.detach().clone().requires_grad_())
     content = (leaves["D"], leaves["U"]) if "D" in leaves else None
     o, final = kernel(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["b_logit"], leaves["w"],
                       content, initial_state=state, output_final_state=True, chunk_size=chunk_size)
@@ -35,17 +36,19 @@ def cotangents(o, S, seed=2):
     return torch.randn(o.shape, generator=gen), torch.randn(S.shape, generator=gen)
 
 
-def loss_of(o, S, do, dS):
-    """<o, do> + <S, dS>: a random cotangent on the output and on the final state at once."""
+def loss_of(o, S, do, dS, delta=None, d_delta=None):
+    """<o, do> + <S, dS> (+ <delta, d_delta>): random cotangents on the output and the final state at once."""
     dt = torch.float64 if S.dtype == torch.float64 else torch.float32
-    return (o.to(dt) * do.to(dt)).sum() + (S * dS.to(S.dtype)).sum()
+    loss = (o.to(dt) * do.to(dt)).sum() + (S * dS.to(S.dtype)).sum()
+    return loss if delta is None else loss + (delta * d_delta.to(delta.dtype)).sum()
 
 
 def grads(leaves, state, ref_leaves):
-    """(name, kernel grad, reference grad) for every input, initial_state.S included."""
+    """(name, kernel grad, reference grad) for every input, initial_state.S and .delta included."""
     out = [(n, leaves[n].grad, ref_leaves[n].grad) for n in leaves]
     if state is not None:
         out.append(("initial_state.S", state.S.grad, ref_leaves["S0"].grad))
+        out.append(("initial_state.delta", state.delta.grad, ref_leaves["delta0"].grad))
     return out
 
 
@@ -107,10 +110,11 @@ def test_parity_fp32(kernel, mode, with_state, B, H, T, K, V, C):
     assert final.offset == final_ref[3] == (state.offset if state else 0) + T
 
     do, dS = cotangents(o, final.S)
-    loss_of(o, final.S, do, dS).backward()
-    loss_of(o_ref, final_ref[0], do.double(), dS.double()).backward()
+    d_delta = torch.randn(final.delta.shape, generator=torch.Generator().manual_seed(4))
+    loss_of(o, final.S, do, dS, final.delta, d_delta).backward()
+    loss_of(o_ref, final_ref[0], do.double(), dS.double(), final_ref[2], d_delta.double()).backward()
     for name, got, want in grads(leaves, state, ref):
-        if want is None:  # not used at all (D, U when no chunk finishes): nor by the kernel
+        if want is None or not want.any():  # not used (D, U when no chunk finishes; delta in GDN-2): nor by the kernel
             assert got is None or not got.any(), f"{name}: gradient where the reference has none"
             continue
         assert got is not None, f"no gradient reached {name}"
@@ -150,7 +154,7 @@ def test_explicit_scale_and_no_final_state(kernel):
 def test_parity_bf16(kernel, mode, B, H, T, K, V, C):
     """bf16 q, k, v, b_logit, w (g fp32): the kernel upcasts and runs in fp32, so the reference is fed
     the same bf16-rounded values; only the bf16 output and bf16 gradients carry rounding error.
-    The final state never goes through bf16 and keeps the fp32 tolerance."""
+    The final state and the fp32 inputs' gradients never go through bf16 and keep the fp32 tolerances."""
     x = make_inputs(B, T, H, K, V, mode)
     state, prefix_content = make_state(B, H, K, V, mode, C)
     if mode == "carve":
@@ -169,8 +173,13 @@ def test_parity_bf16(kernel, mode, B, H, T, K, V, C):
     loss_of(o.float(), final.S, do, dS).backward()
     loss_of(o_ref, final_ref[0], do.double(), dS.double()).backward()
     for name, got, want in grads(leaves, state, ref):
+        if not want.any():   # the initial delta of GDN-2, which has no content shift
+            assert got is None or not got.any(), f"{name}: gradient where the reference has none"
+            continue
         assert got.dtype == leaves.get(name, state.S).dtype
-        assert_rel(got, want, TOL_BF16, f"{tag} grad {name}")
+        # only bf16 leaves' gradients are rounded to bf16; g, D, U and the initial state's stay fp32
+        tol = TOL_BF16 if got.dtype == torch.bfloat16 else TOL_GRAD
+        assert_rel(got, want, tol, f"{tag} grad {name} ({str(got.dtype)[6:]})")
 
 
 # ----------------------------------------------------------------------------- continuation

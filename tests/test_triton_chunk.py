@@ -19,8 +19,8 @@ from carve_kernel import (CarveState, ChunkSchedule, DecayGate, chunk_carve, chu
                           chunk_triton_supports, recurrent_carve_triton)
 from model import LM
 from reference import (DEVICE, NAMES, TOL_BF16, TOL_FWD, TOL_GRAD, assert_bits_on_gpu, assert_rel, make_inputs,
-                       make_state, model_style_gates, needs_triton, perturb, reference, rel_err, state_without_content,
-                       tiny, tokens)
+                       make_state, model_style_gates, needs_triton, perturb, poisoned_allocations, record, reference,
+                       rel_err, state_without_content, tiny, tokens)
 
 pytestmark = needs_triton
 
@@ -53,12 +53,15 @@ def forms_for(V):
 
 
 def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, used=("o", "S", "delta"), form=None, scale=None,
-             kernel=chunk_carve_triton, ref_device="cpu"):
+             kernel=chunk_carve_triton, ref_device="cpu", detach_m=True):
     """The Triton chunk kernel (or `kernel`) on `dtype` leaves (g, D, U fp32), launched in `form`
     (None: chunk_schedule's choice), and the float64 reference on the same rounded values, on
     ref_device, each with a random cotangent on those of o, the final S and the final delta that are
-    `used` (the others get none, as when a loss ignores them). Returns
-    (kernel output, final state, reference output, reference final states, gradient pairs)."""
+    `used` (the others get none, as when a loss ignores them); detach_m=False: a reference whose
+    gradient flows through m (a control: the kernel must not match it). Every buffer the kernel's forward and
+    backward allocate starts as NaN (poisoned_allocations), so an element left unwritten fails the
+    comparison. Returns (kernel output, final state, reference output, reference final states,
+    gradient pairs)."""
     leaves = {n: t.detach().to(DEVICE, torch.float32 if n in ("g", "D", "U") else dtype).requires_grad_()
               for n, t in x.items()}
     content = (leaves["D"], leaves["U"]) if "D" in leaves else None
@@ -66,7 +69,8 @@ def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, used=("o", "S", 
         state = CarveState(state.S.to(DEVICE).requires_grad_(), state.o_sum.to(DEVICE),
                            state.delta.to(DEVICE).requires_grad_(), state.offset)
     kw = {} if form is None else dict(schedule=schedule(form, x["v"].shape[-1]))
-    o, final = kernel(*(leaves[n] for n in NAMES), content, state, True, scale, C, cu_seqlens, **kw)
+    with poisoned_allocations() as forward_buffers:
+        o, final = kernel(*(leaves[n] for n in NAMES), content, state, True, scale, C, cu_seqlens, **kw)
     # the reference, one sequence at a time
     ref = {n: t.detach().to(ref_device, torch.float64).requires_grad_() for n, t in leaves.items()}
     ref_content = (ref["D"], ref["U"]) if content is not None else None
@@ -84,7 +88,8 @@ def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, used=("o", "S", 
         if a == b:  # an empty sequence: its state passes through
             finals.append((kw["S0"], kw["o_sum0"], kw["delta0"]))
             continue
-        o_i, fin = reference(*(ref[n][:, a:b] for n in NAMES), ref_content, chunk_size=C, scale=scale, **kw)
+        o_i, fin = reference(*(ref[n][:, a:b] for n in NAMES), ref_content, chunk_size=C, scale=scale,
+                             detach_m=detach_m, **kw)
         outs.append(o_i)
         finals.append(fin[:3])
     o_ref = torch.cat(outs, dim=1)
@@ -99,7 +104,10 @@ def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, used=("o", "S", 
         terms = {"o": (o_, do), "S": (S_, dS), "delta": (d_, dd)}
         return sum((terms[u][0].double() * terms[u][1].to(terms[u][0].device)).sum() for u in used)
 
-    loss(o, final.S, final.delta).backward()
+    with poisoned_allocations() as backward_buffers:
+        loss(o, final.S, final.delta).backward()
+    if kernel is not chunk_carve:   # chunk_carve may take the torch path, which allocates otherwise
+        assert forward_buffers and backward_buffers, "the Triton launchers no longer allocate with torch.empty"
     loss(o_ref, S_ref, delta_ref).backward()
     pairs = [(n, leaves[n].grad, ref[n].grad) for n in leaves]
     if state is not None:
@@ -109,14 +117,19 @@ def run_both(x, state, C, dtype=torch.float32, cu_seqlens=None, used=("o", "S", 
 
 def check(x, state, C, dtype=torch.float32, tag="", **kw):
     o, final, o_ref, (S_ref, o_sum_ref, delta_ref), pairs = run_both(x, state, C, dtype, **kw)
-    tol_fwd, tol_grad = (TOL_FWD, TOL_GRAD) if dtype == torch.float32 else (TOL_BF16, TOL_BF16)
+    # bf16 dot operands (a GPU's, for half-precision inputs) touch every result; with fp32 products (fp32
+    # inputs, or the interpreter) only the half-precision outputs and gradients are rounded
+    fp32_products = carve_kernel._operand_dtype(dtype) == torch.float32
+
+    def tol_for(t, fp32_tol):
+        return fp32_tol if fp32_products and t.dtype == torch.float32 else TOL_BF16
+
     assert o.dtype == dtype and final.S.dtype == final.o_sum.dtype == final.delta.dtype == torch.float32
-    assert_rel(o.cpu(), o_ref, tol_fwd, f"{tag} o")
-    # bf16 dot operands touch the state too: the final state has the bf16 tolerance for bf16 inputs
-    assert_rel(final.S.cpu(), S_ref, tol_fwd, f"{tag} final S")
+    assert_rel(o.cpu(), o_ref, tol_for(o, TOL_FWD), f"{tag} o")
+    assert_rel(final.S.cpu(), S_ref, tol_for(final.S, TOL_FWD), f"{tag} final S")
     for name, got, want in (("o_sum", final.o_sum, o_sum_ref), ("delta", final.delta, delta_ref)):
         if (want != 0).any():
-            assert_rel(got.cpu(), want, tol_fwd, f"{tag} final {name}")
+            assert_rel(got.cpu(), want, tol_for(got, TOL_FWD), f"{tag} final {name}")
         else:  # ended on a chunk boundary (o_sum) or no content update yet (delta): exactly 0
             assert not got.any(), f"{tag} final {name} should be exactly 0"
     for name, got, want in pairs:
@@ -124,7 +137,7 @@ def check(x, state, C, dtype=torch.float32, tag="", **kw):
             assert got is None or not got.any(), f"{tag}: gradient for {name} where the reference has none"
             continue
         assert got is not None, f"{tag}: no gradient reached {name}"
-        assert_rel(got.cpu(), want, tol_grad, f"{tag} grad {name}")
+        assert_rel(got.cpu(), want, tol_for(got, TOL_GRAD), f"{tag} grad {name}")
     return o, final
 
 
@@ -540,8 +553,9 @@ def test_backward_reads_the_forward_block_states(monkeypatch, mode, form, dtype,
     assert written[0].data_ptr() != read[0].data_ptr()
     states = read[0]
     assert states.abs().sum() > 0
-    # in the interpreter one float32 ulp apart in 4% of the entries, which bfloat16 storage can round to its own ulp
-    assert_bits_on_gpu(written[0].flatten()[:states.numel()].view(states.shape), states, torch.finfo(dtype).eps)
+    # in the interpreter one float32 ulp apart in 4% of the entries (there the stored states are float32
+    # for every input dtype: _operand_dtype)
+    assert_bits_on_gpu(written[0].flatten()[:states.numel()].view(states.shape), states, torch.finfo(states.dtype).eps)
 
 
 @pytest.mark.parametrize("mode", ["carve", "gdn2"])
@@ -614,6 +628,7 @@ def test_continuation(mode, T1):
         tag = f"triton continuation chunk+{name}"
         assert_rel(torch.cat([o1, o2], dim=1), o_full, TOL_FWD, f"{tag} o")
         assert_rel(s2.S, s_full.S, TOL_FWD, f"{tag} S")
+        assert_rel(s2.o_sum, s_full.o_sum, TOL_FWD, f"{tag} o_sum")   # 40 = 2C + 8: a chunk under way
         assert s2.offset == s_full.offset == T
         if mode == "carve":
             assert_rel(s2.delta, s_full.delta, TOL_FWD, f"{tag} delta")
@@ -681,14 +696,22 @@ def test_l2norm_eps_convention():
 
 
 def test_stop_gradient_through_m():
-    """m is a stop-gradient read: the reference (which detaches m) matches, and a reference where the
-    gradient flows through m would not (checked in test_torch_paths.py for the same construction)."""
+    """m is a stop-gradient read (docs/DESIGN.md section 2): the kernels' gradients equal the reference with
+    m detached, and differ clearly from the reference where gradients flow through m."""
     B, H, T, K, V, C = 1, 2, 48, 16, 16, 16
     x = make_inputs(B, T, H, K, V, "carve", seed=7, content_scale=1.5)
+
+    def flat(pairs, which):   # all gradients but D's and U's (which they get either way) as one vector
+        return torch.cat([pair[which].flatten().cpu().double() for pair in pairs if pair[0] not in ("D", "U")])
+
     _, _, _, _, pairs = run_both(x, None, C)
-    leaves = torch.cat([got.flatten().cpu().double() for n, got, _ in pairs if n not in ("D", "U")])
-    ref = torch.cat([want.flatten() for n, _, want in pairs if n not in ("D", "U")])
-    assert_rel(leaves, ref, TOL_GRAD, "triton chunk stop-grad")
+    got, detached = flat(pairs, 1), flat(pairs, 2)
+    attached = flat(run_both(x, None, C, detach_m=False)[4], 2)
+    assert_rel(got, detached, TOL_GRAD, "triton chunk stop-grad")
+    gap = rel_err(attached, detached)
+    record("triton stop-grad: attached vs detached reference grads", gap)
+    assert gap > 1e-2, "the two references barely differ: the test would not see a gradient through m"
+    assert rel_err(got, attached) > 1e-2
 
 
 @pytest.mark.parametrize("form", FORMS)

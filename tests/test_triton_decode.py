@@ -22,8 +22,8 @@ from carve_kernel import CarveState, backend_for, causal_conv_silu_torch, chunk_
     decode_step_triton, recurrent_carve, recurrent_carve_torch, recurrent_carve_triton, runs_in_interpreter
 from model import LM
 from reference import (DEVICE, NAMES, TOL_BF16, TOL_FWD, TOL_LOGITS, assert_error, assert_rel, gate_sweep,
-                       make_inputs, make_state, needs_triton, perturb, prefill_then_decode, reference, run_reference,
-                       state_without_content, tiny, tokens)
+                       make_inputs, make_state, needs_triton, perturb, poisoned_allocations, prefill_then_decode,
+                       reference, run_reference, state_without_content, tiny, tokens)
 
 
 def on_device(x, state, dtype):
@@ -33,6 +33,15 @@ def on_device(x, state, dtype):
     if state is not None:
         state = CarveState(state.S.to(DEVICE), state.o_sum.to(DEVICE), state.delta.to(DEVICE), state.offset)
     return args, content, state
+
+
+def poisoned(kernel, *args, **kw):
+    """kernel(*args, **kw) with every buffer its launcher allocates starting as NaN (poisoned_allocations):
+    an element it does not write fails the comparison with the reference."""
+    with poisoned_allocations() as made:
+        result = kernel(*args, **kw)
+    assert made, "the launcher no longer allocates with torch.empty"
+    return result
 
 
 def check_against_reference(o, final, args, content, state, C, dtype, tag):
@@ -83,7 +92,8 @@ def test_parity(mode, dtype, B, H, T, K, V, C, prefix):
         if mode == "carve":  # the state came from this content projection
             x["D"], x["U"] = prefix_content
     args, content, state = on_device(x, state, dtype)
-    o, final = recurrent_carve_triton(*args, content, initial_state=state, output_final_state=True, chunk_size=C)
+    o, final = poisoned(recurrent_carve_triton, *args, content, initial_state=state, output_final_state=True,
+                        chunk_size=C)
     check_against_reference(o, final, args, content, state, C, dtype, f"triton {mode} {str(dtype)[6:]}")
 
 
@@ -98,7 +108,8 @@ def test_parity_without_content(dtype):
     for state in (None, state_without_content(B, H, K, V, C, seed=6)):
         args, content, state = on_device(x, state, dtype)
         assert content is None
-        o, final = recurrent_carve_triton(*args, None, initial_state=state, output_final_state=True, chunk_size=C)
+        o, final = poisoned(recurrent_carve_triton, *args, None, initial_state=state, output_final_state=True,
+                            chunk_size=C)
         check_against_reference(o, final, args, None, state, C, dtype, f"triton carve without content {dtype}")
 
 
@@ -113,8 +124,8 @@ def test_decode_steps_equal_one_sequence(mode):
     args, content, _ = on_device(x, None, torch.float32)
     outs, state = [], None
     for t in range(T):
-        o, state = recurrent_carve_triton(*[a[:, t:t + 1] for a in args], content, initial_state=state,
-                                          output_final_state=True, chunk_size=C)
+        o, state = poisoned(recurrent_carve_triton, *[a[:, t:t + 1] for a in args], content, initial_state=state,
+                            output_final_state=True, chunk_size=C)
         outs.append(o)
     check_against_reference(torch.cat(outs, dim=1), state, args, content, None, C, torch.float32,
                             f"triton {mode} decode steps")
@@ -131,8 +142,8 @@ def test_parity_narrow_tiles(mode):
     if mode == "carve":
         x["D"], x["U"] = prefix_content
     args, content, state = on_device(x, state, torch.float32)
-    o, final = recurrent_carve_triton(*args, content, initial_state=state, output_final_state=True, chunk_size=C,
-                                      value_columns=8)
+    o, final = poisoned(recurrent_carve_triton, *args, content, initial_state=state, output_final_state=True,
+                        chunk_size=C, value_columns=8)
     check_against_reference(o, final, args, content, state, C, torch.float32, f"triton {mode} BV=8")
 
 
@@ -211,7 +222,7 @@ def test_explicit_scale_and_no_final_state():
     B, H, T, K, V, C = 1, 2, 9, 16, 16, 8
     x = make_inputs(B, T, H, K, V, "carve", seed=9)
     args, content, _ = on_device(x, None, torch.float32)
-    o, final = recurrent_carve_triton(*args, content, scale=0.3, chunk_size=C)
+    o, final = poisoned(recurrent_carve_triton, *args, content, scale=0.3, chunk_size=C)
     assert final is None
     o_ref, _ = reference(*[x[n].double() for n in NAMES], (x["D"].double(), x["U"].double()),
                          chunk_size=C, scale=0.3)
@@ -396,9 +407,10 @@ def test_fused_decode_step(mode, dtype, offset):
     state = CarveState(0.3 * r(B, H, K, V), r(B, H, V), 0.3 * r(B, H, K), offset)
     dev = lambda t: t.to(DEVICE).clone()  # noqa: E731  (a copy: the step writes into it)
     live_state, live_cache = CarveState(*map(dev, state[:3]), offset), dev(conv_cache)
-    o = decode_step_triton(
-        dev(x[:, 0]), dev(conv_weight), live_cache, dev(f[:, 0]), dev(A_log), dev(dt_bias), dev(b_logit[:, 0]),
-        dev(w_raw[:, 0]), live_state, tuple(map(dev, content)) if content else None, -5.0, chunk_size=C)
+    o = poisoned(
+        decode_step_triton, dev(x[:, 0]), dev(conv_weight), live_cache, dev(f[:, 0]), dev(A_log), dev(dt_bias),
+        dev(b_logit[:, 0]), dev(w_raw[:, 0]), live_state, tuple(map(dev, content)) if content else None, -5.0,
+        chunk_size=C)
     qkv, cache_ref = causal_conv_silu_torch(x, conv_weight, conv_cache)
     q, k, v = (t.reshape(B, 1, H, -1) for t in qkv.split([H * K, H * K, H * V], dim=-1))
     g = -A_log.exp()[:, None] * F.softplus(f.float().reshape(B, 1, H, K) + dt_bias.view(H, K))
@@ -451,7 +463,7 @@ def test_decay_gate_triton_twin():
     H, K = want.shape
     x = (f[0] + dt_bias).to(DEVICE).contiguous()  # the fp32 sum, as decay_gate and the decode kernel form it
     heads = A_log[:, None].expand(H, K).to(DEVICE).contiguous()
-    got = torch.empty(H, K, device=DEVICE)
+    got = torch.full((H, K), float("nan"), device=DEVICE)
     _decay_gate_probe[(1,)](x, heads, got, H * K, a_log_min, BLOCK=carve_kernel.triton.next_power_of_2(H * K))
     got = got.cpu()
     assert_rel(got, want, 1e-6, "decay gate triton twin vs decay_gate")
