@@ -146,11 +146,10 @@ def best_over_learning_rates(points):
 
 
 def file_labels(paths):
-    """{path: its file name without the extension}, or the path without it where two files share a name
-    (out/seed1/carve.json and out/seed2/carve.json are two lines, not one)."""
+    """{path: its file name without the extension}, or the whole path where two files share that name
+    (out/seed1/carve.json and out/seed2/carve.json, or carve.json and carve.jsonl, are two lines)."""
     stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
-    return {path: stem if stems.count(stem) == 1 else os.path.splitext(os.path.relpath(path))[0]
-            for path, stem in zip(paths, stems)}
+    return {path: stem if stems.count(stem) == 1 else os.path.relpath(path) for path, stem in zip(paths, stems)}
 
 
 def passkey_points(paths, by="context"):
@@ -160,15 +159,15 @@ def passkey_points(paths, by="context"):
     out)."""
     result, labels = {}, file_labels(paths)
     for path in paths:
+        groups = defaultdict(list)
         try:
             with open(path) as f:
                 rows = json.loads(f.read().strip().splitlines()[-1])["accuracy"]
-        except (OSError, ValueError, KeyError, IndexError) as e:
-            fail(f"{path}: not the JSON line of eval.py --task=passkey --json ({e})")
-        groups = defaultdict(list)
-        for row in rows:
-            if by in row:
-                groups[row[by]].append(row["accuracy"])
+            for row in rows:
+                if by == "context" or by in row:
+                    groups[row[by]].append(row["accuracy"])
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            fail(f"{path}: not the JSON line of eval.py --task=passkey --json ({e!r})")
         if groups:
             values = sorted(groups)
             result[labels[path]] = (values, [np.mean(groups[v]) for v in values])
@@ -301,7 +300,7 @@ def draw(kind, inputs, output):
             ax.set_xscale(scale, base=2, **({"linthresh": 1} if scale == "symlog" else {}))
             if scale == "symlog" and ticks:
                 ticks = [0] + [2 ** i for i in range(int(max(ticks)).bit_length() + 1) if 2 ** i <= 2 * max(ticks)]
-            ax.set_xticks(sorted(ticks), [f"{tick:g}" for tick in sorted(ticks)])   # 1024, not 2^10
+            ax.set_xticks(sorted(ticks), [str(int(tick)) for tick in sorted(ticks)])   # 1024, not 2^10
             ax.minorticks_off()
             ax.set_xlabel(x_label)
             ax.set_ylabel(y_label)

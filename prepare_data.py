@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizers. sample.py and eval.py import get_tokenizer, so it must stay cheap to import.
+# Tokenizers. train.py, sample.py and eval.py import this module, so it must stay cheap to import.
 
 
 class ByteTokenizer:

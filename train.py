@@ -581,15 +581,15 @@ def evaluate(model, data, config, rank, world, device, autocast):
         with autocast:
             if scored:   # one forward gives both the loss and the predictions
                 logits = model(x)[0]
-                loss = F.cross_entropy(logits[scored_at].float(), y[scored_at])
+                loss_sum = F.cross_entropy(logits[scored_at].float(), y[scored_at], reduction="sum")
                 right = logits.argmax(-1) == y
             else:
-                _, loss = model(x, y)
+                loss_sum = model(x, y)[1] * scored_at.sum()
                 right = torch.zeros_like(scored_at)
         order = scored_at.cumsum(dim=1)
         first, last = scored_at & (order == 1), scored_at & (order == order[:, -1:])
         counts = [scored_at.sum(), right.sum(), first.sum(), (right & first).sum(), last.sum(), (right & last).sum()]
-        total += torch.stack([loss.double() * counts[0], *(c.double() for c in counts)]).to(device)
+        total += torch.stack([loss_sum.double(), *(c.double() for c in counts)]).to(device)
     if world > 1:
         dist.all_reduce(total)
     model.train()

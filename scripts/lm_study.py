@@ -7,7 +7,7 @@ seeds), the table of every learning rate, and the curves.
     python prepare_data.py --source /tmp/kjv.txt shakespeare    # the Bible (README, "Offline machines") and the plays
     python scripts/lm_study.py --out_dir=out/lm_study --mixers=carve,gdn2,attn --params=12e6 \\
         --lrs=1e-3,2e-3,4e-3 --seeds=1,2,3 --parallel=4
-    python scripts/lm_study.py ... --max_steps=600 --data_dir=data/shakespeare_byte   # any train.py key, every run
+    python scripts/lm_study.py ... --max_steps=600 --data_dir=data/shakespeare_byte   # other train.py keys, every run
     python scripts/lm_study.py ... --report     # the table of the runs that finished; none trains
 
 Runs start from configs/study_lm.py. Each mixer gets the SwiGLU width (mlp_hidden, a multiple of 16)
@@ -82,7 +82,7 @@ def best_val_bpb(directory):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="out/lm_study")
     parser.add_argument("--mixers", default="carve,gdn2,attn", help="'+' joins a hybrid's pattern: carve+attn")
     parser.add_argument("--params", type=float, default=12e6,

@@ -11,7 +11,8 @@ the query's order) and the plot. With --content_rank=0 the mixer reads "carve (c
     python scripts/mqar_sweep.py ... --report      # the table of the runs that finished; none trains
 
 Runs start from configs/mqar.py. A mixer is train.py's `mixer` with '+' for ',' (carve+attn: a hybrid);
-each run has heads of min(64, d_model) dimensions, d_model / 64 of them (at least one), and min_lr
+each run has heads of min(64, d_model) dimensions, d_model / 64 of them (at least one; --n_head,
+--head_k_dim and --head_v_dim set them for every run instead), and min_lr
 from configs/mqar.py (1e-4) at every learning rate, as a fixed floor of the cosine schedule. A run that finished (its
 record at max_steps) is skipped and one that stopped resumes (train.py --init_from=resume), so the sweep
 can be stopped and started again, and spread over several sessions. --parallel runs that many at once
@@ -36,8 +37,8 @@ import plot  # noqa: E402
 import train  # noqa: E402
 
 HEAD_DIM = 64
-# set per run from the grid; an override of one would contradict the run's folder name
-SWEEP_KEYS = ("mixer", "d_model", "n_head", "head_k_dim", "head_v_dim", "mqar_pairs", "lr", "seed", "out_dir")
+# named in each run's folder, from the grid; an override would contradict the name
+SWEEP_KEYS = ("mixer", "d_model", "mqar_pairs", "lr", "seed", "out_dir")
 # A run mostly either learns MQAR (0.85 or more) or stays near chance, by the seed: a mean of 0.66 over
 # three seeds can be two that learnt and one that did not, so the table also counts the seeds above this.
 LEARNT = 0.5
@@ -52,8 +53,9 @@ def numbers(text, kind, name):
 
 def parse_arguments(parser, argv, grid_keys, chosen_by):
     """The script's own arguments and the train.py --key=value overrides applied to every run; a key that
-    the grid sets for each run is refused. The parser must have allow_abbrev=False: else --lr and --seed
-    would be taken, silently, for the script's --lrs and --seeds."""
+    the grid sets for each run is refused. Abbreviations are off: else --lr and --seed would be taken,
+    silently, for the script's --lrs and --seeds."""
+    parser.allow_abbrev = False
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--")]
     if bad:
@@ -137,7 +139,7 @@ def publish(out_dir, results, header, table, figure, log):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="out/mqar_sweep")
     parser.add_argument("--mixers", default="carve,gdn2,attn", help="'+' joins a hybrid's pattern: carve+attn")
     parser.add_argument("--widths", default="64,128,256")

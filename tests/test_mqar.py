@@ -1,6 +1,7 @@
 """MQAR (multi-query associative recall): the generator's examples, training on them with train.py
 --task=mqar (exact resume, accuracy at evaluation) and eval.py --task=mqar on the checkpoint."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -151,7 +152,8 @@ def test_accuracy_by_query_order_shows_elimination():
 
 def test_training_evaluation_scores_first_and_last_query_apart():
     """train.evaluate on a model right on each example's last query only (recall by elimination):
-    accuracy 1/pairs, 0 on the first query, 1 on the last."""
+    accuracy 1/pairs, 0 on the first query, 1 on the last; the loss is the cross-entropy of its logits
+    over the scored positions alone."""
     import train
     config = {**train.load_config(["mqar"]), "seq_len": 64, "mqar_pairs": 4, "vocab_size": 256,
               "mqar_train_examples": 8, "mqar_test_examples": 30, "micro_batch_size": 7}
@@ -173,6 +175,9 @@ def test_training_evaluation_scores_first_and_last_query_apart():
                             torch.autocast("cpu", enabled=False))
     assert result["val_acc"] == pytest.approx(1 / pairs)
     assert (result["val_acc_first_query"], result["val_acc_last_query"]) == (0.0, 1.0)
+    # uniform over 256 ids at the other queries; at the last, logit 1 on the answer and 0 on the 255 others
+    want = ((pairs - 1) * math.log(256) + math.log(math.e + 255) - 1) / pairs
+    assert result["val_loss"] == pytest.approx(want, rel=1e-6)
 
 
 def test_task_errors(tmp_path):

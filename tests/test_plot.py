@@ -105,6 +105,7 @@ def test_passkey_means_over_depths_and_over_equal_distances(tmp_path):
                                               for row in rows]}))
     both = plot.passkey_points([str(path), str(older)])
     assert len(both) == 2 and list(both.values())[0] == list(both.values())[1]
+    assert len(set(plot.file_labels([str(path), str(path) + "l"]).values())) == 2   # carve.json and carve.jsonl
     assert list(plot.passkey_points([str(path), str(older)], "filler_blocks_after_needle")) == [list(both)[0]]
 
 
@@ -193,3 +194,6 @@ def test_errors(tmp_path, runs):
     with pytest.raises(SystemExit, match="not the JSON line"):
         (tmp_path / "bad.json").write_text("{")
         plot.passkey_points([str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit, match="not the JSON line.*'context'"):
+        (tmp_path / "no_context.json").write_text(json.dumps({"accuracy": [{"depth": 0, "accuracy": 1.0}]}))
+        plot.passkey_points([str(tmp_path / "no_context.json")])
