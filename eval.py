@@ -52,9 +52,9 @@ given depth of repeated filler (blocks of five short sentences), asked for at th
 greedy continuation (the prompt prefilled in one pass, then one decode step a token) must contain the
 number. Accuracy per context length (in tokens) and depth (0% = the needle first, 100% = just before the
 question), over --trials keys drawn from --seed; with --json also the number of filler blocks between
-the needle and the question, which mostly decides whether a recurrent model still holds the key. A model trained only on plays will fail it; the tool is
-for models trained on such data (prepare_data.py --source passkey writes a corpus of them), and for
-reporting that failure honestly.
+the needle and the question, which mostly decides whether a recurrent model still holds the key. A
+model trained only on plays will fail it; the tool is for models trained on such data (prepare_data.py
+--source passkey writes a corpus of them), and for reporting that failure honestly.
 """
 import argparse
 import json

@@ -12,11 +12,11 @@ the query's order) and the plot. With --content_rank=0 the mixer reads "carve (c
 
 Runs start from configs/mqar.py. A mixer is train.py's `mixer` with '+' for ',' (carve+attn: a hybrid);
 each run has heads of min(64, d_model) dimensions, d_model / 64 of them (at least one; --n_head,
---head_k_dim and --head_v_dim set them for every run instead), and min_lr
-from configs/mqar.py (1e-4) at every learning rate, as a fixed floor of the cosine schedule. A run that finished (its
-record at max_steps) is skipped and one that stopped resumes (train.py --init_from=resume), so the sweep
-can be stopped and started again, and spread over several sessions. --parallel runs that many at once
-(small models leave a GPU mostly idle). The table goes to stdout and OUT_DIR/results.json; the plot to
+--head_k_dim and --head_v_dim set them for every run instead), and min_lr from configs/mqar.py (1e-4)
+at every learning rate, as a fixed floor of the cosine schedule. A run that finished (its record at
+max_steps) is skipped and one that stopped resumes (train.py --init_from=resume), so the sweep can be
+stopped and started again, and spread over several sessions. --parallel runs that many at once (small
+models leave a GPU mostly idle). The table goes to stdout and OUT_DIR/results.json; the plot to
 OUT_DIR/mqar.png when matplotlib is installed.
 """
 import argparse
