@@ -456,6 +456,9 @@ def main(argv=None):
     parser.add_argument("--depths", default="0,25,50,75,100", help="passkey: needle depths in percent")
     parser.add_argument("--trials", type=int, default=5, help="passkey: keys per setting (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="passkey: seed of the keys (default: %(default)s)")
+    parser.add_argument("--without_content_shift", action="store_true",
+                        help="take CARVE's content shift away first (U = 0 in every CARVE layer, so Delta = 0), "
+                             "without training again: what it is worth to the task")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.seq_len < 0 or args.max_tokens < 0:
         fail("--batch_size must be at least 1, --seq_len and --max_tokens at least 0")
@@ -480,6 +483,17 @@ def main(argv=None):
     model = LM(ModelConfig.from_dict(record["model_config"]))
     load_weights(model, checkpoint["model"], os.path.join(args.out_dir, record["checkpoint"]))
     model.to(device).eval()
+    if args.without_content_shift:
+        ups = [block.mixer.content_up for block in model.blocks if getattr(block.mixer, "has_content", False)]
+        if not ups:
+            fail(f"--without_content_shift: {args.out_dir} has no CARVE layer with a content shift (mixer "
+                 f"{model.cfg.mixer!r}; CARVE layers with content_rank > 0 have one)")
+        if args.task == "gates":
+            fail("--without_content_shift: --task=gates reports the model with and without it already")
+        with torch.no_grad():
+            for up in ups:
+                up.zero_()
+        print(f"content shift taken away: U = 0 in {len(ups)} CARVE layers", file=sys.stderr)
     config = checkpoint["config"]
     del checkpoint
     if trained_on_mqar:

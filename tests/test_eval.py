@@ -77,6 +77,26 @@ def test_errors(run, tmp_path):
         assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
+def test_without_content_shift_scores_the_model_with_u_zero(run, capsys, monkeypatch):
+    """--without_content_shift evaluates the trained model with U = 0 in every CARVE layer and nothing
+    else changed (without the flag, the model as trained); --task=gates, which reports both, refuses it."""
+    trained = model_of(run)
+    ups = [block.mixer.content_up for block in trained.blocks]
+    assert all(up.abs().sum() > 0 for up in ups)   # U starts at 0; three steps moved it
+    scored = []
+    real_score = evaluate_script.score
+    monkeypatch.setattr(evaluate_script, "score", lambda model, *a: scored.append(model) or real_score(model, *a))
+    result_of(["--out_dir", run, "--max_tokens=2000", "--without_content_shift"], capsys)
+    result_of(["--out_dir", run, "--max_tokens=2000"], capsys)
+    by_hand = {name: (torch.zeros_like(value) if name.endswith("content_up") else value)
+               for name, value in trained.state_dict().items()}
+    assert sum(name.endswith("content_up") for name in by_hand) == len(ups)
+    for model, want in zip(scored, (by_hand, trained.state_dict())):
+        assert [name for name, value in model.state_dict().items() if not torch.equal(value, want[name])] == []
+    with pytest.raises(SystemExit, match="--task=gates reports the model with and without it"):
+        evaluate_script.main(["--out_dir", run, "--task=gates", "--without_content_shift", "--device", "cpu"])
+
+
 def test_passkey_scores_the_continuation(run, capsys, monkeypatch):
     """A model that answers with the key scores 100%, one that does not 0%; each prompt fills its context
     (within a filler block) with the needle after the asked share of the blocks, and the result counts
