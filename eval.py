@@ -46,6 +46,8 @@ their erase rates, and with --step on checkpoints along a run (train.py keeps th
 Delta over training; `plot.py gates` draws such lines. On an MQAR checkpoint it runs on the test examples
 (as --task=mqar chooses them) and reports the accuracy instead of the loss, also without Delta
 (accuracy, accuracy_without_content_shift): whether recall rests on the content shift.
+--without_content_shift takes the shift away (U = 0) before any other task: the passkey probe, the
+harness, a text's loss.
 
 --task=passkey is an S-NIAH-style probe (RULER's single needle): a five-digit pass key stated once at a
 given depth of repeated filler (blocks of five short sentences), asked for at the end; the model's
