@@ -19,8 +19,9 @@ mean of 0.66 can be two seeds that learnt and one that did not). CARVE runs with
 a mixer of their own, "carve (content_rank 0)".
 
 passkey: files of `eval.py --task=passkey --json` output; accuracy against context length (mean over
-depths), one line per file, and beside it accuracy against the number of filler blocks between the
-needle and the question (the distance the key must be carried).
+depths), one line per file (files of one folder named alike but for a trailing `_seedN`: one line, their
+mean, with the range of the seeds shaded), and beside it accuracy against the number of filler blocks
+between the needle and the question (the distance the key must be carried).
 
 gates: files of `eval.py --task=gates --json` lines, one line per checkpoint of a run (eval.py --step):
 each layer's erase rate against the checkpoint's step, and for CARVE the mean |Delta| with its 5th-95th
@@ -153,11 +154,13 @@ def file_labels(paths):
 
 
 def passkey_points(paths, by="context"):
-    """{label: (values of `by`, mean accuracy at each)} of eval.py --task=passkey --json files. By context:
-    the mean over depths; by filler_blocks_after_needle: over every context and depth with that many
-    blocks between the needle and the question (files from an eval.py that did not count them are left
-    out)."""
-    result, labels = {}, file_labels(paths)
+    """{label: (values of `by`, accuracy [files, values])} of eval.py --task=passkey --json files. By
+    context: the mean over depths; by filler_blocks_after_needle: over every context and depth with that
+    many blocks between the needle and the question (files from an eval.py that did not count them are
+    left out). Files of one folder whose names differ only in a trailing _seedN (carve_seed1.json,
+    carve_seed2.json) are one label, a row each (NaN where a file lacks the value), as plot.py curves
+    groups runs."""
+    by_file = {}
     for path in paths:
         groups = defaultdict(list)
         try:
@@ -169,8 +172,18 @@ def passkey_points(paths, by="context"):
         except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             fail(f"{path}: not the JSON line of eval.py --task=passkey --json ({e!r})")
         if groups:
-            values = sorted(groups)
-            result[labels[path]] = (values, [np.mean(groups[v]) for v in values])
+            by_file[path] = {value: np.mean(accuracies) for value, accuracies in groups.items()}
+    seeds = defaultdict(list)   # the file without its seed suffix (its extension kept) -> its files
+    for path in paths:
+        stem, extension = os.path.splitext(path)
+        seeds[SEED_SUFFIX.sub("", stem) + extension].append(path)
+    result, labels = {}, file_labels(list(seeds))   # from every file: a label is the same in both panels
+    for group, all_files in seeds.items():
+        files = [path for path in all_files if path in by_file]
+        if not files:
+            continue
+        values = sorted(set().union(*(by_file[path] for path in files)))
+        result[labels[group]] = (values, np.array([[by_file[path].get(v, np.nan) for v in values] for path in files]))
     return result
 
 
@@ -294,7 +307,12 @@ def draw(kind, inputs, output):
         for ax, (points, scale, x_label, y_label, title) in zip(axes[0], panels):
             ticks = set()
             for label, (values, accuracy) in points.items():
-                ax.plot(values, accuracy, marker="o", label=label, color=colours[label])
+                seeds = len(accuracy)
+                ax.plot(values, np.nanmean(accuracy, axis=0), marker="o", color=colours[label],
+                        label=label + (f" ({seeds} seeds)" if seeds > 1 else ""))
+                if seeds > 1:
+                    ax.fill_between(values, np.nanmin(accuracy, axis=0), np.nanmax(accuracy, axis=0),
+                                    color=colours[label], alpha=0.2)
                 ticks.update(values)
             # log for contexts (1K-8K); symlog for blocks, which start at 0 and run to ~90 at 8K bytes
             ax.set_xscale(scale, base=2, **({"linthresh": 1} if scale == "symlog" else {}))

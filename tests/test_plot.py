@@ -97,16 +97,29 @@ def test_passkey_means_over_depths_and_over_equal_distances(tmp_path):
     rows = [{"context": c, "depth": d, "accuracy": a, "filler_blocks_after_needle": f} for c, d, a, f in
             [(1024, 0, 1.0, 10), (1024, 100, 0.5, 0), (2048, 0, 0.0, 21), (2048, 100, 0.25, 0)]]
     path.write_text("progress on stderr does not land here\n" + json.dumps({"accuracy": rows}) + "\n")
-    assert plot.passkey_points([str(path)]) == {"carve": ([1024, 2048], [0.75, 0.125])}
-    assert plot.passkey_points([str(path)], "filler_blocks_after_needle") == {"carve": ([0, 10, 21], [0.375, 1.0, 0.0])}
+    def points(paths, by="context"):
+        return {label: (values, accuracy.tolist()) for label, (values, accuracy) in
+                plot.passkey_points([str(p) for p in paths], by).items()}
+
+    assert points([path]) == {"carve": ([1024, 2048], [[0.75, 0.125]])}
+    assert points([path], "filler_blocks_after_needle") == {"carve": ([0, 10, 21], [[0.375, 1.0, 0.0]])}
     (tmp_path / "old").mkdir()
     older = tmp_path / "old" / "carve.json"
     older.write_text(json.dumps({"accuracy": [{key: row[key] for key in ("context", "depth", "accuracy")}
                                               for row in rows]}))
-    both = plot.passkey_points([str(path), str(older)])
+    both = points([path, older])
     assert len(both) == 2 and list(both.values())[0] == list(both.values())[1]
     assert len(set(plot.file_labels([str(path), str(path) + "l"]).values())) == 2   # carve.json and carve.jsonl
-    assert list(plot.passkey_points([str(path), str(older)], "filler_blocks_after_needle")) == [list(both)[0]]
+    assert list(points([path, older], "filler_blocks_after_needle")) == [list(both)[0]]
+    # two seeds of one model: one label, a row each; a distance only one seed reached is NaN in the other
+    second = tmp_path / "carve_seed2.json"
+    second.write_text(json.dumps({"accuracy": [{**row, "accuracy": 1.0, "filler_blocks_after_needle": 1}
+                                               for row in rows[:2]]}))
+    (tmp_path / "carve_seed1.json").write_text(path.read_text())
+    seeds = plot.passkey_points([str(tmp_path / "carve_seed1.json"), str(second)], "filler_blocks_after_needle")
+    values, accuracy = seeds["carve"]
+    assert list(seeds) == ["carve"] and values == [0, 1, 10, 21]
+    assert np.array_equal(accuracy, [[0.375, np.nan, 1.0, 0.0], [np.nan, 1.0, np.nan, np.nan]], equal_nan=True)
 
 
 def gates_file(path, steps):
