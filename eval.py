@@ -329,13 +329,18 @@ def gate_statistics(model, windows, batch_size, autocast, initial=None):
     return result
 
 
+def content_ups(model):
+    """U of every CARVE layer with a content shift (Delta = U D m): zeroing them takes the shift away."""
+    return [block.mixer.content_up for block in model.blocks if getattr(block.mixer, "has_content", False)]
+
+
 @torch.inference_mode()
 def content_shift_worth(model, measure):
     """(measure(), measure() with Delta = 0): what CARVE's content shift is worth to the trained model,
     measured by taking it away (U, hence Delta = U D m, set to 0 in every CARVE layer, then restored). A
     model whose shift learnt nothing useful loses nothing; one without CARVE layers has no shift (None)."""
     value = measure()
-    ups = [block.mixer.content_up for block in model.blocks if getattr(block.mixer, "has_content", False)]
+    ups = content_ups(model)
     if not ups:
         return value, None
     kept = [up.clone() for up in ups]
@@ -408,7 +413,7 @@ def gates(args, model, config, record, windows, autocast, metric):
     if not any(hasattr(block.mixer, "kind") for block in model.blocks):
         fail(f"{args.out_dir}: the model has no recurrent layer (mixer={model.cfg.mixer!r}): no erase gate "
              f"to report; use a CARVE or GDN-2 checkpoint")
-    shift = any(getattr(block.mixer, "has_content", False) for block in model.blocks)
+    shift = bool(content_ups(model))
     initial = initial_model(config["seed"], record["model_config"]) if shift else None
     rows = gate_statistics(model, windows, args.batch_size, autocast, initial)
     name, measure = metric
@@ -486,7 +491,7 @@ def main(argv=None):
     load_weights(model, checkpoint["model"], os.path.join(args.out_dir, record["checkpoint"]))
     model.to(device).eval()
     if args.without_content_shift:
-        ups = [block.mixer.content_up for block in model.blocks if getattr(block.mixer, "has_content", False)]
+        ups = content_ups(model)
         if not ups:
             fail(f"--without_content_shift: {args.out_dir} has no CARVE layer with a content shift (mixer "
                  f"{model.cfg.mixer!r}; CARVE layers with content_rank > 0 have one)")
