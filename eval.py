@@ -111,10 +111,11 @@ def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
     keys = [str(k) for k in rng.integers(PASSKEY_KEYS.start, PASSKEY_KEYS.stop, size=trials)]
     rows = []
     for context in contexts:
+        fits = {key: max(0, passkey_blocks(tokenizer, context, key)) for key in keys}   # the same at every depth
         for depth in depths:
             hits, after = 0, []
             for key in keys:
-                blocks = max(0, passkey_blocks(tokenizer, context, key))
+                blocks = fits[key]
                 before = round(blocks * depth / 100)
                 after.append(blocks - before)
                 prompt = document_ids(tokenizer, passkey_text(before, blocks - before, key))
