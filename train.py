@@ -778,9 +778,22 @@ def main(argv):
         dist.destroy_process_group()
 
 
+def out_of_memory_error(e):
+    """One line for a run that ran out of GPU memory: torch's own numbers (what it asked for, what was free),
+    without its per-process list, and what would work. The newest checkpoint is untouched."""
+    sizes = [s for s in str(e).split(". ") if s.startswith(("Tried to allocate", "GPU "))]
+    return (f"error: out of GPU memory ({'; '.join(sizes) or str(e).splitlines()[0]}); lower --micro_batch_size "
+            f"(gradient accumulation keeps batch_tokens, the batch of a step), set --activation_checkpointing=True, "
+            f"or run fewer jobs on this GPU; --init_from=resume continues from the newest checkpoint")
+
+
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:])
+        try:
+            main(sys.argv[1:])
+        except torch.OutOfMemoryError as e:  # each rank's own GPU: every rank that meets it says so
+            print(out_of_memory_error(e), file=sys.stderr)
+            raise SystemExit(1) from None
     except SystemExit as e:
         if e.code not in (None, 0) and int(os.environ.get("RANK", 0)) > 0:
             os._exit(1)  # under torchrun every rank meets the same error: rank 0 prints it, once

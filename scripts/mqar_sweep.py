@@ -92,11 +92,14 @@ def run_one(args, directory, max_steps, log, env):
     os.makedirs(directory, exist_ok=True)
     resume = ["--init_from=resume"] if train.checkpoint_records(directory) else []
     started = time.time()
-    with open(os.path.join(directory, "train.log"), "a") as out:
+    log_path = os.path.join(directory, "train.log")
+    with open(log_path, "a") as out:
         result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, *resume], cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
-        return f"failed (exit {result.returncode}; see {os.path.join(directory, 'train.log')})"
+        with open(log_path) as f:   # train.py's errors are one line, the last (out of GPU memory among them)
+            last_line = (f.read().strip().splitlines() or ["no output"])[-1]
+        return f"failed (exit {result.returncode}: {last_line}; see {log_path})"
     log(f"{os.path.basename(directory)}: {time.time() - started:.0f} s")
     return "trained"
 

@@ -169,6 +169,40 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(shakespeare, tmp_path, 
         assert not train.non_finite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
 
 
+def test_out_of_gpu_memory_is_one_line_that_says_what_would_work(shakespeare, tmp_path):
+    """A backward that runs out of GPU memory (raised here by hand, with torch's wording) ends the run with
+    one line: torch's numbers without its per-process list, and what to change. The newest checkpoint
+    stays and resumes."""
+    out = str(tmp_path / "run")
+    args = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--eval_interval=2"]
+    message = ("CUDA out of memory. Tried to allocate 1024.00 MiB. GPU 0 has a total capacity of 139.80 GiB of which "
+               "14.44 MiB is free. Process 741 has 3.67 GiB memory in use. Of the allocated memory 1.22 GiB is "
+               "allocated by PyTorch")
+    run_out_of_memory_at_step_3 = f"""
+import runpy, sys, torch
+backward, calls = torch.Tensor.backward, []
+def backward_until_step_3(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 2:
+        raise torch.OutOfMemoryError({message!r})
+    return backward(*args, **kwargs)
+torch.Tensor.backward = backward_until_step_3
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+    result = subprocess.run([sys.executable, "-c", run_out_of_memory_at_step_3, *args, "--max_steps=4"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: out of GPU memory (Tried to allocate 1024.00 MiB; GPU 0 has a total capacity of 139.80 GiB of which "
+        "14.44 MiB is free); lower --micro_batch_size (gradient accumulation keeps batch_tokens, the batch of a "
+        "step), set --activation_checkpointing=True, or run fewer jobs on this GPU; --init_from=resume continues "
+        "from the newest checkpoint"]
+    assert checkpoints(out) == ["ckpt_00000002.pt"]
+    train_run([*args, "--max_steps=4", "--init_from=resume"])
+    assert checkpoints(out)[-1] == "ckpt_00000004.pt"
+
+
 def test_non_finite_weights_are_never_saved(tmp_path):
     config = {**train.DEFAULTS, "out_dir": str(tmp_path), "vocab_size": 64, "n_layer": 1, "d_model": 16,
               "n_head": 2, "head_k_dim": 8, "head_v_dim": 8, "mlp_hidden": 32, "chunk_size": 16, "content_rank": 2,

@@ -236,6 +236,19 @@ def test_the_sweep_trains_each_cell_once_and_tables_the_best_learning_rate(tmp_p
         sweep.main([*argv, f"--out_dir={tmp_path / 'nowhere'}", "--report"])
 
 
+def test_a_failed_run_is_listed_with_its_error(tmp_path, capsys):
+    """A run whose train.py stops is listed at the end with train.py's one-line error, and the sweep exits
+    non-zero."""
+    from reference import load_script
+    sweep = load_script("mqar_sweep")
+    with pytest.raises(SystemExit, match="none of the grid's 1 runs"):
+        sweep.main([f"--out_dir={tmp_path}", "--mixers=carve", "--widths=32", "--pairs=2", "--lrs=1e-3", "--seeds=1",
+                    "--init_from=bogus"])
+    log_path = tmp_path / "carve_d32_p2_lr0.001_seed1" / "train.log"
+    assert (f"carve_d32_p2_lr0.001_seed1: failed (exit 1: error: init_from must be 'scratch' or 'resume', got "
+            f"'bogus'; see {log_path})") in capsys.readouterr().err
+
+
 def test_the_sweep_refuses_the_keys_its_grid_sets(tmp_path, capsys):
     """--lr and --seed are not abbreviations of --lrs and --seeds, and --d_model or --mqar_pairs would
     contradict the run folder's name: each stops the sweep before anything is written."""
