@@ -68,17 +68,8 @@ def curves(run_dirs):
     """{label: {metric: (tokens [n], values [seeds, n])}} of each group of runs that differ only in their
     seed suffix; metrics: loss and the validation ones the runs logged. Runs of one group are cut to the
     steps they all logged."""
-    by_folder = defaultdict(list)
-    for run_dir in run_dirs:
-        parent, name = os.path.split(os.path.abspath(run_dir))
-        by_folder[(parent, SEED_SUFFIX.sub("", name))].append(run_dir)
-    # a name in two folders (a study and its ablation: out/study_lm/carve_lr0.002_seed1 and
-    # out/study_lm_rank0/carve_lr0.002_seed1) is two lines labelled with their folders, not one mean
-    names = [name for _, name in by_folder]
-    groups = {(name if names.count(name) == 1 else os.path.join(os.path.relpath(parent), name)): dirs
-              for (parent, name), dirs in by_folder.items()}
     result = {}
-    for label, dirs in groups.items():
+    for label, dirs in seed_groups(run_dirs, files=False).items():
         per_metric = defaultdict(list)
         for run_dir in dirs:
             rows = read_log(run_dir)
@@ -146,11 +137,23 @@ def best_over_learning_rates(points):
     return by_setting
 
 
-def file_labels(paths):
-    """{path: its file name without the extension}, or the whole path where two files share that name
-    (out/seed1/carve.json and out/seed2/carve.json, or carve.json and carve.jsonl, are two lines)."""
-    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
-    return {path: stem if stems.count(stem) == 1 else os.path.relpath(path) for path, stem in zip(paths, stems)}
+def file_labels(paths, files=True):
+    """{path: its name (a file's without the extension)}, or the path relative to here where two share that
+    name (out/seed1/carve.json and out/seed2/carve.json, carve.json and carve.jsonl, or a study's run and
+    its ablation's of one name are two lines). A run folder's name keeps its dots (carve_lr0.002)."""
+    names = [os.path.basename(os.path.splitext(path)[0] if files else os.path.normpath(path)) for path in paths]
+    return {path: name if names.count(name) == 1 else os.path.relpath(path) for path, name in zip(paths, names)}
+
+
+def seed_groups(paths, files):
+    """{label: [paths]}: paths that differ only in a trailing _seedN (before a file's extension) are one
+    group, however each is spelt (relative or absolute), labelled as file_labels labels the group."""
+    groups = defaultdict(list)
+    for path in paths:
+        stem, extension = os.path.splitext(os.path.abspath(path)) if files else (os.path.abspath(path), "")
+        groups[SEED_SUFFIX.sub("", stem) + extension].append(path)
+    labels = file_labels(list(groups), files)
+    return {labels[group]: members for group, members in groups.items()}
 
 
 def passkey_points(paths, by="context"):
@@ -173,17 +176,13 @@ def passkey_points(paths, by="context"):
             fail(f"{path}: not the JSON line of eval.py --task=passkey --json ({e!r})")
         if groups:
             by_file[path] = {value: np.mean(accuracies) for value, accuracies in groups.items()}
-    seeds = defaultdict(list)   # the file without its seed suffix (its extension kept) -> its files
-    for path in paths:
-        stem, extension = os.path.splitext(path)
-        seeds[SEED_SUFFIX.sub("", stem) + extension].append(path)
-    result, labels = {}, file_labels(list(seeds))   # from every file: a label is the same in both panels
-    for group, all_files in seeds.items():
+    result = {}
+    for label, all_files in seed_groups(paths, files=True).items():   # from every file: the same in both panels
         files = [path for path in all_files if path in by_file]
         if not files:
             continue
         values = sorted(set().union(*(by_file[path] for path in files)))
-        result[labels[group]] = (values, np.array([[by_file[path].get(v, np.nan) for v in values] for path in files]))
+        result[label] = (values, np.array([[by_file[path].get(v, np.nan) for v in values] for path in files]))
     return result
 
 
