@@ -8,7 +8,7 @@ flash-linear-attention's chunk_gdn2 and chunk_kda, and the decode step against i
     python bench_kernels.py --gemv           # only the batch-1 GEMV at the 1.3B Linear shapes, and a sweep
 
 flash-linear-attention is optional: `pip install einops && pip install --no-deps fla-core==0.6.0`
-(pure Python) and set FLA_DISABLE_BACKEND_DISPATCH=1. H = 16, K = V = 128, chunk 64, bf16 q, k, v,
+(pure Python; the script sets FLA_DISABLE_BACKEND_DISPATCH=1). H = 16, K = V = 128, chunk 64, bf16 q, k, v,
 b_logit, w, fp32 g; times are medians of triton.testing.do_bench; peak memory is the most allocated
 above the inputs during one forward + backward. Decode: one step (T = 1), fp32 state, time of the whole call and of its replay
 in a CUDA graph; state traffic = read + write of S (2 B H K V 4 bytes), against the card's copy
@@ -174,14 +174,12 @@ def gemv_table():
     """Each GEMV_SHAPES product at one row: us and the share of the copy bandwidth its weight's bytes
     reach, for cuBLAS, the GEMV as launched now, and the GEMV's fastest settings in GEMV_SWEEP. Each time
     is a graph over copies of the weight (enough to pass the L2 cache, up to 256) divided by the copies:
-    a decode step streams its weights from memory, and the L2 cache would hold the smaller ones.
-    Returns {(N, K): the fastest settings}."""
+    a decode step streams its weights from memory, and the L2 cache would hold the smaller ones."""
     copy = copy_bandwidth()
     print(f"\nbatch-1 products, bf16, in a CUDA graph; copy bandwidth {copy:.2f} TB/s")
     print(f"{'weight':<14} {'N x K':>12} {'cuBLAS us, share':>17} {'GEMV us, share':>15} {'best us, share':>15}"
           f"  best settings")
     share = lambda us, nbytes: f"{nbytes / (us * 1e-6) / 1e12 / copy:4.0%}"  # noqa: E731
-    best_settings = {}
     with torch.no_grad():
         for name, (N, K) in GEMV_SHAPES.items():
             nbytes = 2 * N * K
@@ -198,8 +196,6 @@ def gemv_table():
             print(f"{name:<14} {f'{N} x {K}':>12} {cublas:12.1f} {share(cublas, nbytes)} {now:10.1f} "
                   f"{share(now, nbytes)} {best[0]:10.1f} {share(best[0], nbytes)}  {tuple(best[1])}", flush=True)
             del weights
-            best_settings[(N, K)] = best[1]
-    return best_settings
 
 
 def main():

@@ -4,7 +4,7 @@ flash-linear-attention's GatedDeltaNet2 layer.
 
     python bench_train.py configs/carve_1b3.py gdn2_1b3           # each config, eager and compiled
     python bench_train.py carve_1b3 --fla                         # also the fla GatedDeltaNet2 LM
-    python bench_train.py carve_1b3 --seq_len=2048 --compile=0    # --key=value overrides every config
+    python bench_train.py carve_1b3 --seq_len=2048 --compile 0    # --key=value overrides every config; eager only
     python bench_train.py carve_1b3 --steps 20 --warmup 5 --accum 4 --profile
 
 Configs load exactly as in train.py (a path, or a bare name in configs/; `--key=value` overrides are

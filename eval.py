@@ -23,12 +23,9 @@ queried values the model predicts exactly (argmax at the query), over examples o
 mqar_examples. By default the checkpoint's own test set (its seq_len, mqar_pairs, mqar_seed); --seq_len,
 --mqar_pairs and --examples ask for other settings (the test stream of the same seed). It also gives
 the accuracy by the query's order in its example (accuracy_by_query_order, first to last): whether
-recall holds for the later queries, further from the pairs. On a GPU it can differ from the accuracy in
-the run's record in the fourth decimal (0.41088 against 0.41094 in one H200 run; on a CPU they agree at
-any --batch_size): eval.py runs --batch_size examples at a time (8), train.py its micro_batch_size, and
-in bf16 other shapes round differently and flip a few near-tied argmaxes. (On a task that showed each
-answer after its query, it exposed elimination: right on the last queries only, by naming the value
-not yet asked for; mqar_examples never shows them.)
+recall holds for the later queries, further from the pairs. On a GPU it can differ from the run's own
+record in the fourth decimal: eval.py scores --batch_size examples at a time, train.py its micro-batch,
+and in bf16 other shapes round differently and flip a few near-tied argmaxes (on a CPU they agree).
 
 --task=harness runs lm-evaluation-harness tasks (pip install lm-eval) through HarnessAdapter, e.g.
 --harness_tasks=wikitext,lambada_openai,piqa,hellaswag,arc_easy,winogrande; the harness downloads their
@@ -74,7 +71,7 @@ from model import LM, ModelConfig, join_caches
 from prepare_data import (PASSKEY_KEYS, document_ids, get_tokenizer, local_documents, passkey_blocks, passkey_text,
                           token_byte_lengths)
 from sample import generate
-from train import load_newest_checkpoint, load_weights, mqar_split
+from train import device_for, initial_model, load_newest_checkpoint, load_weights, mqar_split
 
 
 def fail(message):
@@ -82,7 +79,8 @@ def fail(message):
 
 
 def token_stream(args, record, tokenizer):
-    """(tokens as an int64 numpy array, where they came from)."""
+    """(the tokens as a 1-D integer array: int64 from --text, the token file's own dtype mapped from disk
+    otherwise; where they came from)."""
     if args.text:
         documents, description = local_documents(args.text, flag="--text")
         ids = []
@@ -131,17 +129,17 @@ def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
 
 
 class Progress:
-    """A line on stderr at most every `seconds`: how many of `total` requests are done, and how fast."""
+    """A line on stderr at most every `seconds`: how many of `total` (requests, tokens) are done, and how fast."""
 
-    def __init__(self, what, total, seconds=10.0):
-        self.what, self.total, self.seconds = what, total, seconds
+    def __init__(self, what, total, unit="requests", seconds=10.0):
+        self.what, self.total, self.unit, self.seconds = what, total, unit, seconds
         self.started = self.last = time.time()
 
     def __call__(self, done):
         now = time.time()
         if now - self.last >= self.seconds:
             self.last = now
-            print(f"  {self.what}: {done:,} of {self.total:,} requests, {done / (now - self.started):.1f}/s",
+            print(f"  {self.what}: {done:,} of {self.total:,} {self.unit}, {done / (now - self.started):,.1f}/s",
                   file=sys.stderr)
 
 
@@ -261,13 +259,6 @@ def content_shift(o, content, chunk_size):
     return torch.cat([torch.zeros_like(shift[:, :1]), shift], 1).repeat_interleave(chunk_size, 1)[:, :T]
 
 
-def initial_model(seed, model_config):
-    """The run's model before its first step, as train.py builds it: on the CPU, right after
-    torch.manual_seed(seed)."""
-    torch.manual_seed(seed)
-    return LM(ModelConfig.from_dict(model_config))
-
-
 def window_batches(windows, batch_size, device):
     """The windows (equal lengths) stacked batch_size at a time, on the device."""
     for i in range(0, len(windows), batch_size):
@@ -284,7 +275,7 @@ def gate_statistics(model, windows, batch_size, autocast, initial=None):
     returned: m of a chunk is the mean of its outputs, as the kernels keep it. Everything stays on the
     model's device (moving every gate to the CPU made a GPU evaluation take minutes)."""
     layers = [i for i, block in enumerate(model.blocks) if hasattr(block.mixer, "kind")]
-    erase_sum, gates, deltas = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0), {i: [] for i in layers}
+    erase_sum, gate_count, deltas = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0), {i: [] for i in layers}
     calls = []
     real = model_module.chunk_carve
 
@@ -298,7 +289,7 @@ def gate_statistics(model, windows, batch_size, autocast, initial=None):
         with torch.autocast(o.device.type, enabled=False):   # statistics in float32, not the model's bfloat16
             delta = content_shift(o.float(), content, chunk_size) if content is not None else 0
             erase_sum[layer] += torch.sigmoid(b_logit.float() + delta).sum()
-        gates[layer] += b_logit.numel()
+        gate_count[layer] += b_logit.numel()
         if content is not None:
             deltas[layer].append(delta[:, chunk_size:].flatten())
         return o, state
@@ -314,7 +305,7 @@ def gate_statistics(model, windows, batch_size, autocast, initial=None):
     result = []
     for i in layers:
         mixer = model.blocks[i].mixer
-        row = {"layer": i, "mixer": mixer.kind, "erase_rate": float(erase_sum[i] / gates[i])}
+        row = {"layer": i, "mixer": mixer.kind, "erase_rate": float(erase_sum[i] / gate_count[i])}
         if deltas[i]:
             delta = torch.cat(deltas[i])
             # quantiles of a fixed random sample: torch.quantile takes at most 2^24 values
@@ -389,7 +380,6 @@ def score(model, tokens, seq_len, batch_size, device, autocast, token_lengths, p
     seq_len apart; the last, shorter window scores the rest."""
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
     starts = list(range(0, max(1, len(tokens) - 1), seq_len))
-    started = time.time()
     for i in range(0, len(starts), batch_size):
         windows = [np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts[i:i + batch_size]]
         width = max(len(w) for w in windows)
@@ -404,7 +394,7 @@ def score(model, tokens, seq_len, batch_size, device, autocast, token_lengths, p
         total_nats += mean_loss.item() * len(scored)
         total_tokens += len(scored)
         total_bytes += int(token_lengths[scored].sum())
-        progress(total_tokens, total_nats, time.time() - started)
+        progress(total_tokens)
     return total_nats, total_tokens, total_bytes
 
 
@@ -415,7 +405,7 @@ def gates(args, model, config, record, windows, autocast, metric):
         fail(f"{args.out_dir}: the model has no recurrent layer (mixer={model.cfg.mixer!r}): no erase gate "
              f"to report; use a CARVE or GDN-2 checkpoint")
     shift = bool(content_ups(model))
-    initial = initial_model(config["seed"], record["model_config"]) if shift else None
+    initial = initial_model(config) if shift else None
     rows = gate_statistics(model, windows, args.batch_size, autocast, initial)
     name, measure = metric
     value, without = content_shift_worth(model, measure)
@@ -485,8 +475,7 @@ def main(argv=None):
         except (ValueError, RuntimeError) as e:
             fail(str(e))
     seq_len = args.seq_len or checkpoint["config"]["seq_len"]
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = device_for(args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     model = LM(ModelConfig.from_dict(record["model_config"]))
     load_weights(model, checkpoint["model"], os.path.join(args.out_dir, record["checkpoint"]))
@@ -581,15 +570,8 @@ def main(argv=None):
     token_lengths = token_byte_lengths(tokenizer)   # for bits per byte over exactly the scored tokens
     print(f"eval: {args.out_dir} (step {record['step']}) on {source}: {len(tokens) - 1:,} tokens to score in windows "
           f"of {seq_len}, {device}", file=sys.stderr)
-    last_report = [0.0]
-
-    def progress(scored, nats, elapsed):
-        if elapsed - last_report[0] >= 10:
-            last_report[0] = elapsed
-            print(f"  {scored:,} tokens, loss {nats / scored:.4f}, {scored / elapsed:,.0f} tokens/s", file=sys.stderr)
-
     nats, scored, text_bytes = score(model, tokens, seq_len, args.batch_size, device, autocast, token_lengths,
-                                     progress)
+                                     Progress("eval", len(tokens) - 1, "tokens"))
     result = {"checkpoint_step": record["step"], "source": source, "tokens": scored, "bytes": text_bytes,
               "loss": nats / scored, "perplexity": math.exp(nats / scored),
               "bits_per_byte": nats / math.log(2) / text_bytes if text_bytes else None, "seq_len": seq_len}

@@ -131,8 +131,9 @@ class DeltaMixer(nn.Module):
         self.kind, self.cfg = kind, cfg
         H, K, V, d = cfg.n_head, cfg.head_k_dim, cfg.head_v_dim, cfg.d_model
         # every projection of x that both models have, as one product: q, k, v (the conv reads them as
-        # one [B, T, 2HK + HV] slice), the first halves of the low-rank decay and output gates, the erase
-        # gate's logits; the write gate differs between the models and keeps a Linear of its own
+        # one [B, T, 2HK + HV] slice), the first half of the low-rank decay gate, the erase gate's logits,
+        # the first half of the low-rank output gate; the write gate differs between the models and keeps
+        # a Linear of its own
         self.in_sizes = (H * K, H * K, H * V, K, H * K, V)
         self.in_proj = Linear(d, sum(self.in_sizes), bias=False)
         self.conv_weight = nn.Parameter(torch.empty(2 * H * K + H * V, 1, cfg.conv_size))
@@ -180,7 +181,7 @@ class DeltaMixer(nn.Module):
     def forward(self, x, cache=None, doc_id=None):
         cfg = self.cfg
         batch_shape = x.shape
-        packed = {}
+        packed, doc_start = {}, None
         if doc_id is not None:  # documents packed in the rows: run all tokens as one row, cut per document
             cu_seqlens, doc_start = packed_documents(doc_id)
             x, packed = x.reshape(1, -1, x.shape[-1]), {"cu_seqlens": cu_seqlens}
@@ -195,11 +196,10 @@ class DeltaMixer(nn.Module):
                                                   self.A_log, self.dt_bias, b_logit[:, 0], w_raw[:, 0],
                                                   cache["state"], content, cfg.a_log_min, cfg.chunk_size)
         else:
-            doc_starts = doc_start if doc_id is not None else None
             if cache is None:   # the chunk op runs the conv itself and keeps its input, not q, k, v, for the backward
-                q, k, v = ShortConv(qkv, self.conv_weight, doc_starts), None, None
+                q, k, v = ShortConv(qkv, self.conv_weight, doc_start), None, None
             else:
-                qkv, conv_cache = causal_conv_silu(qkv, self.conv_weight, cache["conv"], doc_starts)
+                qkv, conv_cache = causal_conv_silu(qkv, self.conv_weight, cache["conv"], doc_start)
                 q, k, v = (t.view(B, T, H, -1) for t in qkv.split([H * K, H * K, H * V], dim=-1))
             # the decay's inputs rather than g: the chunk kernels compute g where they read it (no fp32 g kept),
             # and the chunk op makes f = f_up(f_low) itself, forward and backward (f not kept either)
@@ -521,8 +521,8 @@ class LM(nn.Module):
         Linear layer *and* the token mixing itself, so MFU is honest for recurrent layers."""
         cfg = self.cfg
         C, K, V, H = cfg.chunk_size, cfg.head_k_dim, cfg.head_v_dim, cfg.n_head
-        linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        forward = 2 * linear
+        linear_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        forward = 2 * linear_weights
         for mixer in cfg.layer_mixers():
             if mixer == "attn":
                 # QK^T and PV over the keys a query sees, averaged over the positions of a sequence

@@ -124,8 +124,14 @@ def mixer_label(config):
     return config["mixer"] + (" (content_rank 0)" if without_content else "")
 
 
+class MqarSetting(NamedTuple):
+    mixer: str
+    d_model: int
+    pairs: int
+
+
 def best_over_learning_rates(points):
-    """{(mixer, d_model, pairs): [the MqarRun of the best learning rate, one per seed]}."""
+    """{MqarSetting: [the MqarRun of the best learning rate, one per seed]}."""
     best = {}
     for run in points:
         key = (run.mixer, run.d_model, run.pairs, run.seed)
@@ -133,7 +139,7 @@ def best_over_learning_rates(points):
             best[key] = run
     by_setting = defaultdict(list)
     for (mixer, width, pairs, seed), run in sorted(best.items()):
-        by_setting[(mixer, width, pairs)].append(run)
+        by_setting[MqarSetting(mixer, width, pairs)].append(run)
     return by_setting
 
 
@@ -243,16 +249,19 @@ def draw(kind, inputs, output):
                            borderaxespad=0)
     elif kind == "mqar":
         settings = best_over_learning_rates(mqar_points(inputs))
-        # a panel for each of pairs and width that takes more than one value (one point a line says nothing)
-        by_pairs, by_width = (2, 1, "key-value pairs", "d_model"), (1, 2, "d_model", "pairs")
+        # a panel for each of pairs and width that takes more than one value (one point a line says nothing):
+        # (the setting on the x axis, the one that tells its lines apart, their labels)
+        by_pairs = ("pairs", "d_model", "key-value pairs", "d_model")
+        by_width = ("d_model", "pairs", "d_model", "pairs")
         panels = [panel for panel in (by_pairs, by_width)
-                  if len({setting[panel[0]] for setting in settings}) > 1] or [by_pairs]
+                  if len({getattr(setting, panel[0]) for setting in settings}) > 1] or [by_pairs]
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-        colors = {mixer: f"C{i}" for i, mixer in enumerate(sorted({setting[0] for setting in settings}))}
-        for ax, (x_index, line_index, x_label, line_label) in zip(axes[0], panels):
+        colors = {mixer: f"C{i}" for i, mixer in enumerate(sorted({setting.mixer for setting in settings}))}
+        for ax, (x_axis, line_key, x_label, line_label) in zip(axes[0], panels):
             lines = defaultdict(list)
             for setting, runs in settings.items():
-                lines[(setting[0], setting[line_index])].append((setting[x_index], [run.accuracy for run in runs]))
+                lines[(setting.mixer, getattr(setting, line_key))].append(
+                    (getattr(setting, x_axis), [run.accuracy for run in runs]))
             styles = {other: style for other, style in zip(sorted({other for _, other in lines}), ("-", "--", ":", "-."))}
             for line_number, ((mixer, other), rows) in enumerate(sorted(lines.items())):
                 rows.sort()
@@ -266,13 +275,13 @@ def draw(kind, inputs, output):
                 seeds = [(x * nudge, accuracy) for x, accuracies in rows for accuracy in accuracies]
                 ax.scatter(*zip(*seeds), s=16, color=colors[mixer], alpha=0.6, linewidths=0, zorder=3)
             ax.set_xscale("log", base=2)
-            ticks = sorted({setting[x_index] for setting in settings})
+            ticks = sorted({getattr(setting, x_axis) for setting in settings})
             ax.set_xticks(ticks, [str(tick) for tick in ticks])   # 64, not 2^6
             ax.minorticks_off()
             ax.set_xlabel(x_label)
             ax.set_ylabel("accuracy")
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"MQAR: accuracy against {'model width' if x_index == by_width[0] else 'key-value pairs'}")
+            ax.set_title(f"MQAR: accuracy against {'model width' if x_axis == 'd_model' else 'key-value pairs'}")
             ax.legend(fontsize=8)
     elif kind == "gates":
         fig, axes = plt.subplots(1, 3, figsize=(16, 4))

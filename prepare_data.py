@@ -144,7 +144,8 @@ def token_dtype(vocab_size):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources. Each returns (documents, description); documents is an iterable of str.
+# Sources of text: each *_documents of the command line returns (documents, description); documents is
+# an iterable of str.
 
 
 def markdown_play_to_text(markdown):
@@ -261,8 +262,7 @@ def passkey_documents(tokenizer, count, max_context, seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenising. Worker processes, because tiktoken holds the GIL; the corpus is fed to them in
-# bounded batches, because Pool.imap would read an endless stream into memory ahead of them.
+# MQAR (Zoology's recall task): train.py draws the examples in memory from a seed; nothing is written.
 
 
 def mqar_examples(count, seq_len, num_pairs, vocab_size, seed, power_a=0.01):
@@ -307,6 +307,11 @@ def mqar_examples(count, seq_len, num_pairs, vocab_size, seed, power_a=0.01):
         inputs[block, query_pos] = np.take_along_axis(keys, order, axis=1)
         targets[block, query_pos] = np.take_along_axis(values, order, axis=1)
     return inputs, targets
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising. Worker processes, because tiktoken holds the GIL; the corpus is fed to them in
+# bounded batches, because Pool.imap would read an endless stream into memory ahead of them.
 
 
 def start_worker(tokenizer_name):

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from model import LM, ModelConfig, cache_offset, join_caches, set_cache_offset
-from train import checkpoint_records, load_newest_checkpoint, load_weights
+from train import checkpoint_records, device_for, load_newest_checkpoint, load_weights
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -197,11 +197,10 @@ def generate_samples(model, prompt_ids, num_samples, max_new_tokens, temperature
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-             eot=None, vocab_size=None, on_token=None):
-    """generate_samples for one sample: its new ids; on_token(id)."""
-    on_row_token = None if on_token is None else (lambda row, token: on_token(token))
+             eot=None, vocab_size=None):
+    """generate_samples for one sample: its new ids."""
     return generate_samples(model, prompt_ids, 1, max_new_tokens, temperature, top_k, top_p, generator, eot,
-                            vocab_size, on_row_token)[0]
+                            vocab_size)[0]
 
 
 def inference_weights(model, dtype):
@@ -282,15 +281,15 @@ def main(argv=None):
              f"{how_to_train}")
     # the newest checkpoint whose sha256 matches its record, to CPU memory first (straight onto the GPU
     # it can run out of memory); a corrupt newer one is reported and skipped
-    checkpoint, meta = load_newest_checkpoint(args.out_dir, lambda line: print(line, file=sys.stderr))
-    meta_path = os.path.join(args.out_dir, meta["checkpoint"][:-3] + ".json")
-    ckpt_path = os.path.join(args.out_dir, meta["checkpoint"])
+    checkpoint, record = load_newest_checkpoint(args.out_dir, lambda line: print(line, file=sys.stderr))
+    record_path = os.path.join(args.out_dir, record["checkpoint"][:-3] + ".json")
+    ckpt_path = os.path.join(args.out_dir, record["checkpoint"])
 
     from prepare_data import get_tokenizer
     try:
-        tokenizer = get_tokenizer(meta.get("tokenizer"))
+        tokenizer = get_tokenizer(record.get("tokenizer"))
     except ValueError as e:
-        fail(f"{meta_path}: {e}")
+        fail(f"{record_path}: {e}")
     except RuntimeError as e:  # a BPE whose rank file is missing offline; the message says how to get it
         fail(str(e))
     prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
@@ -308,26 +307,24 @@ def main(argv=None):
         prompt_ids = [[tokenizer.eot] + ids for ids in prompt_ids]
 
     # -- device, precision, model
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    device = device_for(args.device)
     dtype = args.dtype
     if dtype == "auto":
+        # float16 where a GPU lacks bfloat16: decoding needs no loss scaling, which keeps train.py off float16
         dtype = "float32"
-        if device_type == "cuda":
+        if device.type == "cuda":
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     ptdtype = getattr(torch, dtype)
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    if device_type == "cuda":
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
+    if device.type == "cuda":
         # cuDNN attention builds a new graph for each new key length, i.e. at every decode step of an
         # attn layer: bf16 decode of a hybrid ran 16x slower with it on an H200; flash/efficient remain
         torch.backends.cuda.enable_cudnn_sdp(False)
     torch.manual_seed(args.seed)
 
-    model = LM(ModelConfig.from_dict(meta["model_config"]))
+    model = LM(ModelConfig.from_dict(record["model_config"]))
     load_weights(model, checkpoint["model"], ckpt_path)
-    step = checkpoint.get("step", meta.get("step"))
+    step = checkpoint.get("step", record.get("step"))
     del checkpoint
     model.to(device).eval()
     cfg = model.cfg
@@ -336,8 +333,8 @@ def main(argv=None):
 
     def fmt(x):
         return "n/a" if x is None else f"{x:.4f}"
-    print(f"checkpoint: {ckpt_path} (step {step}, val loss {fmt(meta.get('val_loss'))}, "
-          f"val bpb {fmt(meta.get('val_bpb'))})", file=sys.stderr)
+    print(f"checkpoint: {ckpt_path} (step {step}, val loss {fmt(record.get('val_loss'))}, "
+          f"val bpb {fmt(record.get('val_bpb'))})", file=sys.stderr)
     print(f"model: mixer={cfg.mixer} n_layer={cfg.n_layer} d_model={cfg.d_model}, "
           f"{model.num_params(non_embedding=False) / 1e6:.2f}M params "
           f"({model.num_params() / 1e6:.2f}M non-embedding)", file=sys.stderr)

@@ -327,7 +327,9 @@ class MQARData:
         return [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in zip(*self.test)]
 
 
-def check_data_matches(config, data, resumed_model_config=None):
+def match_config_to_data(config, data, resumed_config=None):
+    """Checks the config (and the config of the run it resumes) against the data, and fills in what the data
+    decides: tokenizer, vocab_size (0: the data's), doc_start_token (eot with reset_at_eot, else -1)."""
     meta = data.meta
     if config["tokenizer"] and config["tokenizer"] != meta["tokenizer"]:
         raise SystemExit(f"error: tokenizer={config['tokenizer']!r} but {config['data_dir']}/meta.json says the data "
@@ -344,21 +346,22 @@ def check_data_matches(config, data, resumed_model_config=None):
             raise SystemExit(f"error: reset_at_eot=True, but the data in {config['data_dir']} has no eot token "
                              f"(tokenizer {meta['tokenizer']!r}); documents cannot be told apart")
         config["doc_start_token"] = meta["eot"]
-    if resumed_model_config and resumed_model_config.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
-        raise SystemExit(f"error: the checkpoint was trained on tokenizer {resumed_model_config['tokenizer']!r}, "
+    if resumed_config and resumed_config["tokenizer"] != meta["tokenizer"]:
+        raise SystemExit(f"error: the checkpoint was trained on tokenizer {resumed_config['tokenizer']!r}, "
                          f"but {config['data_dir']} holds {meta['tokenizer']!r} tokens")
+    config["tokenizer"] = meta["tokenizer"]
 
 
-def load_data(config, resumed_model_config=None):
-    """The run's data, token files (task 'lm') or recall examples ('mqar'), checked against the config
-    (check_data_matches, which also takes vocab_size and doc_start_token from it)."""
+def load_data(config, resumed_config=None):
+    """The run's data, token files (task 'lm') or recall examples ('mqar'), matched to the config
+    (match_config_to_data)."""
     if config["task"] not in ("lm", "mqar"):
         raise SystemExit(f"error: task={config['task']!r}: expected 'lm' (token files) or 'mqar' (recall examples)")
     if config["task"] == "lm":
         data = TokenData(config["data_dir"], config["seq_len"], config["seed"])
     else:
         data = MQARData(config)
-    check_data_matches(config, data, resumed_model_config)
+    match_config_to_data(config, data, resumed_config)
     return data
 
 
@@ -403,7 +406,7 @@ def non_finite_tensors(state, prefix=""):
     return [name for key, value in items for name in non_finite_tensors(value, f"{prefix}.{key}".strip("."))]
 
 
-def save_checkpoint(config, model, optimizer, step, data_position, wandb_run_id, last_eval, tokenizer, log):
+def save_checkpoint(config, model, optimizer, step, data_position, wandb_run_id, last_eval, log):
     """out_dir/ckpt_<step>.pt, then its record ckpt_<step>.json (sha256 of the .pt, step, val loss, model
     config) and a copy of that record as out_dir/meta.json; then the oldest beyond keep_checkpoints go.
     The record is written after the checkpoint, so a checkpoint without one was never finished. Weights
@@ -422,7 +425,7 @@ def save_checkpoint(config, model, optimizer, step, data_position, wandb_run_id,
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     record = {"checkpoint": os.path.basename(path), "sha256": sha256_of(path), "model_config": state["model_config"],
-              "tokenizer": tokenizer, "data_dir": config["data_dir"], "step": step,
+              "tokenizer": config["tokenizer"], "data_dir": config["data_dir"], "step": step,
               "tokens_seen": step * config["batch_tokens"], "data_position": data_position,
               "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"), "task": config["task"],
               **{key: value for key, value in last_eval.items() if key.startswith("val_acc")}, "config": config,
@@ -526,6 +529,32 @@ def peak_flops(config, device):
     return None
 
 
+def initial_model(config):
+    """The run's model before its first step, drawn on the CPU right after torch.manual_seed(seed): eval.py
+    rebuilds it to tell how far a trained model moved from its start."""
+    torch.manual_seed(config["seed"])
+    return LM(ModelConfig.from_dict(config))
+
+
+def device_for(name, local_rank=0):
+    """The torch.device for a --device value: 'auto' is this rank's GPU if torch sees one, else the CPU; a bare
+    'cuda' is this rank's GPU (torch.cuda.set_device needs an index). Made current on CUDA."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device={name} is not a device: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device={name}, but this torch ({torch.__version__}) sees no CUDA GPU: "
+                             f"use --device=cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
 def autocast_for(config, device):
     """bf16 autocast for dtype 'bfloat16', or 'auto' on a GPU; none (fp32) otherwise."""
     use_bf16 = config["dtype"] == "bfloat16" or (config["dtype"] == "auto" and device.type == "cuda")
@@ -572,8 +601,9 @@ def evaluate(model, data, config, rank, world, device, autocast):
     model.eval()
     windows = data.val_windows(max(1, config["eval_tokens"] // config["seq_len"]))[rank::world]
     scored = config["task"] != "lm"
-    # summed loss, targets, right predictions; first scored positions and right ones there; the same for the last
-    total = torch.zeros(7, dtype=torch.float64, device=device)
+    # one tensor, so that a single all_reduce sums them over the ranks
+    names = ("loss", "targets", "right", "first_queries", "right_first", "last_queries", "right_last")
+    total = torch.zeros(len(names), dtype=torch.float64, device=device)
     for i in range(0, len(windows), config["micro_batch_size"]):
         x = torch.stack([w[0] for w in windows[i:i + config["micro_batch_size"]]]).to(device)
         y = torch.stack([w[1] for w in windows[i:i + config["micro_batch_size"]]]).to(device)
@@ -593,10 +623,12 @@ def evaluate(model, data, config, rank, world, device, autocast):
     if world > 1:
         dist.all_reduce(total)
     model.train()
-    val_loss = (total[0] / total[1]).item()
+    sums = dict(zip(names, total.tolist()))
+    val_loss = sums["loss"] / sums["targets"]
     if scored:
-        return {"val_loss": val_loss, "val_acc": (total[2] / total[1]).item(),
-                "val_acc_first_query": (total[4] / total[3]).item(), "val_acc_last_query": (total[6] / total[5]).item()}
+        return {"val_loss": val_loss, "val_acc": sums["right"] / sums["targets"],
+                "val_acc_first_query": sums["right_first"] / sums["first_queries"],
+                "val_acc_last_query": sums["right_last"] / sums["last_queries"]}
     val_meta = data.meta["val"]
     return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * val_meta["tokens"] / val_meta["bytes"]}
 
@@ -608,13 +640,7 @@ def main(argv):
     config = load_config(argv)
     ddp = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if config["device"] == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config["device"])
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = device_for(config["device"], int(os.environ.get("LOCAL_RANK", 0)))
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
@@ -651,15 +677,13 @@ def main(argv):
             log(f"note: the learning-rate schedule changes: it decays over {decay_steps} "
                 f"steps, not {old['lr_decay_steps'] or old['max_steps']} (lr at step {at}: {lr_at(at, old):.2e} -> "
                 f"{lr_at(at, config):.2e}); --lr_decay_steps={old['lr_decay_steps'] or old['max_steps']} keeps it")
-    config["tokenizer"] = data.meta["tokenizer"]
 
     if device.type == "cuda" and not chunk_triton_supports(config["head_k_dim"], config["head_v_dim"],
                                                            config["chunk_size"]):
         log(f"note: head_k_dim={config['head_k_dim']}, head_v_dim={config['head_v_dim']}, chunk_size="
             f"{config['chunk_size']}: the Triton chunk kernels take head dims 16, 32, 64 or 128 and chunk sizes that "
             f"are multiples of 16; this run takes the much slower torch path")
-    torch.manual_seed(config["seed"])
-    model = LM(ModelConfig(**{k: config[k] for k in MODEL_KEYS})).to(device)
+    model = initial_model(config).to(device)
     model.activation_checkpointing = config["activation_checkpointing"]
     optimizer = torch.optim.AdamW(model.optim_groups(config["weight_decay"]), lr=config["lr"],
                                   betas=(config["beta1"], config["beta2"]), fused=device.type == "cuda")
@@ -676,7 +700,7 @@ def main(argv):
     if config["compile"]:
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = autocast_for(config, device)
 
     os.makedirs(config["out_dir"], exist_ok=True)
@@ -765,8 +789,7 @@ def main(argv):
             log(f"step {step} | val loss {last_eval['val_loss']:.4f} | {second}")
             publish(last_eval)
             if master:
-                save_checkpoint(config, raw_model, optimizer, step, data_position, wandb_run_id, last_eval,
-                                data.meta["tokenizer"], log)
+                save_checkpoint(config, raw_model, optimizer, step, data_position, wandb_run_id, last_eval, log)
             t_last, tokens_since = time.time(), 0  # evaluation is not training: count from here
         if stop_requested:
             log(f"stopped at step {step}; checkpoint in {config['out_dir']}; continue with --init_from=resume")

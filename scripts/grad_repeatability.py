@@ -23,7 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
-from eval import initial_model  # noqa: E402
 
 
 def differing_gradients(passes):
@@ -42,16 +41,18 @@ def main(argv):
     rest = []
     for arg in argv:
         if arg.startswith("--passes="):
-            passes = int(arg.split("=", 1)[1])
+            value = arg.split("=", 1)[1]
+            if not value.isdigit():
+                raise SystemExit(f"grad_repeatability.py: error: --passes takes a whole number, got {value!r}")
+            passes = int(value)
         else:
             rest.append(arg)
     if passes < 2:
         raise SystemExit("grad_repeatability.py: error: --passes must be at least 2 (it compares passes)")
     config = train.load_config(rest)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config["device"] == "auto"
-                          else config["device"])
+    device = train.device_for(config["device"])
     data = train.load_data(config)
-    model = initial_model(config["seed"], config).to(device)   # as train.py builds it
+    model = train.initial_model(config).to(device)
     x, y = (t.to(device) for t in data.train_batch(0, config["micro_batch_size"]))
     autocast = train.autocast_for(config, device)
     # the gradient arriving at each block's input too: where a difference enters the backward, which runs from
@@ -70,7 +71,7 @@ def main(argv):
         model.zero_grad(set_to_none=True)
         arriving.clear()
         with autocast:
-            _, loss = model(x, y, sparse_targets=config["task"] == "mqar")
+            _, loss = model(x, y, sparse_targets=config["task"] != "lm")
         loss.backward()
         losses.append(loss.item())
         gradients.append({**{name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},

@@ -24,6 +24,7 @@ import argparse
 import itertools
 import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,8 +51,13 @@ def block_params(config, mixer, mlp_hidden):
     return model.num_params()
 
 
+class MatchedWidth(NamedTuple):
+    mlp_hidden: int
+    params: int   # in the blocks
+
+
 def matched_mlp_hidden(config, mixer, target):
-    """(mlp_hidden, parameters): the multiple of WIDTH_STEP whose model comes closest to `target`
+    """MatchedWidth: the multiple of WIDTH_STEP whose model comes closest to `target`
     parameters in its blocks (they grow linearly with mlp_hidden)."""
     low, high = block_params(config, mixer, WIDTH_STEP), block_params(config, mixer, 2 * WIDTH_STEP)
     per_unit = (high - low) / WIDTH_STEP
@@ -61,7 +67,7 @@ def matched_mlp_hidden(config, mixer, target):
         raise SystemExit(f"lm_study.py: error: --mixers {mixer}: the closest model has {params:,} parameters in its "
                          f"blocks (mlp_hidden={hidden}), not within {PARAMS_TOLERANCE:.0%} of --params={target:,.0f}; "
                          f"change --params, --d_model or --n_layer")
-    return hidden, params
+    return MatchedWidth(hidden, params)
 
 
 def run_dir(out_dir, mixer, lr, seed):
@@ -98,16 +104,18 @@ def main(argv=None):
     widths = {mixer: matched_mlp_hidden(base, mixer, args.params) for mixer in mixers}
     grid = list(itertools.product(mixers, lrs, seeds))
     for mixer, lr, seed in grid:   # every run's config is checked before the first one starts
-        train.load_config(run_args(mixer, widths[mixer][0], lr, seed, "unused", overrides))
+        train.load_config(run_args(mixer, widths[mixer].mlp_hidden, lr, seed, "unused", overrides))
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if not args.report:
         # and the data, where the runs (started in the repository) will look: else every run fails alike
         train.TokenData(os.path.join(ROOT, base["data_dir"]), base["seq_len"], base["seed"])
-        for mixer, (hidden, params) in widths.items():
-            log(f"{mixer}: mlp_hidden {hidden}, {params:,} parameters in the blocks")
+        for mixer, width in widths.items():
+            log(f"{mixer}: mlp_hidden {width.mlp_hidden}, {width.params:,} parameters in the blocks")
         log(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time")
-    runs = [(run_args(mixer, widths[mixer][0], lr, seed, run_dir(args.out_dir, mixer, lr, seed), overrides),
-             run_dir(args.out_dir, mixer, lr, seed)) for mixer, lr, seed in grid]
+    runs = []
+    for mixer, lr, seed in grid:
+        directory = run_dir(args.out_dir, mixer, lr, seed)
+        runs.append((run_args(mixer, widths[mixer].mlp_hidden, lr, seed, directory, overrides), directory))
     failures = train_runs(runs, base["max_steps"], args.parallel, log, args.report)
 
     rows, best_dirs = [], []
@@ -117,15 +125,15 @@ def main(argv=None):
             dirs = [run_dir(args.out_dir, mixer, lr, seed) for seed in seeds]
             dirs = [d for d in dirs if finished(d, base["max_steps"])]
             if dirs:
-                scores = [best_val_bpb(d) for d in dirs]
-                per_lr[lr] = {"dirs": dirs, "bpb": [s[0] for s in scores], "tokens": [s[1] for s in scores]}
+                bpb, tokens = zip(*[best_val_bpb(d) for d in dirs])
+                per_lr[lr] = {"dirs": dirs, "bpb": bpb, "tokens": tokens}
         if not per_lr:
             continue
         best_lr = min(per_lr, key=lambda lr: np.mean(per_lr[lr]["bpb"]))
         best_dirs += per_lr[best_lr]["dirs"]
         for lr, result in per_lr.items():
-            rows.append({"mixer": mixer, "mlp_hidden": widths[mixer][0], "params": widths[mixer][1], "lr": lr,
-                         "best_lr": lr == best_lr, "seeds": len(result["bpb"]),
+            rows.append({"mixer": mixer, "mlp_hidden": widths[mixer].mlp_hidden, "params": widths[mixer].params,
+                         "lr": lr, "best_lr": lr == best_lr, "seeds": len(result["bpb"]),
                          "val_bpb_mean": float(np.mean(result["bpb"])), "val_bpb_std": float(np.std(result["bpb"])),
                          "tokens_at_best_mean": float(np.mean(result["tokens"]))})
     if not rows:

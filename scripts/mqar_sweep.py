@@ -106,7 +106,8 @@ def run_one(args, directory, max_steps, log, env):
 
 def train_runs(runs, max_steps, parallel, log, report=False):
     """Trains each (train.py arguments, run directory) of `runs` (run_one), `parallel` at a time. Returns the
-    [(directory, why)] of the runs that failed, each also logged. report: train none, log the unfinished ones."""
+    [(directory, why)] of the runs that failed, each also logged. With report (--report) it trains none and
+    logs the ones not finished instead."""
     if report:
         unfinished = [os.path.basename(directory) for _, directory in runs if not finished(directory, max_steps)]
         if unfinished:
@@ -151,22 +152,22 @@ def main(argv=None):
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default: %(default)s)")
     parser.add_argument("--report", action="store_true", help="the table of the grid's finished runs; train none")
-    args, overrides = parse_arguments(parser, argv, SWEEP_KEYS, "--mixers, --widths, --pairs, --lrs, --seeds, --out_dir")
+    args, overrides = parse_arguments(parser, argv, SWEEP_KEYS,
+                                      "--mixers, --widths, --pairs, --lrs, --seeds, --out_dir")
     mixers = args.mixers.split(",")
     widths, pairs = numbers(args.widths, int, "widths"), numbers(args.pairs, int, "pairs")
     lrs, seeds = numbers(args.lrs, float, "lrs"), numbers(args.seeds, int, "seeds")
     grid = list(itertools.product(mixers, widths, pairs, lrs, seeds))
-    # every run's config is checked before the first one starts
-    max_steps = None
-    for mixer, width, pair, lr, seed in grid:
-        config = train.load_config(run_args(mixer, width, pair, lr, seed, "unused", overrides))
-        max_steps = config["max_steps"]
+    for cell in grid:   # every run's config is checked before the first one starts
+        train.load_config(run_args(*cell, "unused", overrides))
+    max_steps = train.load_config(["mqar", *overrides])["max_steps"]   # the grid's keys leave it as it is
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if not args.report:
         log(f"{len(grid)} runs into {args.out_dir}, {args.parallel} at a time")
-    failures = train_runs([(run_args(*cell, run_dir(args.out_dir, *cell), overrides), run_dir(args.out_dir, *cell))
-                           for cell in grid], max_steps, args.parallel, log, args.report)
-    done = [run_dir(args.out_dir, *cell) for cell in grid if finished(run_dir(args.out_dir, *cell), max_steps)]
+    directories = [run_dir(args.out_dir, *cell) for cell in grid]
+    runs = [(run_args(*cell, directory, overrides), directory) for cell, directory in zip(grid, directories)]
+    failures = train_runs(runs, max_steps, args.parallel, log, args.report)
+    done = [directory for directory in directories if finished(directory, max_steps)]
     if not done:
         raise SystemExit(f"mqar_sweep.py: error: none of the grid's {len(grid)} runs in {args.out_dir} has finished")
     settings = plot.best_over_learning_rates(plot.mqar_points(done))

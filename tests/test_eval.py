@@ -75,6 +75,8 @@ def test_errors(run, tmp_path):
         with pytest.raises(SystemExit) as info:
             evaluate_script.main([*args, "--device", "cpu"])
         assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+    with pytest.raises(SystemExit, match="--device=gpu is not a device"):
+        evaluate_script.main(["--out_dir", run, "--device", "gpu"])
 
 
 def test_without_content_shift_scores_the_model_with_u_zero(run, capsys, monkeypatch):
@@ -160,8 +162,7 @@ def test_gates_measure_d_from_the_runs_own_start(shakespeare, tmp_path, capsys):
     result = result_of(["--out_dir", out, "--task", "gates", "--max_tokens", "480"], capsys)
     assert all(row["D_moved"] == 0 and row["U_norm"] == 0 for row in result["layers"])
     assert result["loss"] == result["loss_without_content_shift"]   # U = 0: there is no shift to take away
-    from eval import initial_model
-    model, other = model_of(out), initial_model(8, train.load_newest_checkpoint(out, log=print)[1]["model_config"])
+    model, other = model_of(out), train.initial_model({**train.load_newest_checkpoint(out, log=print)[1]["config"], "seed": 8})
     moved = (other.blocks[0].mixer.content_down - model.blocks[0].mixer.content_down).norm()
     assert moved > 0.5 * model.blocks[0].mixer.content_down.norm()
 

@@ -212,7 +212,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with torch.no_grad():
         model.head.weight[3, 2] = float("nan")
     with pytest.raises(SystemExit) as info:
-        train.save_checkpoint(config, model, optimizer, 7, 0, None, {}, "byte", log=print)
+        train.save_checkpoint(config, model, optimizer, 7, 0, None, {}, log=print)
     assert "not finite" in str(info.value) and "head.weight" in str(info.value)
     assert os.listdir(tmp_path) == []
 

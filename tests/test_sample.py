@@ -184,6 +184,8 @@ def test_main_errors(tmp_path, run_dir):
     with pytest.raises(SystemExit) as e:
         main(["--out_dir", str(bad), "--device", "cpu"])
     assert "no_such_tokenizer" in str(e.value.code)
+    with pytest.raises(SystemExit, match="--device=gpu is not a device"):
+        main(["--out_dir", str(run_dir), "--device", "gpu"])
 
 
 def test_main_no_stream_and_num_samples(run_dir, tmp_path, capsys):

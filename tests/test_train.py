@@ -133,6 +133,21 @@ def test_config_errors(shakespeare, tmp_path):
     expect_error(["carve_shakespeare", f"--data_dir={shakespeare}", "--init_from=resume", out], "no checkpoint in")
 
 
+def test_device_for():
+    """--device in train.py, eval.py, sample.py: a bare 'cuda' gets this rank's index (torch.cuda.set_device
+    refuses it without one); a name torch does not know, or a GPU that is not there, is one line."""
+    assert train.device_for("cpu") == torch.device("cpu")
+    assert train.device_for("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    with pytest.raises(SystemExit, match=r"^error: --device=gpu is not a device: use auto, cpu, cuda or cuda:N$"):
+        train.device_for("gpu")
+    if torch.cuda.is_available():
+        assert train.device_for("cuda") == torch.device("cuda", 0)
+        assert torch.cuda.current_device() == 0
+    else:
+        with pytest.raises(SystemExit, match=r"^error: --device=cuda, but this torch .* sees no CUDA GPU: use"):
+            train.device_for("cuda")
+
+
 def test_data_errors(shakespeare, tmp_path):
     out = f"--out_dir={tmp_path / 'out'}"
     expect_error(["carve_shakespeare", f"--data_dir={tmp_path / 'nowhere'}", out], "meta.json not found",
