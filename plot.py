@@ -64,12 +64,31 @@ def read_record(run_dir):
         return json.load(f)
 
 
+def file_labels(paths, are_files=True):
+    """{path: its name (a file's without the extension)}, or the path relative to here where two share that
+    name (out/seed1/carve.json and out/seed2/carve.json, carve.json and carve.jsonl, or a study's run and
+    its ablation's of one name are two lines). A run folder's name keeps its dots (carve_lr0.002)."""
+    names = [os.path.basename(os.path.splitext(path)[0] if are_files else os.path.normpath(path)) for path in paths]
+    return {path: name if names.count(name) == 1 else os.path.relpath(path) for path, name in zip(paths, names)}
+
+
+def seed_groups(paths, are_files):
+    """{label: [paths]}: paths that differ only in a trailing _seedN (before a file's extension) are one
+    group, however each is spelt (relative or absolute), labelled as file_labels labels the group."""
+    groups = defaultdict(list)
+    for path in paths:
+        stem, extension = os.path.splitext(os.path.abspath(path)) if are_files else (os.path.abspath(path), "")
+        groups[SEED_SUFFIX.sub("", stem) + extension].append(path)
+    labels = file_labels(list(groups), are_files)
+    return {labels[group]: members for group, members in groups.items()}
+
+
 def curves(run_dirs):
     """{label: {metric: (tokens [n], values [seeds, n])}} of each group of runs that differ only in their
     seed suffix; metrics: loss and the validation ones the runs logged. Runs of one group are cut to the
     steps they all logged."""
     result = {}
-    for label, dirs in seed_groups(run_dirs, files=False).items():
+    for label, dirs in seed_groups(run_dirs, are_files=False).items():
         per_metric = defaultdict(list)
         for run_dir in dirs:
             rows = read_log(run_dir)
@@ -104,6 +123,12 @@ class MqarRun(NamedTuple):
     last_query: Optional[float]
 
 
+def mixer_label(config):
+    """The mixer as the plot names it: CARVE without its content shift is not CARVE."""
+    without_content = "carve" in config["mixer"] and config.get("content_rank") == 0
+    return config["mixer"] + (" (content_rank 0)" if without_content else "")
+
+
 def mqar_points(run_dirs):
     """[MqarRun] of the newest record of each MQAR run."""
     points = []
@@ -116,12 +141,6 @@ def mqar_points(run_dirs):
                               config["lr"], record["val_acc"], record.get("val_acc_first_query"),
                               record.get("val_acc_last_query")))
     return points
-
-
-def mixer_label(config):
-    """The mixer as the plot names it: CARVE without its content shift is not CARVE."""
-    without_content = "carve" in config["mixer"] and config.get("content_rank") == 0
-    return config["mixer"] + (" (content_rank 0)" if without_content else "")
 
 
 class MqarSetting(NamedTuple):
@@ -141,25 +160,6 @@ def best_over_learning_rates(points):
     for (mixer, width, pairs, seed), run in sorted(best.items()):
         by_setting[MqarSetting(mixer, width, pairs)].append(run)
     return by_setting
-
-
-def file_labels(paths, files=True):
-    """{path: its name (a file's without the extension)}, or the path relative to here where two share that
-    name (out/seed1/carve.json and out/seed2/carve.json, carve.json and carve.jsonl, or a study's run and
-    its ablation's of one name are two lines). A run folder's name keeps its dots (carve_lr0.002)."""
-    names = [os.path.basename(os.path.splitext(path)[0] if files else os.path.normpath(path)) for path in paths]
-    return {path: name if names.count(name) == 1 else os.path.relpath(path) for path, name in zip(paths, names)}
-
-
-def seed_groups(paths, files):
-    """{label: [paths]}: paths that differ only in a trailing _seedN (before a file's extension) are one
-    group, however each is spelt (relative or absolute), labelled as file_labels labels the group."""
-    groups = defaultdict(list)
-    for path in paths:
-        stem, extension = os.path.splitext(os.path.abspath(path)) if files else (os.path.abspath(path), "")
-        groups[SEED_SUFFIX.sub("", stem) + extension].append(path)
-    labels = file_labels(list(groups), files)
-    return {labels[group]: members for group, members in groups.items()}
 
 
 def passkey_points(paths, by="context"):
@@ -183,7 +183,7 @@ def passkey_points(paths, by="context"):
         if groups:
             by_file[path] = {value: np.mean(accuracies) for value, accuracies in groups.items()}
     result = {}
-    for label, all_files in seed_groups(paths, files=True).items():   # from every file: the same in both panels
+    for label, all_files in seed_groups(paths, are_files=True).items():   # from every file: the same in both panels
         files = [path for path in all_files if path in by_file]
         if not files:
             continue
@@ -216,123 +216,144 @@ def gate_points(paths):
             for where, series in points.items()}
 
 
+def draw_curves(plt, run_dirs):
+    """Training loss and each validation metric against tokens seen, a line per run (seeds averaged)."""
+    from matplotlib.ticker import EngFormatter
+    data = curves(run_dirs)
+    metrics = [m for m in ("loss", "val_loss", "val_bpb", "val_acc") if any(m in d for d in data.values())]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    # a run keeps one colour in every panel, though a panel skips the runs that lack its metric
+    colours = {label: f"C{i % 10}" for i, label in enumerate(data)}
+    legend = {}
+    for ax, metric in zip(axes[0], metrics):
+        for label, series in data.items():
+            if metric in series:
+                tokens, values = series[metric]
+                n = len(values)
+                name = label + (f" ({n} seeds)" if n > 1 else "")
+                legend[name] = ax.plot(tokens, values.mean(0), marker="." if len(tokens) < 30 else None,
+                                       color=colours[label])[0]
+                if n > 1:
+                    ax.fill_between(tokens, values.min(0), values.max(0), color=colours[label], alpha=0.2)
+        ax.set_xlabel("tokens seen")
+        ax.xaxis.set_major_formatter(EngFormatter())   # 200k, 1M: raw counts run into each other
+        ax.set_title(metric.replace("_", " "))
+    # one legend of every run, right of the panels: in every panel, nine runs' labels covered the curves
+    axes[0][-1].legend(legend.values(), legend.keys(), loc="upper left", bbox_to_anchor=(1.02, 1),
+                       borderaxespad=0)
+    return fig
+
+
+def draw_mqar(plt, run_dirs):
+    """MQAR accuracy against key-value pairs and against d_model: a line per mixer and other setting."""
+    settings = best_over_learning_rates(mqar_points(run_dirs))
+    # a panel for each of pairs and width that takes more than one value (one point a line says nothing):
+    # (the setting on the x axis, the one that tells its lines apart, their labels)
+    by_pairs = ("pairs", "d_model", "key-value pairs", "d_model")
+    by_width = ("d_model", "pairs", "d_model", "pairs")
+    panels = [panel for panel in (by_pairs, by_width)
+              if len({getattr(setting, panel[0]) for setting in settings}) > 1] or [by_pairs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    colours = {mixer: f"C{i}" for i, mixer in enumerate(sorted({setting.mixer for setting in settings}))}
+    for ax, (x_axis, line_key, x_label, line_label) in zip(axes[0], panels):
+        lines = defaultdict(list)
+        for setting, runs in settings.items():
+            lines[(setting.mixer, getattr(setting, line_key))].append(
+                (getattr(setting, x_axis), [run.accuracy for run in runs]))
+        styles = {other: style for other, style in zip(sorted({other for _, other in lines}), ("-", "--", ":", "-."))}
+        for line_number, ((mixer, other), rows) in enumerate(sorted(lines.items())):
+            rows.sort()
+            # a mixer keeps its colour in both panels; the other setting (width or pairs) is the line style
+            ax.errorbar([r[0] for r in rows], [np.mean(r[1]) for r in rows], yerr=[np.std(r[1]) for r in rows],
+                        marker="o", capsize=3, color=colours[mixer], linestyle=styles.get(other, "-"),
+                        label=f"{mixer}, {line_label} {other}")
+            # the seeds, right of their mean and each line at its own distance, so that no mean marker
+            # or other line's seeds cover them (runs at one accuracy, often 0, are common)
+            nudge = 2 ** (0.05 * (line_number + 1))
+            seeds = [(x * nudge, accuracy) for x, accuracies in rows for accuracy in accuracies]
+            ax.scatter(*zip(*seeds), s=16, color=colours[mixer], alpha=0.6, linewidths=0, zorder=3)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({getattr(setting, x_axis) for setting in settings})
+        ax.set_xticks(ticks, [str(tick) for tick in ticks])   # 64, not 2^6
+        ax.minorticks_off()
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"MQAR: accuracy against {'model width' if x_axis == 'd_model' else 'key-value pairs'}")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def draw_gates(plt, files):
+    """Erase rate, |Delta| and D's distance from its start against the checkpoint step, a line per layer."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    points = gate_points(files)
+    # a layer keeps its colour and a file (run) its line style: default colours repeat after ten lines
+    styles = {label: style for label, style in zip(sorted({label for label, _ in points}), ("-", "--", ":", "-."))}
+    for (label, layer), series in sorted(points.items()):
+        look = dict(marker="o", markersize=3, color=f"C{layer % 10}", linestyle=styles.get(label, "-"),
+                    label=f"{label}, layer {layer}")
+        axes[0].plot(*series["erase_rate"], **look)
+        if "delta_abs_mean" in series:
+            axes[1].plot(*series["delta_abs_mean"], **look)
+            axes[1].fill_between(*series["delta_p5"], series["delta_p95"][1], color=look["color"], alpha=0.15)
+        if "D_moved" in series:
+            axes[2].plot(*series["D_moved"], **look)
+    axes[0].set_title("erase rate: mean of sigmoid(b_logit + Delta)")
+    axes[1].set_title("CARVE: mean |Delta| (5th-95th percentile shaded)")
+    axes[2].set_title("CARVE: D's distance from its start, |D - D_0| / |D_0|")
+    for ax in axes:
+        ax.set_xlabel("checkpoint step")
+        if ax.lines:   # a GDN-2 run alone leaves the CARVE panels empty
+            ax.legend(fontsize=7)
+    return fig
+
+
+def draw_passkey(plt, files):
+    """Passkey accuracy against context and against the filler between needle and question."""
+    by_context, by_filler = passkey_points(files), passkey_points(files, "filler_blocks_after_needle")
+    colours = {label: f"C{i % 10}" for i, label in enumerate(by_context)}   # a file's colour in both panels
+    fig, axes = plt.subplots(1, 2 if by_filler else 1, figsize=(12 if by_filler else 6, 4), squeeze=False)
+    panels = [(by_context, "log", "context (tokens)", "accuracy (mean over depths)",
+               "passkey retrieval against context"),
+              (by_filler, "symlog", "filler blocks between needle and question",
+               "accuracy (mean over contexts and depths)", "passkey retrieval against distance")]
+    for ax, (points, scale, x_label, y_label, title) in zip(axes[0], panels):
+        ticks = set()
+        for label, (values, accuracy) in points.items():
+            seeds = len(accuracy)
+            ax.plot(values, np.nanmean(accuracy, axis=0), marker="o", color=colours[label],
+                    label=label + (f" ({seeds} seeds)" if seeds > 1 else ""))
+            if seeds > 1:
+                ax.fill_between(values, np.nanmin(accuracy, axis=0), np.nanmax(accuracy, axis=0),
+                                color=colours[label], alpha=0.2)
+            ticks.update(values)
+        # log for contexts (1K-8K); symlog for blocks, which start at 0 and run to ~90 at 8K bytes
+        ax.set_xscale(scale, base=2, **({"linthresh": 1} if scale == "symlog" else {}))
+        if scale == "symlog" and ticks:
+            ticks = [0] + [2 ** i for i in range(int(max(ticks)).bit_length() + 1) if 2 ** i <= 2 * max(ticks)]
+        ax.set_xticks(sorted(ticks), [str(int(tick)) for tick in sorted(ticks)])   # 1024, not 2^10
+        ax.minorticks_off()
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title)
+        ax.legend()
+    return fig
+
+
+PLOTS = {"curves": draw_curves, "mqar": draw_mqar, "passkey": draw_passkey, "gates": draw_gates}
+
+
 def draw(kind, inputs, output):
+    """plot.py KIND: the figure of `inputs` (run folders or eval.py JSON files) into the PNG `output`."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import EngFormatter
     except ImportError:
         fail("matplotlib is not installed: pip install matplotlib")
-    if kind == "curves":
-        data = curves(inputs)
-        metrics = [m for m in ("loss", "val_loss", "val_bpb", "val_acc") if any(m in d for d in data.values())]
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-        # a run keeps one colour in every panel, though a panel skips the runs that lack its metric
-        colours = {label: f"C{i % 10}" for i, label in enumerate(data)}
-        legend = {}
-        for ax, metric in zip(axes[0], metrics):
-            for label, series in data.items():
-                if metric in series:
-                    tokens, values = series[metric]
-                    n = len(values)
-                    name = label + (f" ({n} seeds)" if n > 1 else "")
-                    legend[name] = ax.plot(tokens, values.mean(0), marker="." if len(tokens) < 30 else None,
-                                           color=colours[label])[0]
-                    if n > 1:
-                        ax.fill_between(tokens, values.min(0), values.max(0), color=colours[label], alpha=0.2)
-            ax.set_xlabel("tokens seen")
-            ax.xaxis.set_major_formatter(EngFormatter())   # 200k, 1M: raw counts run into each other
-            ax.set_title(metric.replace("_", " "))
-        # one legend of every run, right of the panels: in every panel, nine runs' labels covered the curves
-        axes[0][-1].legend(legend.values(), legend.keys(), loc="upper left", bbox_to_anchor=(1.02, 1),
-                           borderaxespad=0)
-    elif kind == "mqar":
-        settings = best_over_learning_rates(mqar_points(inputs))
-        # a panel for each of pairs and width that takes more than one value (one point a line says nothing):
-        # (the setting on the x axis, the one that tells its lines apart, their labels)
-        by_pairs = ("pairs", "d_model", "key-value pairs", "d_model")
-        by_width = ("d_model", "pairs", "d_model", "pairs")
-        panels = [panel for panel in (by_pairs, by_width)
-                  if len({getattr(setting, panel[0]) for setting in settings}) > 1] or [by_pairs]
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-        colors = {mixer: f"C{i}" for i, mixer in enumerate(sorted({setting.mixer for setting in settings}))}
-        for ax, (x_axis, line_key, x_label, line_label) in zip(axes[0], panels):
-            lines = defaultdict(list)
-            for setting, runs in settings.items():
-                lines[(setting.mixer, getattr(setting, line_key))].append(
-                    (getattr(setting, x_axis), [run.accuracy for run in runs]))
-            styles = {other: style for other, style in zip(sorted({other for _, other in lines}), ("-", "--", ":", "-."))}
-            for line_number, ((mixer, other), rows) in enumerate(sorted(lines.items())):
-                rows.sort()
-                # a mixer keeps its colour in both panels; the other setting (width or pairs) is the line style
-                ax.errorbar([r[0] for r in rows], [np.mean(r[1]) for r in rows], yerr=[np.std(r[1]) for r in rows],
-                            marker="o", capsize=3, color=colors[mixer], linestyle=styles.get(other, "-"),
-                            label=f"{mixer}, {line_label} {other}")
-                # the seeds, right of their mean and each line at its own distance, so that no mean marker
-                # or other line's seeds cover them (runs at one accuracy, often 0, are common)
-                nudge = 2 ** (0.05 * (line_number + 1))
-                seeds = [(x * nudge, accuracy) for x, accuracies in rows for accuracy in accuracies]
-                ax.scatter(*zip(*seeds), s=16, color=colors[mixer], alpha=0.6, linewidths=0, zorder=3)
-            ax.set_xscale("log", base=2)
-            ticks = sorted({getattr(setting, x_axis) for setting in settings})
-            ax.set_xticks(ticks, [str(tick) for tick in ticks])   # 64, not 2^6
-            ax.minorticks_off()
-            ax.set_xlabel(x_label)
-            ax.set_ylabel("accuracy")
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"MQAR: accuracy against {'model width' if x_axis == 'd_model' else 'key-value pairs'}")
-            ax.legend(fontsize=8)
-    elif kind == "gates":
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-        points = gate_points(inputs)
-        # a layer keeps its colour and a file (run) its line style: default colours repeat after ten lines
-        styles = {label: style for label, style in zip(sorted({label for label, _ in points}), ("-", "--", ":", "-."))}
-        for (label, layer), series in sorted(points.items()):
-            look = dict(marker="o", markersize=3, color=f"C{layer % 10}", linestyle=styles.get(label, "-"),
-                        label=f"{label}, layer {layer}")
-            axes[0].plot(*series["erase_rate"], **look)
-            if "delta_abs_mean" in series:
-                axes[1].plot(*series["delta_abs_mean"], **look)
-                axes[1].fill_between(*series["delta_p5"], series["delta_p95"][1], color=look["color"], alpha=0.15)
-            if "D_moved" in series:
-                axes[2].plot(*series["D_moved"], **look)
-        axes[0].set_title("erase rate: mean of sigmoid(b_logit + Delta)")
-        axes[1].set_title("CARVE: mean |Delta| (5th-95th percentile shaded)")
-        axes[2].set_title("CARVE: D's distance from its start, |D - D_0| / |D_0|")
-        for ax in axes:
-            ax.set_xlabel("checkpoint step")
-            if ax.lines:   # a GDN-2 run alone leaves the CARVE panels empty
-                ax.legend(fontsize=7)
-    else:
-        by_context, by_filler = passkey_points(inputs), passkey_points(inputs, "filler_blocks_after_needle")
-        colours = {label: f"C{i % 10}" for i, label in enumerate(by_context)}   # a file's colour in both panels
-        fig, axes = plt.subplots(1, 2 if by_filler else 1, figsize=(12 if by_filler else 6, 4), squeeze=False)
-        panels = [(by_context, "log", "context (tokens)", "accuracy (mean over depths)",
-                   "passkey retrieval against context"),
-                  (by_filler, "symlog", "filler blocks between needle and question",
-                   "accuracy (mean over contexts and depths)", "passkey retrieval against distance")]
-        for ax, (points, scale, x_label, y_label, title) in zip(axes[0], panels):
-            ticks = set()
-            for label, (values, accuracy) in points.items():
-                seeds = len(accuracy)
-                ax.plot(values, np.nanmean(accuracy, axis=0), marker="o", color=colours[label],
-                        label=label + (f" ({seeds} seeds)" if seeds > 1 else ""))
-                if seeds > 1:
-                    ax.fill_between(values, np.nanmin(accuracy, axis=0), np.nanmax(accuracy, axis=0),
-                                    color=colours[label], alpha=0.2)
-                ticks.update(values)
-            # log for contexts (1K-8K); symlog for blocks, which start at 0 and run to ~90 at 8K bytes
-            ax.set_xscale(scale, base=2, **({"linthresh": 1} if scale == "symlog" else {}))
-            if scale == "symlog" and ticks:
-                ticks = [0] + [2 ** i for i in range(int(max(ticks)).bit_length() + 1) if 2 ** i <= 2 * max(ticks)]
-            ax.set_xticks(sorted(ticks), [str(int(tick)) for tick in sorted(ticks)])   # 1024, not 2^10
-            ax.minorticks_off()
-            ax.set_xlabel(x_label)
-            ax.set_ylabel(y_label)
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_title(title)
-            ax.legend()
+    fig = PLOTS[kind](plt, inputs)
     fig.tight_layout()
     # curves: grown to take in its legend, outside the panels
     fig.savefig(output, dpi=120, bbox_inches="tight" if kind == "curves" else None)
@@ -342,7 +363,7 @@ def draw(kind, inputs, output):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("kind", choices=["curves", "mqar", "passkey", "gates"])
+    parser.add_argument("kind", choices=list(PLOTS))
     parser.add_argument("inputs", nargs="+", help="run directories (curves, mqar) or JSON files (passkey, gates)")
     parser.add_argument("-o", "--output", default=None, help="PNG file (default: KIND.png)")
     args = parser.parse_args(argv)
