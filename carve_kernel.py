@@ -1,7 +1,7 @@
 """
 CARVE / GDN-2 gated delta-rule kernels: chunk-parallel (training, prefill) and per-token (decode),
 in [B, T, H, D] tensors as in flash-linear-attention. docs/DESIGN.md has the mathematics and the
-design; its section numbers are cited below.
+design; "docs/DESIGN.md section N" cites it, "this file's section N" the numbered banners below.
 
     o, state = chunk_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
                            output_final_state=False, scale=None, chunk_size=64, cu_seqlens=None)
@@ -69,7 +69,7 @@ except ImportError:
 
 # Every path floors the log-decay at GATE_FLOOR per token (alpha >= e^-5: one step already forgets
 # 99.3%; the gradient below the floor is zero). The Triton chunk kernels rely on it to form the decay
-# ratios of a 16-token block as two factors within exp(+-40) (docs/DESIGN.md section 7).
+# ratios of a 16-token block as two factors within exp(+-40) (docs/DESIGN.md sections 4 and 7).
 GATE_FLOOR = -5.0
 L2_NORM_EPS = 1e-6         # q and k are divided by max(||x||, L2_NORM_EPS), as F.normalize does
 SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above it, as F.softplus's default
@@ -212,7 +212,7 @@ def fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
 def output_norm_gate(o, gate, weight, eps, activation="silu"):
     """The layer's output: RMSNorm(o) * weight * act(gate) over the last axis (per head), act = SiLU or
     sigmoid; o and gate [..., V] in one dtype (or gate a GateProjection of o's shape), weight [V]; the
-    result in o's dtype, fp32 inside. One Triton kernel each way (section 6) where backend_for says so,
+    result in o's dtype, fp32 inside. One Triton kernel each way (this file's section 6) where backend_for says so,
     else output_norm_gate_torch."""
     projection = gate if isinstance(gate, GateProjection) else GateProjection(gate, None, None)
     if backend_for(o) == "triton":
@@ -245,7 +245,7 @@ def causal_conv_silu(x, weight, cache=None, doc_start=None):
     dtype, the new cache or None). `cache` [B, C, W - 1] holds the last W - 1 inputs before x (a
     prompt continued); the new one is returned only when it is given. `doc_start` [T] (a packed row,
     B = 1): where each token's document starts; taps before it read zeros. One Triton kernel each way
-    (section 6) where backend_for says so, else causal_conv_silu_torch."""
+    (this file's section 6) where backend_for says so, else causal_conv_silu_torch."""
     if backend_for(x) != "triton":
         return causal_conv_silu_torch(x, weight, cache, doc_start)
     y = torch.ops.carve.conv_silu(x, weight, None if cache is None else cache.to(x.dtype), doc_start)
@@ -262,9 +262,10 @@ def short_conv_qkv(conv: ShortConv, n_head, k_dim):
 
 def linear(x, weight, bias=None):
     """F.linear(x, weight, bias), except that one row (a batch-1 decode step) with no gradient runs a
-    Triton GEMV (section 6) where backend_for says so: there cuBLAS read the 1.3B in_proj at about half
-    the copy bandwidth (docs/DESIGN.md section 6). Under autocast x is cast to its dtype, as F.linear would; the
-    GEMV runs only where the weight already is in that dtype (sample.py's inference_weights)."""
+    Triton GEMV (this file's section 6) where backend_for says so: there cuBLAS read the narrow 1.3B
+    weights (o_proj, down_proj, GDN-2's w_proj) at 35-53% of the copy bandwidth (docs/DESIGN.md section
+    6). Under autocast x is cast to its dtype, as F.linear would; the GEMV runs only where the weight
+    already is in that dtype (sample.py's inference_weights)."""
     one_row = x.numel() == x.shape[-1] > 0 and weight.dim() == 2
     if one_row and backend_for(x) == "triton" and not torch.is_grad_enabled():
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -290,17 +291,17 @@ def swiglu_linear(gate_up, weight):
 
 def embedding(idx, weight):
     """F.embedding(idx, weight). Where backend_for says triton and the weight needs a gradient, the backward is
-    section 6's kernel, which sums each token's rows in one fixed order: PyTorch's CUDA backward adds repeated
-    tokens with atomics in whatever order they land, and on an H200 its gradient was the one in the whole model
-    that differed between two identical passes, so no two runs of one command logged the same losses
-    (docs/DESIGN.md section 8)."""
+    a kernel of this file's section 6 that sums each token's rows in one fixed order: PyTorch's CUDA backward
+    adds repeated tokens with atomics in whatever order they land, and on an H200 its gradient was the one in
+    the whole model that differed between two identical passes, so no two runs of one command logged the same
+    losses (docs/DESIGN.md section 8)."""
     if backend_for(weight) == "triton" and torch.is_grad_enabled() and weight.requires_grad:
         return torch.ops.carve.embedding(idx, weight)
     return F.embedding(idx, weight)
 
 
 # ============================================================================================
-# 2. Torch definitions (docs/DESIGN.md sections 1-3 and 10)
+# 2. Torch definitions (docs/DESIGN.md sections 1-3, 6 and 10)
 # ============================================================================================
 
 def decay_gate(f, A_log, dt_bias, a_log_min):
@@ -464,7 +465,7 @@ def _next_delta(content, o_sum, chunk_size):
 def recurrent_carve_torch(q, k, v, g, b_logit, w, content=None, initial_state=None,
                           output_final_state=False, scale=None, chunk_size=64):
     """Per-token fp32 recurrence, written straight from docs/DESIGN.md sections 1, 2 and 6. The decode path
-    of the torch backend and the reference every other path is tested against."""
+    of the torch backend, tested like every other path against the float64 reference of tests/reference.py."""
     q, k, u, g, b_logit, scale, state = _prepare(q, k, v, g, b_logit, w, content, initial_state, scale)
     S, o_sum, delta, offset = state
     outs = []
@@ -662,7 +663,7 @@ def chunk_schedule(n_sequences, most_chunks, H, V, has_content, sm_count) -> Chu
     - Value-block walks take 32 columns where 64 would leave half the SMs idle (more programs).
     - Where a walk leaves at least half the SMs idle, each sequence is walked in pieces of chunks, so
       the parallel kernels of one piece run beside the walk of the next: at 1 x 32768 fwd+bwd took
-      15.6 ms against 17.6 without pieces (CARVE), 7.95 against 9.95 (GDN-2), and CARVE 3.85 against
+      15.6 ms against 17.6 without pieces (CARVE), 7.95 against 9.95 (GDN-2), and CARVE 3.86 against
       4.01 at 4 x 4096. The reverse walk then takes 64 columns again: twice as many idle SMs gained
       more than the narrower walk.
     most_chunks: the most chunks of one sequence. On the CPU (sm_count 0) the walk alone, unpieced."""
