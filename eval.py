@@ -10,8 +10,9 @@ Evaluate a checkpoint: perplexity and bits per byte on held-out token files or o
 The newest good checkpoint of --out_dir is used (train.py's rule: its sha256 must match its record);
 --step=N takes the checkpoint of step N instead.
 Tokens are scored in windows of --seq_len (default: the length the model trained on); each window
-predicts its tokens from the ones before it inside the window, as in training, so the numbers are
-comparable with train.py's validation loss. Raw text is tokenised with the checkpoint's tokenizer,
+predicts its tokens from the ones before it inside the window, in the run's precision (train.py's
+dtype: bfloat16 on a GPU by default), as in training, so the numbers are comparable with train.py's
+validation loss. Raw text is tokenised with the checkpoint's tokenizer,
 each file one document starting with eot where the tokenizer has one (as prepare_data.py writes it).
 
 Bits per byte = the summed loss in nats / ln 2 / the UTF-8 bytes the scored tokens spell: comparable
@@ -61,7 +62,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ from model import LM, ModelConfig, join_caches
 from prepare_data import (PASSKEY_KEYS, document_ids, get_tokenizer, local_documents, passkey_blocks, passkey_text,
                           token_byte_lengths)
 from sample import generate
-from train import device_for, initial_model, load_newest_checkpoint, load_weights, mqar_split
+from train import autocast_for, device_for, initial_model, load_newest_checkpoint, load_weights, mqar_split
 
 
 def fail(message):
@@ -476,7 +476,7 @@ def main(argv=None):
             fail(str(e))
     seq_len = args.seq_len or checkpoint["config"]["seq_len"]
     device = device_for(args.device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = autocast_for(checkpoint["config"], device)   # the run's precision on this device
     model = LM(ModelConfig.from_dict(record["model_config"]))
     load_weights(model, checkpoint["model"], os.path.join(args.out_dir, record["checkpoint"]))
     model.to(device).eval()
