@@ -57,6 +57,7 @@ model trained only on plays will fail it; the tool is for models trained on such
 --source passkey writes a corpus of them), and for reporting that failure honestly.
 """
 import argparse
+import difflib
 import json
 import math
 import os
@@ -71,7 +72,8 @@ from model import LM, ModelConfig, join_caches
 from prepare_data import (PASSKEY_KEYS, document_ids, get_tokenizer, local_documents, passkey_blocks, passkey_text,
                           token_byte_lengths)
 from sample import generate
-from train import autocast_for, device_for, initial_model, load_newest_checkpoint, load_weights, mqar_split
+from train import (autocast_for, check_token_ids, device_for, initial_model, largest_token_id, load_newest_checkpoint,
+                   load_weights, mqar_split, read_data_meta, token_file)
 
 
 def fail(message):
@@ -79,25 +81,24 @@ def fail(message):
 
 
 def token_stream(args, record, tokenizer):
-    """(the tokens as a 1-D integer array: int64 from --text, the token file's own dtype mapped from disk
-    otherwise; where they came from)."""
+    """(the tokens to score, at most --max_tokens + 1, as a 1-D integer array: int64 from --text, the token
+    file's own dtype mapped from disk otherwise; where they came from)."""
+    cap = int(args.max_tokens) + 1 if args.max_tokens else None
     if args.text:
         documents, description = local_documents(args.text, flag="--text")
         ids = []
         for text in documents:
             ids += document_ids(tokenizer, text)
-        return np.asarray(ids, dtype=np.int64), description
+        return np.asarray(ids[:cap], dtype=np.int64), description
     data_dir = args.data_dir or record["data_dir"]
-    meta_path, path = os.path.join(data_dir, "meta.json"), os.path.join(data_dir, f"{args.split}.bin")
-    for needed in (meta_path, path):
-        if not os.path.isfile(needed):
-            fail(f"{needed} not found (--data_dir={data_dir!r}); give --data_dir of prepare_data.py's output or --text")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("tokenizer") != record["tokenizer"]:
-        fail(f"{meta_path} holds {meta.get('tokenizer')!r} tokens, the checkpoint was trained on "
-             f"{record['tokenizer']!r}")
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r"), path
+    meta = read_data_meta(data_dir)   # train.py's checks: a damaged file is one line naming it
+    if meta["tokenizer"] != record["tokenizer"]:
+        fail(f"{os.path.join(data_dir, 'meta.json')} holds {meta['tokenizer']!r} tokens, the checkpoint was trained "
+             f"on {record['tokenizer']!r}")
+    tokens, path = token_file(data_dir, args.split, meta)
+    tokens = tokens[:cap]
+    check_token_ids(largest_token_id(tokens), meta, path)   # the ids scored, before they index the embedding
+    return tokens, path
 
 
 def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
@@ -405,6 +406,9 @@ def gates(args, model, config, record, windows, autocast, metric):
         fail(f"{args.out_dir}: the model has no recurrent layer (mixer={model.cfg.mixer!r}): no erase gate "
              f"to report; use a CARVE or GDN-2 checkpoint")
     shift = bool(content_ups(model))
+    if shift and len(windows[0]) <= model.cfg.chunk_size:
+        fail(f"--task=gates: windows of {len(windows[0])} tokens; Delta changes only after each chunk of "
+             f"{model.cfg.chunk_size}, so they must be longer: --seq_len={2 * model.cfg.chunk_size} or more")
     initial = initial_model(config) if shift else None
     rows = gate_statistics(model, windows, args.batch_size, autocast, initial)
     name, measure = metric
@@ -429,7 +433,8 @@ def gates(args, model, config, record, windows, autocast, metric):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--out_dir", default="out/carve_shakespeare", help="run directory of train.py")
+    parser.add_argument("--out_dir", default="out/carve_shakespeare",
+                        help="run directory of train.py (default: %(default)s)")
     parser.add_argument("--step", type=int, default=None,
                         help="the checkpoint of this step (default: the newest good one)")
     parser.add_argument("--data_dir", default=None, help="token files of prepare_data.py (default: the run's)")
@@ -458,8 +463,12 @@ def main(argv=None):
                         help="take CARVE's content shift away first (U = 0 in every CARVE layer, so Delta = 0), "
                              "without training again: what it is worth to the task")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.seq_len < 0 or args.max_tokens < 0:
-        fail("--batch_size must be at least 1, --seq_len and --max_tokens at least 0")
+    if args.batch_size < 1:
+        fail(f"--batch_size={args.batch_size}: must be at least 1")
+    if args.seq_len < 0:
+        fail(f"--seq_len={args.seq_len}: must be at least 0 (0: the run's own seq_len)")
+    if args.max_tokens < 0:
+        fail(f"--max_tokens={args.max_tokens:g}: must be at least 0 (0: every token)")
     if not os.path.isdir(args.out_dir):
         fail(f"run directory {args.out_dir!r} does not exist")
 
@@ -522,11 +531,24 @@ def main(argv=None):
             from lm_eval.tasks import TaskManager
         except ImportError:
             fail("--task=harness needs lm-evaluation-harness: pip install lm-eval")
+        if args.harness_include and not os.path.isdir(args.harness_include):
+            fail(f"--harness_include {args.harness_include!r} is not a folder (of task YAML files)")
+        tasks, manager = args.harness_tasks.split(","), TaskManager(include_path=args.harness_include or None)
+        for task in tasks:   # here rather than as the harness's traceback
+            if task not in manager.all_tasks and not os.path.isfile(task):
+                close = difflib.get_close_matches(task, manager.all_tasks, n=3)
+                fail(f"--harness_tasks: {task!r} is not a task of lm-eval {lm_eval.__version__}"
+                     + (f" (did you mean {', '.join(close)}?)" if close else "")
+                     + (f" or of {args.harness_include}" if args.harness_include else ""))
         print(f"harness: {args.out_dir} (step {record['step']}), tasks {args.harness_tasks}, {device}", file=sys.stderr)
-        results = lm_eval.simple_evaluate(
-            model=harness_model(model, tokenizer, autocast), tasks=args.harness_tasks.split(","),
-            num_fewshot=args.num_fewshot, limit=args.limit or None,
-            task_manager=TaskManager(include_path=args.harness_include) if args.harness_include else None)
+        try:
+            results = lm_eval.simple_evaluate(
+                model=harness_model(model, tokenizer, autocast), tasks=tasks, num_fewshot=args.num_fewshot,
+                limit=args.limit or None, task_manager=manager)
+        except OSError as e:   # ConnectionError among them: the harness fetches each task's dataset
+            fail(f"--task=harness could not load a dataset ({type(e).__name__}: {str(e).splitlines()[0]}); the harness "
+                 f"downloads them from the Hugging Face Hub: run where it is reachable, or with HF_DATASETS_OFFLINE=1 "
+                 f"and the datasets in its cache")
         if args.json:
             print(json.dumps({"checkpoint_step": record["step"], "results": results["results"]}, default=str))
         else:
@@ -538,8 +560,14 @@ def main(argv=None):
             depths = [float(d) for d in args.depths.split(",")]
         except ValueError:
             fail(f"--contexts and --depths take numbers separated by commas, got {args.contexts!r}, {args.depths!r}")
-        if args.trials < 1 or not all(0 <= d <= 100 for d in depths) or min(contexts) < 1:
-            fail("--trials must be at least 1, --depths within 0..100, --contexts at least 1")
+        needed = len(tokenizer.encode(passkey_text(0, 0, str(PASSKEY_KEYS.stop - 1))))
+        if args.trials < 1:
+            fail(f"--trials={args.trials}: must be at least 1")
+        if not all(0 <= d <= 100 for d in depths):
+            fail(f"--depths={args.depths}: each must be within 0..100 (the share of the filler before the needle)")
+        if min(contexts) < needed:
+            fail(f"--contexts={args.contexts}: each must be at least {needed} tokens, what the needle and the "
+                 f"question take without filler")
         print(f"passkey: {args.out_dir} (step {record['step']}), {args.trials} keys a setting, {device}",
               file=sys.stderr)
         rows = passkey(model, tokenizer, contexts, depths, args.trials, args.seed, autocast,
@@ -553,8 +581,6 @@ def main(argv=None):
                 print(f"{c:>15} " + " ".join(f"{accuracy[(c, d)]:7.0%}" for d in depths))
         return
     tokens, source = token_stream(args, record, tokenizer)
-    if args.max_tokens:
-        tokens = tokens[:int(args.max_tokens) + 1]
     if args.task == "gates":
         count = min(len(tokens) // seq_len, max(1, int(args.max_tokens or 65536) // seq_len))
         windows = [np.asarray(tokens[i * seq_len:(i + 1) * seq_len], dtype=np.int64) for i in range(count)]

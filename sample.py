@@ -265,8 +265,12 @@ def main(argv=None):
         for path in args.prompt_file:
             if not os.path.isfile(path):
                 fail(f"--prompt_file {path!r} does not exist")
-            with open(path, encoding="utf-8") as f:
-                prompts.append(f.read())
+            try:
+                with open(path, encoding="utf-8") as f:
+                    prompts.append(f.read())
+            except UnicodeDecodeError as e:
+                fail(f"--prompt_file {path!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                     f"convert it, e.g. iconv -f latin1 -t utf-8")
     else:
         prompts = args.prompt or ["\n"]
     if "" in prompts:
@@ -285,6 +289,9 @@ def main(argv=None):
     record_path = os.path.join(args.out_dir, record["checkpoint"][:-3] + ".json")
     ckpt_path = os.path.join(args.out_dir, record["checkpoint"])
 
+    if record.get("task") == "mqar":
+        fail(f"{args.out_dir} was trained on MQAR, which has no text to continue: score it with "
+             f"python eval.py --out_dir={args.out_dir} --task=mqar")
     from prepare_data import get_tokenizer
     try:
         tokenizer = get_tokenizer(record.get("tokenizer"))

@@ -24,6 +24,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import fields
 
@@ -162,9 +163,29 @@ def check_type(key, value, source):
     return value
 
 
+# Values the types alone allow but the run cannot use: each the least it may be. Checked here, so that a
+# bad one is a line naming the key rather than a ZeroDivisionError or an optimiser's ValueError later.
+AT_LEAST = {**dict.fromkeys(("seq_len", "micro_batch_size", "batch_tokens", "max_steps", "eval_interval",
+                             "eval_tokens", "log_interval", "keep_checkpoints", "mqar_pairs", "mqar_train_examples",
+                             "mqar_test_examples"), 1),
+            **dict.fromkeys(("lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_clip",
+                             "max_skipped_steps", "peak_tflops", "beta1", "beta2"), 0)}
+
+
 def load_config(argv):
+    """DEFAULTS, then one config file (a path or a bare name in configs/; configs/carve_shakespeare.py when
+    there is none), then the --key=value overrides, each checked."""
     if all(arg.startswith("--") for arg in argv):
         argv = [DEFAULT_CONFIG, *argv]
+    files = [arg for arg in argv if not arg.startswith("--")]
+    for arg in files:
+        resolve_config_path(arg)   # a file that is not there (or max_steps=3 without its --) is named first
+    if len(files) > 1:
+        raise SystemExit(f"error: {len(files)} config files ({', '.join(files)}); give one (a config file can run "
+                         f"another: configs/gdn2_1b3.py runs carve_1b3.py), then --key=value overrides")
+    if argv[0] != files[0]:
+        raise SystemExit(f"error: the config file {files[0]!r} comes after {argv[0]!r}, and would undo it: put the "
+                         f"config file first, then --key=value overrides")
     config = dict(DEFAULTS)
     for arg in argv:
         if arg.startswith("--"):
@@ -182,7 +203,13 @@ def load_config(argv):
         else:
             path = resolve_config_path(arg)
             namespace = {"__file__": os.path.abspath(path)}
-            exec(compile(open(path).read(), path, "exec"), namespace)
+            try:
+                exec(compile(open(path).read(), path, "exec"), namespace)
+            except Exception as e:   # a config file is Python: its own error, in one line that names it
+                where = (e.filename, e.lineno) if isinstance(e, SyntaxError) else \
+                    tuple(traceback.extract_tb(e.__traceback__)[-1])[:2]
+                raise SystemExit(f"error: config file {path} failed: {type(e).__name__}: "
+                                 f"{getattr(e, 'msg', None) or e} ({where[0]}, line {where[1]})")
             for key, value in namespace.items():
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue
@@ -192,6 +219,13 @@ def load_config(argv):
         ModelConfig.from_dict(config)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    for key, least in AT_LEAST.items():
+        if config[key] < least:
+            raise SystemExit(f"error: {key}={config[key]!r}: must be at least {least}")
+    if not config["beta1"] < 1 or not config["beta2"] < 1:
+        raise SystemExit(f"error: beta1={config['beta1']!r}, beta2={config['beta2']!r}: each must be below 1")
+    if not config["out_dir"]:
+        raise SystemExit("error: out_dir is empty: name the folder for the run's checkpoints and log")
     # float16 would need loss scaling, which this loop does not do; bfloat16 has float32's range
     if config["dtype"] not in ("auto", "bfloat16", "float32"):
         raise SystemExit(f"error: dtype={config['dtype']!r}: expected 'auto' (bfloat16 autocast on a GPU, float32 "
@@ -202,59 +236,75 @@ def load_config(argv):
 # ---------------------------------------------------------------------------------------------
 # data
 
+def read_data_meta(data_dir):
+    """data_dir/meta.json of prepare_data.py, checked: a missing or mangled file is one line naming it."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        how = ("python prepare_data.py --source /tmp/kjv.txt shakespeare (README, 'Offline machines')"
+               if "kjv" in os.path.basename(os.path.normpath(data_dir)) else "python prepare_data.py")
+        raise SystemExit(f"error: {meta_path} not found (data_dir={data_dir!r}). Prepare data first, e.g.: {how}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {meta_path} is not valid JSON ({e}); re-run prepare_data.py for {data_dir!r}")
+    missing = [key for key in ("tokenizer", "vocab_size", "dtype", "val") if key not in meta]
+    if missing or not isinstance(meta.get("vocab_size"), int) or meta.get("dtype") not in ("uint16", "uint32"):
+        raise SystemExit(f"error: {meta_path} lacks or mangles {', '.join(missing) or 'vocab_size or dtype'} "
+                         f"(expected prepare_data.py's keys: tokenizer, vocab_size, dtype uint16/uint32, val); "
+                         f"re-run prepare_data.py for {data_dir!r}")
+    if meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1:
+        raise SystemExit(f"error: {meta_path} says vocab_size {meta['vocab_size']} in {meta['dtype']} "
+                         f"tokens, which cannot hold it; re-run prepare_data.py for {data_dir!r}")
+    return meta
+
+
+def token_file(data_dir, split, meta):
+    """(data_dir/<split>.bin as a read-only memmap, its path), checked to hold whole tokens of meta's dtype."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found; re-run prepare_data.py for {data_dir!r}")
+    dtype = np.dtype(meta["dtype"])
+    if os.path.getsize(path) % dtype.itemsize:
+        raise SystemExit(f"error: {path} is not a whole number of {dtype} tokens "
+                         f"(meta.json says dtype {meta['dtype']!r}); re-run prepare_data.py")
+    return np.memmap(path, dtype=dtype, mode="r"), path
+
+
+def check_token_ids(top, meta, path):
+    """The largest token id read (top) must be below the data's vocab_size: a bad file (random bytes, another
+    tokenizer's tokens) would otherwise index past the embedding."""
+    if top >= meta["vocab_size"]:
+        raise SystemExit(f"error: {path} holds token id {top}, not below the vocab_size "
+                         f"{meta['vocab_size']} of its meta.json: the file is damaged or from another "
+                         f"tokenizer; re-run prepare_data.py")
+
+
+def largest_token_id(tokens):
+    """The largest id in a token file, read in chunks (the file may not fit in memory); -1 if it is empty."""
+    return max((int(np.max(tokens[i:i + (1 << 24)])) for i in range(0, len(tokens), 1 << 24)), default=-1)
+
+
 class TokenData:
     """Flat token files from prepare_data.py. Training sequence i of the run (counted over the
     whole run, so it is the data position) is read from a window chosen by a per-epoch affine
-    permutation of the file's windows: every window once per epoch, no state to save but i."""
+    permutation of the file's windows: every window once per epoch, no state to save but i.
+    Token ids are checked against the vocabulary: val.bin whole at the start, train.bin batch by batch
+    (a scan of 100B tokens would hold up the start)."""
 
     def __init__(self, data_dir, seq_len, seed):
-        meta_path = os.path.join(data_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            how = ("python prepare_data.py --source /tmp/kjv.txt shakespeare (README, 'Offline machines')"
-                   if "kjv" in os.path.basename(os.path.normpath(data_dir)) else "python prepare_data.py")
-            raise SystemExit(f"error: {meta_path} not found (data_dir={data_dir!r}). Prepare data first, e.g.: {how}")
-        try:
-            with open(meta_path) as f:
-                self.meta = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SystemExit(f"error: {meta_path} is not valid JSON ({e}); re-run prepare_data.py for {data_dir!r}")
-        missing = [key for key in ("tokenizer", "vocab_size", "dtype", "val") if key not in self.meta]
-        if missing or not isinstance(self.meta.get("vocab_size"), int) or self.meta.get("dtype") not in ("uint16",
-                                                                                                          "uint32"):
-            raise SystemExit(f"error: {meta_path} lacks or mangles {', '.join(missing) or 'vocab_size or dtype'} "
-                             f"(expected prepare_data.py's keys: tokenizer, vocab_size, dtype uint16/uint32, val); "
-                             f"re-run prepare_data.py for {data_dir!r}")
-        if self.meta["vocab_size"] > np.iinfo(self.meta["dtype"]).max + 1:
-            raise SystemExit(f"error: {meta_path} says vocab_size {self.meta['vocab_size']} in {self.meta['dtype']} "
-                             f"tokens, which cannot hold it; re-run prepare_data.py for {data_dir!r}")
+        self.meta = read_data_meta(data_dir)
         self.seq_len, self.seed = seq_len, seed
         self.paths = {}
         self.splits = {}
         for split in ("train", "val"):
-            path = os.path.join(data_dir, f"{split}.bin")
-            if not os.path.isfile(path):
-                raise SystemExit(f"error: {path} not found; re-run prepare_data.py for {data_dir!r}")
-            dtype = np.dtype(self.meta["dtype"])
-            if os.path.getsize(path) % dtype.itemsize:
-                raise SystemExit(f"error: {path} is not a whole number of {dtype} tokens "
-                                 f"(meta.json says dtype {self.meta['dtype']!r}); re-run prepare_data.py")
-            tokens = np.memmap(path, dtype=dtype, mode="r")
+            tokens, path = token_file(data_dir, split, self.meta)
             if len(tokens) < 2 * seq_len + 2:
                 raise SystemExit(f"error: {path} holds {len(tokens)} tokens, too few for seq_len={seq_len}")
             self.splits[split], self.paths[split] = tokens, path
         # val.bin is read whole at every evaluation: check it now rather than at the first evaluation
-        val = self.splits["val"]
-        self.check_ids(max(int(np.max(val[i:i + (1 << 24)])) for i in range(0, len(val), 1 << 24)), "val")
+        check_token_ids(largest_token_id(self.splits["val"]), self.meta, self.paths["val"])
         self.n_windows = (len(self.splits["train"]) - 1) // seq_len - 1
-
-    def check_ids(self, top, split):
-        """The largest token id read must be below the data's vocab_size: a bad file (random bytes, another
-        tokenizer's tokens) would otherwise index past the embedding. val.bin is checked whole at the start,
-        in chunks; train.bin batch by batch (a scan of 100B tokens would hold up the start)."""
-        if top >= self.meta["vocab_size"]:
-            raise SystemExit(f"error: {self.paths[split]} holds token id {top}, not below the vocab_size "
-                             f"{self.meta['vocab_size']} of its meta.json: the file is damaged or from another "
-                             f"tokenizer; re-run prepare_data.py")
 
     def _window(self, tokens, start):
         chunk = torch.from_numpy(tokens[start:start + self.seq_len + 1].astype(np.int64))
@@ -274,7 +324,7 @@ class TokenData:
         """Training sequences first .. first+count-1 as (x, y) [count, seq_len] int64."""
         pairs = [self._window(self.splits["train"], self.train_window_start(i)) for i in range(first, first + count)]
         x, y = torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
-        self.check_ids(int(max(x.max(), y.max())), "train")
+        check_token_ids(int(max(x.max(), y.max())), self.meta, self.paths["train"])
         return x, y
 
     def val_windows(self, n):
@@ -367,6 +417,20 @@ def load_data(config, resumed_config=None):
 
 # ---------------------------------------------------------------------------------------------
 # checkpoints
+
+def keep_log_until(log_path, step):
+    """Keeps the lines of a run's log.jsonl up to `step`, where it starts: a run killed after its newest
+    checkpoint (or before its first) logged steps that it trains again, which would be in the log twice."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path) as f:
+        lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # a torn last line too
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+    atomic_write(log_path, write)
+
 
 def atomic_write(path, write):
     """write(tmp_path), flushed to disk, then renamed over path: a crash at any moment (kill -9, power)
@@ -696,6 +760,12 @@ def main(argv):
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         del checkpoint
+    if step >= config["max_steps"]:
+        log(f"nothing to train: the run in {config['out_dir']} is at step {step} of max_steps={config['max_steps']}; "
+            f"a larger --max_steps extends it")
+        if ddp:
+            dist.destroy_process_group()
+        return
     raw_model = model
     if config["compile"]:
         model = torch.compile(model)
@@ -718,16 +788,18 @@ def main(argv):
         f"{raw_model.num_params(False):,} in all | device {device} | world {world} | grad accumulation {accum} | "
         f"{'resuming at step ' + str(step) if step else 'from scratch'}")
 
-    stop_requested = False
+    stop_requested, stop_signal = False, signal.SIGTERM   # SIGTERM: another rank's signal stopped this one
 
     def request_stop(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True  # finish the step in flight, checkpoint, exit: nothing is lost
+        nonlocal stop_requested, stop_signal
+        stop_requested, stop_signal = True, signum  # finish the step in flight, checkpoint, exit: nothing is lost
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
     last_eval = {}
     log_path = os.path.join(config["out_dir"], "log.jsonl")
+    if master:
+        keep_log_until(log_path, step)
 
     def publish(metrics):
         """On the master rank: one line of out_dir/log.jsonl for this step, and wandb if it is on."""
@@ -758,9 +830,12 @@ def main(argv):
                 f"update skipped ({skipped} of at most max_skipped_steps={config['max_skipped_steps']})")
             publish({"skipped_steps": skipped})
             if skipped > config["max_skipped_steps"]:
+                kept = checkpoint_records(config["out_dir"])
                 raise SystemExit(f"error: {skipped} steps had a non-finite loss or gradient (max_skipped_steps="
-                                 f"{config['max_skipped_steps']}); stopped at step {step + 1}. The newest checkpoint "
-                                 f"in {config['out_dir']} is from before; try a lower lr or a longer warm-up")
+                                 f"{config['max_skipped_steps']}); stopped at step {step + 1}. "
+                                 + (f"The newest checkpoint, {kept[0][:-5]}.pt, is from before; " if kept else
+                                    "No checkpoint was written; ")
+                                 + "try a lower lr or a longer warm-up")
         step += 1
         data_position += config["batch_tokens"] // config["seq_len"]
         tokens_since += config["batch_tokens"]
@@ -799,6 +874,8 @@ def main(argv):
     if ddp:
         dist.barrier()  # rank 0 may still be writing the checkpoint: leave the group together
         dist.destroy_process_group()
+    if stop_requested:   # a shell's exit status for a signal (130, 143): a script can tell a stop from the end
+        raise SystemExit(128 + stop_signal)
 
 
 def out_of_memory_error(e):

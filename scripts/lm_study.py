@@ -138,9 +138,11 @@ def main(argv=None):
                          "tokens_at_best_mean": float(np.mean(result["tokens"]))})
     if not rows:
         raise SystemExit(f"lm_study.py: error: none of the study's {len(grid)} runs in {args.out_dir} has finished")
+    def tokens(count):   # tiny test runs see thousands: 0.0M would hide them
+        return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count:,.0f}"
     table = [[row["mixer"], f"{row['params']:,}", row["mlp_hidden"],
               f"**{row['lr']:g}**" if row["best_lr"] else f"{row['lr']:g}", row["seeds"],
-              f"{row['val_bpb_mean']:.4f} ± {row['val_bpb_std']:.4f}", f"{row['tokens_at_best_mean'] / 1e6:.1f}M"]
+              f"{row['val_bpb_mean']:.4f} ± {row['val_bpb_std']:.4f}", tokens(row["tokens_at_best_mean"])]
              for row in rows]
     publish(args.out_dir, {"overrides": overrides, "params_target": args.params, "rows": rows},
             ["mixer", "parameters in blocks", "mlp_hidden", "lr", "seeds", "best val bpb, mean ± std",

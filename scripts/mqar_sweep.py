@@ -63,6 +63,8 @@ def parse_arguments(parser, argv, grid_keys, chosen_by):
     fixed = [o for o in overrides if o[2:].split("=")[0] in grid_keys]
     if fixed:
         parser.error(f"{fixed[0]!r}: the grid sets {', '.join(grid_keys)} for each run ({chosen_by} choose them)")
+    if args.parallel < 1:
+        parser.error(f"--parallel={args.parallel}: must be at least 1")
     return args, overrides
 
 
@@ -77,12 +79,18 @@ def run_args(mixer, width, pairs, lr, seed, directory, overrides):
             f"--mqar_pairs={pairs}", f"--lr={lr}", f"--seed={seed}", f"--out_dir={directory}", *overrides]
 
 
-def finished(directory, max_steps):
+def record_of(directory):
+    """The newest checkpoint record of a run (its meta.json), or None before its first checkpoint."""
     path = os.path.join(directory, "meta.json")
     if not os.path.isfile(path):
-        return False
+        return None
     with open(path) as f:
-        return json.load(f)["step"] >= max_steps
+        return json.load(f)
+
+
+def finished(directory, max_steps):
+    record = record_of(directory)
+    return record is not None and record["step"] >= max_steps
 
 
 def run_one(args, directory, max_steps, log, env):
@@ -109,15 +117,20 @@ def train_runs(runs, max_steps, parallel, log, report=False):
     [(directory, why)] of the runs that failed, each also logged. With report (--report) it trains none and
     logs the ones not finished instead."""
     if report:
-        unfinished = [os.path.basename(directory) for _, directory in runs if not finished(directory, max_steps)]
+        unfinished = [directory for _, directory in runs if not finished(directory, max_steps)]
         if unfinished:
-            log(f"--report: {len(unfinished)} of {len(runs)} runs not finished, not in the table (none trained): "
-                + ", ".join(unfinished))
+            names = [os.path.basename(directory) for directory in unfinished]
+            ends = {record_of(directory)["config"]["max_steps"] for directory in unfinished if record_of(directory)}
+            hint = (f"; they trained to max_steps={ends.pop()}: pass that --max_steps"
+                    if len(ends) == 1 and max_steps not in ends else "")
+            log(f"--report: {len(unfinished)} of {len(runs)} runs not finished at max_steps={max_steps}, not in the "
+                f"table (none trained){hint}: {', '.join(names[:5])}"
+                + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
         return []
     # runs side by side share the CPU cores: each its share of threads (oversubscribed, OpenMP's spinning
     # threads made two 2-thread runs on 2 cores 10x slower than one)
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, parallel))), **os.environ}
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel)), **os.environ}
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
         results = list(pool.map(lambda run: run_one(*run, max_steps, log, env), runs))
     failures = [(directory, why) for (_, directory), why in zip(runs, results) if why.startswith("failed")]
     for directory, why in failures:

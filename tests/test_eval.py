@@ -71,12 +71,57 @@ def test_errors(run, tmp_path):
                            (["--out_dir", run, "--data_dir", str(tmp_path)], "meta.json not found"),
                            (["--out_dir", run, "--text", str(tmp_path / "missing.txt")],
                             f"--text {tmp_path / 'missing.txt'}: no such file"),
-                           (["--out_dir", run, "--batch_size=0"], "--batch_size must be at least 1")):
+                           (["--out_dir", run, "--batch_size=0"], "--batch_size=0: must be at least 1")):
         with pytest.raises(SystemExit) as info:
             evaluate_script.main([*args, "--device", "cpu"])
         assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
     with pytest.raises(SystemExit, match="--device=gpu is not a device"):
         evaluate_script.main(["--out_dir", run, "--device", "gpu"])
+
+
+def test_harness_mistakes_are_one_line(run, tmp_path, monkeypatch):
+    """A misspelt task, a task folder that is not there and a dataset the harness cannot fetch: one line each
+    (lm-eval's own errors are tracebacks of some twenty lines)."""
+    import lm_eval
+    harness = ["--out_dir", run, "--task=harness", "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"'wikitxt' is not a task of lm-eval .* \(did you mean wikitext"):
+        evaluate_script.main([*harness, "--harness_tasks=wikitxt"])
+    with pytest.raises(SystemExit, match="--harness_include '.*nope' is not a folder"):
+        evaluate_script.main([*harness, "--harness_tasks=wikitext", f"--harness_include={tmp_path / 'nope'}"])
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'EleutherAI/wikitext_document_level' on the Hub")
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    with pytest.raises(SystemExit) as info:
+        evaluate_script.main([*harness, "--harness_tasks=wikitext"])
+    assert "could not load a dataset (ConnectionError: Couldn't reach" in str(info.value)
+    assert "HF_DATASETS_OFFLINE=1" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_damaged_data_and_settings_are_one_line(run, shakespeare, tmp_path):
+    """Token files that train.py refuses in one line, eval.py refuses in the same line (not a traceback from
+    the embedding or numpy); so windows too short for a Delta and passkey contexts that cannot hold a needle."""
+    def damaged(name, meta=None, val=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "meta.json").write_text(meta or open(os.path.join(shakespeare, "meta.json")).read())
+        (folder / "val.bin").write_bytes(val if val is not None else b"\x01\x00" * 100)
+        return str(folder)
+    meta = json.load(open(os.path.join(shakespeare, "meta.json")))
+    cases = [(damaged("big_id", val=np.array([5, 300, 7], dtype=np.uint16).tobytes()), "holds token id 300"),
+             (damaged("torn", meta='{"tokenizer": "byte"'), "is not valid JSON"),
+             (damaged("odd", val=b"\x01\x00\x02"), "is not a whole number of uint16 tokens"),
+             (damaged("no_dtype", meta=json.dumps({k: v for k, v in meta.items() if k != "dtype"})),
+              "lacks or mangles dtype")]
+    for data_dir, fragment in cases:
+        with pytest.raises(SystemExit) as info:
+            evaluate_script.main(["--out_dir", run, "--data_dir", data_dir, "--device", "cpu"])
+        assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+    for args, fragment in ((["--task=gates", "--seq_len=16"], "--task=gates: windows of 16 tokens"),
+                           (["--task=passkey", "--contexts=50,1024"], "--contexts=50,1024: each must be at least 96"),
+                           (["--task=passkey", "--depths=150"], "--depths=150: each must be within 0..100")):
+        with pytest.raises(SystemExit, match=fragment):
+            evaluate_script.main(["--out_dir", run, *args, "--device", "cpu"])
 
 
 def test_without_content_shift_scores_the_model_with_u_zero(run, capsys, monkeypatch):

@@ -280,6 +280,8 @@ def test_bad_data_meta_json(shakespeare, tmp_path, content, expected):
 
 def test_one_line_config_errors(shakespeare, tmp_path):
     out = f"--out_dir={tmp_path / 'out'}"
+    broken_config = tmp_path / "broken.py"
+    broken_config.write_text("d_model = \n")
     cases = [(["carve_shakespeare", "--mixer=carv", out], "unknown mixer 'carv'"),
              (["no_such_config_anywhere", out], "not found."),
              (["carve_shakespeare", "--chunk_size=0", out], "chunk_size=0: must be at least 1"),
@@ -288,7 +290,16 @@ def test_one_line_config_errors(shakespeare, tmp_path):
              (["carve_shakespeare", f"--data_dir={shakespeare}", "--batch_tokens=1000", out],
               "no micro_batch_size fits"),
              (["carve_shakespeare", f"--data_dir={shakespeare}", "--micro_batch_size=12", "--seq_len=128",
-               "--batch_tokens=2048", out], "--micro_batch_size=8 or 4 or 2 or 1 fits")]
+               "--batch_tokens=2048", out], "--micro_batch_size=8 or 4 or 2 or 1 fits"),
+             (["carve_shakespeare", "--keep_checkpoints=0", out], "keep_checkpoints=0: must be at least 1"),
+             (["carve_shakespeare", "--eval_interval=0", out], "eval_interval=0: must be at least 1"),
+             (["carve_shakespeare", "--lr=-1", out], "lr=-1.0: must be at least 0"),
+             (["carve_shakespeare", "--beta2=1.0", out], "each must be below 1"),
+             (["carve_shakespeare", "--out_dir="], "out_dir is empty"),
+             (["mqar", "--mqar_pairs=0", out], "mqar_pairs=0: must be at least 1"),
+             (["--max_steps=2", "carve_shakespeare", out], "comes after '--max_steps=2', and would undo it"),
+             (["carve_shakespeare", "gdn2_shakespeare", out], "2 config files"),
+             ([str(broken_config), out], f"config file {broken_config} failed: SyntaxError")]
     for args, fragment in cases:
         with pytest.raises(SystemExit) as info:
             train.main(args)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import eval as evaluate_cli
+import sample
 import train
 from model import LM, ModelConfig
 from prepare_data import mqar_examples
@@ -64,6 +65,8 @@ def test_query_distances_follow_the_power_law():
 def test_examples_need_room_for_the_queries():
     with pytest.raises(ValueError, match="seq_len >= 64"):
         mqar_examples(1, 63, 16, 8192, seed=0)
+    with pytest.raises(ValueError, match="at least 1 key-value pair; got 0"):
+        mqar_examples(1, 64, 0, 8192, seed=0)
     with pytest.raises(ValueError, match="vocab_size >= 34"):
         mqar_examples(1, 64, 16, 32, seed=0)
 
@@ -103,6 +106,8 @@ def test_training_resumes_exactly_and_eval_scores_the_checkpoint(tmp_path, capsy
         evaluate_cli.main(["--out_dir", full])
     with pytest.raises(SystemExit, match="seq_len >= 64"):
         evaluate_cli.main(["--out_dir", full, "--task", "mqar", "--mqar_pairs", "16"])
+    with pytest.raises(SystemExit, match="trained on MQAR, which has no text to continue: score it with"):
+        sample.main(["--out_dir", full, "--device", "cpu"])
 
 
 def test_gates_on_an_mqar_checkpoint_score_recall_with_and_without_the_content_shift(tmp_path, capsys):
@@ -229,9 +234,14 @@ def test_the_sweep_trains_each_cell_once_and_tables_the_best_learning_rate(tmp_p
     sweep.main([*argv, "--seeds=1,2", "--report"])
     printed = capsys.readouterr()
     assert "| carve | 32 | 2 | 1 |" in printed.out
-    assert ("--report: 2 of 4 runs not finished, not in the table (none trained): carve_d32_p2_lr0.001_seed2, "
-            "carve_d32_p2_lr0.01_seed2") in printed.err
+    assert ("--report: 2 of 4 runs not finished at max_steps=2, not in the table (none trained): "
+            "carve_d32_p2_lr0.001_seed2, carve_d32_p2_lr0.01_seed2") in printed.err
     assert not list(out.glob("*_seed2"))
+    # --report without the --max_steps the runs trained to: it names the one they have
+    with pytest.raises(SystemExit, match="none of the grid's 2 runs"):
+        sweep.main([a for a in argv if a != "--max_steps=2"] + ["--report"])
+    assert "not finished at max_steps=4000, not in the table (none trained); they trained to max_steps=2: pass " \
+        "that --max_steps: carve_d32_p2_lr0.001_seed1, carve_d32_p2_lr0.01_seed1" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="none of the grid's 2 runs in .*nowhere has finished"):
         sweep.main([*argv, f"--out_dir={tmp_path / 'nowhere'}", "--report"])
 
@@ -258,4 +268,7 @@ def test_the_sweep_refuses_the_keys_its_grid_sets(tmp_path, capsys):
         with pytest.raises(SystemExit):
             sweep.main([f"--out_dir={tmp_path}", "--mixers=carve", "--widths=32", "--pairs=2", override])
         assert f"{override!r}: the grid sets mixer, d_model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main([f"--out_dir={tmp_path}", "--parallel=0"])
+    assert "--parallel=0: must be at least 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

@@ -210,3 +210,8 @@ def test_errors(tmp_path, runs):
     with pytest.raises(SystemExit, match="not the JSON line.*'context'"):
         (tmp_path / "no_context.json").write_text(json.dumps({"accuracy": [{"depth": 0, "accuracy": 1.0}]}))
         plot.passkey_points([str(tmp_path / "no_context.json")])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="empty.jsonl is empty: no lines of eval.py --task=gates"):
+        plot.gate_points([str(tmp_path / "empty.jsonl")])
+    with pytest.raises(SystemExit, match="the folder .*nowhere does not exist"):
+        plot.draw("curves", [runs["attn_p2_seed1"]], str(tmp_path / "nowhere" / "x.png"))

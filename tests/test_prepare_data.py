@@ -142,6 +142,14 @@ def test_local_files_and_folders(tmp_path):
     assert meta["source"].startswith("3 local files")
 
 
+def test_a_file_not_all_utf8_is_read_with_a_note(tmp_path, capsys):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9\n")
+    documents, _ = prepare_data.local_documents([str(latin)])
+    assert list(documents) == ["caf\ufffd\n"]
+    assert f"note: {latin} is not all UTF-8 (first at byte 3)" in capsys.readouterr().err
+
+
 def test_local_files_before_the_plays(tmp_path, monkeypatch):
     """--source FILE shakespeare: the file's text, then the plays, in one stream; val.bin is the end of the
     plays; the out_dir is named after both."""
@@ -162,8 +170,10 @@ def test_local_source_default_out_dir_and_errors(tmp_path, monkeypatch):
     prepare_data.main(["--source", "book.txt"])
     assert (tmp_path / "data" / "book_byte" / "meta.json").exists()
 
-    with pytest.raises(SystemExit, match="no such file or folder"):
+    with pytest.raises(SystemExit, match="no such file or folder$"):
         prepare_data.main(["--source", "missing.txt"])
+    with pytest.raises(SystemExit, match=r"no such file or folder \(did you mean the source shakespeare\?\)"):
+        prepare_data.main(["--source", "shakespear"])
     for source in (["fineweb", "book.txt"], ["book.txt", "passkey"]):
         with pytest.raises(SystemExit, match="fineweb and passkey stand alone"):
             prepare_data.main(["--source", *source])

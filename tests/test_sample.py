@@ -186,6 +186,10 @@ def test_main_errors(tmp_path, run_dir):
     assert "no_such_tokenizer" in str(e.value.code)
     with pytest.raises(SystemExit, match="--device=gpu is not a device"):
         main(["--out_dir", str(run_dir), "--device", "gpu"])
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9\n")
+    with pytest.raises(SystemExit, match=r"latin.txt' is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        main(["--out_dir", str(run_dir), "--prompt_file", str(latin), "--device", "cpu"])
 
 
 def test_main_no_stream_and_num_samples(run_dir, tmp_path, capsys):

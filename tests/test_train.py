@@ -98,7 +98,7 @@ def test_interrupted_run_checkpoints_and_resumes_exactly(shakespeare, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 128 + signal.SIGINT, stderr   # stopped, not finished: a script can tell
     assert "stopped at step" in stdout
     stopped_at = newest_checkpoint(interrupted)["step"]
     assert 3 <= stopped_at < 150
@@ -163,6 +163,27 @@ def test_data_errors(shakespeare, tmp_path):
     expect_error(["carve_shakespeare", f"--data_dir={broken}", out], "train.bin not found")
     (broken / "train.bin").write_bytes(b"\x00" * 1001)
     expect_error(["carve_shakespeare", f"--data_dir={broken}", out], "not a whole number", "uint16")
+
+
+def test_log_after_a_crash_holds_each_step_once(shakespeare, tmp_path):
+    """A run killed after the log of step 4 but before its checkpoint resumes from step 2 and logs steps 3 and
+    4 again: its log then reads as the log of a run never stopped. Resuming a finished run trains nothing."""
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--max_steps=4", "--eval_interval=2",
+              "--log_interval=1"]
+    whole, crashed = str(tmp_path / "whole"), str(tmp_path / "crashed")
+    train_in_process([*common, f"--out_dir={whole}"])
+    train_in_process([*common, f"--out_dir={crashed}"])
+    for name in ("ckpt_00000004.pt", "ckpt_00000004.json"):
+        os.remove(os.path.join(crashed, name))
+    with open(os.path.join(crashed, "log.jsonl"), "a") as f:
+        f.write('{"step": 5, "lo')   # and a line torn by the kill
+    train_in_process([*common, f"--out_dir={crashed}", "--init_from=resume"])
+    keys = lambda rows: [(row["step"], sorted(row)) for row in rows]  # noqa: E731
+    assert keys(train_log(crashed)) == keys(train_log(whole))
+    assert losses(crashed) == losses(whole) and len(losses(whole)) == 4
+    done = subprocess.run([sys.executable, "train.py", *common, f"--out_dir={whole}", "--init_from=resume"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "nothing to train: the run in" in done.stdout, done.stdout + done.stderr
 
 
 def test_existing_checkpoint_is_never_overwritten(shakespeare, tmp_path):
