@@ -76,6 +76,9 @@ from train import (autocast_for, check_token_ids, device_for, initial_model, lar
                    load_weights, mqar_split, read_data_meta, token_file)
 
 
+GATE_TOKENS = 65536   # --task=gates reads this many tokens of a text unless --max_tokens says otherwise
+
+
 def fail(message):
     raise SystemExit(f"eval.py: error: {message}")
 
@@ -83,7 +86,8 @@ def fail(message):
 def token_stream(args, record, tokenizer):
     """(the tokens to score, at most --max_tokens + 1, as a 1-D integer array: int64 from --text, the token
     file's own dtype mapped from disk otherwise; where they came from)."""
-    cap = int(args.max_tokens) + 1 if args.max_tokens else None
+    scored = args.max_tokens or (GATE_TOKENS if args.task == "gates" else 0)
+    cap = int(scored) + 1 if scored else None
     if args.text:
         documents, description = local_documents(args.text, flag="--text")
         ids = []
@@ -108,13 +112,18 @@ def passkey(model, tokenizer, contexts, depths, trials, seed, autocast, log):
     a key, drawn from seed."""
     rng = np.random.default_rng(seed)
     keys = [str(k) for k in rng.integers(PASSKEY_KEYS.start, PASSKEY_KEYS.stop, size=trials)]
+    fits = {context: {key: passkey_blocks(tokenizer, context, key) for key in keys} for context in contexts}
+    for context, blocks in fits.items():   # all before the first answer; the same at every depth
+        if min(blocks.values()) < 0:
+            needed = max(len(document_ids(tokenizer, passkey_text(0, 0, key))) for key in keys)
+            fail(f"--contexts: {context} tokens cannot hold the needle and the question, {needed} tokens without "
+                 f"filler; every context must be at least that")
     rows = []
     for context in contexts:
-        fits = {key: max(0, passkey_blocks(tokenizer, context, key)) for key in keys}   # the same at every depth
         for depth in depths:
             hits, after = 0, []
             for key in keys:
-                blocks = fits[key]
+                blocks = fits[context][key]
                 before = round(blocks * depth / 100)
                 after.append(blocks - before)
                 prompt = document_ids(tokenizer, passkey_text(before, blocks - before, key))
@@ -408,7 +417,8 @@ def gates(args, model, config, record, windows, autocast, metric):
     shift = bool(content_ups(model))
     if shift and len(windows[0]) <= model.cfg.chunk_size:
         fail(f"--task=gates: windows of {len(windows[0])} tokens; Delta changes only after each chunk of "
-             f"{model.cfg.chunk_size}, so they must be longer: --seq_len={2 * model.cfg.chunk_size} or more")
+             f"{model.cfg.chunk_size}, so they must be longer (--seq_len={2 * model.cfg.chunk_size} or more gives "
+             f"Delta whole chunks)")
     initial = initial_model(config) if shift else None
     rows = gate_statistics(model, windows, args.batch_size, autocast, initial)
     name, measure = metric
@@ -535,7 +545,7 @@ def main(argv=None):
             fail(f"--harness_include {args.harness_include!r} is not a folder (of task YAML files)")
         tasks, manager = args.harness_tasks.split(","), TaskManager(include_path=args.harness_include or None)
         for task in tasks:   # here rather than as the harness's traceback
-            if task not in manager.all_tasks and not os.path.isfile(task):
+            if task not in manager.all_tasks and not os.path.isfile(os.path.expanduser(task)):
                 close = difflib.get_close_matches(task, manager.all_tasks, n=3)
                 fail(f"--harness_tasks: {task!r} is not a task of lm-eval {lm_eval.__version__}"
                      + (f" (did you mean {', '.join(close)}?)" if close else "")
@@ -546,9 +556,10 @@ def main(argv=None):
                 model=harness_model(model, tokenizer, autocast), tasks=tasks, num_fewshot=args.num_fewshot,
                 limit=args.limit or None, task_manager=manager)
         except OSError as e:   # ConnectionError among them: the harness fetches each task's dataset
-            fail(f"--task=harness could not load a dataset ({type(e).__name__}: {str(e).splitlines()[0]}); the harness "
-                 f"downloads them from the Hugging Face Hub: run where it is reachable, or with HF_DATASETS_OFFLINE=1 "
-                 f"and the datasets in its cache")
+            fail(f"--task=harness could not load a dataset ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                 f"lm-eval's tasks download theirs from the Hugging Face Hub: run where it is reachable, or with "
+                 f"HF_DATASETS_OFFLINE=1 and the datasets in its cache (a task of your own reads the files its YAML "
+                 f"names)")
         if args.json:
             print(json.dumps({"checkpoint_step": record["step"], "results": results["results"]}, default=str))
         else:
@@ -560,14 +571,10 @@ def main(argv=None):
             depths = [float(d) for d in args.depths.split(",")]
         except ValueError:
             fail(f"--contexts and --depths take numbers separated by commas, got {args.contexts!r}, {args.depths!r}")
-        needed = len(tokenizer.encode(passkey_text(0, 0, str(PASSKEY_KEYS.stop - 1))))
         if args.trials < 1:
             fail(f"--trials={args.trials}: must be at least 1")
         if not all(0 <= d <= 100 for d in depths):
             fail(f"--depths={args.depths}: each must be within 0..100 (the share of the filler before the needle)")
-        if min(contexts) < needed:
-            fail(f"--contexts={args.contexts}: each must be at least {needed} tokens, what the needle and the "
-                 f"question take without filler")
         print(f"passkey: {args.out_dir} (step {record['step']}), {args.trials} keys a setting, {device}",
               file=sys.stderr)
         rows = passkey(model, tokenizer, contexts, depths, args.trials, args.seed, autocast,
@@ -582,7 +589,7 @@ def main(argv=None):
         return
     tokens, source = token_stream(args, record, tokenizer)
     if args.task == "gates":
-        count = min(len(tokens) // seq_len, max(1, int(args.max_tokens or 65536) // seq_len))
+        count = min(len(tokens) // seq_len, max(1, int(args.max_tokens or GATE_TOKENS) // seq_len))
         windows = [np.asarray(tokens[i * seq_len:(i + 1) * seq_len], dtype=np.int64) for i in range(count)]
         if not windows:
             fail(f"{source} holds fewer than seq_len={seq_len} tokens")

@@ -254,13 +254,14 @@ def passkey_text(blocks_before, blocks_after, key):
 
 
 def passkey_blocks(tokenizer, context, key):
-    """The most filler blocks a prompt with this key holds within `context` tokens (negative when the needle
-    and question alone take more). Exact for bytes; with a BPE within a token, where merges join the filler
-    to the needle or the question. A block's cost is what one more adds: its trailing space merges into
-    the next block's first word."""
+    """The most filler blocks a prompt with this key holds within `context` tokens, its eot included where
+    the tokenizer has one (document_ids: as the model reads it; negative when the needle and question alone
+    take more). Exact for bytes; with a BPE within a token, where merges join the filler to the needle or the
+    question. A block's cost is what one more adds: its trailing space merges into the next block's first
+    word."""
     encode = tokenizer.encode
     block = len(encode(PASSKEY_FILLER * 2)) - len(encode(PASSKEY_FILLER))
-    return (context - len(encode(passkey_text(0, 0, key)))) // block
+    return (context - len(document_ids(tokenizer, passkey_text(0, 0, key)))) // block
 
 
 def passkey_documents(tokenizer, count, max_context, seed):
@@ -403,7 +404,7 @@ def main(argv=None):
         if args.passkey_documents < 1:
             raise SystemExit(f"--passkey_documents must be at least 1, got {args.passkey_documents}")
         # over every key, since a BPE spells some in more tokens than others
-        needed = max(len(tok.encode(passkey_text(0, 0, str(key)))) for key in PASSKEY_KEYS)
+        needed = max(len(document_ids(tok, passkey_text(0, 0, str(key)))) for key in PASSKEY_KEYS)
         if args.passkey_context < needed:
             raise SystemExit(f"--passkey_context must be at least {needed} (the needle and the question in "
                              f"{tok.name} tokens), got {args.passkey_context}")

@@ -175,6 +175,9 @@ AT_LEAST = {**dict.fromkeys(("seq_len", "micro_batch_size", "batch_tokens", "max
 def load_config(argv):
     """DEFAULTS, then one config file (a path or a bare name in configs/; configs/carve_shakespeare.py when
     there is none), then the --key=value overrides, each checked."""
+    spaced = [arg for arg in argv if arg.startswith("--") and "=" not in arg]
+    if spaced:   # before the config files: the value after it would be taken for one
+        raise SystemExit(f"error: expected --key=value, got {spaced[0]!r}")
     if all(arg.startswith("--") for arg in argv):
         argv = [DEFAULT_CONFIG, *argv]
     files = [arg for arg in argv if not arg.startswith("--")]
@@ -189,9 +192,7 @@ def load_config(argv):
     config = dict(DEFAULTS)
     for arg in argv:
         if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if not eq:
-                raise SystemExit(f"error: expected --key=value, got {arg!r}")
+            key, _, text = arg[2:].partition("=")
             check_key(key, "the command line")
             try:
                 value = ast.literal_eval(text)
@@ -206,10 +207,12 @@ def load_config(argv):
             try:
                 exec(compile(open(path).read(), path, "exec"), namespace)
             except Exception as e:   # a config file is Python: its own error, in one line that names it
-                where = (e.filename, e.lineno) if isinstance(e, SyntaxError) else \
-                    tuple(traceback.extract_tb(e.__traceback__)[-1])[:2]
-                raise SystemExit(f"error: config file {path} failed: {type(e).__name__}: "
-                                 f"{getattr(e, 'msg', None) or e} ({where[0]}, line {where[1]})")
+                frames = [(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)]
+                where = ((e.filename, e.lineno) if isinstance(e, SyntaxError) else
+                         ([f for f in frames if f[0] == path] or frames)[-1])
+                message = (str(getattr(e, "msg", None) or e).splitlines() or [""])[0]
+                raise SystemExit(f"error: config file {path} failed: {type(e).__name__}: {message} "
+                                 f"({where[0]}, line {where[1]})")
             for key, value in namespace.items():
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue
@@ -423,8 +426,14 @@ def keep_log_until(log_path, step):
     checkpoint (or before its first) logged steps that it trains again, which would be in the log twice."""
     if not os.path.isfile(log_path):
         return
+
+    def logged_step(line):   # None for a line torn by a kill (unfinished, or not JSON)
+        try:
+            return json.loads(line)["step"] if line.endswith("\n") else None
+        except (ValueError, KeyError, TypeError):
+            return None
     with open(log_path) as f:
-        lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # a torn last line too
+        lines = [line for line in f if 0 < (logged_step(line) or 0) <= step]   # none for a fresh run
 
     def write(tmp):
         with open(tmp, "w") as f:
@@ -615,6 +624,9 @@ def device_for(name, local_rank=0):
                              f"use --device=cpu or auto")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise SystemExit(f"error: --device={name} is cuda:{device.index}, but this machine has "
+                             f"{torch.cuda.device_count()} GPUs (under torchrun: --nproc_per_node at most that)")
         torch.cuda.set_device(device)
     return device
 
@@ -801,13 +813,13 @@ def main(argv):
     if master:
         keep_log_until(log_path, step)
 
-    def publish(metrics):
-        """On the master rank: one line of out_dir/log.jsonl for this step, and wandb if it is on."""
+    def publish(metrics, at_step=None):
+        """On the master rank: one line of out_dir/log.jsonl for this step (or at_step), and wandb if it is on."""
         if master:
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                f.write(json.dumps({"step": at_step or step, **metrics}) + "\n")
             if config["wandb_log"]:
-                wandb.log(metrics, step=step)
+                wandb.log(metrics, step=at_step or step)
     t_last, tokens_since, skipped = time.time(), 0, 0
     seqs_per_micro = config["micro_batch_size"]
     while step < config["max_steps"]:
@@ -828,7 +840,7 @@ def main(argv):
             skipped += 1
             log(f"step {step + 1}: non-finite {'loss' if not torch.isfinite(loss_sum) else 'gradient'}, "
                 f"update skipped ({skipped} of at most max_skipped_steps={config['max_skipped_steps']})")
-            publish({"skipped_steps": skipped})
+            publish({"skipped_steps": skipped}, at_step=step + 1)   # the step it skipped, as the line above says
             if skipped > config["max_skipped_steps"]:
                 kept = checkpoint_records(config["out_dir"])
                 raise SystemExit(f"error: {skipped} steps had a non-finite loss or gradient (max_skipped_steps="
@@ -888,6 +900,7 @@ def out_of_memory_error(e):
 
 
 if __name__ == "__main__":
+    status = 0
     try:
         try:
             main(sys.argv[1:])
@@ -895,9 +908,14 @@ if __name__ == "__main__":
             print(out_of_memory_error(e), file=sys.stderr)
             raise SystemExit(1) from None
     except SystemExit as e:
-        if e.code not in (None, 0) and int(os.environ.get("RANK", 0)) > 0:
-            os._exit(1)  # under torchrun every rank meets the same error: rank 0 prints it, once
-        raise
+        if "RANK" not in os.environ:
+            raise
+        if isinstance(e.code, str):   # under torchrun every rank meets the same error: rank 0 says it, once
+            if int(os.environ["RANK"]) == 0:
+                print(e.code, file=sys.stderr)
+            status = 1
+        else:
+            status = e.code or 0     # 130 or 143 after a signal, on every rank
     if "RANK" in os.environ:
         # Under torchrun on CPU (gloo), a rank sometimes aborts in the interpreter's teardown after all
         # work is done ("terminate called without an active exception": about 1 suite run in 4 here),
@@ -905,4 +923,4 @@ if __name__ == "__main__":
         # so leave without the teardown.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)

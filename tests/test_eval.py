@@ -118,7 +118,7 @@ def test_damaged_data_and_settings_are_one_line(run, shakespeare, tmp_path):
             evaluate_script.main(["--out_dir", run, "--data_dir", data_dir, "--device", "cpu"])
         assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
     for args, fragment in ((["--task=gates", "--seq_len=16"], "--task=gates: windows of 16 tokens"),
-                           (["--task=passkey", "--contexts=50,1024"], "--contexts=50,1024: each must be at least 96"),
+                           (["--task=passkey", "--contexts=1024,50"], "--contexts: 50 tokens cannot hold the needle and the question, 96"),
                            (["--task=passkey", "--depths=150"], "--depths=150: each must be within 0..100")):
         with pytest.raises(SystemExit, match=fragment):
             evaluate_script.main(["--out_dir", run, *args, "--device", "cpu"])

@@ -282,6 +282,8 @@ def test_one_line_config_errors(shakespeare, tmp_path):
     out = f"--out_dir={tmp_path / 'out'}"
     broken_config = tmp_path / "broken.py"
     broken_config.write_text("d_model = \n")
+    failing_config = tmp_path / "failing.py"   # an error raised inside a library: the config's own line is named
+    failing_config.write_text("import json\nd_model = json.loads('')\n")
     cases = [(["carve_shakespeare", "--mixer=carv", out], "unknown mixer 'carv'"),
              (["no_such_config_anywhere", out], "not found."),
              (["carve_shakespeare", "--chunk_size=0", out], "chunk_size=0: must be at least 1"),
@@ -299,7 +301,8 @@ def test_one_line_config_errors(shakespeare, tmp_path):
              (["mqar", "--mqar_pairs=0", out], "mqar_pairs=0: must be at least 1"),
              (["--max_steps=2", "carve_shakespeare", out], "comes after '--max_steps=2', and would undo it"),
              (["carve_shakespeare", "gdn2_shakespeare", out], "2 config files"),
-             ([str(broken_config), out], f"config file {broken_config} failed: SyntaxError")]
+             ([str(broken_config), out], f"config file {broken_config} failed: SyntaxError"),
+             ([str(failing_config), out], f"failed: JSONDecodeError: Expecting value ({failing_config}, line 2)")]
     for args, fragment in cases:
         with pytest.raises(SystemExit) as info:
             train.main(args)

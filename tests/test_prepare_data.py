@@ -184,8 +184,9 @@ def test_local_source_default_out_dir_and_errors(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["byte", "gpt2", "cl100k_base"])
 def test_passkey_blocks_fill_the_context(name, bpe_cache):
-    """A prompt with passkey_blocks' filler fits its context and one more block would not, wherever the
-    needle sits: exact for bytes, and with a BPE, whose filler blocks merge where they meet."""
+    """A prompt with passkey_blocks' filler, as the model reads it (eot first with a BPE), fits its context
+    and one more block would not, wherever the needle sits: exact for bytes, and with a BPE, whose filler
+    blocks merge where they meet."""
     tokenizer = prepare_data.get_tokenizer(name)
     encode = tokenizer.encode
     block = len(encode(prepare_data.PASSKEY_FILLER * 2)) - len(encode(prepare_data.PASSKEY_FILLER))
@@ -194,7 +195,8 @@ def test_passkey_blocks_fill_the_context(name, bpe_cache):
             blocks = prepare_data.passkey_blocks(tokenizer, context, key)
             assert blocks >= 0
             for before in {0, blocks // 2, blocks}:
-                length = len(encode(prepare_data.passkey_text(before, blocks - before, key)))
+                length = len(prepare_data.document_ids(tokenizer, prepare_data.passkey_text(before, blocks - before,
+                                                                                             key)))
                 assert context - block < length <= context, (context, key, before, length)
     assert prepare_data.passkey_blocks(tokenizer, 20, "12345") < 0
 

@@ -123,6 +123,7 @@ def test_config_errors(shakespeare, tmp_path):
     expect_error(["carve_shakespeare", "--max_steps=ten", out], "'max_steps'", "must be int")
     expect_error(["carve_shakespeare", "--lr=fast", out], "'lr'", "must be float")
     expect_error(["carve_shakespeare", "max_steps=3", out], "config file 'max_steps=3' not found")
+    expect_error(["carve_shakespeare", "--max_steps", "3", out], "expected --key=value, got '--max_steps'")
     expect_error(["config/carve_1b3.py", out], "not found", "configs/carve_1b3.py")
     expect_error(["carve_1b", out], "configs/carve_1b3.py")
     bad_config = tmp_path / "bad.py"
@@ -135,7 +136,8 @@ def test_config_errors(shakespeare, tmp_path):
 
 def test_device_for():
     """--device in train.py, eval.py, sample.py: a bare 'cuda' gets this rank's index (torch.cuda.set_device
-    refuses it without one); a name torch does not know, or a GPU that is not there, is one line."""
+    refuses it without one); a name torch does not know, CUDA on a machine without it, or a GPU index past
+    the machine's GPUs is one line."""
     assert train.device_for("cpu") == torch.device("cpu")
     assert train.device_for("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
     with pytest.raises(SystemExit, match=r"^error: --device=gpu is not a device: use auto, cpu, cuda or cuda:N$"):
@@ -143,6 +145,8 @@ def test_device_for():
     if torch.cuda.is_available():
         assert train.device_for("cuda") == torch.device("cuda", 0)
         assert torch.cuda.current_device() == 0
+        with pytest.raises(SystemExit, match=r"is cuda:\d+, but this machine has \d+ GPUs"):
+            train.device_for(f"cuda:{torch.cuda.device_count()}")
     else:
         with pytest.raises(SystemExit, match=r"^error: --device=cuda, but this torch .* sees no CUDA GPU: use"):
             train.device_for("cuda")
