@@ -349,6 +349,35 @@ def test_a_rank_that_dies_stops_the_run(shakespeare, tmp_path):
     assert checkpoint["step"] == record["step"] >= 10
 
 
+def test_a_stopped_torchrun_run_checkpoints_and_exits_with_the_signal(shakespeare, tmp_path):
+    """SIGTERM to both gloo ranks (as a scheduler sends it): they stop at one step, rank 0 checkpoints it,
+    and each rank exits 143, which torchrun reports; the run resumes from that step."""
+    out = str(tmp_path / "out")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--batch_tokens=384",
+            "--eval_interval=1000", "--eval_tokens=96", "--log_interval=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *args, "--max_steps=100000"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    log_path = os.path.join(out, "log.jsonl")
+    while not (os.path.exists(log_path) and len(open(log_path).readlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "the run did not get going"
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    for worker in workers:
+        os.kill(int(worker), signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped at step" in stdout, stdout + stderr
+    assert stderr.count("exitcode  : 143") == 2, stderr
+    stopped = train.load_newest_checkpoint(out, log=lambda line: None)[1]["step"]
+    assert stopped >= 3
+    resumed = subprocess.run([sys.executable, "train.py", *args, f"--max_steps={stopped + 1}", "--init_from=resume"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0 and f"resuming at step {stopped}" in resumed.stdout, resumed.stderr
+
+
 def test_sample_refuses_a_prompt_too_long(shakespeare, tmp_path, capsys):
     out = str(tmp_path / "run")
     train_run(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=1",
