@@ -820,7 +820,7 @@ def main(argv):
                 f.write(json.dumps({"step": at_step or step, **metrics}) + "\n")
             if config["wandb_log"]:
                 wandb.log(metrics, step=at_step or step)
-    t_last, tokens_since, skipped = time.time(), 0, 0
+    t_last, tokens_since, skipped, stop = time.time(), 0, 0, False
     seqs_per_micro = config["micro_batch_size"]
     while step < config["max_steps"]:
         lr = lr_at(step, config)
@@ -852,11 +852,14 @@ def main(argv):
         data_position += config["batch_tokens"] // config["seq_len"]
         tokens_since += config["batch_tokens"]
 
+        # read once a step: a signal that lands later in the step counts at the next one, or under DDP one rank
+        # would evaluate while another went on to the next step's all-reduce
+        stop = stop_requested
         if ddp:  # every rank must agree to stop at the same step
-            flag = torch.tensor([float(stop_requested)], device=device)
+            flag = torch.tensor([float(stop)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop_requested = bool(flag.item())
-        if step % config["log_interval"] == 0 or step == config["max_steps"] or stop_requested:
+            stop = bool(flag.item())
+        if step % config["log_interval"] == 0 or step == config["max_steps"] or stop:
             if ddp:
                 dist.all_reduce(loss_sum)  # gloo has no AVG
             train_loss = loss_sum.item() / (accum * world)
@@ -868,7 +871,7 @@ def main(argv):
             publish({"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                      "tokens_per_s": tokens_per_s, "mfu": mfu})
             t_last, tokens_since = time.time(), 0
-        if step % config["eval_interval"] == 0 or step == config["max_steps"] or stop_requested:
+        if step % config["eval_interval"] == 0 or step == config["max_steps"] or stop:
             last_eval = evaluate(model, data, config, rank, world, device, autocast)
             second = (f"val acc {last_eval['val_acc']:.4f} (first query {last_eval['val_acc_first_query']:.3f}, last "
                       f"{last_eval['val_acc_last_query']:.3f})" if "val_acc" in last_eval else
@@ -878,7 +881,7 @@ def main(argv):
             if master:
                 save_checkpoint(config, raw_model, optimizer, step, data_position, wandb_run_id, last_eval, log)
             t_last, tokens_since = time.time(), 0  # evaluation is not training: count from here
-        if stop_requested:
+        if stop:
             log(f"stopped at step {step}; checkpoint in {config['out_dir']}; continue with --init_from=resume")
             break
     if master and config["wandb_log"]:
@@ -886,7 +889,7 @@ def main(argv):
     if ddp:
         dist.barrier()  # rank 0 may still be writing the checkpoint: leave the group together
         dist.destroy_process_group()
-    if stop_requested:   # a shell's exit status for a signal (130, 143): a script can tell a stop from the end
+    if stop:   # a shell's exit status for a signal (130, 143): a script can tell a stop from the end
         raise SystemExit(128 + stop_signal)
 
 
