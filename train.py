@@ -69,7 +69,7 @@ DEFAULTS = dict(
     weight_decay=0.1,
     beta1=0.9,
     beta2=0.95,
-    grad_clip=1.0,
+    grad_clip=1.0,                      # clip the global gradient norm to this; 0 = no clipping
     max_skipped_steps=10,               # steps skipped for a non-finite loss or gradient before the run stops
     # evaluation, logging, checkpoints (a checkpoint is written at every evaluation and at the end)
     eval_interval=250,
@@ -657,7 +657,8 @@ def apply_update(model, optimizer, loss_sum, grad_clip, ddp):
     on some rank; returns (grad_norm, whether the update was applied). The gradients are the same on
     every rank after DDP's all-reduce, so is their norm; the loss is not. One host sync a step: the
     price of never applying a NaN update."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # grad_clip 0 is no clipping, as in nanoGPT (clip_grad_norm_ with max_norm 0 would zero every gradient)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
     if ddp:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)

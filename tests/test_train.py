@@ -152,6 +152,22 @@ def test_device_for():
             train.device_for("cuda")
 
 
+def test_grad_clip_zero_is_no_clipping():
+    """grad_clip=0 updates as an unreachable bound does (nanoGPT's meaning); torch's clip_grad_norm_ with
+    max_norm 0 would zero the gradients and leave only the weight decay."""
+    def updated(grad_clip):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        loss = model(torch.randn(5, 4)).square().sum()
+        loss.backward()
+        norm, applied = train.apply_update(model, optimizer, loss.detach(), grad_clip, ddp=False)
+        assert applied and norm > 0
+        return model.weight.detach().clone()
+    assert torch.equal(updated(0.0), updated(1e9))
+    assert not torch.equal(updated(0.0), updated(1e-3))
+
+
 def test_data_errors(shakespeare, tmp_path):
     out = f"--out_dir={tmp_path / 'out'}"
     expect_error(["carve_shakespeare", f"--data_dir={tmp_path / 'nowhere'}", out], "meta.json not found",
