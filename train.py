@@ -227,6 +227,9 @@ def load_config(argv):
             raise SystemExit(f"error: {key}={config[key]!r}: must be at least {least}")
     if not config["beta1"] < 1 or not config["beta2"] < 1:
         raise SystemExit(f"error: beta1={config['beta1']!r}, beta2={config['beta2']!r}: each must be below 1")
+    if config["min_lr"] > config["lr"]:
+        raise SystemExit(f"error: min_lr={config['min_lr']!r} is above lr={config['lr']!r}: the schedule decays from lr "
+                         f"to min_lr (min_lr=0 decays to nothing)")
     if not config["out_dir"]:
         raise SystemExit("error: out_dir is empty: name the folder for the run's checkpoints and log")
     # float16 would need loss scaling, which this loop does not do; bfloat16 has float32's range

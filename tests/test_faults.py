@@ -297,6 +297,7 @@ def test_one_line_config_errors(shakespeare, tmp_path):
              (["carve_shakespeare", "--eval_interval=0", out], "eval_interval=0: must be at least 1"),
              (["carve_shakespeare", "--lr=-1", out], "lr=-1.0: must be at least 0"),
              (["carve_shakespeare", "--beta2=1.0", out], "each must be below 1"),
+             (["carve_shakespeare", "--lr=1e-4", out], "min_lr=0.0003 is above lr=0.0001"),
              (["carve_shakespeare", "--out_dir="], "out_dir is empty"),
              (["mqar", "--mqar_pairs=0", out], "mqar_pairs=0: must be at least 1"),
              (["--max_steps=2", "carve_shakespeare", out], "comes after '--max_steps=2', and would undo it"),
