@@ -277,6 +277,8 @@ def draw_mqar(plt, run_dirs):
         ax.set_xscale("log", base=2)
         ticks = sorted({getattr(setting, x_axis) for setting in settings})
         ax.set_xticks(ticks, [str(tick) for tick in ticks])   # 64, not 2^6
+        if len(ticks) == 1:   # else the axis spans only the mean and its seeds, and the seeds sit at its edge
+            ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
         ax.minorticks_off()
         ax.set_xlabel(x_label)
         ax.set_ylabel("accuracy")
