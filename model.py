@@ -58,6 +58,8 @@ class ModelConfig:
                     "chunk_size"):
             if getattr(self, key) < 1 and not (key == "vocab_size" and self.vocab_size == 0):
                 raise ValueError(f"{key}={getattr(self, key)}: must be at least 1")
+        if self.attn_window < 0:
+            raise ValueError(f"attn_window={self.attn_window}: must be at least 0 (0: full causal attention)")
         if self.content_rank < 0:
             raise ValueError(f"content_rank={self.content_rank}: must be at least 0 (0: CARVE without its content "
                              f"shift)")

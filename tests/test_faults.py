@@ -287,6 +287,8 @@ def test_one_line_config_errors(shakespeare, tmp_path):
     cases = [(["carve_shakespeare", "--mixer=carv", out], "unknown mixer 'carv'"),
              (["no_such_config_anywhere", out], "not found."),
              (["carve_shakespeare", "--chunk_size=0", out], "chunk_size=0: must be at least 1"),
+             (["carve_shakespeare", "--mixer=carve,attn", "--attn_window=-1", out],
+              "attn_window=-1: must be at least 0"),
              (["carve_shakespeare", "--dtype=float16", out], "dtype='float16': expected 'auto'"),
              (["carve_shakespeare", "--mixer=carve,attn", "--head_k_dim=15", out], "must be even"),
              (["carve_shakespeare", f"--data_dir={shakespeare}", "--batch_tokens=1000", out],
