@@ -181,8 +181,7 @@ def load_config(argv):
     if all(arg.startswith("--") for arg in argv):
         argv = [DEFAULT_CONFIG, *argv]
     files = [arg for arg in argv if not arg.startswith("--")]
-    for arg in files:
-        resolve_config_path(arg)   # a file that is not there (or max_steps=3 without its --) is named first
+    paths = [resolve_config_path(arg) for arg in files]   # one not there (or max_steps=3 without --) first
     if len(files) > 1:
         raise SystemExit(f"error: {len(files)} config files ({', '.join(files)}); give one (a config file can run "
                          f"another: configs/gdn2_1b3.py runs carve_1b3.py), then --key=value overrides")
@@ -190,34 +189,32 @@ def load_config(argv):
         raise SystemExit(f"error: the config file {files[0]!r} comes after {argv[0]!r}, and would undo it: put the "
                          f"config file first, then --key=value overrides")
     config = dict(DEFAULTS)
-    for arg in argv:
-        if arg.startswith("--"):
-            key, _, text = arg[2:].partition("=")
-            check_key(key, "the command line")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare string such as --mixer=carve
-            if isinstance(DEFAULTS[key], str) and not isinstance(value, str):
-                value = text  # --tokenizer=gpt2 style values that happen to parse as literals
-            config[key] = check_type(key, value, "the command line")
-        else:
-            path = resolve_config_path(arg)
-            namespace = {"__file__": os.path.abspath(path)}
-            try:
-                exec(compile(open(path).read(), path, "exec"), namespace)
-            except Exception as e:   # a config file is Python: its own error, in one line that names it
-                frames = [(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)]
-                where = ((e.filename, e.lineno) if isinstance(e, SyntaxError) else
-                         ([f for f in frames if f[0] == path] or frames)[-1])
-                message = (str(getattr(e, "msg", None) or e).splitlines() or [""])[0]
-                raise SystemExit(f"error: config file {path} failed: {type(e).__name__}: {message} "
-                                 f"({where[0]}, line {where[1]})")
-            for key, value in namespace.items():
-                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
-                    continue
-                check_key(key, path)
-                config[key] = check_type(key, value, path)
+    path = paths[0]
+    namespace = {"__file__": os.path.abspath(path)}
+    try:
+        exec(compile(open(path).read(), path, "exec"), namespace)
+    except Exception as e:   # a config file is Python: its own error, in one line that names it
+        frames = [(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)]
+        where = ((e.filename, e.lineno) if isinstance(e, SyntaxError) else
+                 ([f for f in frames if f[0] == path] or frames)[-1])
+        message = (str(getattr(e, "msg", None) or e).splitlines() or [""])[0]
+        raise SystemExit(f"error: config file {path} failed: {type(e).__name__}: {message} "
+                         f"({where[0]}, line {where[1]})")
+    for key, value in namespace.items():
+        if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+            continue
+        check_key(key, path)
+        config[key] = check_type(key, value, path)
+    for arg in argv[1:]:   # the overrides, after the file
+        key, _, text = arg[2:].partition("=")
+        check_key(key, "the command line")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string such as --mixer=carve
+        if isinstance(DEFAULTS[key], str) and not isinstance(value, str):
+            value = text  # --tokenizer=gpt2 style values that happen to parse as literals
+        config[key] = check_type(key, value, "the command line")
     try:  # the model's own checks (mixer names, gate activation), as one line
         ModelConfig.from_dict(config)
     except ValueError as e:

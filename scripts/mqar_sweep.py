@@ -120,7 +120,8 @@ def train_runs(runs, max_steps, parallel, log, report=False):
         unfinished = [directory for _, directory in runs if not finished(directory, max_steps)]
         if unfinished:
             names = [os.path.basename(directory) for directory in unfinished]
-            ends = {record_of(directory)["config"]["max_steps"] for directory in unfinished if record_of(directory)}
+            records = [record for record in map(record_of, unfinished) if record]
+            ends = {record["config"]["max_steps"] for record in records}
             hint = (f"; they trained to max_steps={ends.pop()}: pass that --max_steps"
                     if len(ends) == 1 and max_steps not in ends else "")
             log(f"--report: {len(unfinished)} of {len(runs)} runs not finished at max_steps={max_steps}, not in the "
