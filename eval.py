@@ -30,7 +30,10 @@ and in bf16 other shapes round differently and flip a few near-tied argmaxes (on
 
 --task=harness runs lm-evaluation-harness tasks (pip install lm-eval) through HarnessAdapter, e.g.
 --harness_tasks=wikitext,lambada_openai,piqa,hellaswag,arc_easy,winogrande; the harness downloads their
-datasets (--harness_include: a folder of your own task YAML files, local data included).
+datasets (--harness_include: a folder of your own task YAML files, local data included). A prediction
+sees at most --seq_len tokens (the harness's max_length: its windows over long texts, contexts cut from
+the left), so that the numbers compare with the harness's own; --harness_full_context scores every token
+on all before it instead.
 
 --task=gates reports, per recurrent layer, what the erase gate does on the run's text (65,536 tokens
 unless --max_tokens says otherwise): its mean (erase_rate) and, for CARVE, the distribution of the
@@ -71,7 +74,7 @@ import model as model_module
 from model import LM, ModelConfig, join_caches
 from prepare_data import (PASSKEY_KEYS, document_ids, get_tokenizer, local_documents, passkey_blocks, passkey_text,
                           token_byte_lengths)
-from sample import generate
+from sample import generate, generate_samples
 from train import (autocast_for, check_token_ids, device_for, initial_model, largest_token_id, load_newest_checkpoint,
                    load_weights, mqar_split, read_data_meta, token_file)
 
@@ -153,22 +156,55 @@ class Progress:
                   file=sys.stderr)
 
 
+# lm-eval's generation settings this adapter follows (lm-eval 0.4.13 reads the same keys): the stop strings,
+# the most tokens to generate under any of the names tasks give them (the first given wins, in this order),
+# and sampling. Other keys (num_beams, ...) are ignored, with one warning naming them.
+GENERATION_LIMIT_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+GENERATION_KEYS = {"until", "do_sample", "temperature", "top_k", "top_p", *GENERATION_LIMIT_KEYS}
+
+
+def generation_settings(gen_kwargs, default_tokens=256):
+    """(stop strings, most new tokens, temperature, top_k, top_p) of a generate_until request, as lm-eval
+    reads its gen_kwargs: greedy unless do_sample is true, or unset with a temperature above 0; empty stop
+    strings dropped (they would cut every text to nothing)."""
+    until = gen_kwargs.get("until") or []
+    until = [s for s in ([until] if isinstance(until, str) else until) if s]
+    limit = next((gen_kwargs[k] for k in GENERATION_LIMIT_KEYS if gen_kwargs.get(k) is not None), default_tokens)
+    temperature = float(gen_kwargs.get("temperature", 0.0))
+    if gen_kwargs.get("do_sample") is False:
+        temperature = 0.0
+    top_k, top_p = gen_kwargs.get("top_k"), gen_kwargs.get("top_p")
+    return (until, int(limit), temperature, int(top_k) if top_k is not None else None,
+            float(top_p) if top_p is not None else None)
+
+
 class HarnessAdapter:
     """lm-evaluation-harness's model interface for a checkpoint (its three request types; harness_model()
-    makes it a subclass of the harness's LM). Scores come from the model's cached state, so a context is
-    run once: its continuations (the choices of a multiple-choice question) go on from copies of the
-    state it left, as one batch, and a long text is scored piece by piece on one state, every token
-    conditioned on everything before it (no windows, no truncation).
+    makes it a subclass of the harness's LM). It scores what lm-eval's own HuggingFace model scores, from
+    the model's cached state: a context is run once, and its continuations (the choices of a multiple-choice
+    question) go on from copies of the state it left, in batches of at most batch_tokens tokens.
 
-    Text is conditioned on the tokenizer's eot, as prepare_data.py starts every document; the byte
-    tokenizer has none, so there a newline stands in. A continuation's tokens are those the context plus
-    continuation encodes to past the context's own, so a BPE merge across the boundary scores as the
-    tokenizer would write the text."""
+    max_length is the most tokens a prediction sees, as the harness's max_length: a context is cut from the
+    left to fit it, and a long text is scored in the harness's disjoint windows (every token once, the
+    first window from the start, each later one from a fresh state, the last one of full length), so the
+    numbers are comparable with lm-eval's published ones. max_length=None scores every token of a text on
+    everything before it instead, on one state in pieces of piece_tokens: a recurrent model's own reading,
+    and not what the harness computes.
 
-    def __init__(self, model, tokenizer, autocast, piece_tokens=4096):
-        self.model, self.tokenizer, self.autocast, self.piece_tokens = model, tokenizer, autocast, piece_tokens
+    Text is conditioned on the tokenizer's eot, as prepare_data.py starts every document (the harness does
+    so for an empty context only); the byte tokenizer has none, so there a newline stands in. As in
+    lm-eval, a context's trailing white space moves to its continuation, and a continuation's tokens are
+    those the context plus continuation encodes to past the context's own; where a BPE merge crosses
+    that boundary the continuation is encoded alone (lm-eval would leave the merged text unscored)."""
+
+    def __init__(self, model, tokenizer, autocast, max_length=None, piece_tokens=4096, batch_tokens=8192,
+                 generation_rows=32):
+        self.model, self.tokenizer, self.autocast = model, tokenizer, autocast
+        self.max_length, self.piece_tokens = max_length, piece_tokens
+        self.batch_tokens, self.generation_rows = batch_tokens, generation_rows
         self.model_device = model.embed.weight.device
         self.start = [tokenizer.eot] if tokenizer.eot is not None else tokenizer.encode("\n")
+        self.ignored_generation_keys = set()
 
     def _run(self, ids, cache, last_only=False):
         """log-softmax of the logits [rows, T, V] (fp32) of ids [rows, T] on top of cache."""
@@ -177,83 +213,139 @@ class HarnessAdapter:
         return torch.log_softmax(logits[..., :self.tokenizer.vocab_size].float(), dim=-1)
 
     def _split(self, context, continuation):
+        """(context ids from the start token, continuation ids), the context cut to fit max_length."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
         context_ids = self.tokenizer.encode(context)
         whole = self.tokenizer.encode(context + continuation)
+        continuation_ids = whole[len(context_ids):]
         if whole[:len(context_ids)] != context_ids:   # the boundary merged: score the two apart
-            return context_ids, self.tokenizer.encode(continuation)
-        return context_ids, whole[len(context_ids):]
+            continuation_ids = self.tokenizer.encode(continuation)
+        context_ids = self.start + context_ids
+        if self.max_length is not None:   # the harness's cut: context and continuation but its last token fit
+            context_ids = context_ids[-max(1, self.max_length + 1 - len(continuation_ids)):]
+        return context_ids, continuation_ids
 
     @torch.inference_mode()
     def loglikelihood(self, requests):
-        """[(log p(continuation | context), whether greedy decoding gives the continuation)] per request."""
+        """[(log p(continuation | context), whether greedy decoding gives the continuation)] per request;
+        (0.0, True) for an empty continuation."""
         results = [None] * len(requests)
         by_context = {}
         for i, request in enumerate(requests):
-            by_context.setdefault(request.args[0], []).append(i)
-        progress, done = Progress("loglikelihood", len(requests)), 0
-        for context, indices in by_context.items():
-            pairs = [self._split(context, requests[i].args[1]) for i in indices]
+            context_ids, continuation = self._split(*request.args)
+            if continuation:
+                by_context.setdefault(tuple(context_ids), []).append((i, continuation))
+            else:
+                results[i] = (0.0, True)
+        progress, done = Progress("loglikelihood", len(requests)), len(requests) - sum(map(len, by_context.values()))
+        for context_ids, asked in by_context.items():
             cache = self.model.init_cache(1, self.model_device)
-            first = self._run([self.start + pairs[0][0]], cache, last_only=True)[0, -1]   # predicts each first token
-            longest = max(len(continuation) for _, continuation in pairs)
-            rows = join_caches([cache] * len(pairs))
-            # every continuation but its last token, padded: a position only sees those before it
-            batch = [continuation[:-1] + [0] * (longest - len(continuation)) for _, continuation in pairs]
-            rest = self._run(batch, rows) if longest > 1 else None
-            for row, (i, (_, continuation)) in enumerate(zip(indices, pairs)):
-                later = [rest[row, t] for t in range(len(continuation) - 1)] if rest is not None else []
-                predictions = [first] + later
-                logprob = sum(float(p[token]) for p, token in zip(predictions, continuation))
-                greedy = all(int(p.argmax()) == token for p, token in zip(predictions, continuation))
-                results[i] = (logprob, greedy)
-            done += len(indices)
-            progress(done)
+            first = self._run([list(context_ids)], cache, last_only=True)[0, -1]   # predicts each first token
+            end = 0
+            while end < len(asked):   # batches of at most batch_tokens padded tokens, at least one continuation each
+                begin, end, longest = end, end + 1, len(asked[end][1])
+                while end < len(asked) and (end - begin + 1) * max(longest, len(asked[end][1])) <= self.batch_tokens:
+                    longest = max(longest, len(asked[end][1]))
+                    end += 1
+                batch = asked[begin:end]
+                rest = None
+                if longest > 1:
+                    # every continuation but its last token, padded: a position only sees those before it
+                    rest = self._run([c[:-1] + [0] * (longest - len(c)) for _, c in batch],
+                                     join_caches([cache] * len(batch)))
+                for row, (i, continuation) in enumerate(batch):
+                    predictions = [first] + [rest[row, t] for t in range(len(continuation) - 1)]
+                    logprob = sum(float(p[token]) for p, token in zip(predictions, continuation))
+                    greedy = all(int(p.argmax()) == token for p, token in zip(predictions, continuation))
+                    results[i] = (logprob, greedy)
+                done += len(batch)
+                progress(done)
         return results
+
+    def _windows(self, ids):
+        """[(inputs, targets)] of a text's ids: each window's targets are the tokens its last len(targets)
+        inputs predict; every id is a target once. One window (all of it from the start token) without
+        max_length; with it the harness's disjoint windows of max_length inputs."""
+        if not ids:
+            return []
+        length = self.max_length or len(ids)
+        first = min(length, len(ids))
+        windows, end = [(self.start + ids[:first - 1], ids[:first])], first
+        while end < len(ids):
+            new_end = min(end + length, len(ids))
+            windows.append((ids[new_end - length - 1:new_end - 1], ids[end:new_end]))
+            end = new_end
+        return windows
 
     @torch.inference_mode()
     def loglikelihood_rolling(self, requests):
-        """[log p(text)] per request: every token of the text given all before it, in pieces of
-        piece_tokens on one cached state."""
+        """[log p(text)] per request: every token of the text, in the windows of _windows, each run on a
+        fresh state in pieces of piece_tokens."""
         results, progress = [], Progress("loglikelihood_rolling", len(requests))
         for request in requests:
-            ids = self.start + self.tokenizer.encode(request.args[0])
-            cache = self.model.init_cache(1, self.model_device)
             total = 0.0
-            for start in range(0, len(ids) - 1, self.piece_tokens):
-                piece = ids[start:start + self.piece_tokens + 1]
-                logprobs = self._run([piece[:-1]], cache)[0]
-                total += float(logprobs.gather(-1, torch.tensor(piece[1:], device=self.model_device)[:, None]).sum())
+            for inputs, targets in self._windows(self.tokenizer.encode(request.args[0])):
+                cache, first_scored = self.model.init_cache(1, self.model_device), len(inputs) - len(targets)
+                for start in range(0, len(inputs), self.piece_tokens):
+                    piece = inputs[start:start + self.piece_tokens]
+                    skip = max(0, first_scored - start)   # inputs before the window's targets only give context
+                    if skip < len(piece):
+                        wanted = targets[start + skip - first_scored:start + len(piece) - first_scored]
+                        logprobs = self._run([piece], cache)[0, skip:]
+                        total += float(logprobs.gather(-1, torch.tensor(wanted, device=self.model_device)[:, None]).sum())
+                    else:
+                        self._run([piece], cache, last_only=True)
             results.append(total)
             progress(len(results))
         return results
 
     def generate_until(self, requests):
-        """[the greedy continuation of the context, cut before the first of its stop strings] per request;
-        at most gen_kwargs' max_gen_toks tokens (default 256), stopping early at eot."""
-        results, progress = [], Progress("generate_until", len(requests))
-        for request in requests:
-            context, gen_kwargs = request.args
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else until
-            with self.autocast:
-                ids = generate(self.model, self.start + self.tokenizer.encode(context),
-                               gen_kwargs.get("max_gen_toks", 256), temperature=0, eot=self.tokenizer.eot,
-                               vocab_size=self.tokenizer.vocab_size)
-            text = self.tokenizer.decode(ids)
-            cut = min([text.index(stop) for stop in until if stop in text], default=len(text))
-            results.append(text[:cut])
-            progress(len(results))
+        """[the continuation of the context, cut before the first of its stop strings] per request, read
+        from gen_kwargs as the harness reads them (generation_settings): greedy unless they ask to sample,
+        at most max_gen_toks tokens (default 256), a row ending at eot or as soon as its text holds a stop
+        string. Requests with the same gen_kwargs go as one batch of up to generation_rows rows (those of
+        similar length together); with max_length a context keeps its last max_length - max_gen_toks tokens."""
+        results, progress, done = [None] * len(requests), Progress("generate_until", len(requests)), 0
+        by_settings = {}
+        for i, request in enumerate(requests):
+            ignored = set(request.args[1]) - GENERATION_KEYS - self.ignored_generation_keys
+            if ignored:
+                print(f"  generate_until: ignoring gen_kwargs {sorted(ignored)} (not read by this adapter)",
+                      file=sys.stderr)
+                self.ignored_generation_keys |= ignored
+            settings = generation_settings(request.args[1])
+            by_settings.setdefault(repr(settings), (settings, []))[1].append(i)
+        for (until, limit, temperature, top_k, top_p), indices in by_settings.values():
+            prompts = {}
+            for i in indices:
+                ids = self.start + self.tokenizer.encode(requests[i].args[0])
+                prompts[i] = ids[-max(1, self.max_length - limit):] if self.max_length is not None else ids
+            indices = sorted(indices, key=lambda i: len(prompts[i]))
+            for first in range(0, len(indices), self.generation_rows):
+                rows = indices[first:first + self.generation_rows]
+                stop = lambda row, ids: any(s in self.tokenizer.decode(ids) for s in until)  # noqa: E731
+                with self.autocast:
+                    samples = generate_samples(self.model, [prompts[i] for i in rows], 1, limit, temperature, top_k,
+                                               top_p, eot=self.tokenizer.eot, vocab_size=self.tokenizer.vocab_size,
+                                               stop=stop if until else None)
+                for i, ids in zip(rows, samples):
+                    text = self.tokenizer.decode(ids)
+                    results[i] = text[:min([text.index(s) for s in until if s in text], default=len(text))]
+                done += len(rows)
+                progress(done)
         return results
 
 
-def harness_model(model, tokenizer, autocast):
+def harness_model(model, tokenizer, autocast, max_length=None):
     """HarnessAdapter as a subclass of lm-evaluation-harness's LM (pip install lm-eval), for simple_evaluate."""
     from lm_eval.api.model import LM as HarnessLM
 
     class CarveHarnessLM(HarnessAdapter, HarnessLM):
         def __init__(self):
             HarnessLM.__init__(self)
-            HarnessAdapter.__init__(self, model, tokenizer, autocast)
+            HarnessAdapter.__init__(self, model, tokenizer, autocast, max_length)
 
     return CarveHarnessLM()
 
@@ -463,6 +555,9 @@ def main(argv=None):
     parser.add_argument("--harness_include", default=None, help="harness: a folder of your own task YAML files")
     parser.add_argument("--limit", type=int, default=0, help="harness: examples a task; 0 = all")
     parser.add_argument("--num_fewshot", type=int, default=None, help="harness: few-shot examples (task default)")
+    parser.add_argument("--harness_full_context", action="store_true",
+                        help="harness: score every token on all before it, not in windows of --seq_len tokens "
+                             "(lm-eval's max_length); not comparable with the harness's published numbers")
     parser.add_argument("--mqar_pairs", type=int, default=0, help="mqar: key-value pairs; 0 = the run's")
     parser.add_argument("--examples", type=int, default=0, help="mqar: examples; 0 = the run's mqar_test_examples")
     parser.add_argument("--contexts", default="1024,2048,4096,8192", help="passkey: context lengths in tokens")
@@ -550,10 +645,13 @@ def main(argv=None):
                 fail(f"--harness_tasks: {task!r} is not a task of lm-eval {lm_eval.__version__}"
                      + (f" (did you mean {', '.join(close)}?)" if close else "")
                      + (f" or of {args.harness_include}" if args.harness_include else ""))
-        print(f"harness: {args.out_dir} (step {record['step']}), tasks {args.harness_tasks}, {device}", file=sys.stderr)
+        max_length = None if args.harness_full_context else seq_len
+        print(f"harness: {args.out_dir} (step {record['step']}), tasks {args.harness_tasks}, "
+              + (f"at most {seq_len} tokens a prediction (the harness's windows), " if max_length else
+                 "every token on all before it (no windows), ") + str(device), file=sys.stderr)
         try:
             results = lm_eval.simple_evaluate(
-                model=harness_model(model, tokenizer, autocast), tasks=tasks, num_fewshot=args.num_fewshot,
+                model=harness_model(model, tokenizer, autocast, max_length), tasks=tasks, num_fewshot=args.num_fewshot,
                 limit=args.limit or None, task_manager=manager)
         except OSError as e:   # ConnectionError among them: the harness fetches each task's dataset
             fail(f"--task=harness could not load a dataset ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "

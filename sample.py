@@ -132,7 +132,8 @@ def decode_step(model, cache, pick, generator=None, cuda_graph=True, compile=Fal
 
 @torch.inference_mode()
 def generate_samples(model, prompt_ids, num_samples, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                     generator=None, eot=None, vocab_size=None, on_token=None, cuda_graph=True, compile=False):
+                     generator=None, eot=None, vocab_size=None, on_token=None, stop=None, cuda_graph=True,
+                     compile=False):
     """Continue a prompt (a list of ids), or each of several prompts (a list of such lists), num_samples
     times, all rows as one batch: one decode step for all rows per token (decode_step: compiled with
     compile=True, on a GPU replayed from a CUDA graph unless cuda_graph=False). Prompts of one length are
@@ -140,7 +141,8 @@ def generate_samples(model, prompt_ids, num_samples, max_new_tokens, temperature
     shorter ones decode on their own until they reach the next length, where the two batches join. So
     every row computes what it would alone, and the joined batch shares one position. Returns the new
     ids of each row, prompt by prompt (each at most max_new_tokens; a row ends early when it samples
-    `eot`, which is not returned). on_token(row, id) is called as each token is produced. vocab_size:
+    `eot`, which is not returned, or when stop(row, its new ids) is true after a token, which is kept).
+    on_token(row, id) is called as each token is produced. vocab_size:
     sample only ids below it (a model's vocab is often padded past the tokenizer's, e.g. 50257 -> 50304)."""
     prompts = [prompt_ids] if prompt_ids and not isinstance(prompt_ids[0], (list, tuple)) else list(prompt_ids)
     if not prompts or not all(len(prompt) for prompt in prompts):
@@ -164,7 +166,7 @@ def generate_samples(model, prompt_ids, num_samples, max_new_tokens, temperature
                 finished[row] = True
                 continue
             samples[row].append(token)
-            finished[row] = len(samples[row]) == max_new_tokens
+            finished[row] = len(samples[row]) == max_new_tokens or (stop is not None and stop(row, samples[row]))
             if on_token is not None:
                 on_token(row, token)
 
