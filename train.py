@@ -88,6 +88,13 @@ DEFAULTS = dict(
     wandb_run_name="",
 )
 MODEL_KEYS = [f.name for f in fields(ModelConfig)]
+# What a resumed run may change: how long it runs (a note says when the learning-rate schedule moves with
+# it), how it reports and keeps checkpoints, and where and how it computes the same steps. Every other key
+# says what is trained, on what and how, and must equal the checkpoint's (the run's own record of them).
+RESUME_MAY_CHANGE = {"init_from", "out_dir", "data_dir", "max_steps", "lr_decay_steps", "eval_interval", "eval_tokens",
+                     "log_interval", "keep_checkpoints", "device", "compile", "activation_checkpointing",
+                     "micro_batch_size", "max_skipped_steps", "peak_tflops", "wandb_log", "wandb_project",
+                     "wandb_run_name"}
 DERIVED_KEYS = ("doc_start_token",)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -576,6 +583,15 @@ def load_newest_checkpoint(out_dir, log=print, step=None):
             continue
         if problems:
             log(f"using {path} (step {record['step']}), the newest good checkpoint")
+        unknown = sorted(set(record["model_config"]) - set(MODEL_KEYS))
+        if unknown:
+            raise SystemExit(f"error: {path} was trained with model keys this model.py does not have "
+                             f"({', '.join(unknown)}): other code made it (another version or a fork); use that code")
+        missing = {f.name: f.default for f in fields(ModelConfig) if f.name not in record["model_config"]}
+        if missing:   # a key added to ModelConfig after the run: its default is the model as the run knew it
+            log(f"note: {path} predates the model keys " + ", ".join(f"{k} (taken as {v!r})" for k, v in missing.items()))
+            for config in (record["model_config"], checkpoint["model_config"], checkpoint["config"]):
+                config.update(missing)
         return checkpoint, record
     raise SystemExit(f"error: no good checkpoint in {out_dir}: " + "; ".join(problems))
 
@@ -743,12 +759,13 @@ def main(argv):
 
     data = load_data(config, checkpoint and checkpoint["config"])
     if checkpoint is not None:
-        changed = {k: (checkpoint["model_config"][k], config[k]) for k in MODEL_KEYS
-                   if checkpoint["model_config"][k] != config[k]}
+        old = {**DEFAULTS, **checkpoint["config"]}   # DEFAULTS: a key added after the run, at its default
+        changed = {k: (old.get(k), v) for k, v in config.items() if k not in RESUME_MAY_CHANGE and old.get(k) != v}
         if changed:
-            raise SystemExit(f"error: model config differs from the checkpoint in {config['out_dir']}: "
-                             + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items()))
-        old = checkpoint["config"]
+            raise SystemExit(f"error: --init_from=resume continues the run in {config['out_dir']} as it was trained, "
+                             f"but " + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+                             + f"; pass its values (its config is in {config['out_dir']}/meta.json) or train into "
+                             f"another --out_dir")
         if (old["lr_decay_steps"] or old["max_steps"]) != (config["lr_decay_steps"] or config["max_steps"]):
             at, decay_steps = checkpoint["step"], config["lr_decay_steps"] or config["max_steps"]
             log(f"note: the learning-rate schedule changes: it decays over {decay_steps} "

@@ -215,6 +215,41 @@ def test_existing_checkpoint_is_never_overwritten(shakespeare, tmp_path):
     assert open(os.path.join(out, "ckpt_00000001.pt"), "rb").read() == before
     expect_error(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--n_layer=3",
                   "--init_from=resume"], "n_layer: checkpoint 2 vs now 3")
+    # what is trained and how must be the checkpoint's, so that a resume command missing an override fails
+    # rather than going on with the default; how long it runs and how it reports may change
+    expect_error(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--lr=1e-3",
+                  "--seed=7", "--init_from=resume"], "lr: checkpoint 0.003 vs now 0.001", "seed: checkpoint 1337 vs now 7",
+                 f"{out}/meta.json")
+    train_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=2",
+                      "--eval_interval=1", "--log_interval=2", "--keep_checkpoints=5", "--init_from=resume"])
+    assert newest_checkpoint(out)["step"] == 2
+
+
+def rewrite_checkpoint(out, change):
+    """change(model_config) on the newest checkpoint of out and its record, the sha256 made to match."""
+    record_path = train.checkpoint_records(out)[0]
+    record = json.load(open(record_path))
+    path = os.path.join(out, record["checkpoint"])
+    checkpoint = torch.load(path, weights_only=True)
+    for config in (record["model_config"], checkpoint["model_config"], checkpoint["config"], record["config"]):
+        change(config)
+    torch.save(checkpoint, path)
+    record["sha256"] = train.sha256_of(path)
+    json.dump(record, open(record_path, "w"))
+
+
+def test_checkpoints_of_other_model_keys(shakespeare, tmp_path, capsys):
+    """A checkpoint without a model key added since (gate_act here) loads with the key's default and a
+    note; one with a key this model.py lacks (a fork's) is refused in one line, not built as another model."""
+    out = str(tmp_path / "run")
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}"]
+    train_in_process([*common, "--max_steps=1"])
+    rewrite_checkpoint(out, lambda config: config.pop("gate_act"))
+    capsys.readouterr()
+    train_in_process([*common, "--max_steps=2", "--init_from=resume"])
+    assert "predates the model keys gate_act (taken as 'silu')" in capsys.readouterr().out
+    rewrite_checkpoint(out, lambda config: config.update(write_gate=False))
+    expect_error([*common, "--max_steps=3", "--init_from=resume"], "model keys this model.py does not have (write_gate)")
 
 
 def test_wandb_is_optional(shakespeare, tmp_path, monkeypatch):
