@@ -16,7 +16,8 @@ mqar_pairs); several runs of one setting (seeds, learning rates: the best learni
 Zoology) show as the mean over seeds of each seed's best, with error bars of their standard deviation,
 and each seed's best as a dot right of the mean (a run mostly either learns or stays at chance, so a
 mean of 0.66 can be two seeds that learnt and one that did not). CARVE runs with --content_rank=0 are
-a mixer of their own, "carve (content_rank 0)".
+a mixer of their own, "carve (content_rank 0)", and runs of one mixer that differ in another setting
+(a variant's key, seq_len) are told apart by it: "carve [seq_len=512]".
 
 passkey: files of `eval.py --task=passkey --json` output; accuracy against context length (mean over
 depths), one line per file (files of one folder named alike but for a trailing `_seedN`: one line, their
@@ -129,17 +130,38 @@ def mixer_label(config):
     return config["mixer"] + (" (content_rank 0)" if without_content else "")
 
 
+# Config keys that do not make two MQAR runs of one mixer different models: the plot's own axes and what
+# the sweep derives from the width, the seed and the learning rate (the best of which counts), and the keys
+# of where and how a run computes and reports. Any other key on which runs of one mixer differ (a fork's
+# variant, another seq_len) is written into their label, so that they are not averaged or taken the best of.
+SAME_MODEL_KEYS = {"mixer", "content_rank", "d_model", "n_head", "head_k_dim", "head_v_dim", "mqar_pairs", "seed",
+                   "lr", "out_dir", "init_from", "data_dir", "max_steps", "lr_decay_steps", "eval_interval",
+                   "eval_tokens", "log_interval", "keep_checkpoints", "device", "compile", "activation_checkpointing",
+                   "micro_batch_size", "max_skipped_steps", "peak_tflops", "wandb_log", "wandb_project",
+                   "wandb_run_name"}
+
+
 def mqar_points(run_dirs):
-    """[MqarRun] of the newest record of each MQAR run."""
-    points = []
+    """[MqarRun] of the newest record of each MQAR run, its mixer labelled by mixer_label and by the keys on
+    which it differs from other runs of that label (not SAME_MODEL_KEYS), e.g. 'carve [seq_len=512]'."""
+    records = []
     for run_dir in run_dirs:
         record = read_record(run_dir)
         if record.get("task") != "mqar":
             fail(f"{run_dir} is not a train.py --task=mqar run (its meta.json says task {record.get('task')!r})")
-        config = record["config"]
-        points.append(MqarRun(mixer_label(config), config["d_model"], config["mqar_pairs"], config["seed"],
-                              config["lr"], record["val_acc"], record.get("val_acc_first_query"),
-                              record.get("val_acc_last_query")))
+        records.append(record)
+    by_label = defaultdict(list)
+    for record in records:
+        by_label[mixer_label(record["config"])].append(record["config"])
+    points = []
+    for record in records:
+        config, label = record["config"], mixer_label(record["config"])
+        keys = set().union(*by_label[label]) - SAME_MODEL_KEYS
+        differing = sorted(k for k in keys if len({repr(c.get(k)) for c in by_label[label]}) > 1)
+        if differing:
+            label += " [" + ", ".join(f"{k}={config.get(k)}" for k in differing) + "]"
+        points.append(MqarRun(label, config["d_model"], config["mqar_pairs"], config["seed"], config["lr"],
+                              record["val_acc"], record.get("val_acc_first_query"), record.get("val_acc_last_query")))
     return points
 
 

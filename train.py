@@ -387,6 +387,17 @@ class MQARData:
         return [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in zip(*self.test)]
 
 
+def config_conflicts(trained, config):
+    """{key: (the value a run trained with, the value in config)} of the keys a resume may not change
+    (all but RESUME_MAY_CHANGE; a key added since the run counts at its default). The keys the data decides
+    count only where config sets them: not a vocab_size of 0 or an empty tokenizer (a config not yet
+    matched to the data), nor doc_start_token (reset_at_eot's, compared itself)."""
+    trained = {**DEFAULTS, **trained}
+    unset = {"doc_start_token"} | {k for k in ("vocab_size", "tokenizer") if not config[k]}
+    return {k: (trained.get(k), v) for k, v in config.items()
+            if k not in RESUME_MAY_CHANGE | unset and trained.get(k) != v}
+
+
 def match_config_to_data(config, data, resumed_config=None):
     """Checks the config (and the config of the run it resumes) against the data, and fills in what the data
     decides: tokenizer, vocab_size (0: the data's), doc_start_token (eot with reset_at_eot, else -1)."""
@@ -759,8 +770,8 @@ def main(argv):
 
     data = load_data(config, checkpoint and checkpoint["config"])
     if checkpoint is not None:
-        old = {**DEFAULTS, **checkpoint["config"]}   # DEFAULTS: a key added after the run, at its default
-        changed = {k: (old.get(k), v) for k, v in config.items() if k not in RESUME_MAY_CHANGE and old.get(k) != v}
+        old = checkpoint["config"]
+        changed = config_conflicts(old, config)
         if changed:
             raise SystemExit(f"error: --init_from=resume continues the run in {config['out_dir']} as it was trained, "
                              f"but " + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())

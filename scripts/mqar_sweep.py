@@ -112,10 +112,28 @@ def run_one(args, directory, max_steps, log, env):
     return "trained"
 
 
+def check_trained_as_asked(runs):
+    """SystemExit naming the runs of `runs` whose folder holds a run trained with other settings than its
+    arguments ask for (train.config_conflicts): one done before would be reported as this one, and one
+    under way could not resume."""
+    conflicts = []
+    for args, directory in runs:
+        record = record_of(directory)
+        changed = record and train.config_conflicts(record["config"], train.load_config(args))
+        if changed:
+            conflicts.append(f"{os.path.basename(directory)} ("
+                             + ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in changed.items()) + ")")
+    if conflicts:
+        raise SystemExit(f"error: {len(conflicts)} runs in {os.path.dirname(runs[0][1])} were trained with other "
+                         f"settings than these: {'; '.join(conflicts[:3])}" + (" and more" if len(conflicts) > 3 else "")
+                         + "; use another --out_dir for these settings")
+
+
 def train_runs(runs, max_steps, parallel, log, report=False):
-    """Trains each (train.py arguments, run directory) of `runs` (run_one), `parallel` at a time. Returns the
-    [(directory, why)] of the runs that failed, each also logged. With report (--report) it trains none and
-    logs the ones not finished instead."""
+    """Trains each (train.py arguments, run directory) of `runs` (run_one), `parallel` at a time, after
+    check_trained_as_asked. Returns the [(directory, why)] of the runs that failed, each also logged. With
+    report (--report) it trains none and logs the ones not finished instead."""
+    check_trained_as_asked(runs)
     if report:
         unfinished = [directory for _, directory in runs if not finished(directory, max_steps)]
         if unfinished:

@@ -73,6 +73,23 @@ def test_mqar_keeps_carve_without_its_content_shift_apart():
     assert plot.mixer_label({"mixer": "gdn2", "content_rank": 0}) == "gdn2"   # content_rank means nothing to it
 
 
+def test_mqar_keeps_a_variant_apart_from_its_baseline(runs, tmp_path):
+    """A run of a variant (here a conv_size of 2, as a fork's new key would be) beside the same setting of
+    the baseline: two labels, each run its own best, not the better of the two taken as one model."""
+    import shutil
+    variant = tmp_path / "variant_p4_seed1"
+    shutil.copytree(runs["carve_p4_lr_seed1"], variant)
+    record = json.load(open(variant / "meta.json"))
+    record["config"]["conv_size"] = 2
+    record["val_acc"] = 1.0
+    json.dump(record, open(variant / "meta.json", "w"))
+    points = plot.mqar_points([runs["carve_p4_lr_seed1"], str(variant), runs["attn_p2_seed1"]])
+    assert [p.mixer for p in points] == ["carve [conv_size=4]", "carve [conv_size=2]", "attn"]
+    best = plot.best_over_learning_rates(points)
+    assert best[("carve [conv_size=2]", 32, 4)][0].accuracy == 1.0
+    assert best[("carve [conv_size=4]", 32, 4)][0].accuracy == points[0].accuracy
+
+
 def test_mqar_draws_each_seed_as_a_dot(runs, tmp_path, monkeypatch):
     import matplotlib.collections
     import matplotlib.figure
