@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from carve_kernel import chunk_triton_supports
+from carve_kernel import backend_for, chunk_triton_supports
 from model import LM, ModelConfig
 from prepare_data import mqar_examples
 
@@ -166,7 +166,7 @@ def check_type(key, value, source):
         return float(value)
     if type(value) is not expected:
         raise SystemExit(f"error: config key {key!r} in {source} must be {expected.__name__}, "
-                         f"got {type(value).__name__} {value!r}")
+                         f"got {type(value).__name__} {value!r}" + (" (True or False)" if expected is bool else ""))
     return value
 
 
@@ -826,7 +826,8 @@ def main(argv):
     flops_per_token = raw_model.flops_per_token(config["seq_len"])
     peak = peak_flops(config, device)
     log(f"model: {raw_model.num_params():,} parameters in the blocks ({config['mixer']}), "
-        f"{raw_model.num_params(False):,} in all | device {device} | world {world} | grad accumulation {accum} | "
+        f"{raw_model.num_params(False):,} in all | device {device} ({backend_for(raw_model.embed.weight)} kernels) | "
+        f"world {world} | grad accumulation {accum} | "
         f"{'resuming at step ' + str(step) if step else 'from scratch'}")
 
     stop_requested, stop_signal = False, signal.SIGTERM   # SIGTERM: another rank's signal stopped this one

@@ -122,6 +122,7 @@ def test_config_errors(shakespeare, tmp_path):
     expect_error(["carve_shakespeare", "--n_layers=3", out], "unknown config key 'n_layers'", "n_layer")
     expect_error(["carve_shakespeare", "--max_steps=ten", out], "'max_steps'", "must be int")
     expect_error(["carve_shakespeare", "--lr=fast", out], "'lr'", "must be float")
+    expect_error(["carve_shakespeare", "--compile=0", out], "'compile'", "must be bool, got int 0 (True or False)")
     expect_error(["carve_shakespeare", "max_steps=3", out], "config file 'max_steps=3' not found")
     expect_error(["carve_shakespeare", "--max_steps", "3", out], "expected --key=value, got '--max_steps'")
     expect_error(["config/carve_1b3.py", out], "not found", "configs/carve_1b3.py")
