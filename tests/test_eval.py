@@ -2,6 +2,7 @@
 import json
 import math
 import os
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import eval as evaluate_script
 import train
 from model import LM, ModelConfig
-from reference import TINY_MODEL_ARGS
+from reference import TINY_MODEL_ARGS, tiny
 
 TINY = [*TINY_MODEL_ARGS, "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=192", "--warmup_steps=2",
         "--lr=3e-3", "--eval_tokens=192", "--log_interval=1", "--eval_interval=3"]
@@ -318,3 +319,13 @@ def test_gate_statistics_under_bfloat16_autocast(run):
     for a, b in zip(full, half):
         assert b["erase_rate"] == pytest.approx(a["erase_rate"], rel=1e-2)
         assert b["delta_abs_mean"] == pytest.approx(a["delta_abs_mean"], rel=0.1)
+
+
+def test_score_counts_the_bytes_of_the_scored_tokens():
+    torch.manual_seed(0)
+    model = LM(tiny()).eval()
+    tokens = np.random.default_rng(0).integers(0, 61, 101)
+    lengths = np.arange(61) % 5       # tokens spell different byte counts, some none (as eot does)
+    nats, scored, nbytes = evaluate_script.score(model, tokens, 16, 3, torch.device("cpu"), nullcontext(), lengths,
+                                                 lambda done: None)
+    assert scored == 100 and nbytes == int(lengths[tokens[1:]].sum())

@@ -67,3 +67,11 @@ def test_keys_the_study_sets_cannot_be_overridden(tmp_path, data_dir, capsys):
                                           f"--data_dir={data_dir}", override, *TINY])
         assert f"{override!r}: the grid sets mixer, mlp_hidden, lr" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_runs_score_is_its_lowest_val_bpb_not_its_last(tmp_path):
+    study = load_script("lm_study")
+    rows = [{"step": 2, "val_bpb": 3.0}, {"step": 4, "val_bpb": 2.0}, {"step": 6, "val_bpb": 2.5}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "meta.json").write_text(json.dumps({"config": {"batch_tokens": 100}}))
+    assert study.best_val_bpb(str(tmp_path)) == (2.0, 400)

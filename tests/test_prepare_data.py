@@ -341,3 +341,16 @@ def test_fetch_bpe_help_and_extra_arguments_make_no_folder(tmp_path, args, statu
                             timeout=60)
     assert result.returncode == status and shown in result.stdout + result.stderr
     assert not list(tmp_path.iterdir())   # before the fix, --help became a cache folder named '--help'
+
+
+def test_val_bytes_are_the_bytes_val_bin_spells(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("CARVE_BPE_CACHE", ".bpe"))
+    text = "To be, or not to be: that is the question. Ça va? 日本語\n"
+    (tmp_path / "a.txt").write_text(text * 3, encoding="utf-8")
+    prepare_data.main(["--source", str(tmp_path / "a.txt"), "--tokenizer", "gpt2", "--out_dir", str(tmp_path / "o"),
+                       "--val_fraction", "0.5"])
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    tok = prepare_data.get_tokenizer("gpt2")
+    for split in ("train", "val"):
+        ids = np.fromfile(tmp_path / "o" / f"{split}.bin", dtype=meta["dtype"])
+        assert meta[split]["bytes"] == sum(len(tok.token_bytes(int(t))) for t in ids if t != tok.eot), split

@@ -12,6 +12,7 @@ sys.path.insert(0, REPO)
 
 from model import LM, ModelConfig  # noqa: E402
 from prepare_data import get_tokenizer  # noqa: E402
+import sample  # noqa: E402
 from sample import generate, main, sample_next  # noqa: E402
 import train  # noqa: E402
 
@@ -351,3 +352,13 @@ if torch.cuda.is_available():  # CUDA graphs need a GPU: collected there only
         # 3e-2: the four mixers' logits differed by at most 8e-3 on an H200 (2026-12-03); one teacher token
         # changed at step 20 moves them by 0.2-0.4
         assert_rel(runs[1], runs[0], 3e-2, f"compiled graph step logits {mixer}")
+
+
+def test_a_bpe_prompt_starts_with_eot(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("CARVE_BPE_CACHE", ".bpe"))
+    save_run(tmp_path, tiny_model(), tokenizer="gpt2")
+    seen = []
+    monkeypatch.setattr(sample, "generate_samples",
+                        lambda model, prompts, *a, **k: seen.append(prompts) or [[] for _ in prompts])
+    main(["--out_dir", str(tmp_path), "--prompt", "Hello world", "--max_new_tokens", "1", "--device", "cpu"])
+    assert seen == [[[50256, 15496, 995]]]   # as prepare_data.py starts every document

@@ -6,14 +6,16 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
 
 import train
 from conftest import ROOT
 from model import LM, ModelConfig
-from reference import TINY_MODEL_ARGS, newest_checkpoint, train_in_process, train_log
+from reference import TINY_MODEL_ARGS, newest_checkpoint, tiny, train_in_process, train_log
 
 TINY = [*TINY_MODEL_ARGS, "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=384", "--warmup_steps=2",
         "--lr=3e-3", "--eval_tokens=480", "--log_interval=1", "--eval_interval=4"]
@@ -65,14 +67,17 @@ def torchrun(nproc, args, env_extra=None):
 
 
 def test_ddp_two_processes_match_one_with_double_accumulation(shakespeare, tmp_path):
-    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--max_steps=5", "--eval_interval=5"]
+    """Two processes accumulating 2 micro-batches each against one accumulating 4 (as carve_1b3.py on 8
+    GPUs accumulates): each rank its own micro-batches, the gradients all-reduced once, after the last."""
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--batch_tokens=768", "--max_steps=5",
+              "--eval_interval=5"]
     one = subprocess.run([sys.executable, "train.py", *common, f"--out_dir={tmp_path / 'one'}"], cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
-    assert "grad accumulation 2" in one.stdout
+    assert "grad accumulation 4" in one.stdout
     two = torchrun(2, [*common, f"--out_dir={tmp_path / 'two'}"])
     assert two.returncode == 0, two.stdout + two.stderr
-    assert "world 2 | grad accumulation 1" in two.stdout
+    assert "world 2 | grad accumulation 2" in two.stdout
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5]
     for step in l1:  # same batches, same model; only the summation order of gradients differs
@@ -292,3 +297,72 @@ def test_no_config_file_means_the_default_run():
     assert train.load_config([]) == default and default["d_model"] < train.DEFAULTS["d_model"]   # not the 1.3B
     assert train.load_config(["--max_steps=5"]) == {**default, "max_steps": 5}
     assert train.load_config(["mqar"])["eval_tokens"] == train.DEFAULTS["eval_tokens"] != default["eval_tokens"]
+
+
+def test_lr_schedule_warmup_cosine_and_floor():
+    c = {**train.DEFAULTS, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "max_steps": 100, "lr_decay_steps": 0}
+    assert train.lr_at(0, c) == pytest.approx(1e-4)          # step 0 trains: (0 + 1) / warmup of lr
+    assert train.lr_at(9, c) == pytest.approx(1e-3) == train.lr_at(10, c)
+    assert train.lr_at(55, c) == pytest.approx(5.5e-4)       # half-way through the cosine: the mean
+    assert train.lr_at(100, c) == pytest.approx(1e-4)
+    extended = {**c, "max_steps": 300, "lr_decay_steps": 100}  # README: extend a run, keep its schedule
+    assert [train.lr_at(s, extended) for s in range(100)] == [train.lr_at(s, c) for s in range(100)]
+    assert all(train.lr_at(s, extended) == pytest.approx(1e-4) for s in (100, 101, 200, 299))
+
+
+def test_atomic_write_leaves_the_old_file_when_the_writer_dies(tmp_path):
+    path = tmp_path / "meta.json"
+    path.write_text("old")
+
+    def dies(tmp):
+        open(tmp, "w").write("half")
+        raise KeyboardInterrupt   # kill mid-write
+    with pytest.raises(KeyboardInterrupt):
+        train.atomic_write(str(path), dies)
+    assert path.read_text() == "old"
+
+
+def test_a_bool_is_not_an_int_key():
+    with pytest.raises(SystemExit, match="'max_steps' in the command line must be int"):
+        train.load_config(["--max_steps=True"])
+
+
+def test_mqar_test_set_is_drawn_apart_from_the_training_set():
+    config = train.load_config(["mqar", "--mqar_train_examples=200", "--mqar_test_examples=200"])
+    (train_x, _), (test_x, _) = train.mqar_split(config, "train"), train.mqar_split(config, "test")
+    seen = {row.tobytes() for row in train_x}
+    assert not any(row.tobytes() in seen for row in test_x)
+
+
+class FakeValData:
+    """val windows of random bytes; the val split spells 3.3 bytes a token, train 1 (as BPE data may)."""
+    meta = {"val": {"tokens": 300, "bytes": 1000}, "train": {"tokens": 1000, "bytes": 1000}}
+
+    def val_windows(self, n):
+        rows = torch.randint(0, 61, (n, 17), generator=torch.Generator().manual_seed(0))
+        return [(r[:-1], r[1:]) for r in rows]
+
+
+def test_val_bpb_is_from_the_val_splits_bytes_and_every_window_counts():
+    torch.manual_seed(0)
+    model = LM(tiny())
+    config = {**train.DEFAULTS, "task": "lm", "seq_len": 16, "eval_tokens": 16 * 10, "micro_batch_size": 4}
+    got = train.evaluate(model, FakeValData(), config, 0, 1, torch.device("cpu"), nullcontext())
+    assert got["val_bpb"] == pytest.approx(got["val_loss"] / math.log(2) * 300 / 1000, rel=1e-12)
+    windows = FakeValData().val_windows(10)
+    with torch.no_grad():
+        want = sum(model(x[None], y[None])[1].item() for x, y in windows) / 10
+    assert got["val_loss"] == pytest.approx(want, rel=1e-5)   # all 10 windows, the last batch of 2 too
+
+
+def test_every_training_window_lies_inside_train_bin(tmp_path):
+    seq_len = 8
+    meta = {"tokenizer": "byte", "vocab_size": 256, "dtype": "uint16", "eot": None, "val": {"tokens": 41, "bytes": 41}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    for split in ("train", "val"):   # 5 windows and one token: the last window's shift has no room
+        np.arange(41, dtype=np.uint16).tofile(tmp_path / f"{split}.bin")
+    data = train.TokenData(str(tmp_path), seq_len, seed=0)
+    starts = [data.train_window_start(i) for i in range(50 * data.n_windows)]
+    assert max(starts) + seq_len + 1 <= 41
+    x, y = data.train_batch(0, 50 * data.n_windows)   # a short window would not stack
+    assert x.shape[1] == seq_len
