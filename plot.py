@@ -130,15 +130,15 @@ def mixer_label(config):
     return config["mixer"] + (" (content_rank 0)" if without_content else "")
 
 
-# Config keys that do not make two MQAR runs of one mixer different models: the plot's own axes and what
-# the sweep derives from the width, the seed and the learning rate (the best of which counts), and the keys
-# of where and how a run computes and reports. Any other key on which runs of one mixer differ (a fork's
-# variant, another seq_len) is written into their label, so that they are not averaged or taken the best of.
+# Config keys that do not make two MQAR runs of one mixer different experiments: the plot's own axes and
+# what the sweep derives from the width, the seed and the learning rate (the best of which counts), and the
+# keys of where and how a run computes and reports (train.py's RESUME_MAY_CHANGE but the run's length, kept
+# here so that plot.py needs numpy alone). Any other key on which runs of one mixer differ (a fork's variant,
+# another seq_len or max_steps) is written into their label, so that they are not averaged or taken the best of.
 SAME_MODEL_KEYS = {"mixer", "content_rank", "d_model", "n_head", "head_k_dim", "head_v_dim", "mqar_pairs", "seed",
-                   "lr", "out_dir", "init_from", "data_dir", "max_steps", "lr_decay_steps", "eval_interval",
-                   "eval_tokens", "log_interval", "keep_checkpoints", "device", "compile", "activation_checkpointing",
-                   "micro_batch_size", "max_skipped_steps", "peak_tflops", "wandb_log", "wandb_project",
-                   "wandb_run_name"}
+                   "lr", "out_dir", "init_from", "data_dir", "eval_interval", "eval_tokens", "log_interval",
+                   "keep_checkpoints", "device", "compile", "activation_checkpointing", "micro_batch_size",
+                   "max_skipped_steps", "peak_tflops", "wandb_log", "wandb_project", "wandb_run_name"}
 
 
 def mqar_points(run_dirs):
