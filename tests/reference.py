@@ -253,11 +253,12 @@ def tiny(mixer="carve", **kw):
 
 @torch.no_grad()
 def perturb(model, seed=0):
-    """Give the zero-initialised parameters (CARVE's U and beta, GDN-2's write gate, the output-gate
-    bias) random values, so the content gate, the write gate and Delta are all exercised."""
+    """Give the parameters that start at zero (CARVE's U and beta, GDN-2's write gate, the output-gate
+    bias, and any a fork adds) random values, so the content gate, the write gate and Delta are all
+    exercised."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith(("content_up", "beta_proj.weight", "w_proj.weight", "g_up.bias")):
+        if (p == 0).all():
             p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if "content_up" in name else 0.3))
     return model
 
