@@ -7,7 +7,7 @@ design; "docs/DESIGN.md section N" cites it, "this file's section N" the numbere
                            output_final_state=False, scale=None, chunk_size=64, cu_seqlens=None)
     o, state = recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
                                output_final_state=False, scale=None, chunk_size=64)
-    o, state = fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state, content,
+    o, state = fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w_logit, state, content,
                                  a_log_min, chunk_size=64)     # updates state and conv_cache in place
     y = output_norm_gate(o, gate, weight, eps, activation="silu")   # gate [..., V], or a GateProjection(x, W, b)
     y, new_cache = causal_conv_silu(x, weight, cache=None, doc_start=None)
@@ -194,16 +194,19 @@ def recurrent_carve(q, k, v, g, b_logit, w, content=None, initial_state=None,
                                      chunk_size)
 
 
-def fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state, content, a_log_min,
+def fused_decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w_logit, state, content, a_log_min,
                       chunk_size=64):
     """One decode step of a layer from its projections, conv and gates included (decode_step_triton),
-    through the custom op carve::decode_step, so a compiled generation loop keeps one graph. It updates
-    the state's tensors and conv_cache in place (a CUDA graph replays on them) and returns (o, the state
-    one token on). The caller picks it when backend_for says 'triton' and no gradient is needed (model.py)."""
+    through the custom op carve::decode_step, so a compiled generation loop keeps one graph. w_logit is
+    the write gate before its sigmoid, which the kernel applies (everywhere else w is the gate itself).
+    It updates the state's tensors and conv_cache in place (a CUDA graph replays on them) and returns
+    (o, the state one token on). The caller picks it when backend_for says 'triton' and no gradient is
+    needed (model.py)."""
     K = f.shape[-1] // A_log.shape[0]
     D, U = content if content is not None else (None, None)
-    o = torch.ops.carve.decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state.S, state.o_sum,
-                                    state.delta, D, U, state.offset, float(a_log_min), K ** -0.5, chunk_size)
+    o = torch.ops.carve.decode_step(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w_logit, state.S,
+                                    state.o_sum, state.delta, D, U, state.offset, float(a_log_min), K ** -0.5,
+                                    chunk_size)
     # a new CarveState rather than state._replace: torch 2.11's dynamo rebuilds _replace's result as a
     # plain tuple when it replays the cache's update after a compiled step
     return o, CarveState(state.S, state.o_sum, state.delta, state.offset + 1)
@@ -319,12 +322,8 @@ def log_decay_of(g):
     if not isinstance(g, DecayGate):
         return g
     _check_decay_gate(g)
-    return decay_gate(raw_decay_input(g), g.A_log, g.dt_bias, g.a_log_min)
-
-
-def raw_decay_input(gate: DecayGate):
-    """A DecayGate's f as a [..., H, K] tensor (made from its GateProjection if it holds one)."""
-    return projected_gate(gate.f, _raw_decay_shape(gate)) if isinstance(gate.f, GateProjection) else gate.f
+    f = projected_gate(g.f, _raw_decay_shape(g)) if isinstance(g.f, GateProjection) else g.f
+    return decay_gate(f, g.A_log, g.dt_bias, g.a_log_min)
 
 
 def _raw_decay_shape(gate: DecayGate):
@@ -367,7 +366,7 @@ def swiglu_linear_torch(gate_up, weight):
 
 def causal_conv_silu_torch(x, weight, cache=None, doc_start=None):
     """causal_conv_silu's definition in torch ops, in x's dtype as autocast would run them: the weights
-    rounded to it, the conv rounded once, then SiLU."""
+    rounded to it, the conv summed in fp32 and rounded once (as conv1d in a half dtype rounds), then SiLU."""
     width = weight.shape[-1]
     xt = x.transpose(1, 2)
     history = cache.to(x.dtype) if cache is not None else x.new_zeros(x.shape[0], x.shape[2], width - 1)
@@ -378,7 +377,8 @@ def causal_conv_silu_torch(x, weight, cache=None, doc_start=None):
         T = doc_start.shape[0]
         tap_pos = torch.arange(T, device=x.device)[:, None] - (width - 1) + torch.arange(width, device=x.device)
         windows = xt.unfold(-1, width, 1) * (tap_pos >= doc_start[:, None]).to(x.dtype)       # [B, C, T, W]
-        y = (windows * weight.to(x.dtype)[:, None, 0, :]).sum(-1)
+        taps = weight.to(x.dtype).float()[:, None, 0, :]
+        y = (windows.float() * taps).sum(-1).to(x.dtype)
     return F.silu(y).transpose(1, 2), None if cache is None else _next_conv_cache(x, cache, width)
 
 
@@ -437,8 +437,9 @@ def _check_inputs(q, k, v, g, b_logit, w, content, initial_state, state_rows=Non
 
 
 def _prepare(q, k, v, g, b_logit, w, content, initial_state, scale):
-    """Common set-up of both torch paths: fp32 [B, H, T, D] views, the write term u, the state."""
-    B, T, H, K = q.shape
+    """Common set-up of both torch paths: q and k L2-normalised, the write term u = w v, g floored and
+    b_logit, all as fp32 [B, H, T, D] tensors; the scale; the state."""
+    B, _, H, K = q.shape
     V = v.shape[-1]
     g = log_decay_of(g)
     _check_inputs(q, k, v, g, b_logit, w, content, initial_state)
@@ -486,22 +487,25 @@ def recurrent_carve_torch(q, k, v, g, b_logit, w, content=None, initial_state=No
     return o, final
 
 
-def _decayed_products(x, k, G, strict, sub=16):
+SUB_CHUNK = 16   # tokens of a sub-chunk in _decayed_products, as the Triton kernels' blocks (docs/DESIGN.md section 3)
+
+
+def _decayed_products(x, k, G, strict):
     """P_rs = sum_c x_rc k_sc exp(G_rc - G_sc) for s <= r (s < r if strict), 0 above: [B, H, C, C].
 
     exp(G_r - G_s) <= 1 wherever it is used, but gamma^-1 = exp(-G_s) alone overflows fp32 for a
-    fast-decaying channel. So the chunk is cut into sub-chunks of `sub` tokens: inside one, the ratio
+    fast-decaying channel. So the chunk is cut into sub-chunks of SUB_CHUNK tokens: inside one, the ratio
     is formed pairwise; between sub-chunk i and an earlier j it is split into three factors that are
     each <= 1, exp(G_r - G_first(i)) exp(G_first(i) - G_last(j)) exp(G_last(j) - G_s), which turns the
     off-diagonal blocks into matrix products."""
     B, H, C, K = x.shape
-    n = -(-C // sub)
-    pad = n * sub - C
+    n = -(-C // SUB_CHUNK)
+    pad = n * SUB_CHUNK - C
     if pad:  # zero vectors with no further decay; their rows and columns are cut off at the end
         x, k = F.pad(x, (0, 0, 0, pad)), F.pad(k, (0, 0, 0, pad))
         G = torch.cat([G, G[:, :, -1:].expand(B, H, pad, K)], dim=2)
-    xb, kb, Gb = (t.reshape(B, H, n, sub, K) for t in (x, k, G))
-    inside = torch.ones(sub, sub, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
+    xb, kb, Gb = (t.reshape(B, H, n, SUB_CHUNK, K) for t in (x, k, G))
+    inside = torch.ones(SUB_CHUNK, SUB_CHUNK, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
     diff = (Gb[..., :, None, :] - Gb[..., None, :, :]).masked_fill(~inside[:, :, None], float("-inf"))
     diag = (xb[..., :, None, :] * kb[..., None, :, :] * diff.exp()).sum(-1)            # [B, H, n, s, s]
     G_first, G_last = Gb[..., 0, :], Gb[..., -1, :]                                     # [B, H, n, K]
@@ -511,7 +515,7 @@ def _decayed_products(x, k, G, strict, sub=16):
     between = (G_first[:, :, :, None] - G_last[:, :, None]).masked_fill(~earlier[:, :, None], float("-inf")).exp()
     blocks = (left[:, :, :, None] * between[..., None, :]) @ right[:, :, None].transpose(-1, -2)  # [B,H,n,n,s,s]
     blocks = blocks + torch.eye(n, dtype=x.dtype, device=x.device)[:, :, None, None] * diag[:, :, :, None]
-    return blocks.transpose(3, 4).reshape(B, H, n * sub, n * sub)[:, :, :C, :C]
+    return blocks.transpose(3, 4).reshape(B, H, n * SUB_CHUNK, n * SUB_CHUNK)[:, :, :C, :C]
 
 
 def _chunk_segments(offset, T, chunk_size):
@@ -535,11 +539,11 @@ def _chunk_step(q, k, u, g, b_logit, S0, delta, scale):
     M = _decayed_products(q, k, G, strict=False)                                     # M_rs, s <= r
     gamma = G.exp()
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    # A = (I + T)^-1 is never formed: one unit-lower-triangular solve gives Y and U together
-    YU = torch.linalg.solve_triangular(eye + T, torch.cat([gamma * b * k, u], dim=-1),
-                                       upper=False, unitriangular=True)
-    Y, U = YU.split([k.shape[-1], u.shape[-1]], dim=-1)
-    R = U - Y @ S0                                                                   # v_new of every token
+    # A = (I + T)^-1 is never formed: one unit-lower-triangular solve gives Y and A Z (Z = u) together
+    Y_AZ = torch.linalg.solve_triangular(eye + T, torch.cat([gamma * b * k, u], dim=-1),
+                                         upper=False, unitriangular=True)
+    Y, AZ = Y_AZ.split([k.shape[-1], u.shape[-1]], dim=-1)
+    R = AZ - Y @ S0                                                                  # v_new of every token
     o = ((gamma * q) @ S0 + M @ R) * scale
     decay_to_end = (G[:, :, -1:, :] - G).exp()                                       # gamma_C / gamma_r
     S = gamma[:, :, -1, :, None] * S0 + (decay_to_end * k).transpose(-1, -2) @ R
@@ -572,7 +576,8 @@ def chunk_carve_torch(q, k, v, g, b_logit, w, content=None, initial_state=None,
 
 def _needs_grad(q, k, v, g, b_logit, w, content, initial_state):
     """Whether autograd would record this call: grad mode on and any tensor input requiring grad."""
-    tensors = [q, k, v, g, b_logit, w, *(content or ()), *(initial_state[:3] if initial_state else ())]
+    state = (initial_state.S, initial_state.o_sum, initial_state.delta) if initial_state is not None else ()
+    tensors = [q, k, v, g, b_logit, w, *(content or ()), *state]
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -591,7 +596,7 @@ def _sequence_bounds(q, cu_seqlens, initial_state):
 
 
 def packed_sequences_torch(q, k, v, g, b_logit, w, content, initial_state, output_final_state, scale, chunk_size,
-                      cu_seqlens):
+                           cu_seqlens):
     """Packed sequences (flash-attention's cu_seqlens): the inputs are [1, total, H, D] holding N
     sequences back to back, sequence i at cu_seqlens[i] : cu_seqlens[i+1]. Each starts from its own
     state (row i of initial_state, else zeros) and counts chunks from its own start, so no state,
@@ -635,12 +640,42 @@ def packed_sequences_torch(q, k, v, g, b_logit, w, content, initial_state, outpu
 CHUNK_BT = 16  # rows of a block
 # Launch settings from a sweep on an H200 (4, 8 and 16 warps, 1 to 3 stages). Two stages let the loads
 # of the next block overlap the current one's products; the exceptions below were faster than that
-# default (the prep kernel and GDN-2's walk 1.5x, the key side 1.07x).
+# default (the prep kernel and GDN-2's walk 1.5x, the key side 1.07x). The backward's re-walk of the
+# block states (REBUILD_LAUNCH) runs with GDN-2's walk's settings: it is a walk over value blocks too.
 CHUNK_LAUNCH = dict(num_warps=8, num_stages=2)
 PREP_LAUNCH = dict(num_warps=4, num_stages=2)
 GDN2_WALK_LAUNCH = dict(num_warps=8, num_stages=3)
+REBUILD_LAUNCH = dict(num_warps=8, num_stages=3)
 KEYS_LAUNCH = dict(num_warps=8, num_stages=3)
-SEQ_FIELDS = 6  # a sequence table row: first token, length, offset, first stored chunk, chunks, first stored block
+
+
+def _reverse_walk_launch(n_walks, sms):
+    """The backward's reverse walk (_chunk_bwd_walk): 4 warps when there are more walk programs than SMs,
+    as two then share an SM, so all run at once (0.46 against 0.61 ms at 8 x 2048 on an H200); fewer
+    programs run faster with 8 warps."""
+    return dict(num_warps=4 if n_walks > sms else 8, num_stages=2)
+
+
+class SequenceRow(NamedTuple):
+    """A row of the sequence table (_sequence_table), which the chunk kernels read as SEQ_FIELDS ints a
+    sequence (_sequence)."""
+    first_token: int   # its first token's row among the flattened B*T tokens
+    length: int
+    offset: int        # the absolute position of its first token
+    first_chunk: int   # its first chunk's row in the per-chunk stores (ChunkSaved's chunk_delta, chunk_mean)
+    n_chunks: int      # the absolute chunks its tokens touch
+    first_block: int   # its first block's row in the per-block stores (ChunkSaved's block_decay)
+
+
+SEQ_FIELDS = len(SequenceRow._fields)
+
+
+class TableSizes(NamedTuple):
+    """The sequence table's sizes (_table_sizes), by which the launchers size their stores and grids."""
+    n_sequences: int
+    n_chunks: int      # rows of the per-chunk stores, all sequences together
+    n_blocks: int      # rows of the per-block stores, all sequences together
+    most_chunks: int   # the most chunks of one sequence
 
 
 class ChunkSchedule(NamedTuple):
@@ -656,7 +691,7 @@ class ChunkSchedule(NamedTuple):
 WALK_PIECES, PIECE_CHUNKS = 8, 16  # pieces of a walk: at most 8, none shorter than 16 chunks
 
 
-def chunk_schedule(n_sequences, most_chunks, H, V, has_content, sm_count) -> ChunkSchedule:
+def chunk_schedule(n_sequences, most_chunks, H, V, has_content, sms) -> ChunkSchedule:
     """The launch plan, measured on an H200 (docs/DESIGN.md section 4 has the numbers).
     - The split forward moves more data (the prepared tiles): it pays only when the (sequence, head)
       walk programs fill less than half of the SMs.
@@ -666,8 +701,8 @@ def chunk_schedule(n_sequences, most_chunks, H, V, has_content, sm_count) -> Chu
       15.6 ms against 17.6 without pieces (CARVE), 7.95 against 9.95 (GDN-2), and CARVE 3.86 against
       4.01 at 4 x 4096. The reverse walk then takes 64 columns again: twice as many idle SMs gained
       more than the narrower walk.
-    most_chunks: the most chunks of one sequence. On the CPU (sm_count 0) the walk alone, unpieced."""
-    sms = sm_count
+    most_chunks: the most chunks of one sequence; sms: the card's SMs. On the CPU (sms 0) the walk alone,
+    unpieced."""
 
     def pieces(n_walks):
         idle = 2 * n_walks <= sms
@@ -693,21 +728,22 @@ class ChunkSaved(NamedTuple):
     (_chunk_rebuild_states), since keeping it took 512 MiB a 1.3B layer of 4 x 4096 tokens. Nor the
     block tiles Y, gamma q and k_end (BlockTiles), which the backward makes again (_chunk_bwd_tiles).
     The walk starts from a copy of S0: a model's cache overwrites S0 in place after the call."""
-    chunk_delta: torch.Tensor   # [chunks, H, K] fp32 Delta of each chunk
-    chunk_mean: torch.Tensor    # [chunks, H, V] fp32 m of each complete chunk (0 elsewhere and for GDN-2)
-    v_new: torch.Tensor         # [B, T, H, V] R = A Z - Y S of every token
-    inverse: torch.Tensor       # [B, T, H, BT] fp32 A = (I + T)^-1 of each block, a row per token
-    decayed_qk: torch.Tensor    # [B, T, H, BT] fp32 M of each block, a row per token
-    block_decay: torch.Tensor   # [blocks, H, K] fp32 the block's total log-decay G_L
-    initial_state: torch.Tensor  # [N, H, K, V] fp32 copy of S0 (empty without one), where the re-walk starts
+    # each field's comment ends with the kernel parameter that takes it
+    chunk_delta: torch.Tensor   # [chunks, H, K] fp32 Delta of each chunk; delta_store
+    chunk_mean: torch.Tensor    # [chunks, H, V] fp32 m of each complete chunk (0 elsewhere and for GDN-2); m_store
+    v_new: torch.Tensor         # [B, T, H, V] R = A Z - Y S of every token; r_store
+    inverse: torch.Tensor       # [B, T, H, BT] fp32 A = (I + T)^-1 of each block, a row per token; a_store
+    decayed_qk: torch.Tensor    # [B, T, H, BT] fp32 M of each block, a row per token; mm_store
+    block_decay: torch.Tensor   # [blocks, H, K] fp32 the block's total log-decay G_L; gl_store
+    initial_state: torch.Tensor  # [N, H, K, V] fp32 copy of S0 (empty without one), where the re-walk starts; S_in
 
 
 class BlockTiles(NamedTuple):
     """Per-token tiles in the operand dtype that the split forward's walks and the backward's two walks
     read, made by each pass for itself (3 x 64 MiB a 1.3B layer of 16,384 tokens, not kept in between)."""
-    y: torch.Tensor             # [B, T, H, K] Y = A (gamma b k)
-    gamma_q: torch.Tensor       # [B, T, H, K] gamma q
-    k_end: torch.Tensor         # [B, T, H, K] the keys decayed to their block's end
+    y: torch.Tensor             # [B, T, H, K] Y = A (gamma b k); y_store
+    gamma_q: torch.Tensor       # [B, T, H, K] gamma q; gq_store
+    k_end: torch.Tensor         # [B, T, H, K] the keys decayed to their block's end; kend_store
 
 
 def _block_tiles_buffers(q, y=True, gamma_q_and_k_end=True):
@@ -724,6 +760,9 @@ class ChunkForward(NamedTuple):
     o_sum: torch.Tensor
     delta: torch.Tensor
     saved: ChunkSaved
+
+
+FIRST_SAVED_OUTPUT = 4   # carve::chunk_fwd's list of outputs: o, S, o_sum, delta, then ChunkSaved's fields
 
 
 def chunk_triton_supports(k_dim, v_dim, chunk_size):
@@ -750,10 +789,12 @@ def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
                          f"multiple of 16; got K={K}, V={v.shape[-1]}, chunk_size={chunk_size}")
     offset = initial_state.offset if initial_state is not None else 0
     table = _sequence_table(B, T, offset, bounds, chunk_size)
-    schedule = schedule or chunk_schedule(len(table) // SEQ_FIELDS, _table_sizes(table)[3], H, v.shape[-1],
-                                          content is not None, _sm_count(q.device))
+    sizes = _table_sizes(table)
+    schedule = schedule or chunk_schedule(sizes.n_sequences, sizes.most_chunks, H, v.shape[-1], content is not None,
+                                          _sm_count(q.device))
     D, U = content if content is not None else (None, None)
-    S0, o_sum0, delta0 = initial_state[:3] if initial_state is not None else (None, None, None)
+    S0, o_sum0, delta0 = (initial_state.S, initial_state.o_sum, initial_state.delta) if initial_state is not None \
+        else (None, None, None)
     g, A_log, dt_bias, a_log_min = g if isinstance(g, DecayGate) else (g, None, None, 0.0)
     g, g_weight = (g.x, g.weight) if isinstance(g, GateProjection) else (g, None)
     if A_log is not None:   # the kernels index them as packed [H] and [H, K]
@@ -763,43 +804,44 @@ def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
         K ** -0.5 if scale is None else float(scale),
         chunk_size, schedule.split_forward, schedule.walk_columns, schedule.forward_pieces,
         schedule.backward_columns or schedule.walk_columns, schedule.backward_pieces, g_weight,
-        *(conv if conv is not None else (None, None, None)))[:4]
+        *(conv if conv is not None else (None, None, None)))[:FIRST_SAVED_OUTPUT]
     if not output_final_state:
         return o, None
-    offsets = tuple(table[2 + i] + table[1 + i] for i in range(0, len(table), SEQ_FIELDS))
+    offsets = tuple(row.offset + row.length for row in _table_rows(table))
     return o, CarveState(S, o_sum.detach(), delta, offsets if cu_seqlens is not None else offset + T)
 
 
-def _pieces(offset, length, size):
-    """How many pieces of `size` tokens, aligned at absolute multiples of it, the tokens offset ..
+def _aligned_windows(offset, length, size):
+    """How many windows of `size` tokens, aligned at absolute multiples of it, the tokens offset ..
     offset + length - 1 touch."""
     return (offset + length - 1) // size - offset // size + 1 if length else 0
 
 
 def _sequence_table(B, T, offset, cu_seqlens, chunk_size):
-    """Per sequence, SEQ_FIELDS ints: first token (a row of the flattened B*T tokens), length, absolute
-    offset, first stored chunk, number of chunks, first stored block; flattened (a custom-op argument)."""
+    """A SequenceRow per sequence, flattened into one list of ints (a custom-op argument)."""
     bounds = [n * T for n in range(B + 1)] if cu_seqlens is None else list(cu_seqlens)
     offsets = list(offset) if isinstance(offset, (tuple, list)) else [offset] * (len(bounds) - 1)
     table, chunks, blocks = [], 0, 0
     for start, end, off in zip(bounds, bounds[1:], offsets):
-        n_chunks = _pieces(off, end - start, chunk_size)
-        table += [start, end - start, off, chunks, n_chunks, blocks]
+        n_chunks = _aligned_windows(off, end - start, chunk_size)
+        table += SequenceRow(first_token=start, length=end - start, offset=off, first_chunk=chunks, n_chunks=n_chunks,
+                             first_block=blocks)
         chunks += n_chunks
-        blocks += _pieces(off, end - start, CHUNK_BT)
+        blocks += _aligned_windows(off, end - start, CHUNK_BT)
     return table
 
 
 def _table_rows(table):
-    """The flattened sequence table as a list of its rows (SEQ_FIELDS ints each)."""
-    return [table[i:i + SEQ_FIELDS] for i in range(0, len(table), SEQ_FIELDS)]
+    """The flattened sequence table as a list of SequenceRows."""
+    return [SequenceRow(*table[i:i + SEQ_FIELDS]) for i in range(0, len(table), SEQ_FIELDS)]
 
 
-def _table_sizes(table):
-    """(sequences, stored chunks, stored blocks, most chunks of one sequence)."""
+def _table_sizes(table) -> TableSizes:
     rows = _table_rows(table)
     last = rows[-1]
-    return len(rows), last[3] + last[4], last[5] + _pieces(last[2], last[1], CHUNK_BT), max(r[4] for r in rows)
+    return TableSizes(n_sequences=len(rows), n_chunks=last.first_chunk + last.n_chunks,
+                      n_blocks=last.first_block + _aligned_windows(last.offset, last.length, CHUNK_BT),
+                      most_chunks=max(row.n_chunks for row in rows))
 
 
 def _packed_bt(x):
@@ -854,16 +896,17 @@ def _dot_operands(dtype):
                 PREC="tf32x3" if fp32 else "tf32", enable_fp_fusion=not fp32)
 
 
-def _forward_buffers(q, v, table, has_initial, new=torch.empty):
+def _forward_buffers(q, v, table, has_initial, new):
     """carve::chunk_fwd's outputs as a ChunkForward of tensors made by `new(shape, dtype)`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    N, n_chunks, n_blocks, _ = _table_sizes(table)
+    sizes = _table_sizes(table)
+    N = sizes.n_sequences
     f32, dt = torch.float32, _operand_dtype(q.dtype)
     rows = lambda D, dtype: new((B, T, H, D), dtype)  # noqa: E731
-    saved = ChunkSaved(chunk_delta=new((n_chunks, H, K), f32),
-                       chunk_mean=new((n_chunks, H, V), f32), v_new=rows(V, dt), inverse=rows(CHUNK_BT, f32),
-                       decayed_qk=rows(CHUNK_BT, f32), block_decay=new((n_blocks, H, K), f32),
+    saved = ChunkSaved(chunk_delta=new((sizes.n_chunks, H, K), f32),
+                       chunk_mean=new((sizes.n_chunks, H, V), f32), v_new=rows(V, dt), inverse=rows(CHUNK_BT, f32),
+                       decayed_qk=rows(CHUNK_BT, f32), block_decay=new((sizes.n_blocks, H, K), f32),
                        initial_state=new((N, H, K, V) if has_initial else (0,), f32))
     return ChunkForward(o=rows(V, v.dtype), S=new((N, H, K, V), f32), o_sum=new((N, H, V), f32),
                         delta=new((N, H, K), f32), saved=saved)
@@ -874,7 +917,8 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
     """The launches of one chunk forward (the body of carve::chunk_fwd). g is the log-decay, or with
     A_log and dt_bias (not None) a DecayGate's raw projection f."""
     H, K = q.shape[2], q.shape[3]
-    N = len(table) // SEQ_FIELDS
+    sizes = _table_sizes(table)
+    N = sizes.n_sequences
     dev, f32 = q.device, torch.float32
     q, k, v, g, b_logit, w = (_token_rows(x) for x in (q, k, v, g, b_logit, w))
     use_initial = S0 is not None
@@ -888,10 +932,9 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
     has_content = D is not None
     seqs = _to_device(table, dev)
     V = v.shape[-1]
-    _, _, n_blocks, max_chunks = _table_sizes(table)
-    # the state at each block's start: only GDN-2's output kernel reads it (the walks compute O as they
-    # go), and the backward walks it again rather than keeping it
-    block_state = torch.empty(n_blocks, H, K, V, dtype=_operand_dtype(q.dtype), device=dev) \
+    # the state at each block's start (the kernels' h_store): only GDN-2's output kernel reads it (the walks
+    # compute O as they go), and the backward walks it again rather than keeping it
+    block_state = torch.empty(sizes.n_blocks, H, K, V, dtype=_operand_dtype(q.dtype), device=dev) \
         if schedule.split_forward and not has_content else None
     inputs = dict(q=q, k=k, g=g, A_log=A_log, dt_bias=dt_bias, a_log_min=a_log_min, RAW_DECAY=A_log is not None,
                   b_logit=b_logit, v=v, w=w, sq=q.stride(1), sk=k.stride(1), sg=g.stride(1), sb=b_logit.stride(1),
@@ -904,28 +947,30 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
     stores = dict(o=out.o, S_out=out.S, o_sum_out=out.o_sum, delta_out=out.delta, h_store=block_state,
                   delta_store=saved.chunk_delta, m_store=saved.chunk_mean, r_store=saved.v_new, a_store=saved.inverse,
                   mm_store=saved.decayed_qk, gq_store=tiles.gamma_q, kend_store=tiles.k_end,
-                  gl_store=saved.block_decay, scale=scale)
+                  gl_store=saved.block_decay)
+    # the walks compute O as they go and keep no block states (STORE_STATES); tests/test_triton_chunk.py
+    # turns it on to compare them with the states the backward rebuilds
     walk = dict(D=D, U=U, RANK=D.shape[1] if has_content else 1, VALUE_GATE=w.dim() == 4, HAS_CONTENT=has_content,
-                STORE_STATES=False, **inputs, **stores, **common, **CHUNK_LAUNCH)   # True: a test's witness
+                STORE_STATES=False, scale=scale, **inputs, **stores, **common, **CHUNK_LAUNCH)
     if not schedule.split_forward:
         _chunk_fwd_kernel[(N * H,)](S_in=S_in, o_sum_in=o_sum_in, delta_in=delta0, seqs=seqs, kp_store=None,
                                     pk_store=None, gk_store=None, PREPPED=False, USE_INITIAL=use_initial, **walk)
         return out
     # CARVE's walk loads the key tiles; GDN-2's Delta never changes, so the prep kernel also solves
-    # and leaves U = A Z for a walk over value blocks
+    # and leaves A Z for a walk over value blocks
     key_tiles = dict(kp_store=torch.empty(q.shape, dtype=f32, device=dev),
                      pk_store=torch.empty(q.shape, dtype=_operand_dtype(q.dtype), device=dev),
                      gk_store=torch.empty(q.shape, dtype=f32, device=dev)) if has_content else \
         dict(kp_store=None, pk_store=None, gk_store=None)
-    u = None if has_content else torch.empty(v.shape, dtype=f32, device=dev)
+    az = None if has_content else torch.empty(v.shape, dtype=f32, device=dev)
     BV = schedule.walk_columns
     pieces = _walk_pieces(table, schedule.forward_pieces, chunk_size)
-    walk_stream = _walk_stream(dev) if len(pieces) > 1 and dev.type == "cuda" else None
+    walk_stream = _walk_stream(dev, len(pieces))
     for i, (piece_table, piece) in enumerate(zip(pieces, _pieces_on_device(pieces, dev, seqs))):
-        piece_chunks = _table_sizes(piece_table)[3]
+        piece_chunks = _table_sizes(piece_table).most_chunks
         _chunk_prep_kernel[(N * piece_chunks * H,)](
             delta_in=delta0, mm_store=saved.decayed_qk, gq_store=tiles.gamma_q, kend_store=tiles.k_end,
-            gl_store=saved.block_decay, a_store=saved.inverse, y_store=tiles.y, u_store=u,
+            gl_store=saved.block_decay, a_store=saved.inverse, y_store=tiles.y, az_store=az,
             delta_store=saved.chunk_delta, seqs=piece, max_chunks=piece_chunks, VALUE_GATE=w.dim() == 4,
             SOLVE=not has_content, **key_tiles, **inputs, **common, **PREP_LAUNCH)
         # a later piece starts from the state, o_sum and delta the previous one left (read, then rewritten)
@@ -936,15 +981,15 @@ def chunk_forward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U
                 _chunk_fwd_kernel[(N * H,)](seqs=piece, PREPPED=True, **start, **key_tiles, **walk)
             else:
                 _chunk_fwd_gdn2_walk[(N * H * (V // BV),)](
-                    u_store=u, y_store=tiles.y, kend_store=tiles.k_end, gl_store=saved.block_decay,
+                    az_store=az, y_store=tiles.y, kend_store=tiles.k_end, gl_store=saved.block_decay,
                     S_out=out.S, o_sum_out=out.o_sum, delta_out=out.delta, h_store=block_state,
                     r_store=saved.v_new, seqs=piece, H=H, BV=BV, **start, **common, **GDN2_WALK_LAUNCH)
     if walk_stream is not None:
         torch.cuda.current_stream(dev).wait_stream(walk_stream)
     if not has_content:
-        _chunk_fwd_output[(N * max_chunks * H,)](
+        _chunk_fwd_output[(N * sizes.most_chunks * H,)](
             o=out.o, h_store=block_state, r_store=saved.v_new, mm_store=saved.decayed_qk,
-            gq_store=tiles.gamma_q, o_sum_out=out.o_sum, seqs=seqs, max_chunks=max_chunks, H=H, scale=scale,
+            gq_store=tiles.gamma_q, o_sum_out=out.o_sum, seqs=seqs, max_chunks=sizes.most_chunks, H=H, scale=scale,
             **common, **CHUNK_LAUNCH)
     return out
 
@@ -954,7 +999,7 @@ def _walk_pieces(table, n, chunk_size):
     per sequence (empty where a sequence has no chunks left) pointing into the same stores, so the
     kernels are the same; one piece is the table itself."""
     rows = _table_rows(table)
-    most = max(r[4] for r in rows)
+    most = max(row.n_chunks for row in rows)
     if n <= 1 or most < 2:
         return [table]
     per_piece = -(-most // n)
@@ -965,24 +1010,30 @@ def _walk_pieces(table, n, chunk_size):
             lo, hi = min(i0, n_chunks), min(i0 + per_piece, n_chunks)   # the sequence's chunks lo .. hi - 1
             start = off if lo == 0 else min(off + length, (off // chunk_size + lo) * chunk_size)
             end = max(start, min(off + length, (off // chunk_size + hi) * chunk_size))
-            piece += [bos + start - off, end - start, start, chunk0 + lo, hi - lo,
-                      block0 + start // CHUNK_BT - off // CHUNK_BT]
+            piece += SequenceRow(first_token=bos + start - off, length=end - start, offset=start,
+                                 first_chunk=chunk0 + lo, n_chunks=hi - lo,
+                                 first_block=block0 + start // CHUNK_BT - off // CHUNK_BT)
         pieces.append(piece)
     return pieces
 
 
-def _pieces_on_device(pieces, device, seqs=None):
-    """The pieces' tables on the device, in one copy; for one piece, `seqs` if the caller already has the
-    whole table there."""
-    if len(pieces) == 1 and seqs is not None:
+def _pieces_on_device(pieces, device, seqs):
+    """The pieces' tables on the device, in one copy; for one piece (the whole table), `seqs`, the table
+    the caller already has there."""
+    if len(pieces) == 1:
         return [seqs]
     return list(torch.split(_to_device(sum(pieces, []), device), len(pieces[0])))
 
 
+def _walk_stream(device, n_pieces):
+    """A high-priority stream per GPU for the walks of a sequence walked in pieces: when one piece's walk
+    ends, the next one's programs take the freed SMs before the parallel kernels' waiting programs do.
+    None for one piece, or on the CPU: the walks then run on the current stream (_after_current)."""
+    return _high_priority_stream(device) if n_pieces > 1 and device.type == "cuda" else None
+
+
 @functools.lru_cache(maxsize=None)
-def _walk_stream(device):
-    """A high-priority stream per GPU for the walks of a pieced sequence: when one piece's walk ends, the
-    next one's programs take the freed SMs before the parallel kernels' waiting programs do."""
+def _high_priority_stream(device):
     return torch.cuda.Stream(device, priority=-1)
 
 
@@ -1169,10 +1220,11 @@ def _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, h_offsets, STORE: tl.constex
 @triton_jit
 def _block_tiles(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq, sk, sg, K: tl.constexpr,
                  RAW_DECAY: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
-    """What a block's forward needs that depends on neither the state nor Delta: M, gamma q and the keys
-    decayed to the block end in the operand dtype, and the block's total log-decay (M and G_L kept for
-    the backward, gamma q and k_end made again by it: _chunk_bwd_tiles); and the key tiles T and Y are
-    built from, Kp = k exp(G - G_L/2) and gamma k in fp32, Pk = k exp(G_L/2 - G) in the operand dtype."""
+    """What a block's forward needs that depends on neither the state nor Delta: M in fp32, gamma q and
+    the keys decayed to the block end (k_end) in the operand dtype, and the block's total log-decay (M and
+    G_L kept for the backward, gamma q and k_end made again by it: _chunk_bwd_tiles); and the key tiles T
+    and Y are built from, Kp = k exp(G - G_L/2) and gamma k in fp32, Pk = k exp(G_L/2 - G) in the operand
+    dtype."""
     qn, kn, q_norm, k_norm, g_raw, Gc, GL = _block_inputs(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq,
                                                           sk, sg, K, RAW_DECAY)
     Pq, Pk, Kp, e_pos, e_neg = _block_factors(qn, kn, Gc, GL)
@@ -1200,13 +1252,13 @@ def _store_block_tiles(mm_store, gq_store, kend_store, gl_store, Mm, gq_dt, k_en
 
 @triton_jit
 def _chunk_prep_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, delta_in, mm_store, gq_store, kend_store,
-                       gl_store, kp_store, pk_store, gk_store, a_store, y_store, u_store, delta_store, seqs,
+                       gl_store, kp_store, pk_store, gk_store, a_store, y_store, az_store, delta_store, seqs,
                        max_chunks, sq, sk, sg, sb, sv, sw, H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        RAW_DECAY: tl.constexpr, VALUE_GATE: tl.constexpr, SOLVE: tl.constexpr, DT: tl.constexpr,
                        PREC: tl.constexpr, BT: tl.constexpr):
     """One program per (sequence, chunk, head), for a forward split in parallel parts: each block's
     _block_tiles, stored for the backward and, for the CARVE walk (PREPPED), the three key tiles. With
-    SOLVE (GDN-2, whose Delta never changes): the solve itself, A, Y and U = A Z, for
+    SOLVE (GDN-2, whose Delta never changes): the solve itself, A, Y and A Z, for
     _chunk_fwd_gdn2_walk."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
@@ -1232,7 +1284,7 @@ def _chunk_prep_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, delta_
                 tl.store(a_store + (tok[:, None] * H + i_h) * BT + o_t[None, :], A, mask=m_row)
                 tl.store(y_store + p_k, Y_dt.to(y_store.dtype.element_ty), mask=m_row)
                 o_v = tl.arange(0, V)
-                tl.store(u_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], AZ, mask=m_row)
+                tl.store(az_store + tok[:, None] * (H * V) + i_h * V + o_v[None, :], AZ, mask=m_row)
             else:
                 tl.store(kp_store + p_k, Kp, mask=m_row)
                 tl.store(pk_store + p_k, Pk_dt.to(pk_store.dtype.element_ty), mask=m_row)
@@ -1240,11 +1292,11 @@ def _chunk_prep_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, delta_
 
 
 @triton_jit
-def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in, delta_in, S_out, o_sum_out,
+def _chunk_fwd_gdn2_walk(az_store, y_store, kend_store, gl_store, S_in, o_sum_in, delta_in, S_out, o_sum_out,
                          delta_out, h_store, r_store, seqs, H, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
                          C: tl.constexpr, USE_INITIAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                          BT: tl.constexpr):
-    """GDN-2's walk, one program per (sequence, head, value block): with A, Y and U = A Z solved in
+    """GDN-2's walk, one program per (sequence, head, value block): with A, Y and A Z solved in
     parallel beforehand, a block is _walk_block, as in the CARVE walk. Stores the state at every block
     start and R; the outputs come from _chunk_fwd_output."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
@@ -1254,10 +1306,11 @@ def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in,
     o_v = i_v * BV + tl.arange(0, BV)
     p_kv = o_k[:, None] * V + o_v[None, :]
     p_S = i_nh * K * V + p_kv
+    # the initial o_sum (or 0) goes to o_sum_out, where _chunk_fwd_output reads and updates it
     if USE_INITIAL:
         S = tl.load(S_in + p_S)
-        tl.store(o_sum_out + i_nh * V + o_v, tl.load(o_sum_in + i_nh * V + o_v))   # _chunk_fwd_output
-    else:                                                                          # updates it
+        tl.store(o_sum_out + i_nh * V + o_v, tl.load(o_sum_in + i_nh * V + o_v))
+    else:
         S = tl.zeros([K, BV], dtype=tl.float32)
         tl.store(o_sum_out + i_nh * V + o_v, tl.zeros([BV], dtype=tl.float32))
     if i_v == 0:
@@ -1269,7 +1322,7 @@ def _chunk_fwd_gdn2_walk(u_store, y_store, kend_store, gl_store, S_in, o_sum_in,
         p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
         Y_dt = tl.load(y_store + p_k, mask=m_row, other=0.0).to(DT)
         k_end_dt = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
-        AZ = tl.load(u_store + p_v, mask=m_row, other=0.0)
+        AZ = tl.load(az_store + p_v, mask=m_row, other=0.0)
         i_blk = (block0 + a - blk_first) * H + i_h
         GL = tl.load(gl_store + i_blk * K + o_k)
         S_dt, R_dt, S = _walk_block(S, Y_dt, AZ, k_end_dt, GL, h_store, i_blk * K * V + p_kv, True, DT, PREC)
@@ -1282,8 +1335,9 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, 
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                       BT: tl.constexpr):
     """GDN-2's outputs, one program per (sequence, chunk, head): O = (gamma q S + M R) scale from the
-    stored block states and R, as the CARVE walk computes it; the last chunk of a sequence also adds
-    its rows into the final o_sum (which _chunk_fwd_gdn2_walk set to the initial one)."""
+    stored block states and R, as the CARVE walk computes it. The last chunk of a sequence writes the
+    final o_sum: 0 if it is complete, else its rows' sum, plus the initial o_sum when it is also the
+    call's first chunk (the chunk that o_sum belongs to)."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
     if j < n_chunks:
@@ -1292,7 +1346,7 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, 
         o_v = tl.arange(0, V)
         i_nh = i_n * H + i_h
         last = j == n_chunks - 1
-        if last & (j == 0):
+        if last & (j == 0):   # the initial o_sum, which _chunk_fwd_gdn2_walk copied into o_sum_out
             o_acc = tl.load(o_sum_out + i_nh * V + o_v)
         else:
             o_acc = tl.zeros([V], dtype=tl.float32)
@@ -1399,30 +1453,31 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
 # given a DecayGate, df for dg and the parts of the gradients of dt_bias and A_log).
 
 def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved: ChunkSaved, table,
-                          scale, chunk_size, walk_columns, pieces, split_forward):
+                          scale, chunk_size, backward_columns, backward_pieces, split_forward):
     """The launches of one chunk backward (the body of carve::chunk_bwd): dq, dk, dv, dg, db_logit,
     dw, dDelta of each chunk, each initial state's gradient, and for a DecayGate (A_log given; dg is
-    then df) the gradients of dt_bias and A_log, the latter before A_log's floor (zeros without). With
-    pieces (chunk_schedule), the value and key sides of the piece just walked run beside the reverse
-    walk of the pieces before it. split_forward: the forward's form (its block tiles are made again with
-    the launch settings of the kernel that made them)."""
+    then df) the gradients of dt_bias and A_log, the latter before A_log's floor (zeros without).
+    backward_columns and backward_pieces: ChunkSchedule's, the reverse walk's value columns and pieces;
+    with pieces, the value and key sides of the piece just walked run beside the reverse walk of the
+    pieces before it. split_forward: the forward's form (its block tiles are made again with the launch
+    settings of the kernel that made them)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N, n_chunks, n_blocks, max_chunks = _table_sizes(table)
     dev, f32, dt = q.device, torch.float32, _operand_dtype(q.dtype)
     q, k, v, g, b_logit, w, do = (_token_rows(x) for x in (q, k, v, g, b_logit, w, do))
-    BV = walk_columns
+    BV = backward_columns
     n_walks = N * H * (V // BV)
     dots = _dot_operands(q.dtype)
     seqs = _to_device(table, dev)
-    pieces = _walk_pieces(table, pieces, chunk_size)[::-1]   # the last piece first
+    pieces = _walk_pieces(table, backward_pieces, chunk_size)[::-1]   # the last piece first
     piece_seqs = _pieces_on_device(pieces, dev, seqs)
     # the walk carries dS through this buffer from the end of each sequence to its start
     dS0 = dS_end.float().clone(memory_format=torch.contiguous_format) if dS_end is not None else \
         torch.zeros(N, H, K, V, dtype=f32, device=dev)
     dr_store = torch.empty(B, T, H, V, dtype=dt, device=dev)    # only read as a dot operand
     ds_store = torch.empty(n_blocks, H, K, V, dtype=dt, device=dev)
-    block_state = torch.empty(n_blocks, H, K, V, dtype=dt, device=dev)
+    block_state = torch.empty(n_blocks, H, K, V, dtype=dt, device=dev)   # h_store, as the forward's
     tiles = _block_tiles_buffers(q)
     _chunk_bwd_tiles[(N * max_chunks * H,)](
         q=q, k=k, g=g, A_log=A_log, dt_bias=dt_bias, a_log_min=a_log_min, b_logit=b_logit,
@@ -1440,20 +1495,19 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
         S_in=saved.initial_state, kend_store=tiles.k_end, r_store=saved.v_new,
         gl_store=saved.block_decay, h_store=block_state, seqs=seqs, H=H, K=K, V=V,
         BV=rebuild_columns, C=chunk_size, USE_INITIAL=saved.initial_state.numel() > 0, BT=CHUNK_BT, **dots,
-        **GDN2_WALK_LAUNCH)
-    d_gl = torch.empty(n_blocks, H, V // BV, K, dtype=f32, device=dev)
-    # 4 warps when there are more walk programs than SMs: two then share an SM, so all run at once
-    # (0.46 against 0.61 ms at 8 x 2048 on an H200); fewer programs run faster with 8 warps
-    sms = _sm_count(dev)
-    walk_stream = _walk_stream(dev) if len(pieces) > 1 and dev.type == "cuda" else None
+        **REBUILD_LAUNCH)
+    # sum over V of S * dS, the gradient of gamma_L = exp(G_L): a part per block and reverse-walk program
+    s_ds_parts = torch.empty(n_blocks, H, V // BV, K, dtype=f32, device=dev)
+    walk_stream = _walk_stream(dev, len(pieces))
+    walk_launch = _reverse_walk_launch(n_walks, _sm_count(dev))
     walked = []   # an event after each piece's walk (None for one piece, or on the CPU)
     for piece in piece_seqs:
         with _after_current(walk_stream):
             _chunk_bwd_walk[(n_walks,)](
                 do=do, h_store=block_state, mm_store=saved.decayed_qk, y_store=tiles.y,
                 gq_store=tiles.gamma_q, kend_store=tiles.k_end, gl_store=saved.block_decay, dS_carry=dS0,
-                dr_store=dr_store, ds_store=ds_store, d_gl=d_gl, seqs=piece, H=H, scale=scale, K=K, V=V, BV=BV,
-                C=chunk_size, BT=CHUNK_BT, **dots, num_warps=4 if n_walks > sms else 8, num_stages=2)
+                dr_store=dr_store, ds_store=ds_store, s_ds_parts=s_ds_parts, seqs=piece, H=H, scale=scale, K=K, V=V,
+                BV=BV, C=chunk_size, BT=CHUNK_BT, **dots, **walk_launch)
             walked.append(walk_stream.record_event() if walk_stream is not None else None)
     d_gq, d_kend = (torch.empty(B, T, H, K, dtype=f32, device=dev) for _ in range(2))
     d_y = torch.empty(B, T, H, K, dtype=dt, device=dev)         # only read as a dot operand
@@ -1463,7 +1517,7 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
     for i, (piece_table, piece, event) in enumerate(zip(pieces, piece_seqs, walked)):
         if event is not None:
             torch.cuda.current_stream(dev).wait_event(event)
-        piece_chunks = _table_sizes(piece_table)[3]
+        piece_chunks = _table_sizes(piece_table).most_chunks
         grid = (N * piece_chunks * H,)
         _chunk_bwd_values[grid](
             v=v, w=w, do=do, r_store=saved.v_new, dr_store=dr_store, h_store=block_state, ds_store=ds_store,
@@ -1482,9 +1536,9 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
         _chunk_bwd_keys[grid](
             q=q, k=k, g=g, A_log=A_log, dt_bias=dt_bias, a_log_min=a_log_min, b_logit=b_logit,
             delta_store=saved.chunk_delta, a_store=saved.inverse, gl_store=saved.block_decay, d_gq=d_gq, d_y=d_y,
-            d_kend=d_kend, d_gl=d_gl, d_m=d_m, d_rr=d_rr, dq=dq, dk=dk, dg=dg, db_logit=db_logit, d_delta=d_delta,
-            d_dt_bias=d_dt_bias, d_A_log=d_A_log, seqs=piece, max_chunks=piece_chunks, sq=q.stride(1),
-            sk=k.stride(1), sg=g.stride(1), sb=b_logit.stride(1), H=H, NV=V // BV, K=K, C=chunk_size,
+            d_kend=d_kend, s_ds_parts=s_ds_parts, d_m=d_m, d_rr=d_rr, dq=dq, dk=dk, dg=dg, db_logit=db_logit,
+            d_delta=d_delta, d_dt_bias=d_dt_bias, d_A_log=d_A_log, seqs=piece, max_chunks=piece_chunks,
+            sq=q.stride(1), sk=k.stride(1), sg=g.stride(1), sb=b_logit.stride(1), H=H, NV=V // BV, K=K, C=chunk_size,
             RAW_DECAY=A_log is not None, BT=CHUNK_BT, **dots, **KEYS_LAUNCH)
     return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0, d_dt_bias.sum(0), d_A_log.sum((0, 2))]
 
@@ -1497,12 +1551,12 @@ def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size, lik
     rows = _table_rows(table)
     dev, H, K = like.device, like.shape[2], like.shape[3]
     final = d_delta_final if d_delta_final is not None else torch.zeros(len(rows), H, K, device=dev)
-    walked = [n for n, r in enumerate(rows) if r[4] > 0]       # sequences with at least one chunk
-    complete = [(r[1] + r[2]) % chunk_size == 0 for r in rows]  # ... whose last chunk is complete
+    walked = [n for n, r in enumerate(rows) if r.n_chunks > 0]         # sequences with at least one chunk
+    complete = [(r.offset + r.length) % chunk_size == 0 for r in rows]  # ... whose last chunk is complete
     # one copy to the device for all index lists: each copy costs the host tens of microseconds
-    lists = [[n for n, r in enumerate(rows) for _ in range(r[4])], walked,
-             [rows[n][3] + rows[n][4] - 1 for n in walked], [rows[n][3] for n in walked],
-             [complete[n] for n in walked], [r[4] == 0 or c for r, c in zip(rows, complete)]]
+    lists = [[n for n, r in enumerate(rows) for _ in range(r.n_chunks)], walked,
+             [rows[n].first_chunk + rows[n].n_chunks - 1 for n in walked], [rows[n].first_chunk for n in walked],
+             [complete[n] for n in walked], [r.n_chunks == 0 or c for r, c in zip(rows, complete)]]
     chunk_seq, seq, last, first, done, passes = torch.split(_to_device(sum(lists, []), dev), [len(x) for x in lists])
     done, passes = done.bool()[:, None, None], passes.bool()[:, None, None]
     final_of_last = final[seq]
@@ -1524,7 +1578,7 @@ def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size, lik
 @triton_jit
 def _state_grad_step(dS, gq, Y, gammaL, dO, dR, scale, DT: tl.constexpr, PREC: tl.constexpr):
     """The gradient of the state before a block from the one after it, with O = (gamma q S + M R) scale,
-    R = U - Y S and S_end = gamma_L S + k_end^T R: gamma_L dS + (gamma q)^T dO scale - Y^T dR."""
+    R = A Z - Y S and S_end = gamma_L S + k_end^T R: gamma_L dS + (gamma q)^T dO scale - Y^T dR."""
     dS = tl.dot(tl.trans((gq * scale).to(DT)), dO, acc=dS * gammaL[:, None], input_precision=PREC)
     return tl.dot(tl.trans((-Y).to(DT)), dR, acc=dS, input_precision=PREC)
 
@@ -1583,15 +1637,16 @@ def _chunk_rebuild_states(S_in, kend_store, r_store, gl_store, h_store, seqs, H,
 
 @triton_jit
 def _chunk_bwd_walk(do, h_store, mm_store, y_store, gq_store, kend_store, gl_store, dS_carry, dr_store, ds_store,
-                    d_gl, seqs, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                    s_ds_parts, seqs, H, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                     DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """One program per (sequence, head, value block), blocks in reverse, carrying dS (the gradient of
     the state after the block): stores dR of every token and dS of every block, in the operand dtype
-    (the value side reads both only as dot operands, as it reads the forward's block states), and this
-    value block's part of d_gl = sum over V of S * dS, the gradient of the block's decay (one part per
-    value block; the key side adds them). d_gl reads the fp32 dS, and the block state it needs is loaded
-    one block ahead: a load the next statements waited for cost 1 us a block on the H200. dS_carry holds
-    the state gradient at the end of each sequence and gets it at its start."""
+    (the value side reads both only as dot operands, as it reads the forward's block states), and into
+    s_ds_parts this value block's part of the sum over V of S * dS, the gradient of the block's decay
+    gamma_L = exp(G_L) (one part per value block; the key side adds them). The sum reads the fp32 dS, and
+    the block state it needs is loaded one block ahead: a load the next statements waited for cost 1 us a
+    block on the H200. dS_carry holds the state gradient at the end of each sequence and gets it at its
+    start."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
     i_nh = i_n * H + i_h
     bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
@@ -1610,7 +1665,7 @@ def _chunk_bwd_walk(do, h_store, mm_store, y_store, gq_store, kend_store, gl_sto
         i_blk = (block0 + a - blk_first) * H + i_h
         dS_dt = dS.to(DT)
         tl.store(ds_store + i_blk * K * V + p_kv, dS_dt.to(ds_store.dtype.element_ty))
-        tl.store(d_gl + (i_blk * (V // BV) + i_v) * K + o_k, tl.sum(S_blk.to(tl.float32) * dS, axis=1))
+        tl.store(s_ds_parts + (i_blk * (V // BV) + i_v) * K + o_k, tl.sum(S_blk.to(tl.float32) * dS, axis=1))
         S_blk = tl.load(h_store + (i_blk - H) * K * V + p_kv, mask=p_kv * 0 + a > blk_first,
                         other=0.0)                                              # block a - 1's
         Mm = _load_rows16(mm_store, tok, valid, i_h, H, BT, False)
@@ -1681,8 +1736,8 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, d
 
 @triton_jit
 def _chunk_bwd_keys(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a_store, gl_store, d_gq, d_y, d_kend,
-                    d_gl, d_m, d_rr, dq, dk, dg, db_logit, d_delta, d_dt_bias, d_A_log, seqs, max_chunks, sq, sk, sg,
-                    sb, H, NV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, RAW_DECAY: tl.constexpr,
+                    s_ds_parts, d_m, d_rr, dq, dk, dg, db_logit, d_delta, d_dt_bias, d_A_log, seqs, max_chunks, sq, sk,
+                    sg, sb, H, NV: tl.constexpr, K: tl.constexpr, C: tl.constexpr, RAW_DECAY: tl.constexpr,
                     DT: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
     """One program per (sequence, chunk, head): for each block, the chain from the value-summed
     pieces through A = (I + T)^-1, T and M (whose factors are rebuilt from q, k, g, b) to dq, dk,
@@ -1721,9 +1776,9 @@ def _chunk_bwd_keys(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a_
             dX = tl.dot(At.to(DT), dY.to(DT), input_precision=PREC)
             dke = tl.load(d_kend + p_k, mask=m_row, other=0.0)
             p_gl = (((block0 + a - blk_first) * H + i_h) * NV) * K + o_k
-            dGLS = tl.load(d_gl + p_gl)                      # sum(S * dS), one part per reverse-walk program
+            dGLS = tl.load(s_ds_parts + p_gl)                # sum(S * dS), one part per reverse-walk program
             for i_v in tl.static_range(1, NV):
-                dGLS += tl.load(d_gl + p_gl + i_v * K)
+                dGLS += tl.load(s_ds_parts + p_gl + i_v * K)
             dM = tl.where(r_i >= s_i, _load_rows16(d_m, tok, valid, i_h, H, BT, False), 0.0)
             # R = A (Z - X S) with A = (I + T)^-1, so dT = -A^T dR R^T (dR R^T from the value side)
             dT = -tl.dot(At, _load_rows16(d_rr, tok, valid, i_h, H, BT, False), input_precision="ieee")
@@ -1784,14 +1839,15 @@ def runs_in_interpreter():
     return type(_recurrent_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def _decode_config(batch_heads, k_dim, v_dim):
+def _decode_config(k_dim, v_dim):
     """(BK, BV, num_warps) of _recurrent_fwd_kernel. The step is memory-bound: each program reads
     and writes a BK x BV fp32 state tile once per segment and does ~6 flops per element per token.
     Measured on one H200 (H = 16, K = V = 128, fp32 state, device time of a decode step from a CUDA
     graph; copy bandwidth 4.27 TB/s): BV = 32 with one warp (128 state elements a thread, all in
     registers) is the fastest of BV 8..64 x 1..8 warps at B = 256 (138 us, 3.9 TB/s) and B = 32
-    (21 us); at B = 1 every config takes 2.6-3.4 us (launch latency). More than ~128 elements a
-    thread spills (BV = 64 with one warp: 6x slower), hence the warps for wider tiles."""
+    (21 us); at B = 1 every config takes 2.6-3.4 us (launch latency), so the choice does not depend
+    on the batch. More than ~128 elements a thread spills (BV = 64 with one warp: 6x slower), hence
+    the warps for wider tiles."""
     BK = max(16, 1 << (k_dim - 1).bit_length())
     BV = min(32, max(16, 1 << (v_dim - 1).bit_length()))
     num_warps = max(1, min(8, BK * BV // 4096))
@@ -1800,14 +1856,15 @@ def _decode_config(batch_heads, k_dim, v_dim):
 
 def recurrent_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
                            output_final_state=False, scale=None, chunk_size=64, value_columns=None):
-    """recurrent_carve_torch's semantics with the Triton kernel: same inputs, o in v.dtype, the same
-    CarveState. Inference only (the decode path): it has no backward, so it refuses inputs that
-    need a gradient; `recurrent_carve` sends those to the torch path.
+    """recurrent_carve_torch's semantics with the Triton kernel: same inputs (g or a DecayGate, made into
+    g in torch first), o in v.dtype, the same CarveState. Inference only (the decode path): it has no
+    backward, so it refuses inputs that need a gradient; `recurrent_carve` sends those to the torch path.
 
     The tokens are cut into segments at absolute chunk boundaries (chunk c(t) = (offset + t) //
     chunk_size), one launch per segment. After a segment that finishes a chunk: m = o_sum / C,
     Delta = U D m (CARVE), o_sum = 0, in torch. A decode step (T = 1) is one launch, plus that
     einsum once every chunk_size tokens. No host synchronisation."""
+    g = log_decay_of(g)
     _check_inputs(q, k, v, g, b_logit, w, content, initial_state)
     if _needs_grad(q, k, v, g, b_logit, w, content, initial_state):
         raise RuntimeError("recurrent_carve_triton is inference only (no backward): call it under "
@@ -1830,10 +1887,10 @@ def recurrent_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=N
         S_in, o_sum_in, offset = S, o_sum, 0
         delta = torch.zeros(B, H, K, dtype=f32, device=dev)
     use_initial = initial_state is not None
-    BK, BV, num_warps = _decode_config(B * H, K, V)
+    BK, BV, num_warps = _decode_config(K, V)
     if value_columns is not None:  # narrower tiles than the measured choice (the tests' masks and blocks)
         BV, num_warps = value_columns, 1
-    grid = (-(-V // BV) * B * H,)
+    grid = (triton.cdiv(V, BV) * B * H,)
     strides = {f"s{name}_{axis}": x.stride(i) for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("bl", b_logit),
                                                               ("w", w)) for i, axis in enumerate("bt")}
     for start, end, finishes_chunk in _chunk_segments(offset, T, chunk_size):
@@ -1849,17 +1906,18 @@ def recurrent_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=N
     return o, final
 
 
-def decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, state, content, a_log_min,
+def decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w_logit, state, content, a_log_min,
                        scale=None, chunk_size=64):
     """One fused decode step of a CARVE / GDN-2 layer from its projections at one position: x [B, 2HK + HV]
     (q, k, v before the conv), conv_weight [2HK + HV, 1, W], conv_cache [B, 2HK + HV, W - 1], f and
-    b_logit [B, H*K], w [B, H*V] (GDN-2) or [B, H] (CARVE), all before their activations, and the
-    layer's A_log [H] and dt_bias [H*K]. Returns o [B, 1, H, V] in x's dtype and advances the state's
-    S, o_sum and delta (contiguous fp32) and conv_cache in place, so that a CUDA graph of the step
-    replays on the same buffers. It computes what causal_conv_silu, the gates and recurrent_carve_triton
-    compute in model.py, in one launch (plus the Delta einsum in torch once every chunk_size tokens),
-    and the conv cache's shift in a second (every value block of a head reads the head's q and k cache,
-    so none may overwrite it during the launch). Inference only."""
+    b_logit [B, H*K], w_logit [B, H*V] (GDN-2) or [B, H] (CARVE), the write gate's logit (the kernel
+    applies the sigmoid), all before their activations, and the layer's A_log [H] and dt_bias [H*K].
+    Returns o [B, 1, H, V] in x's dtype and advances the state's S, o_sum and delta (contiguous fp32) and
+    conv_cache in place, so that a CUDA graph of the step replays on the same buffers. It computes what
+    causal_conv_silu, the gates and recurrent_carve_triton compute in model.py, in one launch (plus the
+    Delta einsum in torch once every chunk_size tokens), and the conv cache's shift in a second (every
+    value block of a head reads the head's q and k cache, so none may overwrite it during the launch).
+    Inference only."""
     B, n_ch = x.shape
     H = A_log.shape[0]
     K = f.shape[-1] // H
@@ -1870,17 +1928,17 @@ def decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w
         if tensor.dtype != torch.float32 or not tensor.is_contiguous():
             raise ValueError(f"decode_step_triton updates the state in place: state.{name} must be contiguous "
                              f"fp32 (zero_state's), got {tensor.dtype}, strides {tensor.stride()}")
-    BK, BV, num_warps = _decode_config(B * H, K, V)
+    BK, BV, num_warps = _decode_config(K, V)
     o = torch.empty(B, 1, H, V, dtype=x.dtype, device=x.device)
     new_cache = torch.empty(B, n_ch, width - 1, dtype=conv_cache.dtype, device=x.device)
     c = lambda t: t.contiguous()  # noqa: E731
     # each program reads its [K, BV] tile of S and its BV entries of o_sum before writing them back
-    _decode_step_kernel[(-(-V // BV) * B * H,)](
+    _decode_step_kernel[(triton.cdiv(V, BV) * B * H,)](
         x=c(x), conv_w=c(conv_weight), conv_in=c(conv_cache), conv_out=new_cache, f=c(f), A_log=c(A_log),
-        dt_bias=c(dt_bias), b_logit=c(b_logit), w=c(w), o=o, S_in=S, S_out=S, o_sum_in=o_sum, o_sum_out=o_sum,
-        delta=delta, H=H, scale=K ** -0.5 if scale is None else float(scale), a_log_min=float(a_log_min),
-        K=K, V=V, BK=BK, BV=BV, WIDTH=width, WP=max(2, 1 << (width - 2).bit_length()),
-        VALUE_GATE=w.shape[-1] == H * V, num_warps=num_warps)
+        dt_bias=c(dt_bias), b_logit=c(b_logit), w_logit=c(w_logit), o=o, S_in=S, S_out=S, o_sum_in=o_sum,
+        o_sum_out=o_sum, delta=delta, H=H, scale=K ** -0.5 if scale is None else float(scale),
+        a_log_min=float(a_log_min), K=K, V=V, BK=BK, BV=BV, WIDTH=width, WP=max(2, 1 << (width - 2).bit_length()),
+        VALUE_GATE=w_logit.shape[-1] == H * V, num_warps=num_warps)
     conv_cache.copy_(new_cache)
     if (offset + 1) % chunk_size == 0:
         next_delta = _finish_chunk(content, o_sum, delta, chunk_size)
@@ -1996,15 +2054,15 @@ def _decay_gate(f, A_log_h, a_log_min):
 
 
 @triton_jit
-def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit, w, o, S_in, S_out,
+def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit, w_logit, o, S_in, S_out,
                         o_sum_in, o_sum_out, delta, H, scale, a_log_min,
                         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         WIDTH: tl.constexpr, WP: tl.constexpr, VALUE_GATE: tl.constexpr):
     """One decode step (T = 1) of a layer from its projections, before any activation: the causal
-    conv of q, k, v with its cache and SiLU, the decay (_decay_gate), the write gate sigmoid(w) (rounded
-    to w's dtype, as torch.sigmoid of a bf16 tensor is), then _token_step. x [B, 2HK + HV] holds the
-    q, k, v projections; f, b_logit [B, H*K]; w [B, H*V] (GDN-2) or [B, H] (CARVE); A_log [H], dt_bias
-    [H*K]; every tensor contiguous.
+    conv of q, k, v with its cache and SiLU, the decay (_decay_gate), the write gate sigmoid(w_logit)
+    (rounded to w_logit's dtype, as torch.sigmoid of a bf16 tensor is), then _token_step. x [B, 2HK + HV]
+    holds the q, k, v projections; f, b_logit [B, H*K]; w_logit [B, H*V] (GDN-2) or [B, H] (CARVE);
+    A_log [H], dt_bias [H*K]; every tensor contiguous.
     Every value block of a head writes the same new conv cache of the head's q and k channels."""
     NV: tl.constexpr = (V + BV - 1) // BV
     pid = tl.program_id(0)
@@ -2023,9 +2081,9 @@ def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit
     g_t = _decay_gate(f_t, tl.load(A_log + i_h).to(tl.float32), a_log_min)
     bl_t = tl.load(b_logit + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     if VALUE_GATE:
-        w_raw = tl.load(w + i_bh * V + o_v, mask=m_v, other=0.0)
+        w_raw = tl.load(w_logit + i_bh * V + o_v, mask=m_v, other=0.0)
     else:
-        w_raw = tl.load(w + i_bh)
+        w_raw = tl.load(w_logit + i_bh)
     w_t = tl.sigmoid(w_raw.to(tl.float32)).to(w_raw.dtype).to(tl.float32)
     p_S = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
     m_S = m_k[:, None] & m_v[None, :]
@@ -2057,8 +2115,9 @@ CONV_ROWS, CONV_CHANNELS = 32, 128   # a program's tile of tokens x channels
 CONV_DPRE_TILES = 8   # the backward's first pass walks 8 tiles a program: one weight-gradient sum per 256 rows
 
 
-def _unit_channel_stride(x):
-    """x [B, T, C] as the conv kernels read it: any B and T strides, channels packed."""
+def _unit_last_stride(x):
+    """x, copied only if its last axis is not of unit stride: this section's kernels read the conv's x,
+    the GEMV's weight and swiglu's gate_up with unit stride along the last axis and any other strides."""
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -2432,25 +2491,27 @@ if triton is not None:
                       conv_doc_start: Optional[torch.Tensor]) -> List[torch.Tensor]:
         """With g_weight, g is a GateProjection's x and the raw decay input f = x g_weight^T is made here.
         With conv_weight, q, k, v are short_conv_qkv of ShortConv(conv_x, conv_weight, conv_doc_start):
-        the forward reads q, k, v; carve::chunk_bwd makes them again from conv_x."""
+        the forward reads q, k, v; carve::chunk_bwd makes them again from conv_x. backward_columns,
+        backward_pieces and the conv arguments are not read here: they are inputs for
+        _chunk_setup_context, which sees only the op's inputs and outputs."""
         f = projected_gate(GateProjection(g, g_weight, None), q.shape)
         out = chunk_forward_triton(q, k, v, f, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table,
                                    scale, chunk_size, ChunkSchedule(split_forward, walk_columns, forward_pieces))
-        return [*out[:4], *out.saved]
+        return [out.o, out.S, out.o_sum, out.delta, *out.saved]
 
     @_chunk_fwd_op.register_fake
     def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size,
           split_forward, walk_columns, forward_pieces, backward_columns, backward_pieces, g_weight, conv_x, conv_weight,
           conv_doc_start):
         out = _forward_buffers(q, v, table, S0 is not None, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
-        return [*out[:4], *out.saved]
+        return [out.o, out.S, out.o_sum, out.delta, *out.saved]
 
     @torch.library.custom_op("carve::chunk_bwd", mutates_args=())
     def _chunk_bwd_op(q: Optional[torch.Tensor], k: Optional[torch.Tensor], v: Optional[torch.Tensor], g: torch.Tensor,
                       A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], a_log_min: float,
                       b_logit: torch.Tensor, w: torch.Tensor, do: torch.Tensor, dS_end: Optional[torch.Tensor],
-                      saved: List[torch.Tensor], table: List[int], scale: float, chunk_size: int, walk_columns: int,
-                      pieces: int, split_forward: bool, conv_x: Optional[torch.Tensor],
+                      saved: List[torch.Tensor], table: List[int], scale: float, chunk_size: int,
+                      backward_columns: int, backward_pieces: int, split_forward: bool, conv_x: Optional[torch.Tensor],
                       conv_weight: Optional[torch.Tensor],
                       conv_doc_start: Optional[torch.Tensor]) -> List[torch.Tensor]:
         """With conv_weight, q, k, v are None and made here from the ShortConv, inside the op: made in the
@@ -2459,12 +2520,12 @@ if triton is not None:
         if conv_weight is not None:
             q, k, v = short_conv_qkv(ShortConv(conv_x, conv_weight, conv_doc_start), *b_logit.shape[2:])
         return chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, ChunkSaved(*saved),
-                                     table, scale, chunk_size, walk_columns, pieces, split_forward)
+                                     table, scale, chunk_size, backward_columns, backward_pieces, split_forward)
 
     @_chunk_bwd_op.register_fake
     def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do, dS_end, saved, table, scale, chunk_size,
-          walk_columns, pieces, split_forward, conv_x, conv_weight, conv_doc_start):
-        N, n_chunks = len(table) // SEQ_FIELDS, _table_sizes(table)[1]
+          backward_columns, backward_pieces, split_forward, conv_x, conv_weight, conv_doc_start):
+        sizes = _table_sizes(table)
         H, K = b_logit.shape[2:]
         V = do.shape[-1]
         f32 = torch.float32
@@ -2472,7 +2533,8 @@ if triton is not None:
         qk_dtype, v_dtype = (conv_x.dtype, conv_x.dtype) if conv_weight is not None else (q.dtype, v.dtype)
         return [new(*b_logit.shape, dtype=qk_dtype), new(*b_logit.shape, dtype=qk_dtype),
                 new(*do.shape, dtype=v_dtype), new(*g.shape, dtype=g.dtype), new(*b_logit.shape, dtype=b_logit.dtype),
-                new(*w.shape, dtype=w.dtype), new(n_chunks, H, K, dtype=f32), new(N, H, K, V, dtype=f32),
+                new(*w.shape, dtype=w.dtype), new(sizes.n_chunks, H, K, dtype=f32),
+                new(sizes.n_sequences, H, K, V, dtype=f32),
                 new(H, K, dtype=f32), new(H, dtype=f32)]
 
     def _chunk_setup_context(ctx, inputs, output):
@@ -2481,7 +2543,7 @@ if triton is not None:
         if conv_weight is not None:   # the conv's input instead of its output: the conv's backward keeps it too
             q = k = v = None
         ctx.save_for_backward(q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, conv_x, conv_weight,
-                              conv_doc_start, *output[4:])
+                              conv_doc_start, *output[FIRST_SAVED_OUTPUT:])
         ctx.set_materialize_grads(False)   # the saved outputs get no gradient: no zero tensors of their size
         ctx.table, ctx.scale, ctx.chunk_size, ctx.a_log_min = table, scale, chunk_size, a_log_min
         ctx.backward_columns, ctx.backward_pieces = backward_columns, backward_pieces
@@ -2489,7 +2551,7 @@ if triton is not None:
         ctx.has_S0, ctx.has_delta0 = S0 is not None, delta0 is not None
 
     def _chunk_backward(ctx, grads):
-        do, dS, _, d_delta_final = grads[:4]   # o_sum is a stop-gradient read: its gradient is dropped
+        do, dS, _, d_delta_final = grads[:FIRST_SAVED_OUTPUT]   # o_sum is a stop-gradient read: its gradient is dropped
         q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, conv_x, conv_weight, conv_doc_start, *saved = \
             ctx.saved_tensors
         saved = ChunkSaved(*saved)
@@ -2511,6 +2573,8 @@ if triton is not None:
             d_dt_bias = d_dt_bias.to(dt_bias.dtype)
         else:
             d_A_log = d_dt_bias = None
+        # None for a_log_min, o_sum0 (a stop-gradient read), the eight inputs from table to backward_pieces, and
+        # the conv's three (their gradients reach conv_x and conv_weight through q, k and v)
         return (dq, dk, dv, dg, d_A_log, d_dt_bias, None, db_logit, dw, dD, dU, dS0 if ctx.has_S0 else None, None,
                 d_delta0 if ctx.has_delta0 else None, *[None] * 8, d_g_weight, None, None, None)
 
@@ -2535,24 +2599,24 @@ if triton is not None:
 
     @torch.library.custom_op("carve::decode_step", mutates_args=("conv_cache", "S", "o_sum", "delta"))
     def _decode_step_op(x: torch.Tensor, conv_weight: torch.Tensor, conv_cache: torch.Tensor, f: torch.Tensor,
-                        A_log: torch.Tensor, dt_bias: torch.Tensor, b_logit: torch.Tensor, w: torch.Tensor,
+                        A_log: torch.Tensor, dt_bias: torch.Tensor, b_logit: torch.Tensor, w_logit: torch.Tensor,
                         S: torch.Tensor, o_sum: torch.Tensor, delta: torch.Tensor, D: Optional[torch.Tensor],
                         U: Optional[torch.Tensor], offset: int, a_log_min: float, scale: float,
                         chunk_size: int) -> torch.Tensor:
         content = (D, U) if D is not None else None
-        return decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w,
+        return decode_step_triton(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w_logit,
                                   CarveState(S, o_sum, delta, offset), content, a_log_min, scale, chunk_size)
 
     @_decode_step_op.register_fake
-    def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w, S, o_sum, delta, D, U, offset, a_log_min, scale,
-          chunk_size):
+    def _(x, conv_weight, conv_cache, f, A_log, dt_bias, b_logit, w_logit, S, o_sum, delta, D, U, offset, a_log_min,
+          scale, chunk_size):
         B, H, K, V = S.shape
         return x.new_empty(B, 1, H, V)
 
     @torch.library.custom_op("carve::conv_silu", mutates_args=())
     def _conv_silu_op(x: torch.Tensor, weight: torch.Tensor, history: Optional[torch.Tensor],
                       doc_start: Optional[torch.Tensor]) -> torch.Tensor:
-        return conv_silu_triton(_unit_channel_stride(x), weight.contiguous(), _contiguous_or_none(history),
+        return conv_silu_triton(_unit_last_stride(x), weight.contiguous(), _contiguous_or_none(history),
                                 _contiguous_or_none(doc_start))
 
     @_conv_silu_op.register_fake
@@ -2572,7 +2636,7 @@ if triton is not None:
     @torch.library.custom_op("carve::conv_silu_bwd", mutates_args=())
     def _conv_silu_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, history: Optional[torch.Tensor],
                           doc_start: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        return conv_silu_backward_triton(dy, _unit_channel_stride(x), weight.contiguous(),
+        return conv_silu_backward_triton(dy, _unit_last_stride(x), weight.contiguous(),
                                          _contiguous_or_none(history), _contiguous_or_none(doc_start))
 
     @_conv_silu_bwd_op.register_fake
@@ -2622,8 +2686,7 @@ if triton is not None:
 
     @torch.library.custom_op("carve::gemv", mutates_args=())
     def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return gemv_triton(x.contiguous(), weight if weight.stride(-1) == 1 else weight.contiguous(),
-                           _contiguous_or_none(bias))
+        return gemv_triton(x.contiguous(), _unit_last_stride(weight), _contiguous_or_none(bias))
 
     @_gemv_op.register_fake
     def _(x, weight, bias):
@@ -2631,7 +2694,7 @@ if triton is not None:
 
     @torch.library.custom_op("carve::swiglu_linear", mutates_args=())
     def _swiglu_linear_op(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        h, _ = swiglu_triton(_unit_channel_stride(gate_up.reshape(-1, gate_up.shape[-1])))
+        h, _ = swiglu_triton(_unit_last_stride(gate_up.reshape(-1, gate_up.shape[-1])))
         return F.linear(h, weight).view(*gate_up.shape[:-1], weight.shape[0])
 
     @_swiglu_linear_op.register_fake
@@ -2655,7 +2718,7 @@ if triton is not None:
         """[d_gate_up, d_weight if weight_grad]: h made here, not in the registered backward, where
         torch.compile would merge it with the forward's and keep that."""
         dy2 = dy.reshape(-1, dy.shape[-1])
-        h, d_gate_up = swiglu_triton(_unit_channel_stride(gate_up.reshape(-1, gate_up.shape[-1])), dy2 @ weight,
+        h, d_gate_up = swiglu_triton(_unit_last_stride(gate_up.reshape(-1, gate_up.shape[-1])), dy2 @ weight,
                                      weight_grad)
         return [d_gate_up.view(gate_up.shape), *([dy2.t() @ h] if weight_grad else [])]
 

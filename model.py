@@ -193,7 +193,8 @@ class DeltaMixer(nn.Module):
         w_raw = self.w_proj(x) if self.kind == "gdn2" else self.beta_proj(x)
         content = (self.content_down, self.content_up) if self.has_content else None
         if cache is not None and T == 1 and self.fused_decode(x):
-            # decode: the conv, the gates and the recurrence in one kernel, on the cache's tensors in place
+            # decode: the conv, the gates and the recurrence in one kernel, on the cache's tensors in place;
+            # w_raw is the write gate's logit: the kernel applies the sigmoid
             o, cache["state"] = fused_decode_step(qkv[:, 0], self.conv_weight, cache["conv"], self.f_up(f_low[:, 0]),
                                                   self.A_log, self.dt_bias, b_logit[:, 0], w_raw[:, 0],
                                                   cache["state"], content, cfg.a_log_min, cfg.chunk_size)

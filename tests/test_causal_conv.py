@@ -94,6 +94,28 @@ def test_torch_definition(B, T, C, width, options, dtype):
     check(causal_conv_silu_torch, B, min(T, 300), C, width, dtype, f"conv torch {dtype}", **options)
 
 
+def test_torch_documents_round_as_the_plain_conv():
+    """The torch definition's doc_start branch sums the taps in fp32 and rounds once, as its conv1d branch
+    does: in bf16, a token's output equals, bit for bit, the plain conv over the input with everything
+    before the token's document zeroed. doc_start all 0 masks nothing, so the outputs equal the plain conv's
+    everywhere; with documents starting at 0, 5, 6 and 40, each document's rows are checked on their own.
+    On the CPU only: a GPU's conv1d may add the fp32 products in another order, which can move a rounding."""
+    T, C, width = 64, 96, 4
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, T, C, generator=gen).to(torch.bfloat16)
+    weight = 0.5 * torch.randn(C, 1, width, generator=gen)
+    plain, _ = causal_conv_silu_torch(x, weight)
+    nothing_masked, _ = causal_conv_silu_torch(x, weight, doc_start=torch.zeros(T, dtype=torch.long))
+    assert torch.equal(nothing_masked, plain)
+    starts = [0, 5, 6, 40]
+    doc_start = torch.tensor([max(s for s in starts if s <= t) for t in range(T)])
+    y, _ = causal_conv_silu_torch(x, weight, doc_start=doc_start)
+    for first, end in zip(starts, starts[1:] + [T]):
+        document_only = torch.cat([torch.zeros_like(x[:, :first]), x[:, first:]], dim=1)
+        want, _ = causal_conv_silu_torch(document_only, weight)
+        assert torch.equal(y[:, first:end], want[:, first:end]), f"document {first}..{end - 1}"
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("B, T, C, width, options", CASES)

@@ -148,6 +148,31 @@ def test_parity_narrow_tiles(mode):
 
 
 @needs_triton
+@pytest.mark.parametrize("projected", [False, True], ids=["f", "GateProjection"])
+def test_takes_a_decay_gate(projected):
+    """Given a DecayGate (f itself, or a GateProjection(x, W, None) making it), recurrent_carve_triton gives,
+    bit for bit, what it gives for the g that decay_gate makes of the same inputs."""
+    B, H, T, K, V, C, rank = 2, 2, 11, 16, 16, 8, 4
+    x = make_inputs(B, T, H, K, V, "carve", seed=17)
+    args, content, _ = on_device(x, None, torch.float32)
+    gen = torch.Generator().manual_seed(18)
+    f_low, f_weight, dt_bias = (t.to(DEVICE) for t in (torch.randn(B, T, rank, generator=gen),
+                                                       torch.randn(H * K, rank, generator=gen),
+                                                       torch.randn(H, K, generator=gen) - 2))
+    A_log = torch.tensor([0.3, 1.5], device=DEVICE)
+    f = F.linear(f_low, f_weight).view(B, T, H, K)
+    gate = carve_kernel.DecayGate(carve_kernel.GateProjection(f_low, f_weight, None) if projected else f,
+                                  A_log, dt_bias, -5.0)
+    g = decay_gate(f, A_log, dt_bias, -5.0)
+    results = [recurrent_carve_triton(*args[:3], decay, *args[4:], content, output_final_state=True, chunk_size=C)
+               for decay in (gate, g)]
+    (o, final), (o_want, final_want) = results
+    assert torch.equal(o, o_want)
+    for name in ("S", "o_sum", "delta"):
+        assert torch.equal(getattr(final, name), getattr(final_want, name)), name
+
+
+@needs_triton
 def test_l2norm_eps_convention():
     """q and k are normalised in the kernel as x / max(||x||, 1e-6) (F.normalize, eps 1e-6): tokens
     whose q or k has norm ~1e-4 (normalised to unit length), ~1e-8 (divided by eps), or exactly 0."""
