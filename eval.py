@@ -318,10 +318,14 @@ class HarnessAdapter:
             settings = generation_settings(request.args[1])
             by_settings.setdefault(repr(settings), (settings, []))[1].append(i)
         for (until, limit, temperature, top_k, top_p), indices in by_settings.values():
+            if self.max_length is not None and limit >= self.max_length:   # lm-eval refuses it too
+                raise ValueError(f"generate_until asks for {limit} new tokens, which leaves no context within "
+                                 f"max_length={self.max_length} (eval.py's --seq_len); pass a larger --seq_len or "
+                                 f"--harness_full_context")
             prompts = {}
             for i in indices:
                 ids = self.start + self.tokenizer.encode(requests[i].args[0])
-                prompts[i] = ids[-max(1, self.max_length - limit):] if self.max_length is not None else ids
+                prompts[i] = ids[-(self.max_length - limit):] if self.max_length is not None else ids
             indices = sorted(indices, key=lambda i: len(prompts[i]))
             for first in range(0, len(indices), self.generation_rows):
                 rows = indices[first:first + self.generation_rows]

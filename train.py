@@ -89,12 +89,14 @@ DEFAULTS = dict(
 )
 MODEL_KEYS = [f.name for f in fields(ModelConfig)]
 # What a resumed run may change: how long it runs (a note says when the learning-rate schedule moves with
-# it), how it reports and keeps checkpoints, and where and how it computes the same steps. Every other key
-# says what is trained, on what and how, and must equal the checkpoint's (the run's own record of them).
-RESUME_MAY_CHANGE = {"init_from", "out_dir", "data_dir", "max_steps", "lr_decay_steps", "eval_interval", "eval_tokens",
-                     "log_interval", "keep_checkpoints", "device", "compile", "activation_checkpointing",
-                     "micro_batch_size", "max_skipped_steps", "peak_tflops", "wandb_log", "wandb_project",
-                     "wandb_run_name"}
+# it), how it evaluates, reports and keeps checkpoints, and where and how it computes the same steps (the
+# device and its precision). Every other key says what is trained, on what and how, and must equal the
+# checkpoint's (the run's own record of them): data_dir too, since another folder can hold another corpus
+# of the same tokenizer (moved data: a link from the old path).
+RESUME_MAY_CHANGE = {"init_from", "out_dir", "max_steps", "lr_decay_steps", "eval_interval", "eval_tokens",
+                     "mqar_test_examples", "log_interval", "keep_checkpoints", "device", "dtype", "compile",
+                     "activation_checkpointing", "micro_batch_size", "max_skipped_steps", "peak_tflops", "wandb_log",
+                     "wandb_project", "wandb_run_name"}
 DERIVED_KEYS = ("doc_start_token",)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -389,13 +391,15 @@ class MQARData:
 
 def config_conflicts(trained, config):
     """{key: (the value a run trained with, the value in config)} of the keys a resume may not change
-    (all but RESUME_MAY_CHANGE; a key added since the run counts at its default). The keys the data decides
+    (all but RESUME_MAY_CHANGE; a key added since the run counts at its default, one this code lacks, a
+    fork's, as 'absent here'). The keys the data decides
     count only where config sets them: not a vocab_size of 0 or an empty tokenizer (a config not yet
     matched to the data), nor doc_start_token (reset_at_eot's, compared itself)."""
+    unknown = {k: (trained[k], "absent here") for k in trained.keys() - DEFAULTS.keys() - set(DERIVED_KEYS)}
     trained = {**DEFAULTS, **trained}
     unset = {"doc_start_token"} | {k for k in ("vocab_size", "tokenizer") if not config[k]}
-    return {k: (trained.get(k), v) for k, v in config.items()
-            if k not in RESUME_MAY_CHANGE | unset and trained.get(k) != v}
+    return {**unknown, **{k: (trained.get(k), v) for k, v in config.items()
+                          if k not in RESUME_MAY_CHANGE | unset and trained.get(k) != v}}
 
 
 def match_config_to_data(config, data, resumed_config=None):

@@ -115,16 +115,23 @@ def run_one(args, directory, max_steps, log, env):
 def check_trained_as_asked(runs):
     """SystemExit naming the runs of `runs` whose folder holds a run trained with other settings than its
     arguments ask for (train.config_conflicts): one done before would be reported as this one, and one
-    under way could not resume."""
+    under way could not resume. A run that counts as done must also have had this learning-rate schedule
+    (a run stopped early on a longer one is not this run)."""
     conflicts = []
     for args, directory in runs:
         record = record_of(directory)
-        changed = record and train.config_conflicts(record["config"], train.load_config(args))
+        if record is None:
+            continue
+        wanted = train.load_config(args)
+        changed = train.config_conflicts(record["config"], wanted)
+        schedule = [c["lr_decay_steps"] or c["max_steps"] for c in (record["config"], wanted)]
+        if record["step"] >= wanted["max_steps"] and schedule[0] != schedule[1]:
+            changed["learning-rate schedule (lr_decay_steps or max_steps)"] = tuple(schedule)
         if changed:
             conflicts.append(f"{os.path.basename(directory)} ("
                              + ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in changed.items()) + ")")
     if conflicts:
-        raise SystemExit(f"error: {len(conflicts)} runs in {os.path.dirname(runs[0][1])} were trained with other "
+        raise SystemExit(f"error: {len(conflicts)} run(s) in {os.path.dirname(runs[0][1])} were trained with other "
                          f"settings than these: {'; '.join(conflicts[:3])}" + (" and more" if len(conflicts) > 3 else "")
                          + "; use another --out_dir for these settings")
 

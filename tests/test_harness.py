@@ -163,6 +163,8 @@ def test_generate_until_batches_and_stops_early(adapter, monkeypatch):
     assert max(len(ids) for rows in made[:2] for ids in rows) < 12   # stopped at the stop string
     cut = windowed(adapter, 16).generate_until(requests(("ROMEO: what light", {"max_gen_toks": 12})))
     assert cut == [adapter.tokenizer.decode(generate(adapter.model, list(b"ROMEO: what light")[-4:], 12, temperature=0))]
+    with pytest.raises(ValueError, match="asks for 16 new tokens, which leaves no context within max_length=16"):
+        windowed(adapter, 16).generate_until(requests(("KING:", {"max_gen_toks": 16})))
 
 
 def test_simple_evaluate_runs_local_tasks(adapter, tmp_path, monkeypatch):

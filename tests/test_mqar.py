@@ -245,9 +245,12 @@ def test_the_sweep_trains_each_cell_once_and_tables_the_best_learning_rate(tmp_p
     with pytest.raises(SystemExit, match="none of the grid's 2 runs in .*nowhere has finished"):
         sweep.main([*argv, f"--out_dir={tmp_path / 'nowhere'}", "--report"])
     # a variant sent into the baseline's folder is refused, not reported as the baseline's runs
-    with pytest.raises(SystemExit, match=r"2 runs in .*sweep were trained with other settings than these: "
+    with pytest.raises(SystemExit, match=r"2 run\(s\) in .*sweep were trained with other settings than these: "
                                          r"carve_d32_p2_lr0.001_seed1 \(content_rank: 16 there vs 0 now\)"):
         sweep.main([*argv, "--content_rank=0", "--report"])
+    # runs that reached a shorter grid's max_steps on a longer schedule are not that grid's runs
+    with pytest.raises(SystemExit, match=r"learning-rate schedule \(lr_decay_steps or max_steps\): 2 there vs 1 now"):
+        sweep.main([a for a in argv if a != "--max_steps=2"] + ["--max_steps=1", "--report"])
 
 
 def test_a_failed_run_is_listed_with_its_error(tmp_path, capsys):

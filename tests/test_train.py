@@ -226,8 +226,15 @@ def test_existing_checkpoint_is_never_overwritten(shakespeare, tmp_path):
     expect_error(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--lr=1e-3",
                   "--seed=7", "--init_from=resume"], "lr: checkpoint 0.003 vs now 0.001", "seed: checkpoint 1337 vs now 7",
                  f"{out}/meta.json")
+    other = tmp_path / "other_corpus"   # the same tokenizer, another text: not the run's data
+    other.mkdir()
+    for name in ("train.bin", "val.bin", "meta.json"):
+        (other / name).write_bytes(open(os.path.join(shakespeare, name), "rb").read())
+    expect_error(["carve_shakespeare", *TINY, f"--data_dir={other}", f"--out_dir={out}", "--init_from=resume"],
+                 f"data_dir: checkpoint {shakespeare!r} vs now {str(other)!r}")
     train_in_process(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--max_steps=2",
-                      "--eval_interval=1", "--log_interval=2", "--keep_checkpoints=5", "--init_from=resume"])
+                      "--eval_interval=1", "--log_interval=2", "--keep_checkpoints=5", "--dtype=float32",
+                      "--init_from=resume"])
     assert newest_checkpoint(out)["step"] == 2
 
 
@@ -254,6 +261,8 @@ def test_checkpoints_of_other_model_keys(shakespeare, tmp_path, capsys):
     capsys.readouterr()
     train_in_process([*common, "--max_steps=2", "--init_from=resume"])
     assert "predates the model keys gate_act (taken as 'silu')" in capsys.readouterr().out
+    assert train.config_conflicts({**newest_checkpoint(out)["config"], "train_trick": 1}, train.load_config(common)) \
+        == {"train_trick": (1, "absent here")}   # a fork's training key
     rewrite_checkpoint(out, lambda config: config.update(write_gate=False))
     expect_error([*common, "--max_steps=3", "--init_from=resume"], "model keys this model.py does not have (write_gate)")
 
