@@ -1046,6 +1046,9 @@ def _after_current(stream):
     return torch.cuda.stream(stream)
 
 
+assert SEQ_FIELDS == 6, "_sequence reads a table row as 6 ints: give it the new field too"
+
+
 @triton_jit
 def _sequence(seqs, i_n, C: tl.constexpr, BT: tl.constexpr):
     """The table row of sequence i_n (see _sequence_table) and its first and last absolute block."""

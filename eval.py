@@ -327,9 +327,12 @@ class HarnessAdapter:
                 ids = self.start + self.tokenizer.encode(requests[i].args[0])
                 prompts[i] = ids[-(self.max_length - limit):] if self.max_length is not None else ids
             indices = sorted(indices, key=lambda i: len(prompts[i]))
+
+            def stop(row, ids):
+                text = self.tokenizer.decode(ids)
+                return any(s in text for s in until)
             for first in range(0, len(indices), self.generation_rows):
                 rows = indices[first:first + self.generation_rows]
-                stop = lambda row, ids: any(s in self.tokenizer.decode(ids) for s in until)  # noqa: E731
                 with self.autocast:
                     samples = generate_samples(self.model, [prompts[i] for i in rows], 1, limit, temperature, top_k,
                                                top_p, eot=self.tokenizer.eot, vocab_size=self.tokenizer.vocab_size,
@@ -663,7 +666,8 @@ def main(argv=None):
                  f"HF_DATASETS_OFFLINE=1 and the datasets in its cache (a task of your own reads the files its YAML "
                  f"names)")
         if args.json:
-            print(json.dumps({"checkpoint_step": record["step"], "results": results["results"]}, default=str))
+            print(json.dumps({"checkpoint_step": record["step"], "max_length": max_length, "results": results["results"]},
+                             default=str))
         else:
             print(lm_eval.utils.make_table(results))
         return

@@ -153,13 +153,15 @@ def mqar_points(run_dirs):
     by_label = defaultdict(list)
     for record in records:
         by_label[mixer_label(record["config"])].append(record["config"])
+    differing = {}   # a key a record lacks (older code) does not count: its absence is not another value
+    for label, configs in by_label.items():
+        keys = set.intersection(*map(set, configs)) - SAME_MODEL_KEYS
+        differing[label] = sorted(k for k in keys if len({repr(c[k]) for c in configs}) > 1)
     points = []
     for record in records:
         config, label = record["config"], mixer_label(record["config"])
-        keys = set().union(*by_label[label]) - SAME_MODEL_KEYS
-        differing = sorted(k for k in keys if len({repr(c.get(k)) for c in by_label[label]}) > 1)
-        if differing:
-            label += " [" + ", ".join(f"{k}={config.get(k)}" for k in differing) + "]"
+        if differing[label]:
+            label += " [" + ", ".join(f"{k}={config[k]}" for k in differing[label]) + "]"
         points.append(MqarRun(label, config["d_model"], config["mqar_pairs"], config["seed"], config["lr"],
                               record["val_acc"], record.get("val_acc_first_query"), record.get("val_acc_last_query")))
     return points

@@ -829,8 +829,11 @@ def main(argv):
         wandb_run_id = run.id
     flops_per_token = raw_model.flops_per_token(config["seq_len"])
     peak = peak_flops(config, device)
+    kernels = backend_for(raw_model.embed.weight)
+    if kernels == "triton" and not chunk_triton_supports(config["head_k_dim"], config["head_v_dim"], config["chunk_size"]):
+        kernels = "triton, chunk on torch,"
     log(f"model: {raw_model.num_params():,} parameters in the blocks ({config['mixer']}), "
-        f"{raw_model.num_params(False):,} in all | device {device} ({backend_for(raw_model.embed.weight)} kernels) | "
+        f"{raw_model.num_params(False):,} in all | device {device} ({kernels} kernels) | "
         f"world {world} | grad accumulation {accum} | "
         f"{'resuming at step ' + str(step) if step else 'from scratch'}")
 
