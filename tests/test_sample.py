@@ -362,3 +362,12 @@ def test_a_bpe_prompt_starts_with_eot(tmp_path, monkeypatch):
                         lambda model, prompts, *a, **k: seen.append(prompts) or [[] for _ in prompts])
     main(["--out_dir", str(tmp_path), "--prompt", "Hello world", "--max_new_tokens", "1", "--device", "cpu"])
     assert seen == [[[50256, 15496, 995]]]   # as prepare_data.py starts every document
+
+
+def test_temperature_divides_the_logits():
+    """A draw at temperature T is the exponential race over softmax(logits / T) with the same draws."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature in (0.5, 2.0):
+        got = sample_next(logits, temperature, generator=torch.Generator().manual_seed(1))
+        race = torch.empty(3, 50).exponential_(generator=torch.Generator().manual_seed(1))
+        assert torch.equal(got, (torch.softmax(logits / temperature, -1) / race).argmax(-1))

@@ -375,3 +375,18 @@ def test_every_training_window_lies_inside_train_bin(tmp_path):
     assert max(starts) + seq_len + 1 <= 41
     x, y = data.train_batch(0, 50 * data.n_windows)   # a short window would not stack
     assert x.shape[1] == seq_len
+
+
+def test_accumulation_gives_the_gradient_of_the_whole_batch(shakespeare, tmp_path):
+    """One micro-batch of 8 sequences against two of 4 (and four of 2): the same loss and gradient norm
+    each step, so each micro-batch's loss is scaled by its share of the batch (AdamW would hide a gradient
+    twice too large in the weights; its norm does not)."""
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--max_steps=3", "--eval_interval=3"]
+    logs = {}
+    for micro in (8, 4, 2):
+        train_in_process([*common, f"--micro_batch_size={micro}", f"--out_dir={tmp_path / str(micro)}"])
+        logs[micro] = [(r["loss"], r["grad_norm"]) for r in train_log(tmp_path / str(micro)) if "loss" in r]
+    for micro in (4, 2):
+        assert len(logs[micro]) == len(logs[8]) == 3
+        for (loss, norm), (loss_one, norm_one) in zip(logs[micro], logs[8]):
+            assert loss == pytest.approx(loss_one, rel=1e-5) and norm == pytest.approx(norm_one, rel=1e-4)
