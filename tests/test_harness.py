@@ -167,9 +167,11 @@ def test_generate_until_batches_and_stops_early(adapter, monkeypatch):
         windowed(adapter, 16).generate_until(requests(("KING:", {"max_gen_toks": 16})))
 
 
-def test_simple_evaluate_runs_local_tasks(adapter, tmp_path, monkeypatch):
+@pytest.mark.parametrize("max_length", [None, 12])
+def test_simple_evaluate_runs_local_tasks(adapter, tmp_path, monkeypatch, max_length):
     """lm-eval's own evaluator through the adapter on three tasks made of local JSON files: the accuracy
-    of a multiple choice, a text's bits per byte, a generation's exact match, each as computed here."""
+    of a multiple choice, a text's bits per byte, a generation's exact match, each as computed here; with
+    full context and with eval.py's default, windows of max_length."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -196,7 +198,8 @@ def test_simple_evaluate_runs_local_tasks(adapter, tmp_path, monkeypatch):
         f"task: carve_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gen.jsonl'}\n"
         "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
         "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\nmetric_list:\n  - metric: exact_match\n")
-    model = harness_model(adapter.model, adapter.tokenizer, adapter.autocast)
+    model = harness_model(adapter.model, adapter.tokenizer, adapter.autocast, max_length)
+    adapter = adapter if max_length is None else windowed(adapter, max_length)   # the expected numbers
     evaluated = lm_eval.simple_evaluate(model=model, tasks=["carve_choice", "carve_text", "carve_gen"],
                                         task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
     results = evaluated["results"]
