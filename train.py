@@ -392,9 +392,9 @@ class MQARData:
 def config_conflicts(trained, config):
     """{key: (the value a run trained with, the value in config)} of the keys a resume may not change
     (all but RESUME_MAY_CHANGE; a key added since the run counts at its default, one this code lacks, a
-    fork's, as 'absent here'). The keys the data decides
-    count only where config sets them: not a vocab_size of 0 or an empty tokenizer (a config not yet
-    matched to the data), nor doc_start_token (reset_at_eot's, compared itself)."""
+    fork's, as 'absent here'). The keys the data decides count only where config sets them: not a
+    vocab_size of 0 or an empty tokenizer (a config not yet matched to the data), nor doc_start_token
+    (reset_at_eot's, compared itself)."""
     unknown = {k: (trained[k], "absent here") for k in trained.keys() - DEFAULTS.keys() - set(DERIVED_KEYS)}
     trained = {**DEFAULTS, **trained}
     unset = {"doc_start_token"} | {k for k in ("vocab_size", "tokenizer") if not config[k]}
@@ -829,11 +829,12 @@ def main(argv):
         wandb_run_id = run.id
     flops_per_token = raw_model.flops_per_token(config["seq_len"])
     peak = peak_flops(config, device)
-    kernels = backend_for(raw_model.embed.weight)
-    if kernels == "triton" and not chunk_triton_supports(config["head_k_dim"], config["head_v_dim"], config["chunk_size"]):
-        kernels = "triton, chunk on torch,"
+    kernels = f"{backend_for(raw_model.embed.weight)} kernels"
+    if kernels == "triton kernels" and not chunk_triton_supports(config["head_k_dim"], config["head_v_dim"],
+                                                                 config["chunk_size"]):
+        kernels += ", the chunk in torch"
     log(f"model: {raw_model.num_params():,} parameters in the blocks ({config['mixer']}), "
-        f"{raw_model.num_params(False):,} in all | device {device} ({kernels} kernels) | "
+        f"{raw_model.num_params(False):,} in all | device {device} ({kernels}) | "
         f"world {world} | grad accumulation {accum} | "
         f"{'resuming at step ' + str(step) if step else 'from scratch'}")
 
