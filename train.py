@@ -787,8 +787,8 @@ def main(argv):
                 f"steps, not {old['lr_decay_steps'] or old['max_steps']} (lr at step {at}: {lr_at(at, old):.2e} -> "
                 f"{lr_at(at, config):.2e}); --lr_decay_steps={old['lr_decay_steps'] or old['max_steps']} keeps it")
 
-    if device.type == "cuda" and not chunk_triton_supports(config["head_k_dim"], config["head_v_dim"],
-                                                           config["chunk_size"]):
+    chunk_kernels_fit = chunk_triton_supports(config["head_k_dim"], config["head_v_dim"], config["chunk_size"])
+    if device.type == "cuda" and not chunk_kernels_fit:
         log(f"note: head_k_dim={config['head_k_dim']}, head_v_dim={config['head_v_dim']}, chunk_size="
             f"{config['chunk_size']}: the Triton chunk kernels take head dims 16, 32, 64 or 128 and chunk sizes that "
             f"are multiples of 16; this run takes the much slower torch path")
@@ -830,8 +830,7 @@ def main(argv):
     flops_per_token = raw_model.flops_per_token(config["seq_len"])
     peak = peak_flops(config, device)
     kernels = f"{backend_for(raw_model.embed.weight)} kernels"
-    if kernels == "triton kernels" and not chunk_triton_supports(config["head_k_dim"], config["head_v_dim"],
-                                                                 config["chunk_size"]):
+    if kernels == "triton kernels" and not chunk_kernels_fit:
         kernels += ", the chunk in torch"
     log(f"model: {raw_model.num_params():,} parameters in the blocks ({config['mixer']}), "
         f"{raw_model.num_params(False):,} in all | device {device} ({kernels}) | "
