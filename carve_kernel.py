@@ -535,12 +535,12 @@ def _chunk_step(q, k, u, g, b_logit, S0, delta, scale):
     C = q.shape[2]
     b = torch.sigmoid(b_logit + delta[:, :, None, :])
     G = g.cumsum(dim=2)                                                              # G_r, fp32
-    T = _decayed_products(b * k, k, G, strict=True)                                  # T_rs, s < r
+    Tm = _decayed_products(b * k, k, G, strict=True)                                 # T_rs, s < r
     M = _decayed_products(q, k, G, strict=False)                                     # M_rs, s <= r
     gamma = G.exp()
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     # A = (I + T)^-1 is never formed: one unit-lower-triangular solve gives Y and A Z (Z = u) together
-    Y_AZ = torch.linalg.solve_triangular(eye + T, torch.cat([gamma * b * k, u], dim=-1),
+    Y_AZ = torch.linalg.solve_triangular(eye + Tm, torch.cat([gamma * b * k, u], dim=-1),
                                          upper=False, unitriangular=True)
     Y, AZ = Y_AZ.split([k.shape[-1], u.shape[-1]], dim=-1)
     R = AZ - Y @ S0                                                                  # v_new of every token
@@ -796,14 +796,14 @@ def chunk_carve_triton(q, k, v, g, b_logit, w, content=None, initial_state=None,
     S0, o_sum0, delta0 = (initial_state.S, initial_state.o_sum, initial_state.delta) if initial_state is not None \
         else (None, None, None)
     g, A_log, dt_bias, a_log_min = g if isinstance(g, DecayGate) else (g, None, None, 0.0)
-    g, g_weight = (g.x, g.weight) if isinstance(g, GateProjection) else (g, None)
+    g, f_weight = (g.x, g.weight) if isinstance(g, GateProjection) else (g, None)
     if A_log is not None:   # the kernels index them as packed [H] and [H, K]
         A_log, dt_bias = A_log.contiguous(), dt_bias.contiguous()
     o, S, o_sum, delta = torch.ops.carve.chunk_fwd(
         q, k, v, g, A_log, dt_bias, float(a_log_min), b_logit, w, D, U, S0, o_sum0, delta0, table,
         K ** -0.5 if scale is None else float(scale),
         chunk_size, schedule.split_forward, schedule.walk_columns, schedule.forward_pieces,
-        schedule.backward_columns or schedule.walk_columns, schedule.backward_pieces, g_weight,
+        schedule.backward_columns or schedule.walk_columns, schedule.backward_pieces, f_weight,
         *(conv if conv is not None else (None, None, None)))[:FIRST_SAVED_OUTPUT]
     if not output_final_state:
         return o, None
@@ -903,7 +903,7 @@ def _forward_buffers(q, v, table, has_initial, new):
     sizes = _table_sizes(table)
     N = sizes.n_sequences
     f32, dt = torch.float32, _operand_dtype(q.dtype)
-    rows = lambda D, dtype: new((B, T, H, D), dtype)  # noqa: E731
+    rows = lambda width, dtype: new((B, T, H, width), dtype)  # noqa: E731
     saved = ChunkSaved(chunk_delta=new((sizes.n_chunks, H, K), f32),
                        chunk_mean=new((sizes.n_chunks, H, V), f32), v_new=rows(V, dt), inverse=rows(CHUNK_BT, f32),
                        decayed_qk=rows(CHUNK_BT, f32), block_decay=new((sizes.n_blocks, H, K), f32),
@@ -2489,22 +2489,23 @@ if triton is not None:
                       D: Optional[torch.Tensor], U: Optional[torch.Tensor], S0: Optional[torch.Tensor],
                       o_sum0: Optional[torch.Tensor], delta0: Optional[torch.Tensor], table: List[int], scale: float,
                       chunk_size: int, split_forward: bool, walk_columns: int, forward_pieces: int,
-                      backward_columns: int, backward_pieces: int, g_weight: Optional[torch.Tensor],
+                      backward_columns: int, backward_pieces: int, f_weight: Optional[torch.Tensor],
                       conv_x: Optional[torch.Tensor], conv_weight: Optional[torch.Tensor],
                       conv_doc_start: Optional[torch.Tensor]) -> List[torch.Tensor]:
-        """With g_weight, g is a GateProjection's x and the raw decay input f = x g_weight^T is made here.
+        """g is the decay input in one of three forms: the log-decay g itself (A_log None); a DecayGate's raw
+        input f (with A_log); or, with f_weight, a GateProjection's x, from which f = x f_weight^T is made here.
         With conv_weight, q, k, v are short_conv_qkv of ShortConv(conv_x, conv_weight, conv_doc_start):
         the forward reads q, k, v; carve::chunk_bwd makes them again from conv_x. backward_columns,
         backward_pieces and the conv arguments are not read here: they are inputs for
         _chunk_setup_context, which sees only the op's inputs and outputs."""
-        f = projected_gate(GateProjection(g, g_weight, None), q.shape)
+        f = projected_gate(GateProjection(g, f_weight, None), q.shape)
         out = chunk_forward_triton(q, k, v, f, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table,
                                    scale, chunk_size, ChunkSchedule(split_forward, walk_columns, forward_pieces))
         return [out.o, out.S, out.o_sum, out.delta, *out.saved]
 
     @_chunk_fwd_op.register_fake
     def _(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size,
-          split_forward, walk_columns, forward_pieces, backward_columns, backward_pieces, g_weight, conv_x, conv_weight,
+          split_forward, walk_columns, forward_pieces, backward_columns, backward_pieces, f_weight, conv_x, conv_weight,
           conv_doc_start):
         out = _forward_buffers(q, v, table, S0 is not None, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
         return [out.o, out.S, out.o_sum, out.delta, *out.saved]
@@ -2542,10 +2543,10 @@ if triton is not None:
 
     def _chunk_setup_context(ctx, inputs, output):
         (q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, D, U, S0, o_sum0, delta0, table, scale, chunk_size,
-         split_forward, _, _, backward_columns, backward_pieces, g_weight, conv_x, conv_weight, conv_doc_start) = inputs
+         split_forward, _, _, backward_columns, backward_pieces, f_weight, conv_x, conv_weight, conv_doc_start) = inputs
         if conv_weight is not None:   # the conv's input instead of its output: the conv's backward keeps it too
             q = k = v = None
-        ctx.save_for_backward(q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, conv_x, conv_weight,
+        ctx.save_for_backward(q, k, v, g, f_weight, A_log, dt_bias, b_logit, w, D, U, conv_x, conv_weight,
                               conv_doc_start, *output[FIRST_SAVED_OUTPUT:])
         ctx.set_materialize_grads(False)   # the saved outputs get no gradient: no zero tensors of their size
         ctx.table, ctx.scale, ctx.chunk_size, ctx.a_log_min = table, scale, chunk_size, a_log_min
@@ -2555,20 +2556,20 @@ if triton is not None:
 
     def _chunk_backward(ctx, grads):
         do, dS, _, d_delta_final = grads[:FIRST_SAVED_OUTPUT]   # o_sum is a stop-gradient read: its gradient is dropped
-        q, k, v, g, g_weight, A_log, dt_bias, b_logit, w, D, U, conv_x, conv_weight, conv_doc_start, *saved = \
+        q, k, v, g, f_weight, A_log, dt_bias, b_logit, w, D, U, conv_x, conv_weight, conv_doc_start, *saved = \
             ctx.saved_tensors
         saved = ChunkSaved(*saved)
         if do is None:  # only the final state was used
             do = torch.zeros(saved.v_new.shape, dtype=(v if v is not None else conv_x).dtype, device=b_logit.device)
-        projection = GateProjection(g, g_weight, None)
+        projection = GateProjection(g, f_weight, None)
         dq, dk, dv, dg, db_logit, dw, d_delta, dS0, d_dt_bias, d_A_log = torch.ops.carve.chunk_bwd(
             q, k, v, projected_gate(projection, b_logit.shape), A_log, dt_bias, ctx.a_log_min, b_logit, w, do,
             dS, list(saved), ctx.table, ctx.scale, ctx.chunk_size, ctx.backward_columns, ctx.backward_pieces,
             ctx.split_forward, conv_x, conv_weight, conv_doc_start)
-        d_g_weight = None
-        if g_weight is not None:   # back through f = x W^T
+        d_f_weight = None
+        if f_weight is not None:   # back through f = x W^T
             needs = ctx.needs_input_grad
-            dg, d_g_weight, _ = projection_backward(dg, projection, (needs[3], needs[-4], False))   # g, g_weight
+            dg, d_f_weight, _ = projection_backward(dg, projection, (needs[3], needs[-4], False))   # g, f_weight
         dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved.chunk_mean, D, U, ctx.table,
                                           ctx.chunk_size, b_logit)
         if A_log is not None:   # through the floor max(A_log, a_log_min): no gradient below it
@@ -2579,7 +2580,7 @@ if triton is not None:
         # None for a_log_min, o_sum0 (a stop-gradient read), the eight inputs from table to backward_pieces, and
         # the conv's three (their gradients reach conv_x and conv_weight through q, k and v)
         return (dq, dk, dv, dg, d_A_log, d_dt_bias, None, db_logit, dw, dD, dU, dS0 if ctx.has_S0 else None, None,
-                d_delta0 if ctx.has_delta0 else None, *[None] * 8, d_g_weight, None, None, None)
+                d_delta0 if ctx.has_delta0 else None, *[None] * 8, d_f_weight, None, None, None)
 
     torch.library.register_autograd("carve::chunk_fwd", _chunk_backward, setup_context=_chunk_setup_context)
 
