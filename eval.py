@@ -550,7 +550,7 @@ def main(argv=None):
     parser.add_argument("--split", default="val", choices=["val", "train"], help="(default: %(default)s)")
     parser.add_argument("--text", nargs="+", default=None, help="score these text files / folders instead")
     parser.add_argument("--seq_len", type=int, default=0, help="window length; 0 = the run's seq_len")
-    parser.add_argument("--max_tokens", type=float, default=0,
+    parser.add_argument("--max_tokens", "--eval_tokens", type=float, default=0,   # the second: train.py's name
                         help="score at most this many tokens; 0 = all (--task=gates: 65,536)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows a forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")

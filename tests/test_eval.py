@@ -65,6 +65,7 @@ def test_token_files(run, shakespeare, capsys):
     assert val["tokens"] == 3000 and val["source"] == os.path.join(shakespeare, "val.bin")
     assert val["loss"] < math.log(256)
     assert result_of(["--out_dir", run, "--split=train", "--max_tokens=500"], capsys)["tokens"] == 500
+    assert result_of(["--out_dir", run, "--eval_tokens=700"], capsys)["tokens"] == 700   # train.py's name for it
 
 
 def test_errors(run, tmp_path):
