@@ -127,6 +127,12 @@ def zero_state(batch_size, n_head, k_dim, v_dim, device):
                       torch.zeros(batch_size, n_head, k_dim, **f32), 0)
 
 
+def runs_in_interpreter():
+    """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1 before triton's import), which
+    makes every jitted function of this module an InterpretedFunction: any one of them would tell."""
+    return type(_recurrent_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 def backend_for(x: torch.Tensor) -> str:
     """The single kernel-dispatch point: 'triton' for CUDA tensors, 'torch' otherwise (and wherever
     triton is not installed). CARVE_BACKEND=torch|triton overrides; 'triton' with CPU tensors runs
@@ -1546,21 +1552,23 @@ def chunk_backward_triton(q, k, v, g, A_log, dt_bias, a_log_min, b_logit, w, do,
     return [dq, dk, dv, dg, db_logit, dw.to(w.dtype), d_delta, dS0, d_dt_bias.sum(0), d_A_log.sum((0, 2))]
 
 
-def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size, like):
+def _content_grads(d_delta, d_delta_final, m_store, D, U, table, chunk_size):
     """From dDelta of each chunk (summed over its rows by the backward kernel) to the gradients of D,
     U and the initial delta. Chunk i's Delta is the initial delta for a sequence's first chunk and
     U D m_{i-1} after it; the final delta is U D m of the last chunk if that chunk is complete, else
     the last chunk's Delta. m is data here (stop-gradient, docs/DESIGN.md section 2)."""
     rows = _table_rows(table)
-    dev, H, K = like.device, like.shape[2], like.shape[3]
-    final = d_delta_final if d_delta_final is not None else torch.zeros(len(rows), H, K, device=dev)
+    dev = d_delta.device
+    final = d_delta_final if d_delta_final is not None else d_delta.new_zeros(len(rows), *d_delta.shape[1:])
     walked = [n for n, r in enumerate(rows) if r.n_chunks > 0]         # sequences with at least one chunk
     complete = [(r.offset + r.length) % chunk_size == 0 for r in rows]  # ... whose last chunk is complete
+    index_lists = dict(chunk_seq=[n for n, r in enumerate(rows) for _ in range(r.n_chunks)],  # each chunk's row
+                       seq=walked, last=[rows[n].first_chunk + rows[n].n_chunks - 1 for n in walked],
+                       first=[rows[n].first_chunk for n in walked], done=[complete[n] for n in walked],
+                       passes=[r.n_chunks == 0 or c for r, c in zip(rows, complete)])
     # one copy to the device for all index lists: each copy costs the host tens of microseconds
-    lists = [[n for n, r in enumerate(rows) for _ in range(r.n_chunks)], walked,
-             [rows[n].first_chunk + rows[n].n_chunks - 1 for n in walked], [rows[n].first_chunk for n in walked],
-             [complete[n] for n in walked], [r.n_chunks == 0 or c for r, c in zip(rows, complete)]]
-    chunk_seq, seq, last, first, done, passes = torch.split(_to_device(sum(lists, []), dev), [len(x) for x in lists])
+    chunk_seq, seq, last, first, done, passes = torch.split(_to_device(sum(index_lists.values(), []), dev),
+                                                            [len(x) for x in index_lists.values()])
     done, passes = done.bool()[:, None, None], passes.bool()[:, None, None]
     final_of_last = final[seq]
     d_delta[last] += torch.where(done, 0.0, final_of_last)
@@ -1835,12 +1843,8 @@ def _chunk_bwd_keys(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a_
 # backward. Each program owns a [K, BV] tile of one head's fp32 state and keeps it in registers over
 # the tokens of a segment, so the state is read and written once per segment. A segment never crosses
 # an absolute chunk boundary: the content update between chunks (Delta = U D m) is a tiny einsum the
-# launcher does in torch, exactly like the torch path.
-
-def runs_in_interpreter():
-    """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1 before triton's import)."""
-    return type(_recurrent_fwd_kernel).__name__ == "InterpretedFunction"
-
+# launcher does in torch, exactly like the torch path. decode_step_triton fuses one generated token's
+# whole layer step into one launch: the short conv, the gates and this recurrence.
 
 def _decode_config(k_dim, v_dim):
     """(BK, BV, num_warps) of _recurrent_fwd_kernel. The step is memory-bound: each program reads
@@ -2022,7 +2026,7 @@ def _recurrent_fwd_kernel(q, k, v, g, b_logit, w, o, S_in, S_out, o_sum_in, o_su
 
 
 @triton_jit
-def _conv_silu(x, conv_w, conv_in, conv_out, i_b, ch, m_ch, n_ch, WIDTH: tl.constexpr,
+def _conv_silu_one_token(x, conv_w, conv_in, conv_out, i_b, ch, m_ch, n_ch, WIDTH: tl.constexpr,
                WP: tl.constexpr):
     """Channels `ch` of batch row i_b: the depthwise causal conv over the cached last WIDTH - 1 inputs
     and this one, then SiLU, each rounded to x's dtype as the model's torch ops are; writes the
@@ -2076,9 +2080,9 @@ def _decode_step_kernel(x, conv_w, conv_in, conv_out, f, A_log, dt_bias, b_logit
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
-    q_t = _conv_silu(x, conv_w, conv_in, conv_out, i_b, i_h * K + o_k, m_k, n_ch, WIDTH, WP)
-    k_t = _conv_silu(x, conv_w, conv_in, conv_out, i_b, (H + i_h) * K + o_k, m_k, n_ch, WIDTH, WP)
-    v_t = _conv_silu(x, conv_w, conv_in, conv_out, i_b, 2 * H * K + i_h * V + o_v, m_v, n_ch, WIDTH, WP)
+    q_t = _conv_silu_one_token(x, conv_w, conv_in, conv_out, i_b, i_h * K + o_k, m_k, n_ch, WIDTH, WP)
+    k_t = _conv_silu_one_token(x, conv_w, conv_in, conv_out, i_b, (H + i_h) * K + o_k, m_k, n_ch, WIDTH, WP)
+    v_t = _conv_silu_one_token(x, conv_w, conv_in, conv_out, i_b, 2 * H * K + i_h * V + o_v, m_v, n_ch, WIDTH, WP)
     f_t = tl.load(f + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32) \
         + tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     g_t = _decay_gate(f_t, tl.load(A_log + i_h).to(tl.float32), a_log_min)
@@ -2571,7 +2575,7 @@ if triton is not None:
             needs = ctx.needs_input_grad
             dg, d_f_weight, _ = projection_backward(dg, projection, (needs[3], needs[-4], False))   # g, f_weight
         dD, dU, d_delta0 = _content_grads(d_delta, d_delta_final, saved.chunk_mean, D, U, ctx.table,
-                                          ctx.chunk_size, b_logit)
+                                          ctx.chunk_size)
         if A_log is not None:   # through the floor max(A_log, a_log_min): no gradient below it
             d_A_log = (d_A_log * (A_log >= ctx.a_log_min)).to(A_log.dtype)
             d_dt_bias = d_dt_bias.to(dt_bias.dtype)
