@@ -1052,18 +1052,21 @@ def _after_current(stream):
     return torch.cuda.stream(stream)
 
 
-assert SEQ_FIELDS == 6, "_sequence reads a table row as 6 ints: give it the new field too"
+assert SEQ_FIELDS == 6, "_sequence reads a table row's first 6 ints: give it the new field too"
+if triton is not None:
+    SEQ_FIELDS_TL = tl.constexpr(SEQ_FIELDS)
 
 
 @triton_jit
-def _sequence(seqs, i_n, C: tl.constexpr, BT: tl.constexpr):
+def _sequence(seqs, i_n, BT: tl.constexpr):
     """The table row of sequence i_n (see _sequence_table) and its first and last absolute block."""
-    bos = tl.load(seqs + i_n * 6)
-    length = tl.load(seqs + i_n * 6 + 1)
-    offset = tl.load(seqs + i_n * 6 + 2)
-    chunk0 = tl.load(seqs + i_n * 6 + 3)
-    n_chunks = tl.load(seqs + i_n * 6 + 4)
-    block0 = tl.load(seqs + i_n * 6 + 5)
+    row = seqs + i_n * SEQ_FIELDS_TL
+    bos = tl.load(row)
+    length = tl.load(row + 1)
+    offset = tl.load(row + 2)
+    chunk0 = tl.load(row + 3)
+    n_chunks = tl.load(row + 4)
+    block0 = tl.load(row + 5)
     blk_first = offset // BT
     blk_last = tl.where(length > 0, (offset + length - 1) // BT, blk_first - 1)
     return bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last
@@ -1270,7 +1273,7 @@ def _chunk_prep_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, delta_
     SOLVE (GDN-2, whose Delta never changes): the solve itself, A, Y and A Z, for
     _chunk_fwd_gdn2_walk."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
-    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
         o_k = tl.arange(0, K)
@@ -1310,7 +1313,7 @@ def _chunk_fwd_gdn2_walk(az_store, y_store, kend_store, gl_store, S_in, o_sum_in
     start and R; the outputs come from _chunk_fwd_output."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
     i_nh = i_n * H + i_h
-    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, BT)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     p_kv = o_k[:, None] * V + o_v[None, :]
@@ -1348,7 +1351,7 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, 
     final o_sum: 0 if it is complete, else its rows' sum, plus the initial o_sum when it is also the
     call's first chunk (the chunk that o_sum belongs to)."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
-    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
         o_k = tl.arange(0, K)
@@ -1390,7 +1393,7 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
     _chunk_prep_kernel's tiles."""
     i_nh = tl.program_id(0).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, BT)
     o_k = tl.arange(0, K)
     o_v = tl.arange(0, V)
     o_t = tl.arange(0, BT)
@@ -1601,7 +1604,7 @@ def _chunk_bwd_tiles(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a
     """One program per (sequence, chunk, head): the forward's block tiles again, bit for bit: gamma q and
     k_end from _block_tiles, and Y = A (b gamma k) (_block_y) from the stored A and Delta."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
-    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
         o_k = tl.arange(0, K)
@@ -1628,7 +1631,7 @@ def _chunk_rebuild_states(S_in, kend_store, r_store, gl_store, h_store, seqs, H,
     S' = gamma_L S + k_end^T R (_state_after_block, as in _walk_block), with the same operands, so the
     backward reads the states the forward used."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
-    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, BT)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     p_kv = o_k[:, None] * V + o_v[None, :]
@@ -1660,7 +1663,7 @@ def _chunk_bwd_walk(do, h_store, mm_store, y_store, gq_store, kend_store, gl_sto
     start."""
     i_n, i_h, i_v = _value_block_program(H, V // BV)
     i_nh = i_n * H + i_h
-    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, BT)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     p_kv = o_k[:, None] * V + o_v[None, :]
@@ -1705,7 +1708,7 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, d
     it), dv, dw and the value-summed pieces the key-side kernel needs. All V columns in one program, so
     the sums over V are plain stores (deterministic, nothing to zero first)."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
-    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
         o_k = tl.arange(0, K)
@@ -1756,7 +1759,7 @@ def _chunk_bwd_keys(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a_
     raw projection, through decay_gate) and the chunk's parts of the gradients of dt_bias and A_log
     (per channel) go to d_dt_bias and d_A_log."""
     i_n, i_h, j = _chunk_program(H, max_chunks)
-    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, C, BT)
+    bos, length, offset, chunk0, n_chunks, block0, blk_first, blk_last = _sequence(seqs, i_n, BT)
     if j < n_chunks:
         a0, a1 = _chunk_blocks(j, offset, blk_first, blk_last, C, BT)
         o_k = tl.arange(0, K)
