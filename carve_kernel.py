@@ -1159,7 +1159,7 @@ def _block_factors(qn, kn, Gc, GL):
 
 
 @triton_jit
-def _load_rows16(ptr, tok, valid, i_h, H, BT: tl.constexpr, IDENTITY: tl.constexpr):
+def _load_block_rows(ptr, tok, valid, i_h, H, BT: tl.constexpr, IDENTITY: tl.constexpr):
     """A stored [BT, BT] block matrix, one row per token ([tokens, H, BT] fp32); rows outside the
     call read as rows of the identity (IDENTITY) or zero."""
     o_t = tl.arange(0, BT)
@@ -1368,7 +1368,7 @@ def _chunk_fwd_output(o, h_store, r_store, mm_store, gq_store, o_sum_out, seqs, 
             p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
             p_v = tok[:, None] * (H * V) + i_h * V + o_v[None, :]
             gq_dt = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(DT)
-            Mm = _load_rows16(mm_store, tok, valid, i_h, H, BT, False)
+            Mm = _load_block_rows(mm_store, tok, valid, i_h, H, BT, False)
             R_dt = tl.load(r_store + p_v, mask=m_row, other=0.0).to(DT)
             S_dt = tl.load(h_store + ((block0 + a - blk_first) * H + i_h) * K * V + o_k[:, None] * V
                            + o_v[None, :]).to(DT)
@@ -1421,7 +1421,7 @@ def _chunk_fwd_kernel(q, k, g, A_log, dt_bias, a_log_min, b_logit, v, w, D, U, o
             gk = tl.load(gk_store + p_k, mask=m_row, other=0.0)
             gq_dt = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(DT)
             k_end_dt = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
-            Mm = _load_rows16(mm_store, tok, valid, i_h, H, BT, False)
+            Mm = _load_block_rows(mm_store, tok, valid, i_h, H, BT, False)
             GL = tl.load(gl_store + i_blk * K + o_k)
         else:
             Mm, gq_dt, k_end_dt, GL, Kp, Pk_dt, gk = _block_tiles(
@@ -1615,7 +1615,7 @@ def _chunk_bwd_tiles(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a
             _, gq_dt, k_end_dt, _, _, _, gk = _block_tiles(q, k, g, A_log, dt_bias, a_log_min, tok, valid, i_h, sq,
                                                            sk, sg, K, RAW_DECAY, DT, PREC, BT)
             b = _erase_gate(b_logit, tok, valid, i_h, sb, delta, K)
-            Y_dt = _block_y(_load_rows16(a_store, tok, valid, i_h, H, BT, True), b, gk, DT, PREC)
+            Y_dt = _block_y(_load_block_rows(a_store, tok, valid, i_h, H, BT, True), b, gk, DT, PREC)
             p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
             tl.store(y_store + p_k, Y_dt.to(y_store.dtype.element_ty), mask=m_row)
             tl.store(gq_store + p_k, gq_dt.to(gq_store.dtype.element_ty), mask=m_row)
@@ -1682,7 +1682,7 @@ def _chunk_bwd_walk(do, h_store, mm_store, y_store, gq_store, kend_store, gl_sto
         tl.store(s_ds_parts + (i_blk * (V // BV) + i_v) * K + o_k, tl.sum(S_blk.to(tl.float32) * dS, axis=1))
         S_blk = tl.load(h_store + (i_blk - H) * K * V + p_kv, mask=p_kv * 0 + a > blk_first,
                         other=0.0)                                              # block a - 1's
-        Mm = _load_rows16(mm_store, tok, valid, i_h, H, BT, False)
+        Mm = _load_block_rows(mm_store, tok, valid, i_h, H, BT, False)
         p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
         k_end = tl.load(kend_store + p_k, mask=m_row, other=0.0).to(DT)
         gq = tl.load(gq_store + p_k, mask=m_row, other=0.0).to(tl.float32)
@@ -1726,7 +1726,7 @@ def _chunk_bwd_values(v, w, do, r_store, dr_store, h_store, ds_store, a_store, d
             dO = tl.load(do + p_v, mask=m_row, other=0.0).to(DT)
             R = tl.load(r_store + p_v, mask=m_row, other=0.0).to(DT)
             dR = tl.load(dr_store + p_v, mask=m_row, other=0.0).to(DT)
-            A = _load_rows16(a_store, tok, valid, i_h, H, BT, True)
+            A = _load_block_rows(a_store, tok, valid, i_h, H, BT, True)
             v_t = tl.load(v + tok[:, None] * sv + i_h * V + o_v[None, :], mask=m_row, other=0.0).to(tl.float32)
             if VALUE_GATE:
                 w_t = tl.load(w + tok[:, None] * sw + i_h * V + o_v[None, :], mask=m_row, other=0.0)
@@ -1786,16 +1786,16 @@ def _chunk_bwd_keys(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a_
             p_k = tok[:, None] * (H * K) + i_h * K + o_k[None, :]
             dgq = tl.load(d_gq + p_k, mask=m_row, other=0.0)
             dY = tl.load(d_y + p_k, mask=m_row, other=0.0)
-            At = tl.trans(_load_rows16(a_store, tok, valid, i_h, H, BT, True))
+            At = tl.trans(_load_block_rows(a_store, tok, valid, i_h, H, BT, True))
             dX = tl.dot(At.to(DT), dY.to(DT), input_precision=PREC)
             dke = tl.load(d_kend + p_k, mask=m_row, other=0.0)
             p_gl = (((block0 + a - blk_first) * H + i_h) * NV) * K + o_k
             dGLS = tl.load(s_ds_parts + p_gl)                # sum(S * dS), one part per reverse-walk program
             for i_v in tl.static_range(1, NV):
                 dGLS += tl.load(s_ds_parts + p_gl + i_v * K)
-            dM = tl.where(r_i >= s_i, _load_rows16(d_m, tok, valid, i_h, H, BT, False), 0.0)
+            dM = tl.where(r_i >= s_i, _load_block_rows(d_m, tok, valid, i_h, H, BT, False), 0.0)
             # R = A (Z - X S) with A = (I + T)^-1, so dT = -A^T dR R^T (dR R^T from the value side)
-            dT = -tl.dot(At, _load_rows16(d_rr, tok, valid, i_h, H, BT, False), input_precision="ieee")
+            dT = -tl.dot(At, _load_block_rows(d_rr, tok, valid, i_h, H, BT, False), input_precision="ieee")
             dT = tl.where(r_i > s_i, dT, 0.0)
             dPb = tl.dot(dT.to(DT), Pk.to(DT), input_precision=PREC)
             dPq = tl.dot(dM.to(DT), Pk.to(DT), input_precision=PREC)
