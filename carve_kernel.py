@@ -2030,7 +2030,7 @@ def _recurrent_fwd_kernel(q, k, v, g, b_logit, w, o, S_in, S_out, o_sum_in, o_su
 
 @triton_jit
 def _conv_silu_one_token(x, conv_w, conv_in, conv_out, i_b, ch, m_ch, n_ch, WIDTH: tl.constexpr,
-               WP: tl.constexpr):
+                         WP: tl.constexpr):
     """Channels `ch` of batch row i_b: the depthwise causal conv over the cached last WIDTH - 1 inputs
     and this one, then SiLU, each rounded to x's dtype as the model's torch ops are; writes the
     cache shifted by one. x [B, n_ch]; conv_w [n_ch, WIDTH]; caches [B, n_ch, WIDTH - 1]."""
