@@ -1767,9 +1767,9 @@ def _chunk_bwd_keys(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a_
         r_i = o_t[:, None]
         s_i = o_t[None, :]
         delta = tl.load(delta_store + ((chunk0 + j) * H + i_h) * K + o_k)
-        dd = tl.zeros([K], dtype=tl.float32)
+        d_delta_sum = tl.zeros([K], dtype=tl.float32)
         d_dt = tl.zeros([K], dtype=tl.float32)
-        d_rate = tl.zeros([K], dtype=tl.float32)
+        d_A_log_sum = tl.zeros([K], dtype=tl.float32)
         for a in range(a0, a1 + 1):
             tok, valid = _block_rows(a, bos, offset, length, BT)
             m_row = valid[:, None]
@@ -1788,11 +1788,11 @@ def _chunk_bwd_keys(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a_
             dY = tl.load(d_y + p_k, mask=m_row, other=0.0)
             At = tl.trans(_load_block_rows(a_store, tok, valid, i_h, H, BT, True))
             dX = tl.dot(At.to(DT), dY.to(DT), input_precision=PREC)
-            dke = tl.load(d_kend + p_k, mask=m_row, other=0.0)
+            d_kend_tile = tl.load(d_kend + p_k, mask=m_row, other=0.0)
             p_gl = (((block0 + a - blk_first) * H + i_h) * NV) * K + o_k
-            dGLS = tl.load(s_ds_parts + p_gl)                # sum(S * dS), one part per reverse-walk program
+            s_ds = tl.load(s_ds_parts + p_gl)                # sum(S * dS), one part per reverse-walk program
             for i_v in tl.static_range(1, NV):
-                dGLS += tl.load(s_ds_parts + p_gl + i_v * K)
+                s_ds += tl.load(s_ds_parts + p_gl + i_v * K)
             dM = tl.where(r_i >= s_i, _load_block_rows(d_m, tok, valid, i_h, H, BT, False), 0.0)
             # R = A (Z - X S) with A = (I + T)^-1, so dT = -A^T dR R^T (dR R^T from the value side)
             dT = -tl.dot(At, _load_block_rows(d_rr, tok, valid, i_h, H, BT, False), input_precision="ieee")
@@ -1805,22 +1805,22 @@ def _chunk_bwd_keys(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a_
             # S_end = gamma_L S + k_end^T R, where Pq = q e_pos, Pk = k e_neg, Pb = b k e_pos, k_end = k decay_end;
             # d/dG of e_pos, gamma is the factor itself, of e_neg, decay_end its negative
             dqn = dPq * e_pos + dgq * gamma
-            z = dPb * e_pos + dX * gamma
-            db = kn * z
-            dk_end = dke * decay_end
+            d_bk = dPb * e_pos + dX * gamma                                # the gradient of b k
+            db = kn * d_bk
+            dk_end = d_kend_tile * decay_end
             dk_neg = dPk * e_neg + dk_end
-            dkn = dk_neg + b * z
+            dkn = dk_neg + b * d_bk
             dGc = qn * dqn + b * db - kn * dk_neg
-            dGL = tl.sum(kn * dk_end, axis=0) + tl.exp(GL) * dGLS
-            dgv = tl.cumsum(dGc, axis=0, reverse=True) + dGL[None, :]     # G_r = sum of g_s for s <= r
-            dgv = tl.where(g_raw < GATE_FLOOR_TL, 0.0, dgv)               # the floor's gradient
+            dGL = tl.sum(kn * dk_end, axis=0) + tl.exp(GL) * s_ds
+            dg_tile = tl.cumsum(dGc, axis=0, reverse=True) + dGL[None, :]  # G_r = sum of g_s for s <= r
+            dg_tile = tl.where(g_raw < GATE_FLOOR_TL, 0.0, dg_tile)            # the floor's gradient
             if RAW_DECAY:   # g = -rate softplus(x), x = f + dt_bias: dg/dx = -rate sigmoid(x), dg/dA_log = g
                 _, x = _log_decay(g, A_log, dt_bias, a_log_min, tok, valid, i_h, sg, K, RAW_DECAY)
                 rate = tl.exp(tl.maximum(tl.load(A_log + i_h).to(tl.float32), a_log_min))
-                dgv_rate = dgv * g_raw
-                dgv = dgv * -rate * tl.where(x > SOFTPLUS_THRESHOLD_TL, 1.0, tl.sigmoid(x))
-                d_dt += tl.sum(tl.where(m_row, dgv, 0.0), axis=0)
-                d_rate += tl.sum(tl.where(m_row, dgv_rate, 0.0), axis=0)
+                d_A_log_tile = dg_tile * g_raw
+                dg_tile = dg_tile * -rate * tl.where(x > SOFTPLUS_THRESHOLD_TL, 1.0, tl.sigmoid(x))
+                d_dt += tl.sum(tl.where(m_row, dg_tile, 0.0), axis=0)
+                d_A_log_sum += tl.sum(tl.where(m_row, d_A_log_tile, 0.0), axis=0)
             dq_raw = tl.where(q_norm[:, None] > L2_NORM_EPS_TL,
                               (dqn - qn * tl.sum(qn * dqn, axis=1)[:, None]) / q_norm[:, None],
                               dqn / L2_NORM_EPS_TL)
@@ -1828,15 +1828,15 @@ def _chunk_bwd_keys(q, k, g, A_log, dt_bias, a_log_min, b_logit, delta_store, a_
                               (dkn - kn * tl.sum(kn * dkn, axis=1)[:, None]) / k_norm[:, None],
                               dkn / L2_NORM_EPS_TL)
             dbl = db * b * (1.0 - b)
-            dd += tl.sum(tl.where(m_row, dbl, 0.0), axis=0)
+            d_delta_sum += tl.sum(tl.where(m_row, dbl, 0.0), axis=0)
             tl.store(dq + p_k, dq_raw.to(dq.dtype.element_ty), mask=m_row)
             tl.store(dk + p_k, dk_raw.to(dk.dtype.element_ty), mask=m_row)
-            tl.store(dg + p_k, dgv.to(dg.dtype.element_ty), mask=m_row)
+            tl.store(dg + p_k, dg_tile.to(dg.dtype.element_ty), mask=m_row)
             tl.store(db_logit + p_k, dbl.to(db_logit.dtype.element_ty), mask=m_row)
-        tl.store(d_delta + ((chunk0 + j) * H + i_h) * K + o_k, dd)
+        tl.store(d_delta + ((chunk0 + j) * H + i_h) * K + o_k, d_delta_sum)
         if RAW_DECAY:
             tl.store(d_dt_bias + ((chunk0 + j) * H + i_h) * K + o_k, d_dt)
-            tl.store(d_A_log + ((chunk0 + j) * H + i_h) * K + o_k, d_rate)
+            tl.store(d_A_log + ((chunk0 + j) * H + i_h) * K + o_k, d_A_log_sum)
 
 
 # ============================================================================================
@@ -2328,7 +2328,7 @@ def _norm_gate_bwd_kernel(dy, o, gate, weight, rstd, do, dgate, dweight_parts, n
     do = rstd (dn - n mean(dn n)) with dn = dy act(g) w."""
     rows, offsets, mask, x, g, w = _norm_gate_rows(o, gate, weight, n_rows, V, BV, ROWS)
     r = tl.load(rstd + rows, mask=rows < n_rows, other=0.0)
-    d = tl.load(dy + offsets, mask=mask, other=0.0).to(tl.float32)
+    dy_tile = tl.load(dy + offsets, mask=mask, other=0.0).to(tl.float32)
     n = x * r[:, None]
     s = tl.sigmoid(g)
     if SILU:
@@ -2337,13 +2337,13 @@ def _norm_gate_bwd_kernel(dy, o, gate, weight, rstd, do, dgate, dweight_parts, n
     else:
         act = s
         act_grad = s * (1.0 - s)
-    tl.store(dgate + offsets, (d * n * w[None, :] * act_grad).to(dgate.dtype.element_ty), mask=mask)
-    d_normed = d * act
+    tl.store(dgate + offsets, (dy_tile * n * w[None, :] * act_grad).to(dgate.dtype.element_ty), mask=mask)
+    d_normed = dy_tile * act
     tl.store(dweight_parts + tl.program_id(0) * V + tl.arange(0, BV), tl.sum(d_normed * n, axis=0),
              mask=tl.arange(0, BV) < V)
     dn = d_normed * w[None, :]
-    dx = r[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / V)[:, None])
-    tl.store(do + offsets, dx.to(do.dtype.element_ty), mask=mask)
+    do_tile = r[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / V)[:, None])
+    tl.store(do + offsets, do_tile.to(do.dtype.element_ty), mask=mask)
 
 
 # The batch-1 GEMV: one program per `rows` output features reads those rows of the weight whole, in
