@@ -614,11 +614,15 @@ def load_newest_checkpoint(out_dir, log=print, step=None):
 # ---------------------------------------------------------------------------------------------
 # training
 
+def decay_steps(config):
+    """The steps the learning rate decays over: lr_decay_steps, or the whole run (0)."""
+    return config["lr_decay_steps"] or config["max_steps"]
+
+
 def lr_at(step, config):
-    decay_steps = config["lr_decay_steps"] or config["max_steps"]
     if step < config["warmup_steps"]:
         return config["lr"] * (step + 1) / config["warmup_steps"]
-    progress = min(1.0, (step - config["warmup_steps"]) / max(1, decay_steps - config["warmup_steps"]))
+    progress = min(1.0, (step - config["warmup_steps"]) / max(1, decay_steps(config) - config["warmup_steps"]))
     return config["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (config["lr"] - config["min_lr"])
 
 
@@ -781,11 +785,11 @@ def main(argv):
                              f"but " + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
                              + f"; pass its values (its config is in {config['out_dir']}/meta.json) or train into "
                              f"another --out_dir")
-        if (old["lr_decay_steps"] or old["max_steps"]) != (config["lr_decay_steps"] or config["max_steps"]):
-            at, decay_steps = checkpoint["step"], config["lr_decay_steps"] or config["max_steps"]
-            log(f"note: the learning-rate schedule changes: it decays over {decay_steps} "
-                f"steps, not {old['lr_decay_steps'] or old['max_steps']} (lr at step {at}: {lr_at(at, old):.2e} -> "
-                f"{lr_at(at, config):.2e}); --lr_decay_steps={old['lr_decay_steps'] or old['max_steps']} keeps it")
+        if decay_steps(old) != decay_steps(config):
+            at = checkpoint["step"]
+            log(f"note: the learning-rate schedule changes: it decays over {decay_steps(config)} steps, not "
+                f"{decay_steps(old)} (lr at step {at}: {lr_at(at, old):.2e} -> {lr_at(at, config):.2e}); "
+                f"--lr_decay_steps={decay_steps(old)} keeps it")
 
     chunk_kernels_fit = chunk_triton_supports(config["head_k_dim"], config["head_v_dim"], config["chunk_size"])
     if device.type == "cuda" and not chunk_kernels_fit:
@@ -829,9 +833,8 @@ def main(argv):
         wandb_run_id = run.id
     flops_per_token = raw_model.flops_per_token(config["seq_len"])
     peak = peak_flops(config, device)
-    kernels = f"{backend_for(raw_model.embed.weight)} kernels"
-    if kernels == "triton kernels" and not chunk_kernels_fit:
-        kernels += ", the chunk in torch"
+    backend = backend_for(raw_model.embed.weight)
+    kernels = f"{backend} kernels" + (", the chunk in torch" if backend == "triton" and not chunk_kernels_fit else "")
     log(f"model: {raw_model.num_params():,} parameters in the blocks ({config['mixer']}), "
         f"{raw_model.num_params(False):,} in all | device {device} ({kernels}) | "
         f"world {world} | grad accumulation {accum} | "

@@ -124,7 +124,7 @@ def check_trained_as_asked(runs):
             continue
         wanted = train.load_config(args)
         changed = train.config_conflicts(record["config"], wanted)
-        schedule = [c["lr_decay_steps"] or c["max_steps"] for c in (record["config"], wanted)]
+        schedule = [train.decay_steps(c) for c in (record["config"], wanted)]
         if record["step"] >= wanted["max_steps"] and schedule[0] != schedule[1]:
             changed["learning-rate schedule (lr_decay_steps or max_steps)"] = tuple(schedule)
         if changed:
