@@ -830,8 +830,9 @@ def _sequence_table(B, T, offset, cu_seqlens, chunk_size):
     table, chunks, blocks = [], 0, 0
     for start, end, off in zip(bounds, bounds[1:], offsets):
         n_chunks = _aligned_windows(off, end - start, chunk_size)
-        table += SequenceRow(first_token=start, length=end - start, offset=off, first_chunk=chunks, n_chunks=n_chunks,
-                             first_block=blocks)
+        # extend, not +=: dynamo (torch.compile) refuses list += tuple
+        table.extend(SequenceRow(first_token=start, length=end - start, offset=off, first_chunk=chunks,
+                                 n_chunks=n_chunks, first_block=blocks))
         chunks += n_chunks
         blocks += _aligned_windows(off, end - start, CHUNK_BT)
     return table
@@ -1016,9 +1017,9 @@ def _walk_pieces(table, n, chunk_size):
             lo, hi = min(i0, n_chunks), min(i0 + per_piece, n_chunks)   # the sequence's chunks lo .. hi - 1
             start = off if lo == 0 else min(off + length, (off // chunk_size + lo) * chunk_size)
             end = max(start, min(off + length, (off // chunk_size + hi) * chunk_size))
-            piece += SequenceRow(first_token=bos + start - off, length=end - start, offset=start,
-                                 first_chunk=chunk0 + lo, n_chunks=hi - lo,
-                                 first_block=block0 + start // CHUNK_BT - off // CHUNK_BT)
+            piece.extend(SequenceRow(first_token=bos + start - off, length=end - start, offset=start,
+                                     first_chunk=chunk0 + lo, n_chunks=hi - lo,
+                                     first_block=block0 + start // CHUNK_BT - off // CHUNK_BT))
         pieces.append(piece)
     return pieces
 

@@ -320,7 +320,7 @@ def test_torchrun_error_is_printed_once(shakespeare, tmp_path):
     """Two ranks meet the same bad batch size: the message appears once, with what would work."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train.py", "carve_shakespeare", f"--data_dir={shakespeare}",
+                             "train.py", "carve_shakespeare", "--device=cpu", f"--data_dir={shakespeare}",
                              f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode != 0
@@ -336,7 +336,8 @@ def test_a_rank_that_dies_stops_the_run(shakespeare, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "train.py", "carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}",
-                             "--batch_tokens=384", "--max_steps=100000", "--eval_interval=5", "--eval_tokens=96"],
+                             "--device=cpu", "--batch_tokens=384", "--max_steps=100000", "--eval_interval=5",
+                             "--eval_tokens=96"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while len(checkpoints(out)) < 2:
@@ -358,7 +359,7 @@ def test_a_stopped_torchrun_run_checkpoints_and_exits_with_the_signal(shakespear
     out = str(tmp_path / "out")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--batch_tokens=384",
-            "--eval_interval=1000", "--eval_tokens=96", "--log_interval=1"]
+            "--eval_interval=1000", "--eval_tokens=96", "--log_interval=1", "--device=cpu"]
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "train.py", *args, "--max_steps=100000"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -70,7 +70,7 @@ def test_ddp_two_processes_match_one_with_double_accumulation(shakespeare, tmp_p
     """Two processes accumulating 2 micro-batches each against one accumulating 4 (as carve_1b3.py on 8
     GPUs accumulates): each rank its own micro-batches, the gradients all-reduced once, after the last."""
     common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--batch_tokens=768", "--max_steps=5",
-              "--eval_interval=5"]
+              "--eval_interval=5", "--device=cpu"]  # gloo ranks: a machine with one GPU cannot hold two
     one = subprocess.run([sys.executable, "train.py", *common, f"--out_dir={tmp_path / 'one'}"], cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
@@ -381,7 +381,8 @@ def test_accumulation_gives_the_gradient_of_the_whole_batch(shakespeare, tmp_pat
     """One micro-batch of 8 sequences against two of 4 (and four of 2): the same loss and gradient norm
     each step, so each micro-batch's loss is scaled by its share of the batch (AdamW would hide a gradient
     twice too large in the weights; its norm does not)."""
-    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--max_steps=3", "--eval_interval=3"]
+    common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--max_steps=3", "--eval_interval=3",
+              "--device=cpu"]  # fp32: on a GPU, bf16 rounds micro-batches of other shapes apart (1e-4 in the norm)
     logs = {}
     for micro in (8, 4, 2):
         train_in_process([*common, f"--micro_batch_size={micro}", f"--out_dir={tmp_path / str(micro)}"])

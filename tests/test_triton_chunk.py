@@ -278,9 +278,10 @@ def test_decay_gate_inside_the_kernels(mode, dtype, form):
                                         schedule=schedule(form, V))
         ((o2.double() * cot[0].to(DEVICE)).sum() + (final2.S.double() * cot[1].to(DEVICE)).sum()).backward()
         for name in ("dA_log", "ddt_bias"):
-            # the bar is held too, so that an error both paths share cannot raise it without limit; 0.25 is
-            # loose until a GPU run of CARVE_ERR_REPORT=1 gives the bound (6.8e-4 in the interpreter)
-            bar = assert_rel(params[name[1:]].grad.cpu(), want[name], 0.25, f"decay gate g path {name} bf16")
+            # the bar is held too, so that an error both paths share cannot raise it without limit: 0.1,
+            # where an H200 gives 5.9e-2 for dA_log and 1.2e-2 for dt_bias (CARVE_ERR_REPORT=1; 6.8e-4 in
+            # the interpreter); a wrong term in either gradient is of order 1
+            bar = assert_rel(params[name[1:]].grad.cpu(), want[name], 0.1, f"decay gate g path {name} bf16")
             assert_rel(got[name].cpu(), want[name], max(tol_grad, 1.5 * bar), f"decay gate in kernel {name} bf16")
     for name, value in got.items():
         if dtype == torch.float32 or name not in ("dA_log", "ddt_bias"):
