@@ -830,7 +830,7 @@ def _sequence_table(B, T, offset, cu_seqlens, chunk_size):
     table, chunks, blocks = [], 0, 0
     for start, end, off in zip(bounds, bounds[1:], offsets):
         n_chunks = _aligned_windows(off, end - start, chunk_size)
-        # extend, not +=: dynamo (torch.compile) refuses list += tuple
+        # extend, not +=: torch.compile (dynamo of torch 2.11) refuses list += NamedTuple
         table.extend(SequenceRow(first_token=start, length=end - start, offset=off, first_chunk=chunks,
                                  n_chunks=n_chunks, first_block=blocks))
         chunks += n_chunks
