@@ -11,6 +11,7 @@ from carve_kernel but the CarveState container, so that every path of carve_kern
 per-token recurrence included) is tested against it rather than trusted."""
 import math
 import os
+import sys
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -293,6 +294,13 @@ def train_in_process(args):
         train.main(args)
     finally:
         torch.set_num_threads(threads)
+
+
+def torchrun_train(args, nproc=2, launcher_args=()):
+    """The command of train.py under torchrun, its ranks on the CPU (gloo) wherever the tests run: a machine
+    with one GPU cannot hold two GPU ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *launcher_args, "train.py", *args, "--device=cpu"]
 
 
 def train_log(out_dir):

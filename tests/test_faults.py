@@ -16,7 +16,7 @@ import torch
 import sample
 import train
 from model import LM, ModelConfig
-from reference import ROOT, TINY_MODEL_ARGS, tiny, train_in_process
+from reference import ROOT, TINY_MODEL_ARGS, tiny, torchrun_train, train_in_process
 
 TINY = [*TINY_MODEL_ARGS, "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=192", "--warmup_steps=2",
         "--lr=3e-3", "--eval_tokens=192", "--log_interval=1"]
@@ -319,10 +319,9 @@ def test_one_line_config_errors(shakespeare, tmp_path):
 def test_torchrun_error_is_printed_once(shakespeare, tmp_path):
     """Two ranks meet the same bad batch size: the message appears once, with what would work."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train.py", "carve_shakespeare", "--device=cpu", f"--data_dir={shakespeare}",
-                             f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(torchrun_train(["carve_shakespeare", f"--data_dir={shakespeare}",
+                                            f"--out_dir={tmp_path / 'out'}"]),
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     text = result.stdout + result.stderr
     assert text.count("error: batch_tokens=2048 must be a multiple") == 1, text
@@ -334,10 +333,9 @@ def test_a_rank_that_dies_stops_the_run(shakespeare, tmp_path):
     other rank; it does not hang in a collective), with a non-zero exit, and the newest checkpoint loads."""
     out = str(tmp_path / "out")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train.py", "carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}",
-                             "--device=cpu", "--batch_tokens=384", "--max_steps=100000", "--eval_interval=5",
-                             "--eval_tokens=96"],
+    proc = subprocess.Popen(torchrun_train(["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}",
+                                            "--batch_tokens=384", "--max_steps=100000", "--eval_interval=5",
+                                            "--eval_tokens=96"]),
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while len(checkpoints(out)) < 2:
@@ -359,9 +357,8 @@ def test_a_stopped_torchrun_run_checkpoints_and_exits_with_the_signal(shakespear
     out = str(tmp_path / "out")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", f"--out_dir={out}", "--batch_tokens=384",
-            "--eval_interval=1000", "--eval_tokens=96", "--log_interval=1", "--device=cpu"]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train.py", *args, "--max_steps=100000"], cwd=ROOT, env=env,
+            "--eval_interval=1000", "--eval_tokens=96", "--log_interval=1"]
+    proc = subprocess.Popen(torchrun_train([*args, "--max_steps=100000"]), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     log_path = os.path.join(out, "log.jsonl")

@@ -15,7 +15,7 @@ import torch
 import train
 from conftest import ROOT
 from model import LM, ModelConfig
-from reference import TINY_MODEL_ARGS, newest_checkpoint, tiny, train_in_process, train_log
+from reference import TINY_MODEL_ARGS, newest_checkpoint, tiny, torchrun_train, train_in_process, train_log
 
 TINY = [*TINY_MODEL_ARGS, "--seq_len=48", "--micro_batch_size=4", "--batch_tokens=384", "--warmup_steps=2",
         "--lr=3e-3", "--eval_tokens=480", "--log_interval=1", "--eval_interval=4"]
@@ -61,16 +61,15 @@ def test_content_projections_move_on_real_data(shakespeare, tmp_path):
 
 def torchrun(nproc, args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--tee=3",
-           "train.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(torchrun_train(args, nproc, ["--tee=3"]), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_ddp_two_processes_match_one_with_double_accumulation(shakespeare, tmp_path):
     """Two processes accumulating 2 micro-batches each against one accumulating 4 (as carve_1b3.py on 8
     GPUs accumulates): each rank its own micro-batches, the gradients all-reduced once, after the last."""
     common = ["carve_shakespeare", *TINY, f"--data_dir={shakespeare}", "--batch_tokens=768", "--max_steps=5",
-              "--eval_interval=5", "--device=cpu"]  # gloo ranks: a machine with one GPU cannot hold two
+              "--eval_interval=5", "--device=cpu"]  # on the CPU, as torchrun_train's ranks
     one = subprocess.run([sys.executable, "train.py", *common, f"--out_dir={tmp_path / 'one'}"], cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
